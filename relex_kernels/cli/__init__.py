@@ -1,0 +1,53 @@
+"""The ``relex`` command: one module per subcommand, registered in ``COMMANDS``.
+
+Each command module defines ``NAME``, ``HELP`` (one line), ``DESCRIPTION`` (the
+``--help`` text), ``add_arguments(parser)`` and ``run(args) -> int``. User errors are
+:class:`~relex_kernels.errors.RelexError`: printed on one line, exit status 2, no
+traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import RelexError
+
+COMMANDS = ["extrapolate", "predict", "synth", "demo", "backends"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="relex",
+        description="RELEX: predict far-later RLVR checkpoints from the first few, per tensor, "
+                    "by a rank-1 trajectory fit streamed from the checkpoint files.",
+        epilog="Run 'relex COMMAND --help' for each command's options. Start with 'relex demo'.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        mod = importlib.import_module(f".{name}", __name__)
+        sp = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.DESCRIPTION,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(sp)
+        sp.set_defaults(_run=mod.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except RelexError as e:
+        print(f"relex {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"relex {args.command}: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

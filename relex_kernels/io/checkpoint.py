@@ -1,0 +1,101 @@
+"""A checkpoint directory: one ``model.safetensors`` or an index plus its shards.
+
+:class:`Checkpoint` maps every tensor name to the :class:`SafetensorsFile` that holds
+it, after checking that the index and the shards agree (SPEC §5).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from ..errors import FormatError, InputError
+from .reader import SafetensorsFile, TensorInfo
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class Located:
+    file: SafetensorsFile
+    info: TensorInfo
+
+
+class Checkpoint:
+    """All tensors of one checkpoint directory, located but not read."""
+
+    def __init__(self, path: str | os.PathLike, step: int | None = None):
+        self.path = os.path.abspath(os.fspath(path))
+        self.step = step
+        if not os.path.isdir(self.path):
+            raise InputError(f"{self._label()}: {self.path} is not a directory")
+        self.files: list[SafetensorsFile] = []
+        self.tensors: dict[str, Located] = {}
+        index = os.path.join(self.path, INDEX_NAME)
+        try:
+            if os.path.isfile(index):
+                self._open_index(index)
+            else:
+                self._open_single()
+        except BaseException:
+            self.close()
+            raise
+
+    def _label(self) -> str:
+        return "base checkpoint" if self.step is None else f"checkpoint step {self.step}"
+
+    def _open_single(self) -> None:
+        single = os.path.join(self.path, SINGLE_NAME)
+        if not os.path.isfile(single):
+            cands = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+            if len(cands) != 1:
+                raise InputError(f"{self._label()}: {self.path} has no {SINGLE_NAME} or {INDEX_NAME}"
+                                 + (f" (found {len(cands)} .safetensors files and no index)" if cands else ""))
+            single = os.path.join(self.path, cands[0])
+        f = SafetensorsFile(single)
+        self.files.append(f)
+        for name, info in f.tensors.items():
+            self.tensors[name] = Located(f, info)
+
+    def _open_index(self, index: str) -> None:
+        try:
+            with open(index, "rb") as fh:
+                obj = json.loads(fh.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise FormatError(f"{index}: cannot read the index ({e})") from None
+        wm = obj.get("weight_map") if isinstance(obj, dict) else None
+        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+            raise FormatError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+        shards: dict[str, SafetensorsFile] = {}
+        for shard in sorted(set(wm.values())):
+            if os.path.basename(shard) != shard or shard in (".", ".."):
+                raise FormatError(f"{index}: shard name {shard!r} is not a plain file name")
+            p = os.path.join(self.path, shard)
+            if not os.path.isfile(p):
+                raise InputError(f"{index}: names shard {shard} which does not exist")
+            shards[shard] = SafetensorsFile(p)
+            self.files.append(shards[shard])
+        for name, shard in wm.items():
+            f = shards[shard]
+            if name not in f.tensors:
+                raise InputError(f"{index}: tensor {name!r} is mapped to {shard}, which does not hold it")
+            self.tensors[name] = Located(f, f.tensors[name])
+        for shard, f in shards.items():
+            extra = sorted(set(f.tensors) - {n for n, s in wm.items() if s == shard})
+            if extra:
+                raise InputError(f"{f.path}: holds tensor {extra[0]!r} that the index does not map to it")
+
+    def fingerprint(self) -> list[dict]:
+        """What a saved fit remembers of these files, to refuse files that changed."""
+        return [{"path": f.path, "size": f.size, "mtime_ns": f.mtime_ns, "header_sha256": f.header_sha256}
+                for f in self.files]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(loc.info.nbytes for loc in self.tensors.values())
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()

@@ -1,0 +1,182 @@
+"""Writing safetensors checkpoints in place, through writable memory maps.
+
+The layout (shards, headers, offsets) is planned from names, dtypes and shapes
+before any value exists; every file is then created at its final size with its
+space reserved up front (``posix_fallocate``), so a full disk is a clean
+``OSError`` at creation and never a SIGBUS halfway through a mapped write.
+Kernels write their results straight into :meth:`ShardedWriter.view` views; each
+finished range is flushed and released so dirty pages never pile up in our RSS.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from math import prod
+
+import numpy as np
+
+from . import dtypes
+from .checkpoint import INDEX_NAME, SINGLE_NAME
+
+DEFAULT_SHARD_BYTES = 5 * 1000**3
+_PAGE = mmap.PAGESIZE
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return prod(self.shape) * dtypes.itemsize(self.dtype)
+
+
+def plan_shards(specs: list[TensorSpec], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[list[TensorSpec]]:
+    """Greedy, order-preserving split into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return shards
+
+
+def shard_names(n: int) -> list[str]:
+    if n == 1:
+        return [SINGLE_NAME]
+    return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, dict[str, int]]:
+    obj: dict = {"__metadata__": dict(metadata)}
+    offsets = {}
+    pos = 0
+    for s in specs:
+        obj[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [pos, pos + s.nbytes]}
+        offsets[s.name] = pos
+        pos += s.nbytes
+    raw = json.dumps(obj, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)  # keep the data buffer 8-byte aligned
+    return raw, offsets
+
+
+class _OutFile:
+    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str]):
+        self.path = path
+        raw, rel = _header(specs, metadata)
+        self.data_start = 8 + len(raw)
+        self.size = self.data_start + sum(s.nbytes for s in specs)
+        self.offsets = {k: v + self.data_start for k, v in rel.items()}
+        self.specs = {s.name: s for s in specs}
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, self.size)
+            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            self._mm = mmap.mmap(fd, self.size, access=mmap.ACCESS_WRITE) if self.size else None
+        finally:
+            os.close(fd)
+
+    def view(self, name: str, start: int, stop: int) -> np.ndarray:
+        s = self.specs[name]
+        isz = dtypes.itemsize(s.dtype)
+        return np.frombuffer(self._mm, dtype=dtypes.raw_numpy(s.dtype), count=stop - start,
+                             offset=self.offsets[name] + start * isz)
+
+    def release(self, name: str, start: int, stop: int) -> None:
+        isz = dtypes.itemsize(self.specs[name].dtype)
+        b = self.offsets[name] + start * isz
+        lo = b - b % _PAGE
+        hi = min(b + (stop - start) * isz, self.size)
+        if hi > lo:
+            self._mm.flush(lo, hi - lo)
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def close(self, sync: bool) -> None:
+        if self._mm is not None:
+            if sync:
+                self._mm.flush()
+            try:
+                self._mm.close()
+            except BufferError:
+                pass
+            self._mm = None
+        if sync:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+class ShardedWriter:
+    """A checkpoint being written into ``directory`` (which must exist and be private to us).
+
+    ``specs`` gives the tensors in file order; views are writable raw-dtype numpy arrays.
+    Call :meth:`close` (``sync=True``) once every tensor is complete.
+    """
+
+    def __init__(self, directory: str, specs: list[TensorSpec], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 metadata: dict[str, str] | None = None):
+        self.directory = directory
+        meta = {"format": "pt", **(metadata or {})}
+        groups = plan_shards(specs, max_shard_bytes)
+        names = shard_names(len(groups))
+        self.files: list[_OutFile] = []
+        self._where: dict[str, _OutFile] = {}
+        try:
+            for fname, group in zip(names, groups):
+                f = _OutFile(os.path.join(directory, fname), group, meta)
+                self.files.append(f)
+                for s in group:
+                    self._where[s.name] = f
+        except BaseException:
+            self.close(sync=False)
+            raise
+        self.weight_map = {s.name: os.path.basename(f.path) for f in self.files for s in f.specs.values()}
+        self.total_size = sum(s.nbytes for s in specs)
+
+    def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        f = self._where[name]
+        stop = prod(f.specs[name].shape) if stop is None else stop
+        return f.view(name, start, stop)
+
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        f = self._where[name]
+        stop = prod(f.specs[name].shape) if stop is None else stop
+        f.release(name, start, stop)
+
+    def close(self, sync: bool = True) -> None:
+        for f in self.files:
+            f.close(sync)
+        if sync and len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            with open(os.path.join(self.directory, INDEX_NAME), "w") as fh:
+                json.dump(index, fh, indent=2)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+
+
+def write_checkpoint(directory: str, tensors: dict[str, tuple[str, np.ndarray]],
+                     max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write ``{name: (dtype, raw array)}`` as a checkpoint (small inputs: tests, the generator)."""
+    specs = [TensorSpec(n, dt, tuple(a.shape)) for n, (dt, a) in tensors.items()]
+    w = ShardedWriter(directory, specs, max_shard_bytes)
+    try:
+        for n, (dt, a) in tensors.items():
+            if a.size:
+                w.view(n)[...] = np.ascontiguousarray(a, dtype=dtypes.raw_numpy(dt)).reshape(-1)
+                w.release(n)
+    except BaseException:
+        w.close(sync=False)
+        raise
+    w.close()
