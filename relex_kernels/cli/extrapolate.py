@@ -1,0 +1,89 @@
+"""``relex extrapolate``: the main job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..engine import extrapolate
+from ..engine.report import format_summary
+from ..errors import UsageError
+from ..fit import FITS, MODES, TIME_AXES, FitOptions
+from ..io.layout import LAYOUT_HELP, discover, parse_explicit, select_history
+from .common import add_output_options, add_target_option
+
+NAME = "extrapolate"
+HELP = "predict later checkpoints from a base and the first checkpoints of an RLVR run"
+DESCRIPTION = f"""\
+Predict the checkpoint(s) of later training steps from the base model and the first
+checkpoints of an RLVR run (RELEX: per tensor, the top singular direction of the
+deltas and a straight-line fit of the position along it against the step).
+
+Inputs are read straight from the safetensors files through memory maps, in two
+streaming passes and bounded memory; nothing is written but the outputs.
+
+Checkpoints: --checkpoints RUN_DIR finds {LAYOUT_HELP};
+or give --checkpoint STEP=PATH for each one.
+
+example:
+  relex extrapolate --base Qwen3-8B-Base --checkpoints runs/grpo --history-steps 75 \\
+                    --target-step 500 --out predicted/
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inputs")
+    g.add_argument("--base", required=True, metavar="BASE_DIR", help="the model RLVR started from (step 0)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoints", metavar="RUN_DIR", help="run directory to scan for checkpoints")
+    src.add_argument("--checkpoint", action="append", metavar="STEP=PATH", dest="explicit",
+                     help="one checkpoint directory and its step (repeatable)")
+    g.add_argument("--history-steps", type=int, metavar="H",
+                   help="use the checkpoints with step <= H (default: all found)")
+    add_target_option(p)
+    f = p.add_argument_group("fit (SPEC §2-3)")
+    f.add_argument("--rank", type=int, default=1, help="temporal subspace rank r (default 1 = RELEX)")
+    f.add_argument("--fit", choices=FITS, default="linear", help="coefficient fit (default linear)")
+    f.add_argument("--degree", type=int, default=2, help="polynomial degree with --fit poly (default 2)")
+    f.add_argument("--window", type=int, metavar="W", help="fit on the last W history points (default all)")
+    f.add_argument("--time-axis", choices=TIME_AXES, default="step",
+                   help="fit against real step numbers (default) or the checkpoint index like the authors' scripts")
+    f.add_argument("--step-scale", type=float, default=1.0, metavar="X",
+                   help="with --time-axis index: target index = (W-1) + round(S*X) - last step (default 1)")
+    f.add_argument("--fp16-deltas", action="store_true",
+                   help="emulate the authors' fp16 delta files, for bit-for-bit comparisons")
+    f.add_argument("--mode", choices=MODES, default="extrapolate",
+                   help="extrapolate (default); reconstruct / fit-reconstruct a history step (Finding 1 check)")
+    f.add_argument("--save-fit", metavar="FILE", help="also save the fit (a few KB per tensor) for 'relex predict'")
+    add_output_options(p)
+
+
+def run(args) -> int:
+    if args.explicit:
+        found = parse_explicit(args.explicit)
+        run_dir = None
+    else:
+        found = discover(args.checkpoints)
+        run_dir = args.checkpoints
+    hist = select_history(found, args.history_steps)
+    if len(hist) < 2:
+        raise UsageError(f"RELEX needs at least 2 history checkpoints; {len(hist)} have step <= "
+                         f"{args.history_steps} (found steps {sorted(found)})")
+    opts = FitOptions(rank=args.rank, fit=args.fit, degree=args.degree, window=args.window,
+                      time_axis=args.time_axis, step_scale=args.step_scale, mode=args.mode,
+                      fp16_deltas=args.fp16_deltas)
+    res = extrapolate(args.base, hist, args.targets, args.out, opts, memory_budget=args.memory_budget,
+                      backend=args.backend, overwrite=args.overwrite, save_fit=args.save_fit,
+                      shard_bytes=args.shard_size, progress=not args.quiet and sys.stderr.isatty(),
+                      run_dir=run_dir)
+    print_result(res, args.quiet, opts.rank)
+    return 0
+
+
+def print_result(res, quiet: bool, rank: int) -> None:
+    if not quiet:
+        print(format_summary(res.report["summary"], rank))
+        gbs = res.bytes_read / max(res.seconds, 1e-9) / 1e9
+        print(f"read {res.bytes_read / 1e9:.2f} GB in {res.seconds:.2f} s ({gbs:.2f} GB/s, backend {res.backend})")
+    for p in res.outputs:
+        print(p)

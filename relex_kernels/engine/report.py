@@ -1,0 +1,44 @@
+"""The per-tensor report (explained variance, singular values) and its printed summary."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..fit import Components
+
+THRESHOLDS = (0.90, 0.95, 0.99)
+
+
+def tensor_entry(name: str, dtype: str, shape, comp: Components) -> dict:
+    sv = comp.singular_values
+    lam = sv ** 2
+    total = lam.sum()
+    return {
+        "name": name,
+        "dtype": dtype,
+        "shape": list(shape),
+        "components": int(comp.u.shape[1]),
+        "explained_variance": comp.explained_variance,
+        "explained_variance_rank1": float(lam[0] / total) if total > 0 else 0.0,
+        "singular_values": [float(x) for x in sv],
+    }
+
+
+def summary(entries: list[dict], key: str = "explained_variance") -> dict:
+    ev = np.array([e[key] for e in entries], dtype=np.float64)
+    if ev.size == 0:
+        return {"tensors": 0}
+    out = {"tensors": int(ev.size), "mean": float(ev.mean()), "min": float(ev.min()),
+           "median": float(np.median(ev)), "max": float(ev.max())}
+    for t in THRESHOLDS:
+        out[f"count_ge_{t:.2f}"] = int((ev >= t).sum())
+    return out
+
+
+def format_summary(s: dict, rank: int) -> str:
+    if not s.get("tensors"):
+        return "no fitted tensors"
+    head = f"explained variance of rank {rank} over {s['tensors']} tensors: "
+    body = (f"mean {s['mean']:.4f}  min {s['min']:.4f}  median {s['median']:.4f}  max {s['max']:.4f}\n"
+            + "  ".join(f">= {t:.2f}: {s[f'count_ge_{t:.2f}']}/{s['tensors']}" for t in THRESHOLDS))
+    return head + body

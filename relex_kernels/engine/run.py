@@ -1,0 +1,189 @@
+"""Whole runs: ``extrapolate`` (Gram, solve, weighted sum) and ``predict`` (weighted sum from a saved fit)."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .. import fit as fitmath
+from ..errors import InputError, OutputError, UsageError
+from ..fit import Components, FitOptions
+from ..io.writer import DEFAULT_SHARD_BYTES
+from ..ops import get_backend
+from . import fitfile, report
+from .output import OutputSet
+from .streaming import Streamer
+from .trajectory import Trajectory
+
+
+def default_memory_budget() -> int:
+    """A quarter of the machine's RAM."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError):
+        return 4 << 30
+
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 1000**2, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1000**3, "GIB": 1 << 30, "T": 1 << 40, "TB": 1000**4, "TIB": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'512M', '4G', '1.5GB', '1000000' -> bytes (K/M/G/T and KiB… are powers of 1024, KB… of 1000)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise UsageError(f"cannot read size {text!r} (examples: 512M, 4G, 1.5GB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+@dataclass
+class RunResult:
+    outputs: list[str]
+    report: dict
+    seconds: float
+    bytes_read: int
+    backend: str
+    fits: dict[str, Components] = field(default_factory=dict, repr=False)
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="relex", file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: str, *, comps=None,
+             memory_budget=None, backend=None, overwrite=False, shard_bytes=DEFAULT_SHARD_BYTES,
+             progress=False, input_dirs=(), extra_report=None) -> RunResult:
+    t0 = time.perf_counter()
+    be = get_backend(backend)
+    steps = traj.steps
+    fitmath.validate(opts, steps)
+    for t in targets:
+        fitmath.validate_target(opts, steps, t)
+    if len(set(targets)) != len(targets):
+        raise UsageError(f"target steps repeat: {targets}")
+    W = np.stack([fitmath.weights(opts, steps, t) for t in targets])  # (K, T)
+    budget = memory_budget or default_memory_budget()
+    outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite)
+    bar = None
+    try:
+        writers = outs.open_writers([j.spec for j in traj.jobs], shard_bytes)
+        streamer = Streamer(traj, be, budget, fp16_deltas=opts.fp16_deltas)
+        K = len(targets)
+        tied_source = traj.tied[1] if traj.tied else None
+        tied_head = traj.tied[0] if traj.tied else None
+        bar = _progress(sum(streamer.read_bytes(j, K) for j in traj.jobs), progress)
+        streamer.progress = bar
+        fits: dict[str, Components] = {}
+        entries = []
+        jobs = traj.jobs
+        for idx, job in enumerate(jobs):
+            if job.kind == "copy":
+                streamer.copy(job, writers)
+                continue
+            if job.kind == "tied":
+                continue
+            n_out = K * (2 if job.name == tied_source else 1)
+            resident, ranges = streamer.ranges(job, n_out)
+            nxt = next((j for j in jobs[idx + 1:] if j.kind == "fit"), None)
+            if nxt is not None and streamer.ranges(nxt, n_out)[0]:
+                streamer.prefetch(nxt)  # page cache read-ahead while this tensor computes
+            if comps is None:
+                G = streamer.gram(job, ranges, resident)
+                comp = fitmath.components(G, opts.rank)
+            else:
+                comp = comps[job.name]
+            fits[job.name] = comp
+            entries.append(report.tensor_entry(job.name, job.dtype, job.shape, comp))
+            A = fitmath.alphas(comp, W)
+            streamer.combine(job, ranges, resident, A, writers,
+                             also=tied_head if job.name == tied_source else None,
+                             count_read=comps is not None or not resident)
+        if bar is not None:
+            bar.close()
+            bar = None
+        seconds = time.perf_counter() - t0
+        rep = {
+            "relex_kernels": __import__("relex_kernels").__version__,
+            "backend": be.name,
+            "options": opts.to_dict(),
+            "history_steps": steps,
+            "targets": targets,
+            "outputs": {str(t): outs.final(t) for t in targets},
+            "seconds": seconds,
+            "bytes_read": streamer.bytes_read,
+            "memory_budget": budget,
+            "summary": report.summary(entries),
+            "summary_rank1": report.summary(entries, "explained_variance_rank1"),
+            "tensors": entries,
+            **(extra_report or {}),
+        }
+        done = outs.commit(traj.base_dir, rep)
+    except BaseException:
+        if bar is not None:
+            bar.close()
+        outs.abort()
+        raise
+    return RunResult(done, rep, seconds, streamer.bytes_read, be.name, fits)
+
+
+def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_dir: str,
+                opts: FitOptions = FitOptions(), *, memory_budget: int | None = None, backend: str | None = None,
+                overwrite: bool = False, save_fit: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+                progress: bool = False, run_dir: str | None = None) -> RunResult:
+    """Predict ``targets`` from ``base`` and the history ``checkpoints`` ({step: dir}) into ``out_dir/step_<S>``."""
+    if not targets:
+        raise UsageError("give at least one --target-step")
+    fitmath.validate(opts, sorted(checkpoints))
+    if save_fit is not None:
+        if os.path.isdir(save_fit):
+            raise OutputError(f"--save-fit {save_fit} is a directory; give a file name")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(save_fit))):
+            raise OutputError(f"--save-fit: directory of {save_fit} does not exist")
+    traj = Trajectory(base, checkpoints)
+    try:
+        res = _execute(traj, opts, list(targets), out_dir, memory_budget=memory_budget, backend=backend,
+                       overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
+                       input_dirs=[run_dir] if run_dir else ())
+        if save_fit is not None:
+            meta = {"options": opts.to_dict(), "steps": traj.steps, "base": traj.base.path,
+                    "checkpoints": {str(ck.step): ck.path for ck in traj.ckpts},
+                    "fingerprint": traj.fingerprint(),
+                    "fitted": [j.name for j in traj.jobs if j.kind == "fit"]}
+            try:
+                fitfile.save(save_fit, meta, res.fits)
+            except OSError as e:
+                raise OutputError(f"cannot write the fit {save_fit}: {e.strerror or e}") from None
+        return res
+    finally:
+        traj.close()
+
+
+def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: int | None = None,
+            backend: str | None = None, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
+            progress: bool = False) -> RunResult:
+    """Write ``targets`` from a fit saved by :func:`extrapolate`: one pass, no Gram."""
+    if not targets:
+        raise UsageError("give at least one --target-step")
+    meta, comps = fitfile.load(fit_path)
+    opts = FitOptions(**meta["options"])
+    ckpts = {int(s): p for s, p in meta["checkpoints"].items()}
+    traj = Trajectory(meta["base"], ckpts)
+    try:
+        fitfile.check_fingerprint(fit_path, meta["fingerprint"], traj.fingerprint())
+        want = [j.name for j in traj.jobs if j.kind == "fit"]
+        if sorted(want) != sorted(comps):
+            raise InputError(f"fit {fit_path} does not cover the same tensors as the checkpoints")
+        return _execute(traj, opts, list(targets), out_dir, comps=comps, memory_budget=memory_budget,
+                        backend=backend, overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
+                        extra_report={"fit": os.path.abspath(fit_path)})
+    finally:
+        traj.close()

@@ -1,0 +1,157 @@
+"""The two passes over one tensor's trajectory, in bounded memory.
+
+For each ``fit`` job the Gram is built from the mapped inputs (pass 1), the T x T
+solve gives the weights, and the weighted sum is written straight into the mapped
+output files (pass 2). When the tensor's T+1 versions plus its outputs fit in the
+memory budget, its pages stay mapped between the passes, so every input byte is
+read from storage once; otherwise the tensor is cut into element ranges (multiples
+of ``GRAM_CHUNK``, so the Gram is the same bit for bit) whose pages are released
+after each use, and the inputs are read twice. Mapped pages are released as soon as
+a range is done, so the RSS stays within the budget whatever the model size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import InputError
+from ..io import dtypes
+from ..io.writer import ShardedWriter
+from ..ops import Backend, get_backend
+from ..ops.reference import GRAM_CHUNK, nonfinite_count
+from .trajectory import Job, Trajectory
+
+#: working memory of the kernels besides the mapped pages (fp32 tiles, reference temporaries)
+KERNEL_SCRATCH = 64 << 20
+#: the smallest working budget for mapped pages: a few GRAM_CHUNKs of a large-T tensor
+MIN_BUDGET = 16 << 20
+
+
+class Streamer:
+    """Runs the passes of :class:`Job` s of one :class:`Trajectory` with one op backend."""
+
+    def __init__(self, traj: Trajectory, backend: Backend, memory_budget: int, fp16_deltas: bool = False,
+                 progress=None):
+        self.traj = traj
+        self.backend = backend
+        self.reference = get_backend("reference")
+        self.budget = max(memory_budget - KERNEL_SCRATCH, MIN_BUDGET)
+        self.fp16_deltas = fp16_deltas
+        self.progress = progress
+        self.bytes_read = 0
+
+    # -- ranges and pages ------------------------------------------------------------
+    def _locs(self, job: Job):
+        yield self.traj.base.tensors[job.name]
+        for ck in self.traj.ckpts:
+            yield ck.tensors[job.name]
+
+    def ranges(self, job: Job, n_outputs: int, with_history: bool = True) -> tuple[bool, list[tuple[int, int]]]:
+        """(resident, ranges): ``resident`` when the whole tensor fits the budget at once."""
+        isz = dtypes.itemsize(job.dtype)
+        per_elem = ((self.traj.T if with_history else 0) + 1) * isz + n_outputs * isz
+        n = job.numel
+        if n * per_elem <= self.budget:
+            return True, [(0, n)]
+        step = max(GRAM_CHUNK, (self.budget // per_elem) // GRAM_CHUNK * GRAM_CHUNK)
+        return False, [(a, min(n, a + step)) for a in range(0, n, step)]
+
+    def views(self, job: Job, a: int, b: int):
+        locs = list(self._locs(job))
+        base = locs[0].file.view(job.name, a, b)
+        return base, [loc.file.view(job.name, a, b) for loc in locs[1:]]
+
+    def release(self, job: Job, a: int, b: int) -> None:
+        for loc in self._locs(job):
+            loc.file.release(job.name, a, b)
+
+    def prefetch(self, job: Job, a: int = 0, b: int | None = None) -> None:
+        for loc in self._locs(job):
+            loc.file.prefetch(job.name, a, b)
+
+    def _tick(self, nbytes: int) -> None:
+        self.bytes_read += nbytes
+        if self.progress is not None:
+            self.progress.update(nbytes)
+
+    def _ops(self, job: Job) -> Backend:
+        return self.backend if self.backend.supports(job.dtype) else self.reference
+
+    # -- pass 1 ----------------------------------------------------------------------
+    def gram(self, job: Job, ranges, resident: bool) -> np.ndarray:
+        T = self.traj.T
+        acc = np.zeros((T, T), dtype=np.float64)
+        ops = self._ops(job)
+        for a, b in ranges:
+            base, hist = self.views(job, a, b)
+            ops.gram(base, hist, job.dtype, acc, fp16_deltas=self.fp16_deltas)
+            del base, hist
+            if not resident:
+                self.release(job, a, b)
+            self._tick((T + 1) * (b - a) * dtypes.itemsize(job.dtype))
+        if not np.isfinite(acc).all():
+            self._raise_nonfinite(job)
+        return acc
+
+    def _raise_nonfinite(self, job: Job) -> None:
+        """Name the first input holding NaN/Inf in this tensor (error path: a plain scan)."""
+        labelled = [("the base checkpoint", self.traj.base.tensors[job.name])]
+        labelled += [(f"checkpoint step {ck.step}", ck.tensors[job.name]) for ck in self.traj.ckpts]
+        for label, loc in labelled:
+            n = job.numel
+            step = 1 << 24
+            bad = sum(nonfinite_count(loc.file.view(job.name, a, min(n, a + step)), job.dtype)
+                      for a in range(0, n, step))
+            loc.file.release(job.name)
+            if bad:
+                raise InputError(f"{label} tensor {job.name} holds {bad} NaN/Inf values ({loc.file.path})")
+        raise InputError(f"tensor {job.name}: the deltas overflow fp32 (values too large to fit)")
+
+    # -- pass 2 ----------------------------------------------------------------------
+    def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers: list[ShardedWriter],
+                also: str | None = None, count_read: bool = True) -> None:
+        """Write ``len(writers)`` outputs; ``also`` names a tied head written with the same values.
+
+        ``count_read``: whether this pass reads the inputs anew (False when pass 1 left
+        them resident), for the progress bar and the bytes-read figure.
+        """
+        T = self.traj.T
+        ops = self._ops(job)
+        alphas = np.ascontiguousarray(alphas, dtype=np.float32)
+        for a, b in ranges:
+            base, hist = self.views(job, a, b)
+            outs = [w.view(job.name, a, b) for w in writers]
+            ops.combine(base, hist, alphas, job.dtype, outs, fp16_deltas=self.fp16_deltas)
+            if also is not None:
+                for w, o in zip(writers, outs):
+                    w.view(also, a, b)[...] = o
+                    w.release(also, a, b)
+            del base, hist, outs
+            self.release(job, a, b)
+            for w in writers:
+                w.release(job.name, a, b)
+            if count_read:
+                self._tick((T + 1) * (b - a) * dtypes.itemsize(job.dtype))
+
+    def copy(self, job: Job, writers: list[ShardedWriter]) -> None:
+        loc = self.traj.base.tensors[job.name]
+        n = job.numel
+        step = max(1, self.budget // (dtypes.itemsize(job.dtype) * (1 + len(writers))))
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            src = loc.file.view(job.name, a, b)
+            for w in writers:
+                w.view(job.name, a, b)[...] = src
+                w.release(job.name, a, b)
+            del src
+            loc.file.release(job.name, a, b)
+            self._tick((b - a) * dtypes.itemsize(job.dtype))
+
+    def read_bytes(self, job: Job, n_outputs: int) -> int:
+        """Bytes this job reads (for the progress bar's total)."""
+        if job.kind == "copy":
+            return job.nbytes
+        if job.kind == "tied":
+            return 0
+        resident, _ = self.ranges(job, n_outputs)
+        return (self.traj.T + 1) * job.nbytes * (1 if resident else 2)

@@ -1,0 +1,144 @@
+"""A base checkpoint plus history checkpoints, checked against each other and planned into jobs.
+
+A *job* is one output tensor and what to do for it: ``fit`` (gram + combine), ``copy``
+(non-float tensors, copied from the base) or ``tied`` (a tied output head, written
+equal to the predicted embedding — SPEC §4).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from math import prod
+
+from ..errors import InputError
+from ..io import Checkpoint, dtypes
+from ..io.writer import TensorSpec
+
+EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
+HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    kind: str  # "fit" | "copy" | "tied"
+    source: str | None = None  # for "tied": the embedding it equals
+
+    @property
+    def numel(self) -> int:
+        return prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * dtypes.itemsize(self.dtype)
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
+
+
+def read_config(base_dir: str) -> dict:
+    p = os.path.join(base_dir, "config.json")
+    if not os.path.isfile(p):
+        return {}
+    try:
+        with open(p) as fh:
+            cfg = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{p}: cannot read the model config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InputError(f"{p}: the model config is not a JSON object")
+    return cfg
+
+
+def tied_head(base: Checkpoint, config: dict) -> tuple[str, str] | None:
+    """(head, embedding) when the base stores a head tied to its embedding, else None."""
+    tie = config.get("tie_word_embeddings", True)
+    text = config.get("text_config")
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        tie = text["tie_word_embeddings"]
+    if not tie:
+        return None
+    emb = next((n for n in EMBED_NAMES if n in base.tensors), None)
+    head = next((n for n in HEAD_NAMES if n in base.tensors), None)
+    if emb and head and base.tensors[emb].info.shape == base.tensors[head].info.shape:
+        return head, emb
+    return None
+
+
+class Trajectory:
+    """The opened inputs of a run. ``steps`` ascending; ``ckpts[i]`` is the checkpoint of ``steps[i]``."""
+
+    def __init__(self, base_dir: str, checkpoints: dict[int, str]):
+        self.base_dir = os.path.abspath(base_dir)
+        self.steps = sorted(checkpoints)
+        self.base: Checkpoint | None = None
+        self.ckpts: list[Checkpoint] = []
+        try:
+            self.base = Checkpoint(base_dir)
+            for s in self.steps:
+                self.ckpts.append(Checkpoint(checkpoints[s], step=s))
+            self.config = read_config(self.base_dir)
+            self.tied = tied_head(self.base, self.config)
+            self.jobs = self._plan()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def T(self) -> int:
+        return len(self.steps)
+
+    def _plan(self) -> list[Job]:
+        base = self.base
+        head = self.tied[0] if self.tied else None
+        # output order = the base's storage order (file, then offset): sequential reads
+        order = {f.path: i for i, f in enumerate(base.files)}
+        names = sorted(base.tensors, key=lambda n: (order[base.tensors[n].file.path], base.tensors[n].info.begin))
+        jobs = []
+        for n in names:
+            info = base.tensors[n].info
+            if n == head:
+                jobs.append(Job(n, info.dtype, info.shape, "tied", source=self.tied[1]))
+            elif dtypes.is_fitted(info.dtype):
+                jobs.append(Job(n, info.dtype, info.shape, "fit"))
+            else:
+                jobs.append(Job(n, info.dtype, info.shape, "copy"))
+        for ck in self.ckpts:
+            for job in jobs:
+                if job.kind != "fit":
+                    continue
+                loc = ck.tensors.get(job.name)
+                if loc is None:
+                    raise InputError(f"checkpoint step {ck.step} lacks tensor {job.name} ({ck.path})")
+                if loc.info.dtype != job.dtype or loc.info.shape != job.shape:
+                    raise InputError(f"checkpoint step {ck.step} tensor {job.name} is {loc.info.dtype} "
+                                     f"{list(loc.info.shape)} but the base has {job.dtype} {list(job.shape)} "
+                                     f"({loc.file.path})")
+            extra = sorted(set(ck.tensors) - set(base.tensors) - ({head} if head else set()))
+            if extra:
+                raise InputError(f"checkpoint step {ck.step} has tensor {extra[0]} that the base does not "
+                                 f"({ck.tensors[extra[0]].file.path})")
+        return jobs
+
+    def files(self):
+        yield from self.base.files
+        for ck in self.ckpts:
+            yield from ck.files
+
+    def input_dirs(self) -> list[str]:
+        return [self.base.path] + [ck.path for ck in self.ckpts]
+
+    def fingerprint(self) -> dict:
+        return {"base": self.base.fingerprint(),
+                "checkpoints": {str(ck.step): ck.fingerprint() for ck in self.ckpts}}
+
+    def close(self) -> None:
+        if self.base is not None:
+            self.base.close()
+        for ck in self.ckpts:
+            ck.close()

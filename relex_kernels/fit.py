@@ -1,0 +1,154 @@
+"""The T x T mathematics of RELEX (SPEC §2-3): tiny, fp64, no data access.
+
+From one tensor's Gram ``G = M Mᵀ`` (T x T, float64) and the history steps, this
+module finds the rank-r temporal subspace and turns a target into the weights
+``α`` of the closed form ``θ̂ = θ₀ + Σ_i α_i (θ_i − θ₀)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+#: components with s_k <= DROP_RTOL * s_1 are dropped (SPEC §2)
+DROP_RTOL = 1e-6
+MODES = ("extrapolate", "reconstruct", "fit-reconstruct")
+FITS = ("linear", "poly")
+TIME_AXES = ("step", "index")
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """Everything that turns Grams and steps into weights; saved with a fit."""
+
+    rank: int = 1
+    fit: str = "linear"
+    degree: int = 1
+    window: int | None = None
+    time_axis: str = "step"
+    step_scale: float = 1.0
+    mode: str = "extrapolate"
+    fp16_deltas: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def poly_degree(self) -> int:
+        return 1 if self.fit == "linear" else self.degree
+
+
+@dataclass
+class Components:
+    """The kept temporal components of one tensor: ``u`` is (T, r'), ``s`` (r',), r' <= rank."""
+
+    u: np.ndarray
+    s: np.ndarray
+    singular_values: np.ndarray  # all T, descending
+    explained_variance: float  # of the kept rank r' (0.0 when G = 0)
+
+
+def validate(opts: FitOptions, steps: list[int]) -> None:
+    """Raise :class:`UsageError` for options that make no sense for these history steps."""
+    T = len(steps)
+    if T < 2:
+        raise UsageError(f"RELEX needs at least 2 history checkpoints; got {T} "
+                         f"(steps {steps}); raise --history-steps or add checkpoints")
+    if any(b <= a for a, b in zip(steps, steps[1:])):
+        raise UsageError(f"history steps must be strictly increasing: {steps}")
+    if opts.mode not in MODES:
+        raise UsageError(f"unknown mode {opts.mode!r} (choose from {', '.join(MODES)})")
+    if opts.fit not in FITS:
+        raise UsageError(f"unknown fit {opts.fit!r} (choose from {', '.join(FITS)})")
+    if opts.time_axis not in TIME_AXES:
+        raise UsageError(f"unknown time axis {opts.time_axis!r} (choose from {', '.join(TIME_AXES)})")
+    if not 1 <= opts.rank <= T:
+        raise UsageError(f"--rank must be between 1 and the number of history checkpoints ({T}); got {opts.rank}")
+    W = window(opts, T)
+    if not 2 <= W <= T:
+        raise UsageError(f"--window must be between 2 and the number of history checkpoints ({T}); got {W}")
+    if opts.fit == "poly" and not 1 <= opts.degree <= W - 1:
+        raise UsageError(f"--degree {opts.degree} needs a window of at least {opts.degree + 1} points "
+                         f"and must be >= 1; the window has {W}")
+    if not opts.step_scale > 0:
+        raise UsageError(f"--step-scale must be positive; got {opts.step_scale}")
+
+
+def window(opts: FitOptions, T: int) -> int:
+    return T if opts.window is None else opts.window
+
+
+def validate_target(opts: FitOptions, steps: list[int], target: int) -> None:
+    """A target that makes no sense for the mode is a :class:`UsageError`."""
+    if opts.mode == "extrapolate":
+        if target <= steps[-1]:
+            raise UsageError(f"target step {target} is not after the last history step {steps[-1]}; "
+                             "use --mode reconstruct or fit-reconstruct to reproduce a history step")
+    elif target not in steps:
+        raise UsageError(f"--mode {opts.mode} reproduces a history checkpoint; target step {target} is "
+                         f"not one of the history steps {steps}")
+
+
+def components(G: np.ndarray, rank: int) -> Components:
+    """Top-``rank`` eigenpairs of a Gram, small components dropped (SPEC §2)."""
+    G = np.asarray(G, dtype=np.float64)
+    G = 0.5 * (G + G.T)
+    lam, vec = np.linalg.eigh(G)
+    order = np.argsort(lam)[::-1]
+    lam = np.clip(lam[order], 0.0, None)
+    vec = vec[:, order]
+    s = np.sqrt(lam)
+    total = lam.sum()
+    keep = 0
+    if s[0] > 0:
+        keep = int(min(rank, np.count_nonzero(s > DROP_RTOL * s[0])))
+    ev = float(lam[:keep].sum() / total) if total > 0 else 0.0
+    return Components(u=vec[:, :keep].copy(), s=s[:keep].copy(), singular_values=s, explained_variance=ev)
+
+
+def _time_coords(opts: FitOptions, steps: list[int]) -> np.ndarray:
+    W = window(opts, len(steps))
+    if opts.time_axis == "index":
+        return np.arange(W, dtype=np.float64)
+    return np.asarray(steps[len(steps) - W:], dtype=np.float64)
+
+
+def target_time(opts: FitOptions, steps: list[int], target: int) -> float:
+    """τ on the fit's time axis. Index axis: τ = (W−1) + round(L·scale) − x_{T−1} (SPEC §3)."""
+    if opts.time_axis == "index":
+        W = window(opts, len(steps))
+        # Python's round() is half-to-even, like the authors' numpy/torch round
+        return float((W - 1) + round(target * opts.step_scale) - steps[-1])
+    return float(target)
+
+
+def fit_weights(t: np.ndarray, tau: float, degree: int) -> np.ndarray:
+    """``w`` with ĉ(τ) = Σ_j w_j c_j for the least-squares polynomial of ``degree`` through (t_j, c_j)."""
+    t = np.asarray(t, dtype=np.float64)
+    center = t.mean()
+    scale = np.abs(t - center).max() or 1.0
+    x = (t - center) / scale
+    A = np.vander(x, degree + 1, increasing=True)  # (W, p+1)
+    phi = ((tau - center) / scale) ** np.arange(degree + 1)
+    return np.linalg.pinv(A).T @ phi
+
+
+def weights(opts: FitOptions, steps: list[int], target: int) -> np.ndarray:
+    """``w̃`` (length T): the temporal weights of a target before projection on the subspace."""
+    T = len(steps)
+    w = np.zeros(T)
+    if opts.mode == "reconstruct":
+        w[steps.index(target)] = 1.0
+        return w
+    W = window(opts, T)
+    w[T - W:] = fit_weights(_time_coords(opts, steps), target_time(opts, steps, target), opts.poly_degree)
+    return w
+
+
+def alphas(comp: Components, w_tilde: np.ndarray) -> np.ndarray:
+    """α = U_r U_rᵀ w̃ for each row of ``w_tilde`` (K, T) -> (K, T) float64."""
+    w_tilde = np.atleast_2d(w_tilde)
+    return (w_tilde @ comp.u) @ comp.u.T

@@ -1,0 +1,173 @@
+"""The engine end to end on hand-built trajectories, against an explicit SVD computation."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from refmath import explicit_relex, load_fp32
+from trajgen import make_trajectory
+
+from relex_kernels.engine import extrapolate, predict
+from relex_kernels.fit import FitOptions
+from relex_kernels.io import Checkpoint, dtypes
+
+SHAPES = {"w.weight": (33, 17), "b.bias": (7,), "one": (1,), "big": (4099,)}
+
+
+def out_fp32(out_dir, name):
+    return load_fp32(out_dir, name)
+
+
+def ulp(x, dtype):
+    """One unit in the last place of ``dtype`` at |x| (fp32 arrays)."""
+    mant = {"BF16": 7, "F16": 10, "F32": 23}[dtype]
+    e = np.floor(np.log2(np.maximum(np.abs(x), 1e-30)))
+    return np.exp2(e - mant)
+
+
+def raw_bytes(out_dir):
+    return {f: open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir))}
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(rank=2),
+    dict(window=4),
+    dict(fit="poly", degree=2),
+    dict(time_axis="index", step_scale=2.0),
+])
+def test_engine_matches_explicit_svd(tmp, dtype, opts):
+    steps = [2, 4, 6, 8, 10, 12]
+    base, ck = make_trajectory(tmp, SHAPES, steps, dtype=dtype, curvature=0.3)
+    fo = FitOptions(**opts)
+    target = 30
+    res = extrapolate(base, ck, [target], os.path.join(tmp, "out"), fo, backend="reference")
+    for name in SHAPES:
+        got = out_fp32(res.outputs[0], name)
+        want = explicit_relex(base, ck, name, target, rank=fo.rank, window=fo.window, degree=fo.poly_degree,
+                              time_axis=fo.time_axis, scale=fo.step_scale)
+        # the engine rounds once from fp32 sums; allow one ulp of the output dtype plus fp32 noise
+        tol = ulp(want, dtype) * 1.01 + 1e-5 * np.abs(want - load_fp32(base, name)).max()
+        assert np.all(np.abs(got - want) <= tol), (name, np.abs(got - want).max())
+
+
+def test_reconstruct_returns_history_checkpoint_when_rank1(tmp):
+    # dyadic values: stored fp32 trajectory is exactly rank 1 and linear
+    rng = np.random.default_rng(1)
+    from relex_kernels.io import write_checkpoint
+    th0 = rng.integers(-1000, 1000, 513).astype(np.float32) / 1024
+    v = rng.integers(-8, 8, 513).astype(np.float32) / 2**16
+    steps = list(range(1, 9))
+    base = os.path.join(tmp, "base")
+    os.makedirs(base)
+    write_checkpoint(base, {"w": ("F32", th0)})
+    ck = {}
+    for s in steps:
+        d = os.path.join(tmp, f"step_{s}")
+        os.makedirs(d)
+        write_checkpoint(d, {"w": ("F32", th0 + s * v)})
+        ck[s] = d
+    for mode in ("reconstruct", "fit-reconstruct"):
+        res = extrapolate(base, ck, [5], os.path.join(tmp, mode), FitOptions(mode=mode))
+        assert res.report["tensors"][0]["explained_variance"] == pytest.approx(1.0, abs=1e-12)
+        got = out_fp32(res.outputs[0], "w")
+        np.testing.assert_allclose(got, th0 + 5 * v, rtol=0, atol=2 * ulp(np.abs(th0).max(), "F32"))
+    res = extrapolate(base, ck, [64], os.path.join(tmp, "x"), FitOptions())
+    np.testing.assert_allclose(out_fp32(res.outputs[0], "w"), th0 + 64 * v, rtol=0, atol=1e-5)
+
+
+def test_index_axis_equals_step_axis_on_contiguous_steps(tmp):
+    base, ck = make_trajectory(tmp, SHAPES, range(1, 9))
+    a = extrapolate(base, ck, [50], os.path.join(tmp, "a"), FitOptions(time_axis="step"))
+    b = extrapolate(base, ck, [50], os.path.join(tmp, "b"), FitOptions(time_axis="index"))
+    assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])
+
+
+def test_several_targets_equal_separate_runs_and_predict_equals_extrapolate(tmp):
+    base, ck = make_trajectory(tmp, SHAPES, range(1, 7))
+    fitpath = os.path.join(tmp, "run.fit")
+    both = extrapolate(base, ck, [40, 80], os.path.join(tmp, "both"), save_fit=fitpath)
+    one = extrapolate(base, ck, [40], os.path.join(tmp, "one"))
+    two = extrapolate(base, ck, [80], os.path.join(tmp, "two"))
+    assert raw_bytes(both.outputs[0]) == raw_bytes(one.outputs[0])
+    assert raw_bytes(both.outputs[1]) == raw_bytes(two.outputs[0])
+    pred = predict(fitpath, [80], os.path.join(tmp, "pred"))
+    assert raw_bytes(pred.outputs[0]) == raw_bytes(two.outputs[0])
+    assert os.path.getsize(fitpath) < 64 * 1024
+
+
+def test_chunked_equals_resident(tmp, monkeypatch):
+    from relex_kernels.engine import streaming
+    shapes = {"big": (300_001,), "small": (5, 5)}
+    base, ck = make_trajectory(tmp, shapes, range(1, 6))
+    a = extrapolate(base, ck, [30], os.path.join(tmp, "a"), memory_budget=1 << 34)
+    # 300k elements x (6 inputs + 1 output) x 2 B = 4.2 MB: a 1 MB budget forces 5 chunks, read twice
+    monkeypatch.setattr(streaming, "KERNEL_SCRATCH", 0)
+    monkeypatch.setattr(streaming, "MIN_BUDGET", 0)
+    b = extrapolate(base, ck, [30], os.path.join(tmp, "b"), memory_budget=1 << 20)
+    assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])
+    assert b.bytes_read > 1.9 * a.bytes_read - 1000
+
+
+def test_tied_head_written_equal_to_embedding_and_copies_nonfloat(tmp):
+    shapes = {"model.embed_tokens.weight": (50, 8), "lm_head.weight": (50, 8), "model.norm.weight": (8,),
+              "pos_ids": (4,)}
+    base, ck = make_trajectory(tmp, shapes, range(1, 5), extra_dtypes={"pos_ids": "I64"},
+                               config={"model_type": "x", "tie_word_embeddings": True})
+    res = extrapolate(base, ck, [20], os.path.join(tmp, "o"))
+    o = Checkpoint(res.outputs[0])
+    emb = np.array(o.tensors["model.embed_tokens.weight"].file.view("model.embed_tokens.weight"))
+    head = np.array(o.tensors["lm_head.weight"].file.view("lm_head.weight"))
+    ids = np.array(o.tensors["pos_ids"].file.view("pos_ids"))
+    b = Checkpoint(base)
+    np.testing.assert_array_equal(emb, head)
+    np.testing.assert_array_equal(ids, np.array(b.tensors["pos_ids"].file.view("pos_ids")))
+    assert not np.array_equal(emb, np.array(b.tensors["model.embed_tokens.weight"].file.view(
+        "model.embed_tokens.weight")))
+    assert [r["name"] for r in res.report["tensors"]].count("lm_head.weight") == 0
+    assert os.path.isfile(os.path.join(res.outputs[0], "config.json"))
+
+
+def test_untied_head_is_fitted(tmp):
+    shapes = {"model.embed_tokens.weight": (50, 8), "lm_head.weight": (50, 8)}
+    base, ck = make_trajectory(tmp, shapes, range(1, 5), config={"tie_word_embeddings": False})
+    res = extrapolate(base, ck, [20], os.path.join(tmp, "o"))
+    assert {r["name"] for r in res.report["tensors"]} == set(shapes)
+
+
+def test_fp16_deltas_mode_matches_emulation(tmp):
+    base, ck = make_trajectory(tmp, {"w": (1000,)}, range(1, 6))
+    res = extrapolate(base, ck, [25], os.path.join(tmp, "o"), FitOptions(fp16_deltas=True))
+    th0 = load_fp32(base, "w")
+    b16 = th0.astype(np.float16)
+    M = np.stack([(load_fp32(ck[s], "w").astype(np.float16) - b16).astype(np.float64) for s in sorted(ck)])
+    u = np.linalg.svd(M, full_matrices=False)[0][:, 0]
+    t = np.array(sorted(ck), dtype=np.float64)
+    w = 1 / 5 + (25 - t.mean()) * (t - t.mean()) / ((t - t.mean()) ** 2).sum()
+    want = th0 + ((w @ u) * u) @ M
+    got = out_fp32(res.outputs[0], "w")
+    assert np.all(np.abs(got - want) <= ulp(want, "BF16") * 1.01)
+
+
+def test_sharded_inputs_and_outputs_and_verl_layout(tmp):
+    from relex_kernels.io.layout import discover
+    shapes = {f"layer{i}.weight": (64, 64) for i in range(6)}
+    base, ck = make_trajectory(tmp, shapes, range(1, 5), shard_bytes=20000, layout="verl")
+    found = discover(os.path.join(tmp, "run"))
+    assert found == ck
+    res = extrapolate(base, found, [12], os.path.join(tmp, "o"), shard_bytes=20000)
+    files = sorted(os.listdir(res.outputs[0]))
+    assert "model.safetensors.index.json" in files
+    assert sum(f.endswith(".safetensors") for f in files) == 3  # 8 KB tensors, 20 KB shards
+    import torch
+    from safetensors.torch import load_file
+    names = set()
+    for f in files:
+        if f.endswith(".safetensors"):
+            t = load_file(os.path.join(res.outputs[0], f))
+            names |= set(t)
+            assert all(v.dtype == torch.bfloat16 for v in t.values())
+    assert names == set(shapes)
