@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from ..errors import RelexError
 
-COMMANDS = ["extrapolate", "predict", "synth", "demo", "backends"]
+COMMANDS = ["extrapolate", "predict", "analyze", "backtest", "synth", "demo", "backends"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,13 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    # with a file-size limit (ulimit -f), writing past it must be an EFBIG error we report, not a kill
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         return int(args._run(args) or 0)
     except RelexError as e:
-        print(f"relex {args.command}: error: {e}", file=sys.stderr)
+        msg = " ".join(str(e).splitlines())  # one line, whatever a file name holds
+        print(f"relex {args.command}: error: {msg}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print(f"relex {args.command}: interrupted; no output was left behind", file=sys.stderr)
+        print(f"relex {args.command}: interrupted; no output was completed (the same command resumes "
+              "the finished part)", file=sys.stderr)
         return 130
 
 

@@ -14,6 +14,9 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", required=True, metavar="OUT_DIR",
                    help="directory that receives one ready-to-load checkpoint per target, as OUT_DIR/step_<S>/")
     g.add_argument("--overwrite", action="store_true", help="replace existing OUT_DIR/step_<S> directories")
+    g.add_argument("--no-resume", dest="resume", action="store_false",
+                   help="start afresh even if OUT_DIR holds the finished part of an interrupted run of this "
+                        "same command (by default it is reused: see tests/reliability/README.md)")
     g.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
                    help="bound on mapped input/output pages (e.g. 2G, 512M; default: a quarter of RAM, "
                         f"{default_memory_budget() / 2**30:.1f} GiB here). Tensors whose whole trajectory fits "

@@ -75,7 +75,7 @@ def run(args) -> int:
     res = extrapolate(args.base, hist, args.targets, args.out, opts, memory_budget=args.memory_budget,
                       backend=args.backend, overwrite=args.overwrite, save_fit=args.save_fit,
                       shard_bytes=args.shard_size, progress=not args.quiet and sys.stderr.isatty(),
-                      run_dir=run_dir)
+                      run_dir=run_dir, resume=args.resume)
     print_result(res, args.quiet, opts.rank)
     return 0
 

@@ -1,10 +1,13 @@
 """Output directories that are either complete or absent.
 
-Each target ``OUT_DIR/step_<S>`` is written into a private ``.step_<S>.partial-*``
-directory beside it and renamed into place only when every file is written and
-synced, so a crash never leaves a half-written output that looks complete. A lock
-file keeps two runs from writing the same ``OUT_DIR``; partial directories of a run
-that died are removed by the next one (it holds the lock, so they are stale).
+Each target ``OUT_DIR/step_<S>`` is written into ``OUT_DIR/.relex.partial/step_<S>``
+and renamed into place only when every file is written and synced, so a crash never
+leaves a half-written output that looks complete. A lock file keeps two runs from
+writing the same ``OUT_DIR``. The state directory also holds the run's journal
+(:mod:`.journal`): a run that died is resumed by the next run with the same key, and
+any other leftover state is removed (the new run holds the lock, so it is stale).
+An error (bad input, full disk) removes the state; only a kill or an interrupt
+(Ctrl-C) leaves it for a resume.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ import tempfile
 
 from ..errors import OutputError
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
+from . import journal as journal_mod
+from .journal import Journal
 
 LOCK_NAME = ".relex.lock"
+STATE_NAME = ".relex.partial"
+REPORT_NAME = "relex_report.json"
 #: weight files of other formats are never copied next to predicted safetensors
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".npz")
 _SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
@@ -48,8 +55,10 @@ def target_dir_name(step: int) -> str:
 class OutputSet:
     """The K target directories of one run, from reservation to commit (or abort)."""
 
-    def __init__(self, out_dir: str, targets: list[int], input_dirs: list[str], overwrite: bool):
+    def __init__(self, out_dir: str, targets: list[int], input_dirs: list[str], overwrite: bool,
+                 key: str = "", resume: bool = True):
         self.out_dir = os.path.abspath(out_dir)
+        self.state_dir = os.path.join(self.out_dir, STATE_NAME)
         self.targets = list(targets)
         for d in input_dirs:
             if _inside(self.out_dir, d):
@@ -65,22 +74,57 @@ class OutputSet:
         except OSError as e:
             raise OutputError(f"cannot create output directory {self.out_dir}: {e.strerror}") from None
         self._lock_fd = self._lock()
+        self.key = key
         self.partials: dict[int, str] = {}
         self.writers: list[ShardedWriter] = []
+        self.journal: Journal | None = None
         try:
             self._clean_stale()
-            for t in self.targets:
-                final = self.final(t)
-                if os.path.exists(final) and not overwrite:
-                    raise OutputError(f"{final} already exists; pass --overwrite to replace it")
-            for t in self.targets:
-                self.partials[t] = tempfile.mkdtemp(prefix=f".{target_dir_name(t)}.partial-", dir=self.out_dir)
+            if resume:
+                self.journal = self._resumable()
+            if self.journal is None:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
+            if self.journal is None or not self.journal.committed:
+                for t in self.targets:
+                    final = self.final(t)
+                    if os.path.exists(final) and not overwrite:
+                        self.abort(keep=True)
+                        raise OutputError(f"{final} already exists; pass --overwrite to replace it")
+            if self.journal is None:
+                self._fresh_state()
+            else:
+                self.partials = {t: self._partial(t) for t in self.targets}
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"cannot prepare the output in {self.out_dir}: {e.strerror or e}") from None
         except BaseException:
             self.abort()
             raise
 
     def final(self, t: int) -> str:
         return os.path.join(self.out_dir, target_dir_name(t))
+
+    def _partial(self, t: int) -> str:
+        return os.path.join(self.state_dir, target_dir_name(t))
+
+    def _resumable(self) -> Journal | None:
+        """The journal of an interrupted run with this key whose partial outputs are all there."""
+        j = Journal.load(os.path.join(self.state_dir, journal_mod.JOURNAL_NAME), self.key)
+        if j is None:
+            return None
+        if j.committed:  # some targets may already be renamed into place
+            ok = all(os.path.isdir(self._partial(t)) or os.path.isdir(self.final(t)) for t in self.targets)
+        else:
+            ok = all(os.path.isdir(self._partial(t)) for t in self.targets)
+        return j if ok else None
+
+    def _fresh_state(self) -> None:
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        os.mkdir(self.state_dir)
+        for t in self.targets:
+            self.partials[t] = self._partial(t)
+            os.mkdir(self.partials[t])
+        self.journal = Journal.create(os.path.join(self.state_dir, journal_mod.JOURNAL_NAME), self.key)
 
     def _lock(self) -> int:
         path = os.path.join(self.out_dir, LOCK_NAME)
@@ -98,17 +142,35 @@ class OutputSet:
         return fd
 
     def _clean_stale(self) -> None:
+        """Partial and replaced directories of runs that died (we hold the lock: nobody else uses them)."""
         for name in os.listdir(self.out_dir):
-            if ".partial-" in name and name.startswith("."):
+            if name.startswith(".") and (".partial-" in name or ".old-" in name):
                 shutil.rmtree(os.path.join(self.out_dir, name), ignore_errors=True)
 
     def open_writers(self, specs: list[TensorSpec], shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[ShardedWriter]:
+        """One writer per target; a resumed run reopens its files (and starts afresh if they differ)."""
+        if self.journal.resumed:
+            try:
+                return self._writers(specs, shard_bytes, reuse=True)
+            except OSError:
+                for w in self.writers:
+                    w.close(sync=False)
+                self.writers = []
+                self.journal.close()
+                self.partials = {}
+                try:
+                    self._fresh_state()
+                except OSError as e:
+                    raise OutputError(f"cannot prepare the output in {self.out_dir}: {e.strerror or e}") from None
         try:
-            for t in self.targets:
-                self.writers.append(ShardedWriter(self.partials[t], specs, shard_bytes,
-                                                  metadata={"relex_target_step": str(t)}))
+            return self._writers(specs, shard_bytes, reuse=False)
         except OSError as e:
             raise OutputError(f"cannot create the output files in {self.out_dir}: {e.strerror or e}") from None
+
+    def _writers(self, specs, shard_bytes, reuse: bool) -> list[ShardedWriter]:
+        for t in self.targets:
+            self.writers.append(ShardedWriter(self.partials[t], specs, shard_bytes,
+                                              metadata={"relex_target_step": str(t)}, reuse=reuse))
         return self.writers
 
     def commit(self, base_dir: str, report: dict | None = None) -> list[str]:
@@ -119,33 +181,55 @@ class OutputSet:
             for t in self.targets:
                 for src in side_files(base_dir):
                     shutil.copy2(src, os.path.join(self.partials[t], os.path.basename(src)))
-            if report is not None:
-                _write_json_atomic(os.path.join(self.out_dir, "relex_report.json"), report)
+            if report is not None:  # moved beside the outputs with them, by finish_commit
+                _write_json_atomic(os.path.join(self.state_dir, REPORT_NAME), report)
+            self.writers = []
+            self.journal.record_commit()
+            journal_mod.hook("commit")
         except OSError as e:
             self.abort()
             raise OutputError(f"writing the output in {self.out_dir} failed: {e.strerror or e}") from None
+        return self.finish_commit()
+
+    def finish_commit(self) -> list[str]:
+        """Rename every complete target into place (also finishes the commit of a run killed during it)."""
         done = []
-        for t in self.targets:
-            final = self.final(t)
-            if os.path.exists(final):
-                trash = tempfile.mkdtemp(prefix=f".{target_dir_name(t)}.old-", dir=self.out_dir)
-                os.rename(final, os.path.join(trash, "old"))
-                os.rename(self.partials[t], final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(self.partials[t], final)
-            done.append(final)
+        try:
+            for t in self.targets:
+                final, part = self.final(t), self._partial(t)
+                if os.path.isdir(part):
+                    if os.path.exists(final):
+                        trash = tempfile.mkdtemp(prefix=f".{target_dir_name(t)}.old-", dir=self.out_dir)
+                        os.rename(final, os.path.join(trash, "old"))
+                        os.rename(part, final)
+                        shutil.rmtree(trash, ignore_errors=True)
+                    else:
+                        os.rename(part, final)
+                    journal_mod.hook("rename")
+                done.append(final)
+            if os.path.exists(os.path.join(self.state_dir, REPORT_NAME)):
+                os.replace(os.path.join(self.state_dir, REPORT_NAME), os.path.join(self.out_dir, REPORT_NAME))
+            _fsync_dir(self.out_dir)
+        except OSError as e:
+            self.abort()  # keeps the committed state: the next run finishes the renames
+            raise OutputError(f"moving the finished output into {self.out_dir} failed: {e.strerror or e}; "
+                              "run the same command again to finish") from None
         self.partials = {}
-        _fsync_dir(self.out_dir)
+        self.journal.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
         self._unlock()
         return done
 
-    def abort(self) -> None:
+    def abort(self, keep: bool = False) -> None:
+        """Give up: remove every partial output, or with ``keep`` leave them for a resume (Ctrl-C)."""
         for w in self.writers:
             w.close(sync=False)
         self.writers = []
-        for p in self.partials.values():
-            shutil.rmtree(p, ignore_errors=True)
+        if self.journal is not None:
+            self.journal.close()
+        committed = self.journal is not None and self.journal.committed
+        if not (keep and self.journal is not None) and not committed:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
         self.partials = {}
         self._unlock()
 

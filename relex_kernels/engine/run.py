@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -15,7 +16,7 @@ from ..errors import InputError, OutputError, UsageError
 from ..fit import Components, FitOptions
 from ..io.writer import DEFAULT_SHARD_BYTES
 from ..ops import get_backend
-from . import fitfile, report
+from . import fitfile, journal, report
 from .output import OutputSet
 from .streaming import Streamer
 from .trajectory import Trajectory
@@ -61,7 +62,7 @@ def _progress(total: int, enabled: bool):
 
 def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: str, *, comps=None,
              memory_budget=None, backend=None, overwrite=False, shard_bytes=DEFAULT_SHARD_BYTES,
-             progress=False, input_dirs=(), extra_report=None) -> RunResult:
+             progress=False, input_dirs=(), extra_report=None, resume=True, key_extra=None) -> RunResult:
     t0 = time.perf_counter()
     be = get_backend(backend)
     steps = traj.steps
@@ -72,10 +73,18 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         raise UsageError(f"target steps repeat: {targets}")
     W = np.stack([fitmath.weights(opts, steps, t) for t in targets])  # (K, T)
     budget = memory_budget or default_memory_budget()
-    outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite)
+    # the journal key: everything the output bytes depend on (not the memory budget: the
+    # Gram is the same bit for bit however a tensor is cut into ranges)
+    key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.name, shard_bytes, traj.jobs, key_extra)
+    outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite, key=key,
+                     resume=resume)
     bar = None
     try:
+        if outs.journal.committed:  # killed while renaming finished outputs into place
+            return _finish_committed(outs, be.name, t0, comps)
         writers = outs.open_writers([j.spec for j in traj.jobs], shard_bytes)
+        jr = outs.journal
+        journal.hook("start")
         streamer = Streamer(traj, be, budget, fp16_deltas=opts.fp16_deltas)
         K = len(targets)
         tied_source = traj.tied[1] if traj.tied else None
@@ -85,9 +94,20 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         fits: dict[str, Components] = {}
         entries = []
         jobs = traj.jobs
+        reused = 0
         for idx, job in enumerate(jobs):
+            if job.name in jr.done and (job.kind != "fit" or comps is not None or job.name in jr.fits):
+                reused += 1  # finished by the interrupted run this one resumes
+                if job.kind == "fit":
+                    fits[job.name] = comp = comps[job.name] if comps is not None else jr.fits[job.name]
+                    entries.append(report.tensor_entry(job.name, job.dtype, job.shape, comp))
+                if bar is not None:
+                    bar.update(streamer.read_bytes(job, K))
+                continue
             if job.kind == "copy":
                 streamer.copy(job, writers)
+                jr.record_done(job.name)
+                journal.hook("done")
                 continue
             if job.kind == "tied":
                 continue
@@ -96,17 +116,28 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
             nxt = next((j for j in jobs[idx + 1:] if j.kind == "fit"), None)
             if nxt is not None and streamer.ranges(nxt, n_out)[0]:
                 streamer.prefetch(nxt)  # page cache read-ahead while this tensor computes
+            fresh = False  # whether pass 1 read the whole tensor just now (its pages may be resident)
             if comps is None:
-                G = streamer.gram(job, ranges, resident)
-                comp = fitmath.components(G, opts.rank)
+                comp = jr.fits.get(job.name)
+                if comp is None:
+                    upto, acc = jr.grams.get(job.name, (0, None))
+                    G = streamer.gram(job, journal.ranges_from(ranges, upto), resident, acc=acc,
+                                      on_range=_gram_recorder(jr, job.name, ranges[-1][1]))
+                    comp = fitmath.components(G, opts.rank)
+                    jr.record_fit(job.name, comp)
+                    journal.hook("fit")
+                    fresh = upto == 0
             else:
                 comp = comps[job.name]
             fits[job.name] = comp
             entries.append(report.tensor_entry(job.name, job.dtype, job.shape, comp))
             A = fitmath.alphas(comp, W)
-            streamer.combine(job, ranges, resident, A, writers,
+            streamer.combine(job, journal.ranges_from(ranges, jr.written.get(job.name, 0)), resident, A, writers,
                              also=tied_head if job.name == tied_source else None,
-                             count_read=comps is not None or not resident)
+                             count_read=not (fresh and resident),
+                             on_range=_written_recorder(jr, job.name, ranges[-1][1]))
+            jr.record_done(job.name)
+            journal.hook("done")
         if bar is not None:
             bar.close()
             bar = None
@@ -124,21 +155,55 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
             "summary": report.summary(entries),
             "summary_rank1": report.summary(entries, "explained_variance_rank1"),
             "tensors": entries,
+            "resumed_tensors": reused,
             **(extra_report or {}),
         }
         done = outs.commit(traj.base_dir, rep)
-    except BaseException:
+    except BaseException as e:
         if bar is not None:
             bar.close()
-        outs.abort()
+        # an error removes every partial output; an interrupt keeps them for a resume
+        outs.abort(keep=isinstance(e, KeyboardInterrupt))
         raise
     return RunResult(done, rep, seconds, streamer.bytes_read, be.name, fits)
+
+
+def _gram_recorder(jr, name: str, end: int):
+    def on_range(b: int, acc: np.ndarray) -> None:
+        if b < end:  # the finished Gram goes into the "fit" record instead
+            jr.record_gram(name, b, acc)
+        journal.hook("gram")
+    return on_range
+
+
+def _written_recorder(jr, name: str, end: int):
+    def on_range(b: int) -> None:
+        if b < end:  # the whole tensor gets a "done" record instead
+            jr.record_written(name, b)
+        journal.hook("combine")
+    return on_range
+
+
+def _finish_committed(outs: OutputSet, backend: str, t0: float, comps) -> RunResult:
+    """The previous run wrote everything and died during the renames: finish them."""
+    path = os.path.join(outs.state_dir, "relex_report.json")
+    try:
+        with open(path) as fh:
+            rep = json.load(fh)
+        if sorted(rep["outputs"]) != sorted(str(t) for t in outs.targets):
+            raise ValueError("targets differ")
+    except (OSError, ValueError, KeyError, TypeError):
+        raise OutputError(f"cannot finish the interrupted run in {outs.out_dir}: its report {path} is "
+                          "missing or belongs to another run; run again with --no-resume") from None
+    fits = dict(comps) if comps is not None else dict(outs.journal.fits)
+    done = outs.finish_commit()
+    return RunResult(done, rep, time.perf_counter() - t0, 0, backend, fits)
 
 
 def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_dir: str,
                 opts: FitOptions = FitOptions(), *, memory_budget: int | None = None, backend: str | None = None,
                 overwrite: bool = False, save_fit: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                progress: bool = False, run_dir: str | None = None) -> RunResult:
+                progress: bool = False, run_dir: str | None = None, resume: bool = True) -> RunResult:
     """Predict ``targets`` from ``base`` and the history ``checkpoints`` ({step: dir}) into ``out_dir/step_<S>``."""
     if not targets:
         raise UsageError("give at least one --target-step")
@@ -152,7 +217,7 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
     try:
         res = _execute(traj, opts, list(targets), out_dir, memory_budget=memory_budget, backend=backend,
                        overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
-                       input_dirs=[run_dir] if run_dir else ())
+                       input_dirs=[run_dir] if run_dir else (), resume=resume)
         if save_fit is not None:
             meta = {"options": opts.to_dict(), "steps": traj.steps, "base": traj.base.path,
                     "checkpoints": {str(ck.step): ck.path for ck in traj.ckpts},
@@ -169,7 +234,7 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
 
 def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: int | None = None,
             backend: str | None = None, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: bool = False) -> RunResult:
+            progress: bool = False, resume: bool = True) -> RunResult:
     """Write ``targets`` from a fit saved by :func:`extrapolate`: one pass, no Gram."""
     if not targets:
         raise UsageError("give at least one --target-step")
@@ -184,6 +249,7 @@ def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: i
             raise InputError(f"fit {fit_path} does not cover the same tensors as the checkpoints")
         return _execute(traj, opts, list(targets), out_dir, comps=comps, memory_budget=memory_budget,
                         backend=backend, overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
-                        extra_report={"fit": os.path.abspath(fit_path)})
+                        extra_report={"fit": os.path.abspath(fit_path)}, resume=resume,
+                        key_extra={"fit": journal.file_sha256(fit_path)})
     finally:
         traj.close()

@@ -78,9 +78,13 @@ class Streamer:
         return self.backend if self.backend.supports(job.dtype) else self.reference
 
     # -- pass 1 ----------------------------------------------------------------------
-    def gram(self, job: Job, ranges, resident: bool) -> np.ndarray:
+    def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None) -> np.ndarray:
+        """The Gram over ``ranges``, added to ``acc`` (a resumed partial sum) when given.
+
+        ``on_range(b, acc)`` is called after each range ``[a, b)`` (the run journal).
+        """
         T = self.traj.T
-        acc = np.zeros((T, T), dtype=np.float64)
+        acc = np.zeros((T, T), dtype=np.float64) if acc is None else acc.copy()
         ops = self._ops(job)
         for a, b in ranges:
             base, hist = self.views(job, a, b)
@@ -89,6 +93,8 @@ class Streamer:
             if not resident:
                 self.release(job, a, b)
             self._tick((T + 1) * (b - a) * dtypes.itemsize(job.dtype))
+            if on_range is not None:
+                on_range(b, acc)
         if not np.isfinite(acc).all():
             self._raise_nonfinite(job)
         return acc
@@ -109,11 +115,12 @@ class Streamer:
 
     # -- pass 2 ----------------------------------------------------------------------
     def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers: list[ShardedWriter],
-                also: str | None = None, count_read: bool = True) -> None:
+                also: str | None = None, count_read: bool = True, on_range=None) -> None:
         """Write ``len(writers)`` outputs; ``also`` names a tied head written with the same values.
 
         ``count_read``: whether this pass reads the inputs anew (False when pass 1 left
-        them resident), for the progress bar and the bytes-read figure.
+        them resident), for the progress bar and the bytes-read figure. ``on_range(b)``
+        is called once the outputs of each range ``[a, b)`` are written and synced.
         """
         T = self.traj.T
         ops = self._ops(job)
@@ -132,6 +139,8 @@ class Streamer:
                 w.release(job.name, a, b)
             if count_read:
                 self._tick((T + 1) * (b - a) * dtypes.itemsize(job.dtype))
+            if on_range is not None:
+                on_range(b)
 
     def copy(self, job: Job, writers: list[ShardedWriter]) -> None:
         loc = self.traj.base.tensors[job.name]

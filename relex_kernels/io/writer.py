@@ -70,17 +70,26 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, d
 
 
 class _OutFile:
-    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str]):
+    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str], reuse: bool = False):
         self.path = path
         raw, rel = _header(specs, metadata)
         self.data_start = 8 + len(raw)
         self.size = self.data_start + sum(s.nbytes for s in specs)
         self.offsets = {k: v + self.data_start for k, v in rel.items()}
         self.specs = {s.name: s for s in specs}
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        self._mm = None
+        head = struct.pack("<Q", len(raw)) + raw
+        if reuse:  # a resumed run: the file must be exactly the one this plan creates
+            fd = os.open(path, os.O_RDWR)
+            if os.fstat(fd).st_size != self.size or os.pread(fd, len(head), 0) != head:
+                os.close(fd)
+                raise FileExistsError(f"{path} does not have the planned layout")
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            os.posix_fallocate(fd, 0, self.size)
-            os.pwrite(fd, struct.pack("<Q", len(raw)) + raw, 0)
+            if not reuse:
+                os.posix_fallocate(fd, 0, self.size)
+                os.pwrite(fd, head, 0)
             self._mm = mmap.mmap(fd, self.size, access=mmap.ACCESS_WRITE) if self.size else None
         finally:
             os.close(fd)
@@ -121,11 +130,13 @@ class ShardedWriter:
     """A checkpoint being written into ``directory`` (which must exist and be private to us).
 
     ``specs`` gives the tensors in file order; views are writable raw-dtype numpy arrays.
-    Call :meth:`close` (``sync=True``) once every tensor is complete.
+    Call :meth:`close` (``sync=True``) once every tensor is complete. ``reuse``: open the
+    files a previous writer with the same arguments created (a resumed run) instead of
+    creating them; any difference in size or header raises ``FileExistsError``.
     """
 
     def __init__(self, directory: str, specs: list[TensorSpec], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 metadata: dict[str, str] | None = None):
+                 metadata: dict[str, str] | None = None, reuse: bool = False):
         self.directory = directory
         meta = {"format": "pt", **(metadata or {})}
         groups = plan_shards(specs, max_shard_bytes)
@@ -134,7 +145,7 @@ class ShardedWriter:
         self._where: dict[str, _OutFile] = {}
         try:
             for fname, group in zip(names, groups):
-                f = _OutFile(os.path.join(directory, fname), group, meta)
+                f = _OutFile(os.path.join(directory, fname), group, meta, reuse)
                 self.files.append(f)
                 for s in group:
                     self._where[s.name] = f

@@ -1,0 +1,220 @@
+"""Resumable runs: a journal of the work a run has finished, kept beside its partial outputs.
+
+While a run is in progress ``OUT_DIR/.relex.partial/`` holds
+
+* ``step_<S>/``: the output directory of each target, written in place;
+* ``journal.jsonl``: one JSON record per line, appended as work completes.
+
+A run killed at any point (SIGKILL, OOM killer, pre-emption, power loss) leaves this
+state behind; the same command run again finds it, checks that its ``key`` (a hash
+of everything the outputs depend on: input fingerprints, options, targets, backend,
+shard size, tensor list, package version) is its own, and continues: finished
+tensors are skipped, a tensor whose pass 1 finished is not read for its Gram again,
+and chunked tensors restart from their last finished range. Anything that does not
+match (another key, a torn record, files of another layout) is discarded and the run
+starts afresh, so a stale journal can cost time but never change a byte.
+
+Record order is what makes this safe: a ``written`` or ``done`` record is appended
+only after the output ranges it covers were written and ``msync``-ed, so losing the
+tail of the journal only loses work, never claims work that is not on disk. Partial
+outputs stay inside the hidden state directory and are renamed into
+``OUT_DIR/step_<S>`` only when complete (``commit`` record first, so an interruption
+between the renames of several targets is finished by the next run).
+
+Records::
+
+    {"kind": "header", "version": 1, "key": "<sha256>"}
+    {"kind": "gram", "name": N, "upto": E, "T": T, "acc": "<b64 fp64 T*T>"}   Gram over elements [0, E) of a chunked tensor
+    {"kind": "fit", "name": N, "u": "<b64>", "u_shape": [T, r], "sv": "<b64>", "ev": X}   pass 1 of N finished
+    {"kind": "written", "name": N, "upto": E}    outputs of elements [0, E) of N written and synced
+    {"kind": "done", "name": N}                  every output of N written and synced
+    {"kind": "commit"}                           all outputs complete and synced; renames began
+
+Test hook: ``RELEX_TEST_KILL=POINT:N`` makes the process SIGKILL itself the N-th time
+it passes POINT (``start``, ``gram``, ``fit``, ``combine``, ``done``, ``commit``,
+``rename``); the reliability tests use it to interrupt runs at exact places.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import signal
+
+import numpy as np
+
+from ..errors import OutputError
+from ..fit import Components
+
+VERSION = 1
+JOURNAL_NAME = "journal.jsonl"
+
+
+# -- test hook ---------------------------------------------------------------------
+def _parse_kill(text: str | None) -> tuple[str, int] | None:
+    if not text:
+        return None
+    point, _, n = text.partition(":")
+    try:
+        return point, max(1, int(n or 1))
+    except ValueError:
+        return None
+
+
+_KILL = _parse_kill(os.environ.get("RELEX_TEST_KILL"))
+_PASSED: dict[str, int] = {}
+
+
+def hook(point: str) -> None:
+    """Kill this process (SIGKILL, no cleanup) the N-th time ``point`` is passed, if asked to."""
+    if _KILL is None or _KILL[0] != point:
+        return
+    _PASSED[point] = _PASSED.get(point, 0) + 1
+    if _PASSED[point] == _KILL[1]:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- key -----------------------------------------------------------------------------
+def run_key(fingerprint, options: dict, targets: list[int], backend: str, shard_bytes: int, jobs,
+            extra: dict | None = None) -> str:
+    """Hash of everything the bytes of the outputs depend on."""
+    import relex_kernels
+    doc = {
+        "version": VERSION, "package": relex_kernels.__version__, "inputs": fingerprint, "options": options,
+        "targets": list(targets), "backend": backend, "shard_bytes": int(shard_bytes),
+        "jobs": [[j.name, j.dtype, list(j.shape), j.kind] for j in jobs], "extra": extra or {},
+    }
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- ranges ----------------------------------------------------------------------------
+def ranges_from(ranges: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
+    """The part of ``ranges`` at or after element ``start`` (a straddling range is cut)."""
+    return [(max(a, start), b) for a, b in ranges if b > start]
+
+
+def _b64(a: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(a, dtype="<f8").tobytes()).decode()
+
+
+def _unb64(s: str, shape) -> np.ndarray:
+    a = np.frombuffer(base64.b64decode(s, validate=True), dtype="<f8").astype(np.float64)
+    return a.reshape(shape)
+
+
+class Journal:
+    """Append-only record of finished work; the parsed state is in the attributes."""
+
+    def __init__(self, path: str, key: str):
+        self.path = path
+        self.key = key
+        self.fits: dict[str, Components] = {}
+        self.grams: dict[str, tuple[int, np.ndarray]] = {}
+        self.written: dict[str, int] = {}
+        self.done: set[str] = set()
+        self.committed = False
+        self.resumed = False
+        self._fh = None
+
+    # -- reading --------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str, key: str) -> Journal | None:
+        """The journal at ``path`` if it is this run's (same key), else None."""
+        try:
+            with open(path, "rb") as fh:
+                data = fh.read()
+        except OSError:
+            return None
+        lines = data.split(b"\n")
+        lines.pop()  # the tail after the last newline is a torn record (or empty)
+        if not lines:
+            return None
+        try:
+            head = json.loads(lines[0])
+        except ValueError:
+            return None
+        if not isinstance(head, dict) or head.get("kind") != "header" or head.get("version") != VERSION \
+                or head.get("key") != key:
+            return None
+        j = cls(path, key)
+        for line in lines[1:]:
+            try:
+                j._apply(json.loads(line))
+            except (ValueError, TypeError, KeyError, AttributeError):
+                break  # a damaged record: trust nothing after it
+        j.resumed = True
+        return j
+
+    def _apply(self, r: dict) -> None:
+        kind = r["kind"]
+        if kind == "gram":
+            T = int(r["T"])
+            self.grams[r["name"]] = (int(r["upto"]), _unb64(r["acc"], (T, T)))
+        elif kind == "fit":
+            u = _unb64(r["u"], tuple(r["u_shape"]))
+            sv = _unb64(r["sv"], (u.shape[0],))
+            self.fits[r["name"]] = Components(u=u, s=sv[:u.shape[1]].copy(), singular_values=sv,
+                                              explained_variance=float(r["ev"]))
+        elif kind == "written":
+            self.written[r["name"]] = int(r["upto"])
+        elif kind == "done":
+            self.done.add(r["name"])
+        elif kind == "commit":
+            self.committed = True
+        else:
+            raise ValueError(kind)
+
+    # -- writing --------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, key: str) -> Journal:
+        j = cls(path, key)
+        j._append({"kind": "header", "version": VERSION, "key": key}, sync=True)
+        return j
+
+    def _append(self, rec: dict, sync: bool = False) -> None:
+        line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+        try:
+            if self._fh is None:
+                self._fh = open(self.path, "ab", buffering=0)
+            self._fh.write(line)  # one write: a kill leaves a whole record or a torn tail
+            if sync:
+                os.fsync(self._fh.fileno())
+        except OSError as e:
+            raise OutputError(f"cannot write the run journal {self.path}: {e.strerror or e}") from None
+
+    def record_gram(self, name: str, upto: int, acc: np.ndarray) -> None:
+        self._append({"kind": "gram", "name": name, "upto": int(upto), "T": int(acc.shape[0]), "acc": _b64(acc)})
+
+    def record_fit(self, name: str, comp: Components) -> None:
+        self.fits[name] = comp
+        self._append({"kind": "fit", "name": name, "u": _b64(comp.u), "u_shape": list(comp.u.shape),
+                      "sv": _b64(comp.singular_values), "ev": comp.explained_variance})
+
+    def record_written(self, name: str, upto: int) -> None:
+        self._append({"kind": "written", "name": name, "upto": int(upto)})
+
+    def record_done(self, name: str) -> None:
+        self.done.add(name)
+        self._append({"kind": "done", "name": name})
+
+    def record_commit(self) -> None:
+        self.committed = True
+        self._append({"kind": "commit"}, sync=True)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None
