@@ -1,0 +1,100 @@
+"""One streaming pass that builds every tensor's Gram over history ∪ later checkpoints.
+
+The diagnostics need, per tensor, the inner products of the deltas of *all* the
+checkpoints they look at: the history rows/columns give the fit, the later ones are
+what the fit is checked against (SPEC §2, "add it as an extra row/column of the
+Gram"). This is pass 1 of the engine on a trajectory opened with every checkpoint:
+the same readers, the same op backends, the same memory budget — and no pass 2, so
+pages are released as soon as a tensor is done.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engine.run import default_memory_budget
+from ..engine.streaming import Streamer
+from ..engine.trajectory import Trajectory
+from ..errors import UsageError
+from ..ops import get_backend
+
+
+@dataclass
+class TensorGram:
+    """One fitted tensor: ``gram`` is (N, N) float64 over ``GramPass.steps`` (ascending)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    numel: int
+    gram: np.ndarray
+
+
+@dataclass
+class GramPass:
+    steps: list[int]
+    tensors: list[TensorGram]
+    seconds: float
+    bytes_read: int
+    backend: str
+    memory_budget: int
+    base: str = ""
+    checkpoints: dict[int, str] = field(default_factory=dict)
+    tied: tuple[str, str] | None = None
+
+    def index(self, step: int) -> int:
+        return self.steps.index(step)
+
+
+def progress_bar(total: int, enabled: bool, desc: str):
+    """A tqdm bar in bytes read, like ``relex extrapolate``'s (None when disabled)."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
+                dynamic_ncols=True, smoothing=0.1)
+
+
+def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int | None = None,
+                   backend: str | None = None, progress: bool = False, desc: str = "relex") -> GramPass:
+    """Gram of every fitted tensor over all ``checkpoints`` ({step: dir}), in one pass.
+
+    Tensors that are not fitted (integer tensors, a head tied to the embedding) are
+    skipped. Reads each input byte once; memory stays within ``memory_budget``
+    (default: a quarter of RAM) plus the N x N Grams.
+    """
+    if not checkpoints:
+        raise UsageError("no checkpoints to analyse")
+    be = get_backend(backend)
+    budget = memory_budget or default_memory_budget()
+    t0 = time.perf_counter()
+    traj = Trajectory(base, checkpoints)
+    bar = None
+    try:
+        streamer = Streamer(traj, be, budget)
+        jobs = [j for j in traj.jobs if j.kind == "fit"]
+        bar = progress_bar(sum((traj.T + 1) * j.nbytes for j in jobs), progress, desc)
+        streamer.progress = bar
+        out = []
+        for idx, job in enumerate(jobs):
+            _, ranges = streamer.ranges(job, 0)
+            if idx + 1 < len(jobs) and streamer.ranges(jobs[idx + 1], 0)[0]:
+                streamer.prefetch(jobs[idx + 1])  # read-ahead while this tensor computes
+            # resident=False: no pass 2 follows, so every range's pages go back at once
+            G = streamer.gram(job, ranges, resident=False)
+            out.append(TensorGram(job.name, job.dtype, job.shape, job.numel, G))
+        if bar is not None:
+            bar.close()
+            bar = None
+        return GramPass(steps=list(traj.steps), tensors=out, seconds=time.perf_counter() - t0,
+                        bytes_read=streamer.bytes_read, backend=be.name, memory_budget=budget,
+                        base=traj.base.path, checkpoints={ck.step: ck.path for ck in traj.ckpts},
+                        tied=traj.tied)
+    finally:
+        if bar is not None:
+            bar.close()
+        traj.close()

@@ -1,0 +1,208 @@
+"""Diagnostics of one tensor from its extended Gram (history ∪ later checkpoints).
+
+All figures are functions of the N x N Gram ``G`` of the deltas ``m_i = θ_i − θ₀``
+over the sorted steps; the first ``T`` rows are the history. No data is read here.
+
+* Rank-1 coefficients: with ``u₁, s₁`` the top eigenpair of the history block and
+  ``v₁ = M_hᵀ u₁ / s₁`` the direction, every checkpoint's coefficient is
+  ``c_j = ⟨m_j, v₁⟩ = (G[j, :T] · u₁) / s₁``; on the history this is ``s₁ u_{j,1}``
+  (SPEC §2), later it is the projection on the history subspace.
+* The "oracle" subspace takes ``u₁, s₁`` from the whole Gram instead, so a low
+  out-of-sample R² with the history subspace but a high one with the oracle subspace
+  means the direction drifts; low with both means the coefficient curves.
+* Any prediction that is a linear combination ``Δ̂ = Σ_i α_i m_i`` of the history has
+  ``‖Δ̂ − m_S‖² = αᵀ G_hh α − 2 αᵀ g + g_SS`` with ``g = G[:T, S]``: an error, a cosine
+  and a norm ratio from Gram entries alone.
+
+The sign of an eigenvector is arbitrary; coefficients are signed so that the last
+history coefficient is >= 0 (the oracle's so that it agrees with the history one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from .. import fit as fitmath
+from ..errors import UsageError
+from ..fit import FitOptions
+
+#: Relative rounding of a Gram entry (chunk partials accumulated in fp32, SPEC §2), used
+#: to say below which size an error computed from Gram entries is noise: the error is
+#: the small difference of large terms, so its resolution is about sqrt(4·eps) ≈ 1.4e-3.
+#: Measured: exact straight lines in F32 (true error ~1e-7) score up to 4.7e-4
+#: (tests/test_analysis.py checks the bound against fp64 sums of materialised deltas).
+GRAM_REL_EPS = 2.0 ** -21
+
+
+# -- explained variance and coefficients ------------------------------------------------
+def ev_curve(singular_values: np.ndarray, kmax: int) -> list[float]:
+    """Explained variance of ranks 1..kmax (uncentred; 0.0 when the Gram is 0)."""
+    lam = np.asarray(singular_values, dtype=np.float64) ** 2
+    k = min(kmax, lam.size)
+    total = lam.sum()
+    if total <= 0:
+        return [0.0] * k
+    return [float(x) for x in np.cumsum(lam)[:k] / total]
+
+
+def r2(y: np.ndarray, yhat: np.ndarray) -> float | None:
+    """1 − SS_res / SS_tot about the mean of ``y``; None for fewer than 2 points or constant ``y``."""
+    y = np.asarray(y, dtype=np.float64)
+    if y.size < 2:
+        return None
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    if not ss_tot > 0:
+        return None
+    return 1.0 - float(((y - np.asarray(yhat)) ** 2).sum()) / ss_tot
+
+
+def fit_matrix(steps: list[int], T: int, opts: FitOptions) -> np.ndarray:
+    """(N, T): row j gives the fitted coefficient at steps[j] from the T history coefficients."""
+    hist = steps[:T]
+    return np.stack([fitmath.weights(opts, hist, s) for s in steps])
+
+
+def _rank1(G: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
+    comp = fitmath.components(G, 1)
+    if comp.u.shape[1] == 0:
+        return np.zeros(G.shape[0]), 0.0, comp.singular_values
+    return comp.u[:, 0], float(comp.s[0]), comp.singular_values
+
+
+def _fit_stats(c: np.ndarray, c_fit: np.ndarray, T: int) -> dict:
+    out = {"r2_in": r2(c[:T], c_fit[:T]), "r2_out": r2(c[T:], c_fit[T:]), "coef_error_out": None}
+    norm = float(np.sqrt((c[T:] ** 2).sum()))
+    if c.size > T and norm > 0:
+        out["coef_error_out"] = float(np.sqrt(((c[T:] - c_fit[T:]) ** 2).sum())) / norm
+    return out
+
+
+def analyze_tensor(G: np.ndarray, T: int, fitm: np.ndarray, rank_max: int) -> dict:
+    """Every per-tensor figure of ``relex analyze`` (see :data:`.report.TENSOR_FIELDS`).
+
+    ``G``: (N, N) float64, history first; ``fitm``: :func:`fit_matrix` for these steps.
+    """
+    G = np.asarray(G, dtype=np.float64)
+    N = G.shape[0]
+    u1, s1, sv = _rank1(G[:T, :T])
+    c = G[:, :T] @ u1 / s1 if s1 > 0 else np.zeros(N)
+    if c[T - 1] < 0 or (c[T - 1] == 0 and c.sum() < 0):
+        c = -c
+    c_fit = fitm @ c[:T]
+    e = {"singular_values": [float(x) for x in sv],
+         "explained_variance": ev_curve(sv, rank_max),
+         "coef": [float(x) for x in c], "coef_fit": [float(x) for x in c_fit]}
+    e["ev1"] = e["explained_variance"][0]
+    e.update(_fit_stats(c, c_fit, T))
+    diag_out = float(np.trace(G[T:, T:]))
+    e["ev1_out"] = float((c[T:] ** 2).sum() / diag_out) if N > T and diag_out > 0 else None
+    # oracle: the direction of all N checkpoints
+    ua, sa, sva = _rank1(G)
+    ca = sa * ua
+    if float(ca @ c) < 0 or (float(ca @ c) == 0 and ca[T - 1] < 0):
+        ca = -ca
+    ca_fit = fitm @ ca[:T]
+    e["coef_oracle"] = [float(x) for x in ca]
+    e["coef_oracle_fit"] = [float(x) for x in ca_fit]
+    e["ev1_oracle"] = ev_curve(sva, 1)[0] if sva.size else 0.0
+    o = _fit_stats(ca, ca_fit, T)
+    e["r2_in_oracle"], e["r2_out_oracle"], e["coef_error_out_oracle"] = o["r2_in"], o["r2_out"], o["coef_error_out"]
+    e["subspace_cosine"] = (float(abs(u1 @ G[:T, :] @ ua)) / (s1 * sa)) if s1 > 0 and sa > 0 and N > T else None
+    return e
+
+
+# -- predictions that are linear combinations of the history ---------------------------
+#: method -> what it predicts (shown in reports). ``rank<r>`` works for any r.
+METHODS = {
+    "relex": "RELEX: rank-1 subspace, straight-line fit of the coefficient (α = (w̃·u₁)u₁)",
+    "rank2": "rank-2 subspace, straight-line fit of each coefficient",
+    "rank5": "rank-5 subspace, straight-line fit of each coefficient",
+    "poly": "rank-1 subspace, polynomial fit of the coefficient (--poly-degree)",
+    "full-rank": "per-element straight line through the raw deltas (α = w̃, 'raw delta')",
+    "secant": "two-point secant from θ₀ through the last history checkpoint (α = S/x_last · e_last)",
+    "keep-last": "the last history checkpoint itself (α = e_last)",
+}
+DEFAULT_METHODS = ("relex", "rank2", "rank5", "poly", "full-rank", "secant", "keep-last")
+
+
+def parse_methods(text: str | None) -> list[str]:
+    if not text:
+        return list(DEFAULT_METHODS)
+    out = []
+    for m in (x.strip() for x in text.split(",")):
+        if not m:
+            continue
+        if m not in METHODS and not (m.startswith("rank") and m[4:].isdigit() and int(m[4:]) >= 1):
+            raise UsageError(f"unknown method {m!r} (choose from {', '.join(DEFAULT_METHODS)}, or rank<R>)")
+        if m not in out:
+            out.append(m)
+    if not out:
+        raise UsageError("--methods names no method")
+    return out
+
+
+def method_options(method: str, base: FitOptions, poly_degree: int) -> FitOptions | None:
+    """The fit options of a subspace method; None for the methods that need no Gram solve."""
+    if method == "relex":
+        return replace(base, rank=1, fit="linear")
+    if method == "poly":
+        return replace(base, rank=1, fit="poly", degree=poly_degree)
+    if method.startswith("rank"):
+        return replace(base, rank=int(method[4:]), fit="linear")
+    return None
+
+
+def applicable(method: str, base: FitOptions, poly_degree: int, hist: list[int]) -> str | None:
+    """Why ``method`` cannot run on this history (None when it can)."""
+    opts = method_options(method, base, poly_degree)
+    try:
+        fitmath.validate(opts or replace(base, rank=1, fit="linear"), hist)
+    except UsageError as e:
+        return str(e)
+    return None
+
+
+def method_weights(method: str, base: FitOptions, poly_degree: int, hist: list[int], target: int) -> np.ndarray:
+    """w̃ (T,) of a method for one target — the same for every tensor."""
+    T = len(hist)
+    if method == "keep-last":
+        w = np.zeros(T)
+        w[-1] = 1.0
+        return w
+    if method == "secant":
+        w = np.zeros(T)
+        w[-1] = target / hist[-1]
+        return w
+    opts = method_options(method, base, poly_degree) or replace(base, rank=1, fit="linear")
+    return fitmath.weights(opts, hist, target)
+
+
+def method_alphas(method: str, Gh: np.ndarray, w: np.ndarray, base: FitOptions, poly_degree: int) -> np.ndarray:
+    """α (K, T) of a method for one tensor's history Gram ``Gh`` and its weights ``w`` (K, T)."""
+    opts = method_options(method, base, poly_degree)
+    if opts is None:  # keep-last, secant, full-rank: α = w̃
+        return np.atleast_2d(w)
+    return fitmath.alphas(fitmath.components(Gh, opts.rank), w)
+
+
+def combo_terms(G: np.ndarray, T: int, alphas: np.ndarray, cols: list[int]) -> np.ndarray:
+    """(K, 3) rows ``(‖Δ̂‖², ⟨Δ̂, m_S⟩, ‖m_S‖²)`` for α ``alphas[k]`` against checkpoint ``cols[k]``."""
+    A = np.atleast_2d(alphas)
+    Gh = G[:T, :T]
+    pp = np.einsum("kt,ts,ks->k", A, Gh, A)
+    pt = np.einsum("kt,tk->k", A, G[:T, cols])
+    tt = G[cols, cols]
+    return np.stack([pp, pt, tt], axis=1)
+
+
+def combo_scores(pp: float, pt: float, tt: float) -> dict:
+    """Relative error ‖Δ̂ − Δ‖/‖Δ‖, cosine(Δ̂, Δ), ‖Δ̂‖/‖Δ‖ and the Gram's resolution of the error."""
+    if not tt > 0:
+        return {"rel_error": None, "cosine": None, "magnitude_ratio": None, "resolution": None}
+    err2 = max(pp - 2.0 * pt + tt, 0.0)
+    return {"rel_error": float(np.sqrt(err2 / tt)),
+            "cosine": float(pt / np.sqrt(pp * tt)) if pp > 0 else None,
+            "magnitude_ratio": float(np.sqrt(pp / tt)),
+            "resolution": float(np.sqrt(GRAM_REL_EPS * (pp + 2.0 * abs(pt) + tt) / tt))}

@@ -1,0 +1,202 @@
+"""report.json field documentation, the Markdown reports, and atomic file writes.
+
+Both reports carry their own field documentation under ``"fields"`` so a reader of
+the JSON needs nothing else; the same text is in the tables below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+from ..errors import OutputError
+
+TENSOR_FIELDS = {
+    "name": "tensor name in the checkpoint",
+    "dtype": "storage dtype", "shape": "shape", "numel": "number of elements (the weight of weighted means)",
+    "module": "module type: q k v o gate up down norm embedding head bias other",
+    "layer": "transformer block index, null outside the blocks",
+    "singular_values": "all T singular values s_k of the history trajectory matrix (descending)",
+    "explained_variance": "explained variance of ranks 1..rank_max on the history (uncentred)",
+    "ev1": "explained variance of rank 1 on the history",
+    "coef": "rank-1 coefficient c(step) for every step of 'steps': s_1·u_1 on the history, the projection "
+            "<θ_step − θ₀, v_1> on the history direction v_1 after it",
+    "coef_fit": "the straight line fitted to coef on the history, evaluated at every step",
+    "r2_in": "R² of that line on the history points (null: constant coefficient)",
+    "r2_out": "R² of that line on the later points, about their own mean (null: fewer than 2 later points)",
+    "coef_error_out": "‖c − ĉ‖ / ‖c‖ over the later points",
+    "ev1_out": "fraction of the later deltas' squared norm on the history direction v_1",
+    "coef_oracle": "rank-1 coefficient with the direction taken from all steps (the 'oracle subspace')",
+    "coef_oracle_fit": "line fitted to coef_oracle on the history points, at every step",
+    "ev1_oracle": "rank-1 explained variance over all steps",
+    "r2_in_oracle": "as r2_in, oracle subspace", "r2_out_oracle": "as r2_out, oracle subspace",
+    "coef_error_out_oracle": "as coef_error_out, oracle subspace",
+    "subspace_cosine": "|cos| between the history and the oracle rank-1 directions (1: no drift)",
+}
+
+ANALYZE_FIELDS = {
+    "steps": "every checkpoint step analysed, ascending; the first len(history_steps) are the history",
+    "history_steps": "the steps the fit sees (<= --history-steps)",
+    "later_steps": "the steps after the history: out-of-sample points",
+    "summary_ev1": "rank-1 explained variance over fitted tensors: mean/min/median/max and counts >= 0.90/0.95/0.99",
+    "explained_variance_by_rank": "per rank k: unweighted and parameter-weighted mean explained variance",
+    "aggregates": "per metric {mean, weighted_mean (by numel), min, tensors}; for the model, by_module, by_layer",
+    "gram_pass": "the streaming pass: seconds, bytes_read, memory_budget",
+    "figures": "PNG files written beside report.json",
+    "tensors": "one entry per fitted tensor (fields below)",
+    "tensor_fields": "documentation of the per-tensor fields",
+}
+
+BACKTEST_FIELDS = {
+    "history_steps": "the steps every method is fitted on",
+    "eval_steps": "held-out real checkpoints S the predictions are scored against",
+    "distances": "S − last history step, per eval step",
+    "methods": "method -> description; skipped: method -> why it could not run",
+    "model": "method -> one row per eval step {step, distance, rel_error, cosine, magnitude_ratio, resolution} "
+             "over all fitted tensors together",
+    "by_module": "module type -> method -> rows as in 'model', over that module type's tensors",
+    "tensors": "tensor -> method -> {rel_error, cosine, magnitude_ratio}: lists over eval_steps",
+    "rel_error": "‖θ̂ − θ_S‖ / ‖θ_S − θ₀‖ before rounding to the storage dtype",
+    "cosine": "cosine between the predicted delta θ̂ − θ₀ and the true delta θ_S − θ₀",
+    "magnitude_ratio": "‖θ̂ − θ₀‖ / ‖θ_S − θ₀‖",
+    "resolution": "relative errors below this are within the fp32-accumulated Gram's rounding",
+    "materialized": "with --materialize S: the RELEX prediction written by the engine, rounded to the base dtype, "
+                    "and its measured errors (after_rounding) next to the Gram figure (pre_rounding)",
+}
+
+
+def write_json(path: str, obj: dict) -> None:
+    _atomic(path, json.dumps(obj, indent=1, allow_nan=False) + "\n")
+
+
+def write_text(path: str, text: str) -> None:
+    _atomic(path, text)
+
+
+def _atomic(path: str, text: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def prepare_out(out_dir: str, names: list[str], overwrite: bool) -> str:
+    out_dir = os.path.abspath(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create report directory {out_dir}: {e.strerror}") from None
+    for n in names:
+        if os.path.exists(os.path.join(out_dir, n)) and not overwrite:
+            raise OutputError(f"{os.path.join(out_dir, n)} already exists; pass --overwrite to replace it")
+    return out_dir
+
+
+# -- Markdown ----------------------------------------------------------------------------
+def _f(x, fmt=".4f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _agg_table(groups: dict, cols: list[tuple[str, str]], label: str) -> list[str]:
+    head = f"| {label} | tensors | params | " + " | ".join(c[1] for c in cols) + " |"
+    out = [head, "|" + "---|" * (3 + len(cols))]
+    for g, a in groups.items():
+        cells = []
+        for key, _ in cols:
+            m = a.get(key, {})
+            cells.append(f"{_f(m.get('mean'))} / {_f(m.get('weighted_mean'))}")
+        out.append(f"| {g} | {a['tensors']} | {a['params']:,} | " + " | ".join(cells) + " |")
+    return out
+
+
+AGG_COLS = [("ev1", "EV rank 1"), ("r2_in", "R² in"), ("r2_out", "R² out"), ("r2_out_oracle", "R² out (oracle)"),
+            ("ev1_out", "EV1 later"), ("subspace_cosine", "cos(v₁, oracle)")]
+
+
+def analyze_markdown(rep: dict) -> str:
+    L = ["# RELEX trajectory analysis", ""]
+    hs, ls = rep["history_steps"], rep["later_steps"]
+    L.append(f"Base `{rep['base']}`; history: {len(hs)} checkpoints, steps {hs[0]}..{hs[-1]}; "
+             + (f"later (out of sample): {len(ls)} checkpoints, steps {ls[0]}..{ls[-1]}." if ls
+                else "no later checkpoints (no out-of-sample figures)."))
+    g = rep["gram_pass"]
+    L.append(f"One streaming pass: {g['bytes_read'] / 1e9:.2f} GB read in {g['seconds']:.2f} s "
+             f"(backend {rep['backend']}); {rep['tensors_fitted']} fitted tensors.")
+    s = rep["summary_ev1"]
+    if s.get("tensors"):
+        L += ["", "## Is the trajectory rank 1?", "",
+              f"Rank-1 explained variance over {s['tensors']} tensors: mean {s['mean']:.4f}, min {s['min']:.4f}, "
+              f"median {s['median']:.4f}, max {s['max']:.4f}; >= 0.90: {s['count_ge_0.90']}, "
+              f">= 0.95: {s['count_ge_0.95']}, >= 0.99: {s['count_ge_0.99']}.", "",
+              "| rank | mean EV | parameter-weighted EV |", "|---|---|---|"]
+        for r in rep["explained_variance_by_rank"]:
+            L.append(f"| {r['rank']} | {_f(r['mean'])} | {_f(r['weighted_mean'])} |")
+    agg = rep["aggregates"]
+    L += ["", "## By module type", "",
+          "Each cell: unweighted mean / parameter-weighted mean. *R² in*: the straight line of the rank-1 "
+          "coefficient on the history; *R² out*: the same line on the later checkpoints projected on the "
+          "history direction; *(oracle)*: with the direction of all steps. High oracle R² out with low R² "
+          "out means the direction drifts; both low means the coefficient curves.", ""]
+    L += _agg_table({"**model**": agg["model"], **agg["by_module"]}, AGG_COLS, "module")
+    if agg["by_layer"]:
+        L += ["", "## By layer", ""]
+        L += _agg_table(agg["by_layer"], AGG_COLS[:4], "layer")
+    worst = sorted((t for t in rep["tensors"]), key=lambda t: t["ev1"])[:10]
+    L += ["", "## Lowest rank-1 explained variance", "", "| tensor | numel | EV1 | R² in | R² out |", "|---|---|---|---|---|"]
+    for t in worst:
+        L.append(f"| `{t['name']}` | {t['numel']:,} | {t['ev1']:.4f} | {_f(t['r2_in'])} | {_f(t['r2_out'])} |")
+    if rep["figures"]:
+        L += ["", "## Figures", ""]
+        for f in rep["figures"]:
+            L.append(f"![{f}]({f})")
+    L += ["", "## Fields of report.json", "", "| field | meaning |", "|---|---|"]
+    L += [f"| `{k}` | {v} |" for k, v in {**ANALYZE_FIELDS, **TENSOR_FIELDS}.items()]
+    return "\n".join(L) + "\n"
+
+
+def backtest_table(rep: dict, metric: str = "rel_error", fmt: str = ".4f") -> list[str]:
+    steps = rep["eval_steps"]
+    L = ["| method | " + " | ".join(f"S={s} (+{d})" for s, d in zip(steps, rep["distances"])) + " |",
+         "|---|" + "---|" * len(steps)]
+    for m, rows in rep["model"].items():
+        L.append(f"| {m} | " + " | ".join(_f(r[metric], fmt) for r in rows) + " |")
+    return L
+
+
+def backtest_markdown(rep: dict) -> str:
+    hs = rep["history_steps"]
+    L = ["# RELEX backtest", "",
+         f"History: {len(hs)} checkpoints, steps {hs[0]}..{hs[-1]}; scored against the real checkpoints at "
+         f"steps {', '.join(map(str, rep['eval_steps']))}. One streaming pass: "
+         f"{rep['gram_pass']['bytes_read'] / 1e9:.2f} GB in {rep['gram_pass']['seconds']:.2f} s.", "",
+         "**These are pre-rounding figures**: the prediction θ̂ = θ₀ + Σ α_i (θ_i − θ₀) is scored exactly from "
+         "the fp32-accumulated Gram, before it is rounded to the storage dtype. Rounding to bf16 adds an error "
+         "of about half an ulp of each weight; `--materialize S` writes one prediction and measures it.", "",
+         "## Relative error ‖θ̂ − θ_S‖ / ‖θ_S − θ₀‖ (whole model)", ""]
+    L += backtest_table(rep)
+    L += ["", "## Cosine between predicted and true delta", ""] + backtest_table(rep, "cosine")
+    L += ["", "## Magnitude ratio ‖θ̂ − θ₀‖ / ‖θ_S − θ₀‖", ""] + backtest_table(rep, "magnitude_ratio", ".3f")
+    res = [r["resolution"] for rows in rep["model"].values() for r in rows if r["resolution"] is not None]
+    if res:
+        L += ["", f"Relative errors below about {max(res):.1e} are within the Gram's fp32 rounding."]
+    L += ["", "## Methods", ""] + [f"- **{m}**: {d}" for m, d in rep["methods"].items()]
+    L += [f"- *{m}* skipped: {why}" for m, why in rep["skipped"].items()]
+    mat = rep.get("materialized")
+    if mat:
+        L += ["", f"## Materialised RELEX prediction of step {mat['step']}", "",
+              f"Written to `{mat['path']}` by the engine and rounded to the base dtype.", "",
+              "| | relative error | cosine | magnitude ratio |", "|---|---|---|---|",
+              f"| pre-rounding (Gram) | {_f(mat['pre_rounding']['rel_error'])} | {_f(mat['pre_rounding']['cosine'])} "
+              f"| {_f(mat['pre_rounding']['magnitude_ratio'])} |",
+              f"| after rounding (measured) | {_f(mat['after_rounding']['rel_error'])} | "
+              f"{_f(mat['after_rounding']['cosine'])} | {_f(mat['after_rounding']['magnitude_ratio'])} |"]
+    if rep.get("figures"):
+        L += ["", "## Error vs extrapolation distance", ""] + [f"![{f}]({f})" for f in rep["figures"]]
+    L += ["", "## Fields of backtest.json", "", "| field | meaning |", "|---|---|"]
+    L += [f"| `{k}` | {v} |" for k, v in BACKTEST_FIELDS.items()]
+    return "\n".join(L) + "\n"

@@ -1,0 +1,128 @@
+"""``relex analyze``: is this run's trajectory rank 1 and linear? (the paper's two findings)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..analysis import analyze
+from ..engine.run import default_memory_budget, parse_size
+from ..errors import UsageError
+from ..io.layout import LAYOUT_HELP, discover, parse_explicit
+from ..ops import BACKENDS
+
+NAME = "analyze"
+HELP = "check that a run's trajectory is rank 1 and linear, per tensor, with a report and figures"
+DESCRIPTION = f"""\
+Per tensor, from one streaming pass over the checkpoints: the singular values of the
+history trajectory, the explained variance of ranks 1..k, the rank-1 coefficient
+c(step) of every checkpoint and the R² of its straight-line fit, in sample (steps
+<= H) and out of sample (later checkpoints projected on the history direction), and
+the same with the direction taken from all steps (the "oracle subspace"), which
+tells a drifting direction from a curving coefficient. Aggregated by module type
+(q k v o gate up down norm embedding head) and by layer, unweighted and
+parameter-weighted.
+
+Writes REPORT_DIR/report.json (fields documented inside), report.md, and the PNG
+figures coefficients.png, ev_heatmap.png and spectra.png.
+
+Checkpoints: RUN is a run directory holding {LAYOUT_HELP};
+or give --checkpoint STEP=PATH for each one instead.
+
+example:
+  relex analyze runs/grpo --base Qwen3-8B-Base --history-steps 75 --out report/
+"""
+
+
+def add_inputs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("inputs")
+    g.add_argument("run", nargs="?", metavar="RUN", help="run directory to scan for checkpoints")
+    g.add_argument("--base", required=True, metavar="BASE_DIR", help="the model RLVR started from (step 0)")
+    g.add_argument("--checkpoint", action="append", metavar="STEP=PATH", dest="explicit",
+                   help="one checkpoint directory and its step, instead of RUN (repeatable)")
+
+
+def add_resources(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("resources")
+    g.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
+                   help="bound on mapped input pages (e.g. 2G, 512M; default: a quarter of RAM, "
+                        f"{default_memory_budget() / 2**30:.1f} GiB here)")
+    g.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="compute backend for the Gram (default: $RELEX_BACKEND or auto)")
+    g.add_argument("--no-figures", action="store_true", help="write the reports only (no matplotlib needed)")
+    g.add_argument("--overwrite", action="store_true", help="replace existing report files in the output directory")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
+
+
+def found_checkpoints(args) -> dict[int, str]:
+    if args.run and args.explicit:
+        raise UsageError("give either RUN or --checkpoint STEP=PATH, not both")
+    if not args.run and not args.explicit:
+        raise UsageError("give the run directory RUN or --checkpoint STEP=PATH for each checkpoint")
+    return parse_explicit(args.explicit) if args.explicit else discover(args.run)
+
+
+def parse_steps(text: str, flag: str) -> list[int] | None:
+    """'40,60,80' -> [40, 60, 80]; 'all' -> None."""
+    if text.strip().lower() == "all":
+        return None
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} expects comma-separated steps (e.g. 100,150,200) or 'all'; got {text!r}") from None
+    if not out:
+        raise UsageError(f"{flag} names no step")
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_inputs(p)
+    f = p.add_argument_group("analysis")
+    f.add_argument("--history-steps", type=int, metavar="H",
+                   help="the fit sees checkpoints with step <= H; later ones are out-of-sample points "
+                        "(default: all checkpoints are history)")
+    f.add_argument("--later-steps", metavar="S1,S2,...", default="all",
+                   help="which checkpoints after H to score (default all; fewer make the pass cheaper)")
+    f.add_argument("--rank-max", type=int, default=5, metavar="K", help="explained variance of ranks 1..K (default 5)")
+    f.add_argument("--window", type=int, metavar="W", help="fit the line on the last W history points (default all)")
+    p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for report.json, report.md and PNGs")
+    add_resources(p)
+
+
+def run(args) -> int:
+    found = found_checkpoints(args)
+    later = parse_steps(args.later_steps, "--later-steps")
+    if later is not None:
+        if args.history_steps is None:
+            raise UsageError("--later-steps needs --history-steps")
+        bad = [s for s in later if s not in found or s <= args.history_steps]
+        if bad:
+            raise UsageError(f"--later-steps {bad[0]} is not a checkpoint after step {args.history_steps} "
+                             f"(found steps {sorted(found)})")
+        found = {s: p for s, p in found.items() if s <= args.history_steps or s in later}
+    res = analyze(args.base, found, args.out, history_steps=args.history_steps, rank_max=args.rank_max,
+                  window=args.window, memory_budget=args.memory_budget, backend=args.backend,
+                  figures=not args.no_figures, overwrite=args.overwrite,
+                  progress=not args.quiet and sys.stderr.isatty())
+    if not args.quiet:
+        print_summary(res.report)
+    print(res.files[1])
+    return 0
+
+
+def print_summary(rep: dict) -> None:
+    s = rep["summary_ev1"]
+    if s.get("tensors"):
+        print(f"rank-1 explained variance over {s['tensors']} tensors: mean {s['mean']:.4f}  min {s['min']:.4f}  "
+              f"median {s['median']:.4f}  max {s['max']:.4f}")
+    m = rep["aggregates"]["model"]
+    parts = []
+    for key, label in (("r2_in", "R² in"), ("r2_out", "R² out"), ("r2_out_oracle", "R² out (oracle subspace)")):
+        w = m[key]["weighted_mean"]
+        if w is not None:
+            parts.append(f"{label} {w:.4f}")
+    if parts:
+        print("parameter-weighted " + ", ".join(parts))
+    g = rep["gram_pass"]
+    print(f"read {g['bytes_read'] / 1e9:.2f} GB in {g['seconds']:.2f} s ({g['gb_per_s']:.2f} GB/s, backend "
+          f"{rep['backend']}); total {rep['seconds']:.2f} s")
