@@ -67,8 +67,10 @@ def run(args) -> int:
         run_dir = args.checkpoints
     hist = select_history(found, args.history_steps)
     if len(hist) < 2:
-        raise UsageError(f"RELEX needs at least 2 history checkpoints; {len(hist)} have step <= "
-                         f"{args.history_steps} (found steps {sorted(found)})")
+        where = args.checkpoints if run_dir else "the --checkpoint list"
+        limit = f" with step <= {args.history_steps}" if args.history_steps is not None else ""
+        raise UsageError(f"RELEX needs at least 2 history checkpoints; {where} has {len(hist)}{limit} "
+                         f"(found steps {sorted(found)})")
     opts = FitOptions(rank=args.rank, fit=args.fit, degree=args.degree, window=args.window,
                       time_axis=args.time_axis, step_scale=args.step_scale, mode=args.mode,
                       fp16_deltas=args.fp16_deltas)

@@ -62,6 +62,7 @@ def load(path: str) -> tuple[dict, dict[str, Components]]:
         if not isinstance(meta, dict) or meta.get("version") != FIT_VERSION:
             raise FormatError(f"{path}: unsupported fit version {meta.get('version') if isinstance(meta, dict) else None!r}")
         try:
+            _check_meta(path, meta)
             T = len(meta["steps"])
             ev = meta["explained_variance"]
             comps = {}
@@ -70,16 +71,57 @@ def load(path: str) -> tuple[dict, dict[str, Components]]:
                 sv = np.array(f.view(f"{name}::sv"), dtype=np.float64)
                 if u.ndim != 2 or u.shape[0] != T or sv.shape != (T,):
                     raise FormatError(f"{path}: tensor {name} has a fit of the wrong shape")
+                # a damaged fit must not turn into a silently wrong model: u orthonormal, sv >= 0
+                if (not np.isfinite(u).all() or not np.isfinite(sv).all() or (sv < 0).any()
+                        or np.abs(u.T @ u - np.eye(u.shape[1])).max(initial=0.0) > 1e-6):
+                    raise FormatError(f"{path}: the fit of tensor {name} is corrupted (not orthonormal "
+                                      "or not finite)")
                 comps[name] = Components(u=u, s=sv[:u.shape[1]], singular_values=sv,
                                          explained_variance=float(ev[name]))
-            FitOptions(**meta["options"])
         except RelexError:
             raise
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
             raise FormatError(f"{path}: the fit file is incomplete or corrupted ({type(e).__name__}: {e})") from None
         return meta, comps
     finally:
         f.close()
+
+
+def _check_meta(path: str, meta: dict) -> None:
+    """Types and consistency of a fit's JSON document (it is user-editable text)."""
+    from .. import fit as fitmath
+
+    steps = meta["steps"]
+    if not isinstance(steps, list) or not all(type(s) is int for s in steps):
+        raise TypeError("'steps' is not a list of integers")
+    opts = meta["options"]
+    if not isinstance(opts, dict):
+        raise TypeError("'options' is not an object")
+    fo = FitOptions(**opts)
+    for k, typ in (("rank", int), ("degree", int), ("window", (int, type(None))), ("step_scale", (int, float)),
+                   ("fp16_deltas", bool), ("fit", str), ("mode", str), ("time_axis", str)):
+        if not isinstance(getattr(fo, k), typ) or (typ is int and isinstance(getattr(fo, k), bool)):
+            raise TypeError(f"option {k!r} has the wrong type")
+    try:
+        fitmath.validate(fo, steps)
+    except RelexError as e:
+        raise ValueError(f"its options do not fit its steps: {e}") from None
+    if not isinstance(meta["base"], str):
+        raise TypeError("'base' is not a path")
+    ck = meta["checkpoints"]
+    if not isinstance(ck, dict) or sorted(int(k) for k in ck) != steps or \
+            not all(isinstance(v, str) for v in ck.values()):
+        raise ValueError("'checkpoints' does not map its steps to paths")
+    fp = meta["fingerprint"]
+    files = list(fp["base"]) + [e for v in fp["checkpoints"].values() for e in v]
+    for e in files:
+        if not (isinstance(e["path"], str) and type(e["size"]) is int and type(e["mtime_ns"]) is int
+                and isinstance(e["header_sha256"], str)):
+            raise TypeError("'fingerprint' entries are malformed")
+    if not isinstance(meta["fitted"], list) or not all(isinstance(n, str) for n in meta["fitted"]):
+        raise TypeError("'fitted' is not a list of tensor names")
+    if not isinstance(meta["explained_variance"], dict):
+        raise TypeError("'explained_variance' is not an object")
 
 
 def check_fingerprint(path: str, saved: dict, current: dict) -> None:

@@ -69,6 +69,7 @@ class OutputSet:
                 if _inside(d, os.path.join(self.out_dir, target_dir_name(t))):
                     raise OutputError(f"output {os.path.join(self.out_dir, target_dir_name(t))} would "
                                       f"replace input {d}")
+        self._created = not os.path.lexists(self.out_dir)  # a failed run removes what it created
         try:
             os.makedirs(self.out_dir, exist_ok=True)
         except OSError as e:
@@ -128,18 +129,35 @@ class OutputSet:
 
     def _lock(self) -> int:
         path = os.path.join(self.out_dir, LOCK_NAME)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise OutputError(f"cannot create the lock {path}: {e.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
+        for _ in range(100):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # OUT_DIR removed by a failing run a moment ago
+                try:
+                    os.makedirs(self.out_dir, exist_ok=True)
+                except OSError as e:
+                    raise OutputError(f"cannot create output directory {self.out_dir}: {e.strerror}") from None
+                continue
+            except OSError as e:
+                raise OutputError(f"cannot create the lock {path}: {e.strerror}") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise OutputError(f"another relex run is writing to {self.out_dir} (lock {path} is "
+                                      "held)") from None
+                raise OutputError(f"cannot lock {path}: {e.strerror}") from None
+            # a failed run that created OUT_DIR unlinks the lock before letting go of it: a lock
+            # taken on that unlinked file is no lock, so take the one now at the path instead
+            try:
+                st = os.stat(path)
+                if (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                    return fd
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise OutputError(f"another relex run is writing to {self.out_dir} (lock {path} is held)") from None
-            raise OutputError(f"cannot lock {path}: {e.strerror}") from None
-        return fd
+        raise OutputError(f"cannot lock {path}: it keeps being removed")
 
     def _clean_stale(self) -> None:
         """Partial and replaced directories of runs that died (we hold the lock: nobody else uses them)."""
@@ -230,6 +248,12 @@ class OutputSet:
         committed = self.journal is not None and self.journal.committed
         if not (keep and self.journal is not None) and not committed:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+            if self._created and self._lock_fd is not None:
+                try:  # leave no trace: the lock (still held while it goes) and the directory
+                    os.unlink(os.path.join(self.out_dir, LOCK_NAME))
+                    os.rmdir(self.out_dir)
+                except OSError:
+                    pass
         self.partials = {}
         self._unlock()
 

@@ -17,7 +17,7 @@ from ..fit import Components, FitOptions
 from ..io.writer import DEFAULT_SHARD_BYTES
 from ..ops import get_backend
 from . import fitfile, journal, report
-from .output import OutputSet
+from .output import OutputSet, _inside
 from .streaming import Streamer
 from .trajectory import Trajectory
 
@@ -62,7 +62,8 @@ def _progress(total: int, enabled: bool):
 
 def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: str, *, comps=None,
              memory_budget=None, backend=None, overwrite=False, shard_bytes=DEFAULT_SHARD_BYTES,
-             progress=False, input_dirs=(), extra_report=None, resume=True, key_extra=None) -> RunResult:
+             progress=False, input_dirs=(), extra_report=None, resume=True, key_extra=None,
+             before_commit=None) -> RunResult:
     t0 = time.perf_counter()
     be = get_backend(backend)
     steps = traj.steps
@@ -81,7 +82,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     bar = None
     try:
         if outs.journal.committed:  # killed while renaming finished outputs into place
-            return _finish_committed(outs, be.name, t0, comps)
+            return _finish_committed(outs, be.name, t0, comps, before_commit)
         writers = outs.open_writers([j.spec for j in traj.jobs], shard_bytes)
         jr = outs.journal
         journal.hook("start")
@@ -158,6 +159,8 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
             "resumed_tensors": reused,
             **(extra_report or {}),
         }
+        if before_commit is not None:
+            before_commit(fits)
         done = outs.commit(traj.base_dir, rep)
     except BaseException as e:
         if bar is not None:
@@ -184,7 +187,7 @@ def _written_recorder(jr, name: str, end: int):
     return on_range
 
 
-def _finish_committed(outs: OutputSet, backend: str, t0: float, comps) -> RunResult:
+def _finish_committed(outs: OutputSet, backend: str, t0: float, comps, before_commit=None) -> RunResult:
     """The previous run wrote everything and died during the renames: finish them."""
     path = os.path.join(outs.state_dir, "relex_report.json")
     try:
@@ -196,6 +199,8 @@ def _finish_committed(outs: OutputSet, backend: str, t0: float, comps) -> RunRes
         raise OutputError(f"cannot finish the interrupted run in {outs.out_dir}: its report {path} is "
                           "missing or belongs to another run; run again with --no-resume") from None
     fits = dict(comps) if comps is not None else dict(outs.journal.fits)
+    if before_commit is not None:
+        before_commit(fits)
     done = outs.finish_commit()
     return RunResult(done, rep, time.perf_counter() - t0, 0, backend, fits)
 
@@ -215,19 +220,25 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
             raise OutputError(f"--save-fit: directory of {save_fit} does not exist")
     traj = Trajectory(base, checkpoints)
     try:
-        res = _execute(traj, opts, list(targets), out_dir, memory_budget=memory_budget, backend=backend,
-                       overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
-                       input_dirs=[run_dir] if run_dir else (), resume=resume)
-        if save_fit is not None:
+        inputs = traj.input_dirs() + ([run_dir] if run_dir else [])
+        if save_fit is not None and any(_inside(save_fit, d) for d in inputs):
+            raise OutputError(f"--save-fit {save_fit} lies inside an input directory; choose a path outside "
+                              "the base and run directories")
+
+        def write_fit(fits):  # before the outputs are renamed into place: all of it succeeds or none
             meta = {"options": opts.to_dict(), "steps": traj.steps, "base": traj.base.path,
                     "checkpoints": {str(ck.step): ck.path for ck in traj.ckpts},
                     "fingerprint": traj.fingerprint(),
                     "fitted": [j.name for j in traj.jobs if j.kind == "fit"]}
             try:
-                fitfile.save(save_fit, meta, res.fits)
+                fitfile.save(save_fit, meta, fits)
             except OSError as e:
                 raise OutputError(f"cannot write the fit {save_fit}: {e.strerror or e}") from None
-        return res
+
+        return _execute(traj, opts, list(targets), out_dir, memory_budget=memory_budget, backend=backend,
+                        overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
+                        input_dirs=[run_dir] if run_dir else (), resume=resume,
+                        before_commit=write_fit if save_fit is not None else None)
     finally:
         traj.close()
 

@@ -111,7 +111,25 @@ class Streamer:
             loc.file.release(job.name)
             if bad:
                 raise InputError(f"{label} tensor {job.name} holds {bad} NaN/Inf values ({loc.file.path})")
-        raise InputError(f"tensor {job.name}: the deltas overflow fp32 (values too large to fit)")
+        # finite values whose deltas (or their squares in the fp32 Gram) overflow: name the largest
+        base = self.traj.base.tensors[job.name]
+        worst = (0.0, None)
+        for ck in self.traj.ckpts:
+            loc = ck.tensors[job.name]
+            n, step, big = job.numel, 1 << 24, 0.0
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                d = (dtypes.to_float32(loc.file.view(job.name, a, b), job.dtype).astype(np.float64)
+                     - dtypes.to_float32(base.file.view(job.name, a, b), job.dtype))
+                big = max(big, float(np.abs(d).max(initial=0.0)))
+            loc.file.release(job.name)
+            if big >= worst[0]:
+                worst = (big, ck)
+        base.file.release(job.name)
+        big, ck = worst
+        where = f"checkpoint step {ck.step} ({ck.tensors[job.name].file.path})" if ck is not None else "the inputs"
+        raise InputError(f"tensor {job.name}: deltas from the base reach {big:.3g} in {where}; their squares "
+                         "overflow the fp32 Gram (values too large to fit)")
 
     # -- pass 2 ----------------------------------------------------------------------
     def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers: list[ShardedWriter],

@@ -14,6 +14,7 @@ import hashlib
 import json
 import mmap
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from math import prod
@@ -102,12 +103,16 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        self._mm = None
         try:
-            fd = os.open(self.path, os.O_RDONLY)
+            # O_NONBLOCK: a FIFO in place of a file must be an error, not a hang
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot open ({e.strerror})") from None
         try:
             st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FormatError(f"{self.path}: is not a regular file")
             self.size = st.st_size
             self.mtime_ns = st.st_mtime_ns
             if self.size < 8:
@@ -136,6 +141,8 @@ class SafetensorsFile:
         """Zero-copy 1-D view of elements ``[start, stop)`` of tensor ``name`` (raw dtype)."""
         t = self.tensors[name]
         stop = t.numel if stop is None else stop
+        if not 0 <= start <= stop <= t.numel:  # never a byte of a neighbour, never past the file
+            raise IndexError(f"{self.path}: elements [{start}, {stop}) outside tensor {name!r} of {t.numel}")
         isz = dtypes.itemsize(t.dtype)
         return np.frombuffer(self._mm, dtype=dtypes.raw_numpy(t.dtype), count=stop - start,
                              offset=t.begin + start * isz)
