@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import fit as fitmath
-from ..errors import InputError, OutputError, UsageError
+from ..errors import InputError, OutputError, RelexError, UsageError
 from ..fit import Components, FitOptions
 from ..io.writer import DEFAULT_SHARD_BYTES
 from ..ops import get_backend
@@ -252,7 +252,10 @@ def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: i
     meta, comps = fitfile.load(fit_path)
     opts = FitOptions(**meta["options"])
     ckpts = {int(s): p for s, p in meta["checkpoints"].items()}
-    traj = Trajectory(meta["base"], ckpts)
+    try:
+        traj = Trajectory(meta["base"], ckpts)
+    except RelexError as e:  # say which fit these inputs come from
+        raise type(e)(f"fit {fit_path}: its inputs are no longer valid: {e}") from None
     try:
         fitfile.check_fingerprint(fit_path, meta["fingerprint"], traj.fingerprint())
         want = [j.name for j in traj.jobs if j.kind == "fit"]
