@@ -1,0 +1,218 @@
+"""The fp32 master trajectory of every tensor, generated chunk by chunk.
+
+Per tensor (d elements), at step t (t = 0 is the base):
+
+    θ(t) = θ₀ + t·u + t²·u₂ + W(t)
+
+- θ₀ = center + std·z (z ~ N(0,1) clipped to ±6): linear weights, biases,
+  embeddings and the head ~N(0, 0.02..0.05); norm weights ~1 (N(1, 0.1)).
+- u = a·v, v ~ N(0,1) clipped to ±6: the per-step drift. a = drift · kind factor ·
+  exp(spread·ζ) · rms(θ₀), ζ ~ N(0,1) once per tensor, so per-step relative changes are
+  spread log-normally around ``drift`` (norms move ~0.3x, embeddings ~0.5x).
+- Curvature κ: with ``curvature_dir="orth"`` u₂ = κ·a·v₂ along an independent direction
+  v₂ (rank 2); with ``"along"`` the line bends along v itself: t·u -> (t + κt²)·u.
+- W is a random walk: W(0) = 0 and, between consecutive generated steps s < s',
+  an independent increment of standard deviation b·√(s' − s), b = noise · kind factor ·
+  exp(spread·ζ') · rms(θ₀). Increments are uniform (16 random bits per element: far
+  cheaper than Gaussians; the walk is near-Gaussian after a few steps).
+
+**Exact mode.** With ``noise == 0`` θ₀, u and u₂ are snapped to a per-tensor grid
+q = 2^k chosen so that every |θ(t)| of the run (truth steps included) is below 2^24·q.
+Then θ₀ + t·u + t²·u₂ is computed without any rounding in fp32, and θ(t) − θ₀ is
+exactly t·u (+ t²·u₂): stored as F32 the trajectory is exactly rank 1 (rank 2 with
+orthogonal curvature) and exactly linear (quadratic) in t. (``"along"`` curvature
+rounds (t + κt²)·u and is not exact.)
+
+Everything random is drawn from ``SeedSequence(seed, spawn_key=(crc32(name), stream,
+chunk))`` over fixed chunks of :data:`CHUNK` elements, so each chunk can be produced
+alone (any thread, any order) and a tensor's values do not depend on the other
+tensors. θ₀ and v do not depend on the step list, drift or noise either: runs of one
+seed share their base checkpoint. The walk does depend on the step list.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from math import ceil, log2, sqrt
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import UsageError
+from .configs import TensorDef
+
+CHUNK = 1 << 18  # elements; 1 MB of fp32, the buffers of one chunk stay in L2
+_CLIP = 6.0
+_S_THETA0, _S_DIR, _S_DIR2, _S_WALK, _S_SCALE = range(5)
+# std of a uniform int16: sqrt((2^32 - 1) / 12)
+_INT16_STD = sqrt((65536.0**2 - 1) / 12)
+
+#: kind -> (center, init std, drift factor, noise factor)
+KINDS = {
+    "linear": (0.0, 0.02, 1.0, 1.0),
+    "bias": (0.0, 0.05, 1.0, 1.0),
+    "embed": (0.0, 0.02, 0.5, 0.5),
+    "head": (0.0, 0.02, 1.0, 1.0),
+    "norm": (1.0, 0.1, 0.3, 0.3),
+}
+
+CURVATURE_DIRS = ("orth", "along")
+
+
+@dataclass(frozen=True)
+class TrajectoryParams:
+    """The knobs of the trajectory (all relative per-step magnitudes, see the module doc)."""
+
+    seed: int = 0
+    drift: float = 3e-4
+    noise: float = 1e-4
+    curvature: float = 0.0
+    curvature_dir: str = "orth"
+    spread: float = 0.5
+
+    def check(self) -> None:
+        for k in ("drift", "noise", "spread"):
+            v = getattr(self, k)
+            if not (isinstance(v, (int, float)) and np.isfinite(v) and v >= 0):
+                raise UsageError(f"{k} must be a finite number >= 0, got {v!r}")
+        if not np.isfinite(self.curvature):
+            raise UsageError(f"curvature must be finite, got {self.curvature!r}")
+        if self.curvature_dir not in CURVATURE_DIRS:
+            raise UsageError(f"curvature_dir must be one of {', '.join(CURVATURE_DIRS)}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UsageError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One generated tensor: the names it is stored under and its absolute scales."""
+
+    names: tuple[str, ...]
+    shape: tuple[int, ...]
+    kind: str
+    key: int
+    center: float
+    std: float
+    drift: float   # rms of u (absolute, per step)
+    noise: float   # std of one step's walk increment (absolute)
+    curv: float    # rms of u₂ (orth) or κ (along)
+    grid: float | None  # exact-mode quantum, None with noise
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "shape": list(self.shape), "init_center": self.center,
+                "init_std": self.std, "drift_per_step": self.drift, "noise_per_step": self.noise,
+                "curvature": self.curv, "grid": self.grid, "stored_as": list(self.names)}
+
+
+def _gen(seed: int, key: int, stream: int, chunk: int) -> np.random.Generator:
+    return np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(key, stream, chunk))))
+
+
+def _normal(g: np.random.Generator, n: int) -> np.ndarray:
+    z = g.standard_normal(n, dtype=np.float32)
+    return np.clip(z, -_CLIP, _CLIP, out=z)
+
+
+def plan_tensors(defs: list[TensorDef], p: TrajectoryParams, max_step: int) -> list[TensorPlan]:
+    """Per-tensor scales; tensors sharing a ``source`` (a stored tied head) become one plan."""
+    p.check()
+    groups: dict[str, list[TensorDef]] = {}
+    for d in defs:
+        groups.setdefault(d.source, []).append(d)
+    plans = []
+    for source, ds in groups.items():
+        d0 = next(d for d in ds if d.name == source)
+        center, std, fd, fn = KINDS[d0.kind]
+        key = zlib.crc32(source.encode())
+        zd, zn = _gen(p.seed, key, _S_SCALE, 0).standard_normal(2)
+        ref = sqrt(center * center + std * std)
+        drift = p.drift * fd * float(np.exp(p.spread * zd)) * ref
+        noise = p.noise * fn * float(np.exp(p.spread * zn)) * ref
+        curv = p.curvature * drift if p.curvature_dir == "orth" else p.curvature
+        grid = None
+        if noise == 0:
+            lin = max_step * _CLIP * drift
+            quad = max_step * max_step * _CLIP * (abs(curv) if p.curvature_dir == "orth" else abs(curv) * drift)
+            bound = abs(center) + _CLIP * std + lin + quad
+            grid = 2.0 ** (ceil(log2(bound)) - 24)
+        plans.append(TensorPlan(tuple(d.name for d in ds), d0.shape, d0.kind, key, center, std,
+                                drift, noise, curv, grid))
+    return plans
+
+
+def chunk_trajectory(plan: TensorPlan, p: TrajectoryParams, steps: list[int], lo: int, hi: int,
+                     walk: bool = True) -> Iterator[np.ndarray]:
+    """Yield θ(0), θ(steps[0]), θ(steps[1]), ... for elements [lo, hi) of ``plan``.
+
+    ``lo`` must be a multiple of :data:`CHUNK` and ``hi - lo <= CHUNK``. Each yield is a
+    1-D fp32 buffer of ``hi - lo`` elements that is overwritten by the next one.
+    ``walk=False`` gives the noise-free mean trajectory (any steps, in any order).
+    """
+    c, n = lo // CHUNK, hi - lo
+    th0 = _normal(_gen(p.seed, plan.key, _S_THETA0, c), n)
+    th0 *= np.float32(plan.std)
+    th0 += np.float32(plan.center)
+    u = _normal(_gen(p.seed, plan.key, _S_DIR, c), n)
+    u *= np.float32(plan.drift)
+    u2 = None
+    if plan.curv and p.curvature_dir == "orth":
+        u2 = _normal(_gen(p.seed, plan.key, _S_DIR2, c), n)
+        u2 *= np.float32(plan.curv)
+    if plan.grid is not None:
+        g = np.float32(plan.grid)
+        for a in (th0, u) if u2 is None else (th0, u, u2):
+            a /= g  # a power of two: exact
+            np.rint(a, out=a)
+            a *= g
+    yield th0
+    acc = th0
+    rng = None
+    if walk and plan.noise:
+        acc = th0.copy()
+        rng = _gen(p.seed, plan.key, _S_WALK, c).bit_generator
+    x = np.empty(n, np.float32)
+    inc = np.empty(n, np.float32) if rng is not None else None
+    tmp = np.empty(n, np.float32) if u2 is not None else None
+    prev = 0
+    along = plan.curv if p.curvature_dir == "along" else 0.0
+    for t in steps:
+        if rng is not None:
+            scale = np.float32(plan.noise * sqrt(t - prev) / _INT16_STD)
+            bits = rng.random_raw((n + 3) // 4).view(np.int16)[:n]
+            np.multiply(bits, scale, out=inc)
+            acc += inc
+            prev = t
+        np.multiply(u, np.float32(t + along * t * t), out=x)
+        if u2 is not None:
+            np.multiply(u2, np.float32(t * t), out=tmp)
+            x += tmp
+        x += acc
+        yield x
+
+
+def tensor_values(plan: TensorPlan, p: TrajectoryParams, steps: list[int], step: int,
+                  walk: bool = True) -> np.ndarray:
+    """The fp32 master values (flat) of one tensor at ``step`` (0 = base), regenerated.
+
+    With ``walk=True`` ``step`` must be 0 or one of ``steps`` (the walk depends on them).
+    """
+    out = np.empty(plan.numel, np.float32)
+    if walk and step != 0 and step not in steps:
+        raise UsageError(f"step {step} was not generated (steps {steps}); use walk=False for the mean")
+    upto = [s for s in steps if s <= step] if walk else [step]
+    idx = 0 if step == 0 else len(upto)
+    for lo in range(0, plan.numel, CHUNK):
+        hi = min(lo + CHUNK, plan.numel)
+        for k, x in enumerate(chunk_trajectory(plan, p, upto if step else [], lo, hi, walk)):
+            if k == idx:
+                out[lo:hi] = x
+                break
+    return out
