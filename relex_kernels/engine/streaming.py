@@ -8,6 +8,12 @@ read from storage once; otherwise the tensor is cut into element ranges (multipl
 of ``GRAM_CHUNK``, so the Gram is the same bit for bit) whose pages are released
 after each use, and the inputs are read twice. Mapped pages are released as soon as
 a range is done, so the RSS stays within the budget whatever the model size.
+
+The Gram of a tensor is summed in two levels: within each ``GRAM_BLOCK`` of
+elements the chunk partials are added in fp64 from zero, in chunk order (the op
+contract of :mod:`..ops.reference`), and the block sums are added to the total in
+block order. A tensor cut at block boundaries — into memory-budget ranges, or into
+pieces on several ranks (:mod:`.distributed`) — therefore sums to the same bits.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ from .trajectory import Job, Trajectory
 KERNEL_SCRATCH = 64 << 20
 #: the smallest working budget for mapped pages: a few GRAM_CHUNKs of a large-T tensor
 MIN_BUDGET = 16 << 20
+#: elements per Gram block (128 GRAM_CHUNKs): the unit of the two-level sum, and the
+#: granularity at which a tensor is split across ranks. Part of the output's definition.
+GRAM_BLOCK = 1 << 23
 
 
 class Streamer:
@@ -54,6 +63,8 @@ class Streamer:
         if n * per_elem <= self.budget:
             return True, [(0, n)]
         step = max(GRAM_CHUNK, (self.budget // per_elem) // GRAM_CHUNK * GRAM_CHUNK)
+        # ranges that end on block boundaries, so the journal can record the Gram there
+        step = step // GRAM_BLOCK * GRAM_BLOCK or GRAM_CHUNK << ((step // GRAM_CHUNK).bit_length() - 1)
         return False, [(a, min(n, a + step)) for a in range(0, n, step)]
 
     def views(self, job: Job, a: int, b: int):
@@ -81,23 +92,47 @@ class Streamer:
     def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None) -> np.ndarray:
         """The Gram over ``ranges``, added to ``acc`` (a resumed partial sum) when given.
 
-        ``on_range(b, acc)`` is called after each range ``[a, b)`` (the run journal).
+        Two-level sum (``GRAM_BLOCK``, module docstring). ``on_range(b, acc)`` is called
+        after each range ``[a, b)`` that ends where ``acc`` alone is the whole state — at
+        a block boundary or inside block 0 — so a run resumed from it (the journal) sums
+        the same bits. Ranges that start inside a block must start inside block 0.
         """
         T = self.traj.T
-        acc = np.zeros((T, T), dtype=np.float64) if acc is None else acc.copy()
+        total = np.zeros((T, T), dtype=np.float64)
+        blk = None  # the open block's sum
+        if acc is not None:
+            start = ranges[0][0] if ranges else 0
+            if start % GRAM_BLOCK == 0:
+                total = acc.copy()
+            elif start < GRAM_BLOCK:
+                blk = acc.copy()  # the total before block 0 is zero
+            else:
+                raise ValueError(f"cannot resume the Gram of {job.name} inside block {start // GRAM_BLOCK}")
         ops = self._ops(job)
         for a, b in ranges:
             base, hist = self.views(job, a, b)
-            ops.gram(base, hist, job.dtype, acc, fp16_deltas=self.fp16_deltas)
+            c0 = a
+            while c0 < b:  # the range's pieces within one block each
+                c1 = min(b, (c0 // GRAM_BLOCK + 1) * GRAM_BLOCK)
+                if blk is None:
+                    blk = np.zeros((T, T), dtype=np.float64)
+                ops.gram(base[c0 - a:c1 - a], [h[c0 - a:c1 - a] for h in hist], job.dtype, blk,
+                         fp16_deltas=self.fp16_deltas)
+                if c1 % GRAM_BLOCK == 0 or c1 == job.numel:
+                    total += blk
+                    blk = None
+                c0 = c1
             del base, hist
             if not resident:
                 self.release(job, a, b)
             self._tick((T + 1) * (b - a) * dtypes.itemsize(job.dtype))
-            if on_range is not None:
-                on_range(b, acc)
-        if not np.isfinite(acc).all():
+            if on_range is not None and (blk is None or b < GRAM_BLOCK):
+                on_range(b, total if blk is None else blk)
+        if blk is not None:  # the ranges end inside a block (a caller asking for part of a tensor)
+            total += blk
+        if not np.isfinite(total).all():
             self._raise_nonfinite(job)
-        return acc
+        return total
 
     def _raise_nonfinite(self, job: Job) -> None:
         """Name the first input holding NaN/Inf in this tensor (error path: a plain scan)."""
