@@ -30,9 +30,10 @@ Records::
     {"kind": "done", "name": N}                  every output of N written and synced
     {"kind": "commit"}                           all outputs complete and synced; renames began
 
-Test hook: ``RELEX_TEST_KILL=POINT:N`` makes the process SIGKILL itself the N-th time
-it passes POINT (``start``, ``gram``, ``fit``, ``combine``, ``done``, ``commit``,
-``rename``); the reliability tests use it to interrupt runs at exact places.
+Test hook: ``RELEX_TEST_KILL=POINT:N[:SIG]`` makes the process send itself SIGKILL (or
+SIG, e.g. ``STOP``) the N-th time it passes POINT (``start``, ``gram``, ``fit``,
+``combine``, ``done``, ``commit``, ``rename``); the reliability tests use it to
+interrupt runs at exact places.
 """
 
 from __future__ import annotations
@@ -53,13 +54,13 @@ JOURNAL_NAME = "journal.jsonl"
 
 
 # -- test hook ---------------------------------------------------------------------
-def _parse_kill(text: str | None) -> tuple[str, int] | None:
+def _parse_kill(text: str | None) -> tuple[str, int, int] | None:
     if not text:
         return None
-    point, _, n = text.partition(":")
+    point, n, sig = (text.split(":") + ["", ""])[:3]
     try:
-        return point, max(1, int(n or 1))
-    except ValueError:
+        return point, max(1, int(n or 1)), int(getattr(signal, f"SIG{sig or 'KILL'}"))
+    except (ValueError, AttributeError):
         return None
 
 
@@ -73,7 +74,7 @@ def hook(point: str) -> None:
         return
     _PASSED[point] = _PASSED.get(point, 0) + 1
     if _PASSED[point] == _KILL[1]:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), _KILL[2])
 
 
 # -- key -----------------------------------------------------------------------------
