@@ -74,7 +74,7 @@ class SynthRun:
     def plans(self) -> dict[str, TensorPlan]:
         """Stored tensor name -> its plan (scales), recomputed from ``synth.json``."""
         i = self.info
-        shape = configs.resolve_shape(i["arch"], i["size"], i["tie"])
+        shape = configs.ModelShape(**i["shape"])  # not SIZES: callers may add sizes of their own
         defs = configs.tensor_defs(i["arch"], shape, i["store_tied_head"])
         gen_steps = sorted(set(i["steps"]) | set(i["truth_steps"]))
         return {n: pl for pl in plan_tensors(defs, self.params, gen_steps[-1]) for n in pl.names}
