@@ -191,8 +191,12 @@ class OutputSet:
                                               metadata={"relex_target_step": str(t)}, reuse=reuse))
         return self.writers
 
-    def commit(self, base_dir: str, report: dict | None = None) -> list[str]:
-        """Close the writers, copy the base's side files, and rename every target into place."""
+    def commit(self, base_dir: str, report: dict | None = None, before_commit=None) -> list[str]:
+        """Close the writers, copy the base's side files, and rename every target into place.
+
+        ``before_commit()`` runs once everything else is written, just before the point of
+        no return (the ``commit`` journal record): a companion file such as a saved fit.
+        """
         try:
             for w in self.writers:
                 w.close(sync=True)
@@ -202,6 +206,8 @@ class OutputSet:
             if report is not None:  # moved beside the outputs with them, by finish_commit
                 _write_json_atomic(os.path.join(self.state_dir, REPORT_NAME), report)
             self.writers = []
+            if before_commit is not None:
+                before_commit()
             self.journal.record_commit()
             journal_mod.hook("commit")
         except OSError as e:

@@ -64,6 +64,12 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
              memory_budget=None, backend=None, overwrite=False, shard_bytes=DEFAULT_SHARD_BYTES,
              progress=False, input_dirs=(), extra_report=None, resume=True, key_extra=None,
              before_commit=None) -> RunResult:
+    from . import distributed  # imports torch only for a multi-process run (torchrun, srun)
+    if distributed.active():
+        return distributed.execute(traj, opts, targets, out_dir, comps=comps, memory_budget=memory_budget,
+                                   backend=backend, overwrite=overwrite, shard_bytes=shard_bytes,
+                                   progress=progress, input_dirs=input_dirs, extra_report=extra_report,
+                                   resume=resume, key_extra=key_extra, before_commit=before_commit)
     t0 = time.perf_counter()
     be = get_backend(backend)
     steps = traj.steps
@@ -159,9 +165,8 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
             "resumed_tensors": reused,
             **(extra_report or {}),
         }
-        if before_commit is not None:
-            before_commit(fits)
-        done = outs.commit(traj.base_dir, rep)
+        done = outs.commit(traj.base_dir, rep,
+                           before_commit=(lambda: before_commit(fits)) if before_commit is not None else None)
     except BaseException as e:
         if bar is not None:
             bar.close()
@@ -225,6 +230,8 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
             raise OutputError(f"--save-fit {save_fit} lies inside an input directory; choose a path outside "
                               "the base and run directories")
 
+        saved = []
+
         def write_fit(fits):  # before the outputs are renamed into place: all of it succeeds or none
             meta = {"options": opts.to_dict(), "steps": traj.steps, "base": traj.base.path,
                     "checkpoints": {str(ck.step): ck.path for ck in traj.ckpts},
@@ -234,11 +241,20 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
                 fitfile.save(save_fit, meta, fits)
             except OSError as e:
                 raise OutputError(f"cannot write the fit {save_fit}: {e.strerror or e}") from None
+            saved.append(save_fit)
 
-        return _execute(traj, opts, list(targets), out_dir, memory_budget=memory_budget, backend=backend,
-                        overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
-                        input_dirs=[run_dir] if run_dir else (), resume=resume,
-                        before_commit=write_fit if save_fit is not None else None)
+        try:
+            return _execute(traj, opts, list(targets), out_dir, memory_budget=memory_budget, backend=backend,
+                            overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
+                            input_dirs=[run_dir] if run_dir else (), resume=resume,
+                            before_commit=write_fit if save_fit is not None else None)
+        except BaseException:
+            for p in saved:  # the outputs did not appear, so neither does their fit
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+            raise
     finally:
         traj.close()
 
