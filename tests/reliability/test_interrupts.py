@@ -260,4 +260,5 @@ def test_every_kill_point(traj, tmp_path):
             tried += 1
             shutil.rmtree(out)
     print(f"kill points tried: {tried}")
-    assert tried >= 20
+    # start 1, gram 4 (big has 2 ranges), fit 3, combine 4, done 4, commit 1, rename 2
+    assert tried >= 19
