@@ -6,7 +6,9 @@ works without it; a missing matplotlib is reported, not a crash.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import threading
 
 import numpy as np
 
@@ -25,6 +27,22 @@ def _plt():
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
     return plt
+
+
+def preload() -> threading.Thread:
+    """Check that matplotlib exists now, and import it in a thread while the Gram pass runs
+    (the kernels release the GIL); a second or so that would otherwise come after the pass."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("figures need matplotlib (pip install matplotlib), or pass --no-figures")
+
+    def work():
+        try:
+            _plt()
+        except Exception:  # reported when a figure is drawn
+            pass
+    th = threading.Thread(target=work, name="relex-matplotlib-import", daemon=True)
+    th.start()
+    return th
 
 
 def _short(name: str) -> str:
@@ -69,6 +87,7 @@ def coefficient_figure(path: str, entries: list[dict], steps: list[int], T: int)
     for ax, e in zip(axes.flat, picks):
         c, cf, co = (np.asarray(e[k]) for k in ("coef", "coef_fit", "coef_oracle"))
         ax.plot(x, cf, "-", color="#444444", lw=1.0, label="line fitted on history")
+        ax.plot(x, e["coef_oracle_fit"], ":", color="#999999", lw=1.0, label="same, oracle subspace")
         ax.plot(x, co, "x", color="#999999", ms=3.5, label="oracle subspace")
         ax.plot(x[:T], c[:T], "o", color="#1f77b4", ms=3.5, label="history")
         if len(x) > T:
@@ -84,15 +103,18 @@ def coefficient_figure(path: str, entries: list[dict], steps: list[int], T: int)
     for ax in list(axes.flat)[len(picks):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8, frameon=False)
     fig.suptitle("rank-1 coefficient c(step) = ⟨θ_step − θ₀, v₁⟩", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
-    fig.savefig(path, dpi=110)
+    # fixed margins: tight_layout measures every tick label and costs seconds on big grids
+    h = fig.get_figheight()
+    fig.subplots_adjust(left=0.06, right=0.99, top=1 - 0.75 / h, bottom=0.8 / h, wspace=0.28, hspace=0.62)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
-def heatmap_figure(path: str, entries: list[dict], key: str = "ev1", title: str = "rank-1 explained variance") -> str | None:
+def heatmap_figure(path: str, entries: list[dict], key: str = "ev1",
+                   title: str = "rank-1 explained variance") -> str | None:
     """Layer x module heatmap of ``key``; None when no tensor has a layer index."""
     layers, mods, grid = layer_module_grid(entries, key)
     if not layers or not mods:
@@ -110,38 +132,49 @@ def heatmap_figure(path: str, entries: list[dict], key: str = "ev1", title: str 
     cb = fig.colorbar(im, ax=ax)
     cb.ax.tick_params(labelsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
 
 def spectra_figure(path: str, entries: list[dict]) -> str:
-    """Singular values s_k / s_1 of every tensor's history trajectory, coloured by module type."""
+    """Singular values s_k / s_1 of every tensor's history trajectory, coloured by module type.
+
+    Ratios below the fp32 Gram's resolution (eigenvalues under ~eps·λ₁) are noise and are
+    drawn at that floor."""
+    from matplotlib.lines import Line2D
+
+    from .metrics import GRAM_REL_EPS
+
     plt = _plt()
+    floor = float(np.sqrt(GRAM_REL_EPS))
     fig, ax = plt.subplots(figsize=(6.0, 3.8))
-    seen = set()
+    seen: list[str] = []
     curves = []
     for e in entries:
         sv = np.asarray(e["singular_values"], dtype=np.float64)
         if sv.size == 0 or not sv[0] > 0:
             continue
-        r = np.maximum(sv / sv[0], 1e-12)
+        r = np.maximum(sv / sv[0], floor)
         curves.append(r)
         mt = module_type(e["name"])
-        ax.plot(np.arange(1, r.size + 1), r, "-", color=_COLORS.get(mt, "#333333"), lw=0.6, alpha=0.45,
-                label=None if mt in seen else mt)
-        seen.add(mt)
+        ax.plot(np.arange(1, r.size + 1), r, "-", color=_COLORS.get(mt, "#333333"), lw=0.6, alpha=0.45)
+        if mt not in seen:
+            seen.append(mt)
+    handles = [Line2D([], [], color=_COLORS.get(mt, "#333333"), lw=1.5, label=mt) for mt in seen]
     if curves:
         med = np.median(np.stack(curves), axis=0)
-        ax.plot(np.arange(1, med.size + 1), med, "k-", lw=2.0, label="median")
+        handles += ax.plot(np.arange(1, med.size + 1), med, "k-", lw=2.0, label="median")
+    handles.append(ax.axhline(floor, color="#bbbbbb", ls="--", lw=0.8, label="fp32 Gram resolution"))
     ax.set_yscale("log")
+    ax.set_ylim(floor / 2, 1.5)
     ax.set_xlabel("k", fontsize=8)
     ax.set_ylabel("s_k / s_1", fontsize=8)
     ax.set_title("singular values of the history trajectory, per tensor", fontsize=9)
-    ax.legend(fontsize=7, ncol=2, frameon=False)
+    ax.legend(handles=handles, fontsize=7, ncol=2, frameon=False)
     ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.subplots_adjust(left=0.12, right=0.98, top=0.92, bottom=0.13)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
@@ -163,8 +196,8 @@ def error_distance_figure(path: str, model_rows: dict[str, list[dict]], last_ste
     ax.set_title("backtest: error vs distance (pre-rounding, from the Gram)", fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.subplots_adjust(left=0.12, right=0.98, top=0.92, bottom=0.13)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 

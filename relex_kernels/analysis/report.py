@@ -147,7 +147,8 @@ def analyze_markdown(rep: dict) -> str:
         L += ["", "## By layer", ""]
         L += _agg_table(agg["by_layer"], AGG_COLS[:4], "layer")
     worst = sorted((t for t in rep["tensors"]), key=lambda t: t["ev1"])[:10]
-    L += ["", "## Lowest rank-1 explained variance", "", "| tensor | numel | EV1 | R² in | R² out |", "|---|---|---|---|---|"]
+    L += ["", "## Lowest rank-1 explained variance", "",
+          "| tensor | numel | EV1 | R² in | R² out |", "|---|---|---|---|---|"]
     for t in worst:
         L.append(f"| `{t['name']}` | {t['numel']:,} | {t['ev1']:.4f} | {_f(t['r2_in'])} | {_f(t['r2_out'])} |")
     if rep["figures"]:

@@ -68,8 +68,7 @@ def analyze(base: str, checkpoints: dict[int, str], out_dir: str, *, history_ste
         raise UsageError(f"--rank-max must be >= 1; got {rank_max}")
     names = ["report.json", "report.md"] + (list(ANALYZE_FIGURES) if figures else [])
     out_dir = prepare_out(out_dir, names, overwrite)
-    if figures:
-        figs._plt()  # fail on a missing matplotlib before the pass, not after
+    loader = figs.preload() if figures else None  # fails on a missing matplotlib before the pass
     gp = extended_grams(base, checkpoints, memory_budget=memory_budget, backend=backend, progress=progress,
                         desc="relex analyze")
     T = len(hist)
@@ -98,7 +97,8 @@ def analyze(base: str, checkpoints: dict[int, str], out_dir: str, *, history_ste
         "aggregates": aggregate(entries, AGG_KEYS), "figures": [],
         "fields": ANALYZE_FIELDS, "tensor_fields": TENSOR_FIELDS, "tensors": entries,
     }
-    files = []
+    if loader is not None:
+        loader.join()
     if figures and entries:
         figs.coefficient_figure(os.path.join(out_dir, "coefficients.png"), entries, gp.steps, T)
         rep["figures"].append("coefficients.png")
@@ -159,8 +159,9 @@ def backtest(base: str, checkpoints: dict[int, str], history_steps: int, eval_st
     names = ["backtest.json", "backtest.md"] + (["error_vs_distance.png"] if figures else [])
     if out_dir is not None:
         out_dir = prepare_out(out_dir, names, overwrite)
-        if figures:
-            figs._plt()
+        loader = figs.preload() if figures else None
+    else:
+        loader = None
     gp = extended_grams(base, {s: checkpoints[s] for s in hist + eval_steps}, memory_budget=memory_budget,
                         backend=backend, progress=progress, desc="relex backtest")
     T = len(hist)
@@ -205,6 +206,8 @@ def backtest(base: str, checkpoints: dict[int, str], history_steps: int, eval_st
     rep["seconds"] = time.perf_counter() - t0
     files = []
     if out_dir is not None:
+        if loader is not None:
+            loader.join()
         if figures:
             figs.error_distance_figure(os.path.join(out_dir, "error_vs_distance.png"), model, last)
             rep["figures"].append("error_vs_distance.png")
