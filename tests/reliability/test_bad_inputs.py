@@ -602,12 +602,54 @@ def _(c):
     return [fit, "same tensors"]
 
 
+# -- environment and backend ----------------------------------------------------------------------
+@case("backend_unknown_in_environment")
+def _(c):
+    c.env = cli_env(RELEX_BACKEND="nope")
+    return ["unknown backend 'nope'"]
+
+
+@case("backend_unavailable")
+def _(c):
+    c.extra = ["--backend", "cuda"]
+    return ["backend 'cuda' is not available"]
+
+
+@case("num_threads_not_a_number")
+def _(c):
+    c.env = cli_env(RELEX_NUM_THREADS="many")
+    c.extra = ["--backend", "cpu"]
+    return ["RELEX_NUM_THREADS", "many"]
+
+
+#: known problems in code owned elsewhere, reported to its owner; xfail until fixed
+KNOWN = {"num_threads_not_a_number": "relex_kernels/ops/native.py raises ValueError (a traceback) for a bad "
+                                     "RELEX_NUM_THREADS instead of a RelexError"}
+
 SHARDED = {"index_names_missing_shard", "index_maps_tensor_to_wrong_shard", "shard_tensor_missing_from_index",
            "index_not_json", "index_without_weight_map", "index_shard_path_escapes"}
 BIG = {"nan_in_chunked_tensor"}
 
 
-@pytest.mark.parametrize("kind", list(CASES))
+def _native_available():
+    try:
+        from relex_kernels.ops import native
+        return native.available()[0] if hasattr(native, "available") else False
+    except Exception:
+        return False
+
+
+def _params():
+    for k in CASES:
+        marks = []
+        if k in KNOWN:
+            marks.append(pytest.mark.xfail(reason=KNOWN[k], strict=False))
+        if k == "num_threads_not_a_number" and not _native_available():
+            marks.append(pytest.mark.skip(reason="the native cpu backend is not built"))
+        yield pytest.param(k, marks=marks)
+
+
+@pytest.mark.parametrize("kind", _params())
 def test_bad_input(tmp_path, kind):
     c = Ctx(str(tmp_path), sharded=kind in SHARDED, big=kind in BIG)
     needles = CASES[kind](c)
