@@ -262,3 +262,25 @@ def test_every_kill_point(traj, tmp_path):
     print(f"kill points tried: {tried}")
     # start 1, gram 4 (big has 2 ranges), fit 3, combine 4, done 4, commit 1, rename 2
     assert tried >= 19
+
+
+def test_resume_at_gram_block_boundary(tmp_path):
+    """A tensor of more than one GRAM_BLOCK (2^23 elements): the Gram resumes from a block boundary."""
+    from relex_kernels.engine.streaming import GRAM_BLOCK
+    n = GRAM_BLOCK + 2**20 + 3
+    base, run, _ = small_run(str(tmp_path / "t"), shapes={"big": (n,)}, steps=[1, 2], noise=1e-2)
+    args = ["extrapolate", "--base", base, "--checkpoints", run, "--target-step", 9, "-q", "--memory-budget", "1M"]
+    ref = str(tmp_path / "ref")
+    assert relex(*args, "--out", ref).returncode == 0
+    out = str(tmp_path / "out")
+    # 2 inputs + 1 base + 1 output x 2 B = 8 B/element at the 16 MB floor: ranges of 2^21, 4 per block;
+    # the 4th Gram record is the block boundary 2^23, where the block sum has joined the total
+    r = relex(*args, "--out", out, env=cli_env(RELEX_TEST_KILL="gram:4"))
+    assert r.returncode == -signal.SIGKILL
+    lines = open(os.path.join(out, ".relex.partial", "journal.jsonl")).read().splitlines()
+    assert json.loads(lines[-1])["upto"] == GRAM_BLOCK
+    r = relex(*args, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert output_bytes(os.path.join(out, "step_9")) == output_bytes(os.path.join(ref, "step_9"))
+    rep = json.load(open(os.path.join(out, "relex_report.json")))
+    assert rep["bytes_read"] < json.load(open(os.path.join(ref, "relex_report.json")))["bytes_read"]
