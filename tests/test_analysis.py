@@ -102,6 +102,7 @@ def test_analyze_matches_direct_svd(curved, tmp):
     agg = rep["aggregates"]["model"]["ev1"]
     assert agg["weighted_mean"] == pytest.approx((ev * n).sum() / n.sum())
     assert agg["mean"] == pytest.approx(ev.mean())
+    assert agg["median"] == pytest.approx(np.median(ev))
     assert set(rep["aggregates"]["by_module"]) == {"embedding", "q", "bias", "down", "gate", "norm", "other"}
     assert set(rep["aggregates"]["by_layer"]) == {"0", "1"}
 

@@ -53,18 +53,18 @@ def _means(entries: list[dict], keys: Iterable[str]) -> dict:
     for k in keys:
         pairs = [(e[k], e["numel"]) for e in entries if e.get(k) is not None]
         if not pairs:
-            out[k] = {"mean": None, "weighted_mean": None, "min": None, "tensors": 0}
+            out[k] = {"mean": None, "weighted_mean": None, "median": None, "min": None, "tensors": 0}
             continue
         x = np.array([p[0] for p in pairs], dtype=np.float64)
         w = np.array([p[1] for p in pairs], dtype=np.float64)
         out[k] = {"mean": float(x.mean()), "weighted_mean": float((x * w).sum() / w.sum()),
-                  "min": float(x.min()), "tensors": int(x.size)}
+                  "median": float(np.median(x)), "min": float(x.min()), "tensors": int(x.size)}
     return out
 
 
 def aggregate(entries: list[dict], keys: Iterable[str]) -> dict:
-    """Unweighted and parameter-weighted means of ``keys`` over all tensors, per module type
-    and per layer. ``entries`` need ``name``, ``numel`` and the keys (None = not defined)."""
+    """Unweighted and parameter-weighted means (and median, min) of ``keys`` over all tensors,
+    per module type and per layer. ``entries`` need ``name``, ``numel`` and the keys (None = not defined)."""
     keys = list(keys)
     by_type: dict[str, list[dict]] = {}
     by_layer: dict[int, list[dict]] = {}

@@ -41,7 +41,8 @@ ANALYZE_FIELDS = {
     "later_steps": "the steps after the history: out-of-sample points",
     "summary_ev1": "rank-1 explained variance over fitted tensors: mean/min/median/max and counts >= 0.90/0.95/0.99",
     "explained_variance_by_rank": "per rank k: unweighted and parameter-weighted mean explained variance",
-    "aggregates": "per metric {mean, weighted_mean (by numel), min, tensors}; for the model, by_module, by_layer",
+    "aggregates": "per metric {mean, weighted_mean (by numel), median, min, tensors}; for the model, by_module, "
+                  "by_layer",
     "gram_pass": "the streaming pass: seconds, bytes_read, memory_budget",
     "figures": "PNG files written beside report.json",
     "tensors": "one entry per fitted tensor (fields below)",
@@ -109,7 +110,7 @@ def _agg_table(groups: dict, cols: list[tuple[str, str]], label: str) -> list[st
         cells = []
         for key, _ in cols:
             m = a.get(key, {})
-            cells.append(f"{_f(m.get('mean'))} / {_f(m.get('weighted_mean'))}")
+            cells.append(" / ".join(_f(m.get(x), ".3f") for x in ("weighted_mean", "mean", "median")))
         out.append(f"| {g} | {a['tensors']} | {a['params']:,} | " + " | ".join(cells) + " |")
     return out
 
@@ -138,7 +139,9 @@ def analyze_markdown(rep: dict) -> str:
             L.append(f"| {r['rank']} | {_f(r['mean'])} | {_f(r['weighted_mean'])} |")
     agg = rep["aggregates"]
     L += ["", "## By module type", "",
-          "Each cell: unweighted mean / parameter-weighted mean. *R² in*: the straight line of the rank-1 "
+          "Each cell: parameter-weighted mean / unweighted mean / median over the tensors (R² is unbounded "
+          "below, so a few small tensors with noisy coefficients — bf16 norms — can dominate an unweighted "
+          "mean; the median does not move). *R² in*: the straight line of the rank-1 "
           "coefficient on the history; *R² out*: the same line on the later checkpoints projected on the "
           "history direction; *(oracle)*: with the direction of all steps. High oracle R² out with low R² "
           "out means the direction drifts; both low means the coefficient curves.", ""]

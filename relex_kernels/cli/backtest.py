@@ -18,7 +18,8 @@ DESCRIPTION = f"""\
 For each held-out real checkpoint S: predict it from the history (steps <= H) and
 compare it with the truth — relative error |θ̂ − θ_S| / |θ_S − θ₀|, cosine between the
 predicted and the true delta, magnitude ratio — per tensor, per module type and over
-the whole model, for RELEX and the baselines ({', '.join(DEFAULT_METHODS)}).
+the whole model, for RELEX (method 'relex') and the baselines users compare it with
+({', '.join(DEFAULT_METHODS[1:])}).
 
 Every method is a linear combination of the checkpoints, so every figure comes from
 the Gram over history ∪ eval checkpoints: one streaming pass, however many methods
