@@ -202,7 +202,7 @@ def test_extrapolate_end_to_end_beyond_int32(tmp_path, backend):
         pytest.skip("the native cpu backend is not built")
     base = tmp_path / "base"
     base.mkdir()
-    where = [0, 5, 2**31 - 1, 2**31, 2**31 + 70000, BIG - 1]
+    where = [0, 5, 2**31 - 1, 2**31, 2**31 + 60000, BIG - 1]
     tensors = {"w": ("BF16", (BIG,)), "n": ("F32", (3,))}
 
     def raw(x):
@@ -227,7 +227,7 @@ def test_extrapolate_end_to_end_beyond_int32(tmp_path, backend):
         for k, i in enumerate(where):
             got = dtypes.to_float32(f.view("w", i, i + 1), "BF16")[0]
             assert got == np.float32(1.0 + 10 * (k + 1) / 64), (i, got)
-        for a in (7, 2**31 - 4096, 2**31 + 1, 2**31 + 69000, BIG - 4096):
+        for a in (7, 2**31 - 4096, 2**31 + 1, 2**31 + 50000, BIG - 4096):
             assert not f.view("w", a, a + 2048).any(), a
         assert f.view("n", 0, 1)[0] == np.float32(1.0 + 10 / 8)
     finally:
