@@ -12,7 +12,6 @@ checkpoint, whatever the model size. Output is built in a hidden directory besid
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import shutil
 import sys
@@ -24,16 +23,18 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..errors import OutputError, UsageError
+from ..errors import OutputError, RelexError, UsageError
 from ..io import dtypes
+from ..io.reader import SafetensorsFile
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import configs, layouts
 from .tokenizer import write_tokenizer
-from .trajectory import CHUNK, TensorPlan, TrajectoryParams, chunk_trajectory, plan_tensors, tensor_values
+from .trajectory import CHUNK, Scratch, TensorPlan, TrajectoryParams, chunk_trajectory, plan_tensors, tensor_values
 
 INFO_NAME = "synth.json"
 STORAGE_DTYPES = ("BF16", "F16", "F32")
-_WINDOW_BYTES = 64 * 1024 * 1024  # dirty bytes across all checkpoints between releases
+_WINDOW_BYTES = 64 * 1024 * 1024  # bytes across all checkpoints per window
+_LAG = 2  # windows between the start of a window's writeback and its release
 
 
 @dataclass
@@ -223,34 +224,6 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
     return SynthRun.load(final)
 
 
-_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; not in Python's mmap module before 3.13
-_prefault_ok = sys.platform.startswith("linux")
-
-
-def _prefault(w: ShardedWriter, name: str, lo: int, hi: int) -> None:
-    """Map a window's pages writable in one call: faulting them in one by one costs
-    ~2 s per GB of output in the kernel (ext4 page_mkwrite), more than the arithmetic.
-
-    Uses :meth:`ShardedWriter.prefault` when the writer has it, else the writer's map.
-    """
-    global _prefault_ok
-    if hasattr(w, "prefault"):
-        w.prefault(name, lo, hi)
-        return
-    if not _prefault_ok:
-        return
-    try:
-        f = w._where[name]
-        isz = dtypes.itemsize(f.specs[name].dtype)
-        b = f.offsets[name] + lo * isz
-        start = b - b % mmap.PAGESIZE
-        end = min(b + (hi - lo) * isz, f.size)
-        if end > start:
-            f._mm.madvise(_MADV_POPULATE_WRITE, start, end - start)
-    except (AttributeError, KeyError, OSError, ValueError):
-        _prefault_ok = False  # an older kernel or another writer: page faults it is
-
-
 def round_into(x: np.ndarray, dtype: str, out: np.ndarray, tmp: np.ndarray) -> None:
     """``out[...] = dtypes.from_float32(x, dtype)`` for finite ``x``, without temporaries.
 
@@ -271,25 +244,73 @@ def round_into(x: np.ndarray, dtype: str, out: np.ndarray, tmp: np.ndarray) -> N
         dtypes.from_float32(x, dtype, out=out)
 
 
+class _WriteBehind:
+    """Starts the kernel's writeback of each finished window (``posix_fadvise(DONTNEED)``
+    queues it without waiting, and without the GIL), so the disk works while the next
+    windows compute and the writer's synchronous :meth:`~ShardedWriter.release` later
+    finds the pages already written. Advice only: any failure turns it off."""
+
+    def __init__(self, writers: list[ShardedWriter]):
+        self.fds: list[int] = []
+        self.where: dict[tuple[int, str], tuple[int, int]] = {}
+        if not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            for i, w in enumerate(writers):
+                for fname in sorted(set(w.weight_map.values())):
+                    path = os.path.join(w.directory, fname)
+                    with SafetensorsFile(path) as f:  # the header is written at creation
+                        begins = {n: t.begin for n, t in f.tensors.items()}
+                    fd = os.open(path, os.O_RDONLY)
+                    self.fds.append(fd)
+                    for n, b in begins.items():
+                        self.where[i, n] = (fd, b)
+        except (OSError, RelexError):
+            self.where = {}
+
+    def kick(self, i: int, name: str, lo: int, hi: int, isz: int) -> None:
+        fd_b = self.where.get((i, name))
+        if fd_b is not None and hi > lo:
+            try:
+                os.posix_fadvise(fd_b[0], fd_b[1] + lo * isz, (hi - lo) * isz, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                self.where = {}
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
 def _fill(writers: list[ShardedWriter], plans: list[TensorPlan], params: TrajectoryParams,
           gen_steps: list[int], dtype: str, threads: int, quiet: bool, total: int) -> None:
     from tqdm import tqdm
 
     isz = dtypes.itemsize(dtype)
-    scratch = threading.local()
+    local = threading.local()
 
     def do_chunk(plan: TensorPlan, lo: int, hi: int) -> None:
-        if getattr(scratch, "buf", None) is None:
-            scratch.buf = np.empty(CHUNK, np.uint32)
-        tmp = scratch.buf[:hi - lo]
-        for w, x in zip(writers, chunk_trajectory(plan, params, gen_steps, lo, hi)):
+        if getattr(local, "scratch", None) is None:
+            local.scratch, local.u32 = Scratch(), np.empty(CHUNK, np.uint32)
+        tmp = local.u32[:hi - lo]
+        for w, x in zip(writers, chunk_trajectory(plan, params, gen_steps, lo, hi, True, local.scratch)):
             for name in plan.names:
                 round_into(x, dtype, w.view(name, lo, hi), tmp)
 
     def finish(job) -> None:
+        """Wait for a window, start its writeback; release the one written _LAG windows ago."""
         plan, lo, hi, futs = job
         for f in futs:
             f.result()
+        for i in range(len(writers)):
+            for name in plan.names:
+                behind.kick(i, name, lo, hi, isz)
+        written.append(job)
+        while len(written) > _LAG:
+            release(written.popleft())
+
+    def release(job) -> None:
+        plan, lo, hi, _ = job
         for w in writers:
             for name in plan.names:
                 w.release(name, lo, hi)
@@ -300,14 +321,13 @@ def _fill(writers: list[ShardedWriter], plans: list[TensorPlan], params: Traject
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="relex synth", disable=quiet, file=sys.stderr,
                dynamic_ncols=True)
     pending: deque = deque()
+    written: deque = deque()
+    behind = _WriteBehind(writers)
     with ThreadPoolExecutor(threads) as pool:
         try:
             for plan in plans:
                 for wlo in range(0, plan.numel, window):
                     whi = min(wlo + window, plan.numel)
-                    for w in writers:
-                        for name in plan.names:
-                            _prefault(w, name, wlo, whi)
                     futs = [pool.submit(do_chunk, plan, lo, min(lo + CHUNK, whi)) for lo in range(wlo, whi, CHUNK)]
                     pending.append((plan, wlo, whi, futs))
                     # release the previous window while this one computes
@@ -315,6 +335,8 @@ def _fill(writers: list[ShardedWriter], plans: list[TensorPlan], params: Traject
                         finish(pending.popleft())
             while pending:
                 finish(pending.popleft())
+            while written:
+                release(written.popleft())
         except BaseException:
             for job in pending:
                 for f in job[3]:
@@ -322,3 +344,4 @@ def _fill(writers: list[ShardedWriter], plans: list[TensorPlan], params: Traject
             raise
         finally:
             bar.close()
+            behind.close()

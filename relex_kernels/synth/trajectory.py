@@ -6,11 +6,12 @@ Per tensor (d elements), at step t (t = 0 is the base):
 
 - θ₀ = center + std·z (z ~ N(0,1) clipped to ±6): linear weights, biases,
   embeddings and the head ~N(0, 0.02..0.05); norm weights ~1 (N(1, 0.1)).
-- u = a·v, v ~ N(0,1) clipped to ±6: the per-step drift. a = drift · kind factor ·
+- u = a·v, v uniform with unit variance (|v| ≤ √3; bounded like Adam's per-element
+  steps, and 16 random bits per element instead of a Gaussian's cost): the per-step drift. a = drift · kind factor ·
   exp(spread·ζ) · rms(θ₀), ζ ~ N(0,1) once per tensor, so per-step relative changes are
   spread log-normally around ``drift`` (norms move ~0.3x, embeddings ~0.5x).
 - Curvature κ: with ``curvature_dir="orth"`` u₂ = κ·a·v₂ along an independent direction
-  v₂ (rank 2); with ``"along"`` the line bends along v itself: t·u -> (t + κt²)·u.
+  v₂ (drawn like v; rank 2); with ``"along"`` the line bends along v itself: t·u -> (t + κt²)·u.
 - W is a random walk: W(0) = 0 and, between consecutive generated steps s < s',
   an independent increment of standard deviation b·√(s' − s), b = noise · kind factor ·
   exp(spread·ζ') · rms(θ₀). Increments are uniform (16 random bits per element: far
@@ -47,6 +48,7 @@ _CLIP = 6.0
 _S_THETA0, _S_DIR, _S_DIR2, _S_WALK, _S_SCALE = range(5)
 # std of a uniform int16: sqrt((2^32 - 1) / 12)
 _INT16_STD = sqrt((65536.0**2 - 1) / 12)
+_UMAX = 32768 / _INT16_STD  # |v| bound of a unit-variance uniform from int16 (√3)
 
 #: kind -> (center, init std, drift factor, noise factor)
 KINDS = {
@@ -116,9 +118,13 @@ def _gen(seed: int, key: int, stream: int, chunk: int) -> np.random.Generator:
     return np.random.Generator(np.random.SFC64(np.random.SeedSequence(seed, spawn_key=(key, stream, chunk))))
 
 
-def _normal(g: np.random.Generator, n: int) -> np.ndarray:
-    z = g.standard_normal(n, dtype=np.float32)
-    return np.clip(z, -_CLIP, _CLIP, out=z)
+def _int16(bitgen, n: int) -> np.ndarray:
+    return bitgen.random_raw((n + 3) // 4).view(np.int16)[:n]
+
+
+def _uniform(g: np.random.Generator, std: float, out: np.ndarray) -> np.ndarray:
+    """Fill float32 ``out`` with uniform values of standard deviation ``std``."""
+    return np.multiply(_int16(g.bit_generator, out.size), np.float32(std / _INT16_STD), out=out)
 
 
 def plan_tensors(defs: list[TensorDef], p: TrajectoryParams, max_step: int) -> list[TensorPlan]:
@@ -139,8 +145,8 @@ def plan_tensors(defs: list[TensorDef], p: TrajectoryParams, max_step: int) -> l
         curv = p.curvature * drift if p.curvature_dir == "orth" else p.curvature
         grid = None
         if noise == 0:
-            lin = max_step * _CLIP * drift
-            quad = max_step * max_step * _CLIP * (abs(curv) if p.curvature_dir == "orth" else abs(curv) * drift)
+            lin = max_step * _UMAX * drift
+            quad = max_step * max_step * _UMAX * (abs(curv) if p.curvature_dir == "orth" else abs(curv) * drift)
             bound = abs(center) + _CLIP * std + lin + quad
             grid = 2.0 ** (ceil(log2(bound)) - 24)
         plans.append(TensorPlan(tuple(d.name for d in ds), d0.shape, d0.kind, key, center, std,
@@ -148,24 +154,39 @@ def plan_tensors(defs: list[TensorDef], p: TrajectoryParams, max_step: int) -> l
     return plans
 
 
+class Scratch:
+    """Chunk buffers for one thread, reused chunk after chunk (fresh megabyte arrays
+    would cost a page fault per 4 KB, more than the arithmetic on them)."""
+
+    _NAMES = ("th0", "u", "u2", "acc", "x", "inc", "tmp")
+
+    def __init__(self) -> None:
+        self._bufs = {k: np.empty(CHUNK, np.float32) for k in self._NAMES}
+
+    def __getitem__(self, key: tuple[str, int]) -> np.ndarray:
+        name, n = key
+        return self._bufs[name][:n]
+
+
 def chunk_trajectory(plan: TensorPlan, p: TrajectoryParams, steps: list[int], lo: int, hi: int,
-                     walk: bool = True) -> Iterator[np.ndarray]:
+                     walk: bool = True, scratch: Scratch | None = None) -> Iterator[np.ndarray]:
     """Yield θ(0), θ(steps[0]), θ(steps[1]), ... for elements [lo, hi) of ``plan``.
 
     ``lo`` must be a multiple of :data:`CHUNK` and ``hi - lo <= CHUNK``. Each yield is a
-    1-D fp32 buffer of ``hi - lo`` elements that is overwritten by the next one.
-    ``walk=False`` gives the noise-free mean trajectory (any steps, in any order).
+    1-D fp32 buffer of ``hi - lo`` elements (in ``scratch``) that is overwritten by the
+    next one. ``walk=False`` gives the noise-free mean trajectory (any steps, any order).
     """
     c, n = lo // CHUNK, hi - lo
-    th0 = _normal(_gen(p.seed, plan.key, _S_THETA0, c), n)
+    s = scratch or Scratch()
+    th0 = s["th0", n]
+    _gen(p.seed, plan.key, _S_THETA0, c).standard_normal(n, dtype=np.float32, out=th0)
+    np.clip(th0, -_CLIP, _CLIP, out=th0)
     th0 *= np.float32(plan.std)
     th0 += np.float32(plan.center)
-    u = _normal(_gen(p.seed, plan.key, _S_DIR, c), n)
-    u *= np.float32(plan.drift)
+    u = _uniform(_gen(p.seed, plan.key, _S_DIR, c), plan.drift, s["u", n])
     u2 = None
     if plan.curv and p.curvature_dir == "orth":
-        u2 = _normal(_gen(p.seed, plan.key, _S_DIR2, c), n)
-        u2 *= np.float32(plan.curv)
+        u2 = _uniform(_gen(p.seed, plan.key, _S_DIR2, c), plan.curv, s["u2", n])
     if plan.grid is not None:
         g = np.float32(plan.grid)
         for a in (th0, u) if u2 is None else (th0, u, u2):
@@ -176,18 +197,16 @@ def chunk_trajectory(plan: TensorPlan, p: TrajectoryParams, steps: list[int], lo
     acc = th0
     rng = None
     if walk and plan.noise:
-        acc = th0.copy()
+        acc = s["acc", n]
+        acc[...] = th0
         rng = _gen(p.seed, plan.key, _S_WALK, c).bit_generator
-    x = np.empty(n, np.float32)
-    inc = np.empty(n, np.float32) if rng is not None else None
-    tmp = np.empty(n, np.float32) if u2 is not None else None
+    x, inc, tmp = s["x", n], s["inc", n], s["tmp", n]
     prev = 0
     along = plan.curv if p.curvature_dir == "along" else 0.0
     for t in steps:
         if rng is not None:
             scale = np.float32(plan.noise * sqrt(t - prev) / _INT16_STD)
-            bits = rng.random_raw((n + 3) // 4).view(np.int16)[:n]
-            np.multiply(bits, scale, out=inc)
+            np.multiply(_int16(rng, n), scale, out=inc)
             acc += inc
             prev = t
         np.multiply(u, np.float32(t + along * t * t), out=x)
@@ -209,9 +228,10 @@ def tensor_values(plan: TensorPlan, p: TrajectoryParams, steps: list[int], step:
         raise UsageError(f"step {step} was not generated (steps {steps}); use walk=False for the mean")
     upto = [s for s in steps if s <= step] if walk else [step]
     idx = 0 if step == 0 else len(upto)
+    scratch = Scratch()
     for lo in range(0, plan.numel, CHUNK):
         hi = min(lo + CHUNK, plan.numel)
-        for k, x in enumerate(chunk_trajectory(plan, p, upto if step else [], lo, hi, walk)):
+        for k, x in enumerate(chunk_trajectory(plan, p, upto if step else [], lo, hi, walk, scratch)):
             if k == idx:
                 out[lo:hi] = x
                 break
