@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    from ..engine.distributed import env_rank
+    if hasattr(args, "quiet") and env_rank() > 0:
+        args.quiet = True  # under torchrun / srun, rank 0 prints the summary and the outputs
     # with a file-size limit (ulimit -f), writing past it must be an EFBIG error we report, not a kill
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

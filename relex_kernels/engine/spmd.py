@@ -1,0 +1,350 @@
+"""One rank's part of an SPMD run: the phases of :func:`.distributed.execute`.
+
+Each phase catches its own error and reports it at the next status all-reduce
+(:meth:`.distributed.Group.status`), so every rank leaves at the same point with the
+same message, and rank 0 removes the partial outputs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .. import fit as fitmath
+from ..errors import InputError, UsageError
+from ..io import dtypes
+from ..io.writer import ShardedWriter
+from . import journal, partition, report
+from .distributed import DistributedError, _test_hook
+from .output import STATE_NAME, OutputSet, target_dir_name
+from .run import RunResult, _progress, default_memory_budget
+from .streaming import GRAM_BLOCK, Streamer
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+# -- bytes shared with other ranks ----------------------------------------------------
+def _spans(pieces, writers: list[ShardedWriter], tied: tuple[str, str] | None) -> dict[str, list[tuple[int, int]]]:
+    """Byte spans [lo, hi) of each output file that this rank's pieces write, merged."""
+    out: dict[str, list[tuple[int, int]]] = {}
+    for p in pieces:
+        names = [p.job.name] + ([tied[0]] if tied and p.job.name == tied[1] else [])
+        for w in writers:
+            for name in names:
+                f = w._where[name]
+                isz = dtypes.itemsize(f.specs[name].dtype)
+                lo = f.offsets[name] + p.a * isz
+                out.setdefault(f.path, []).append((lo, lo + (p.b - p.a) * isz))
+    merged = {}
+    for path, spans in out.items():
+        spans.sort()
+        acc = [list(spans[0])]
+        for lo, hi in spans[1:]:
+            if lo <= acc[-1][1]:
+                acc[-1][1] = max(acc[-1][1], hi)
+            else:
+                acc.append([lo, hi])
+        merged[path] = [tuple(s) for s in acc if s[1] > s[0]]
+    return merged
+
+
+def _edge_bytes(spans: dict[str, list[tuple[int, int]]]) -> list[tuple[str, int, bytes]]:
+    """This rank's bytes in partial pages (pages it may share with another rank), read back now."""
+    out = []
+    for path, ss in spans.items():
+        cut = []
+        for lo, hi in ss:
+            if lo % _PAGE:
+                cut.append((lo, min(hi, lo - lo % _PAGE + _PAGE)))
+            if hi % _PAGE and hi - hi % _PAGE >= lo:
+                cut.append((max(lo, hi - hi % _PAGE), hi))
+        if not cut:
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            out += [(path, lo, os.pread(fd, hi - lo, lo)) for lo, hi in sorted(set(cut))]
+        finally:
+            os.close(fd)
+    return out
+
+
+def _rewrite(edges: list[tuple[str, int, bytes]]) -> None:
+    by_path: dict[str, list[tuple[int, bytes]]] = {}
+    for path, lo, data in edges:
+        by_path.setdefault(path, []).append((lo, data))
+    for path, items in by_path.items():
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            for lo, data in items:
+                if os.pwrite(fd, data, lo) != len(data):
+                    raise OSError(f"short write to {path}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class RankRun:
+    def __init__(self, group, env, traj, opts, targets, out_dir, be, comps, memory_budget, overwrite, shard_bytes,
+                 progress, input_dirs, extra_report, key_extra, before_commit):
+        self.g, self.env, self.traj, self.opts, self.targets = group, env, traj, opts, targets
+        self.out_dir, self.be, self.comps, self.overwrite = os.path.abspath(out_dir), be, comps, overwrite
+        self.shard_bytes, self.progress, self.input_dirs = shard_bytes, progress, input_dirs
+        self.extra_report, self.key_extra, self.before_commit = extra_report, key_extra, before_commit
+        self.budget = memory_budget or max(1, default_memory_budget() // env.local_world)
+        self.outs: OutputSet | None = None
+        self.writers: list[ShardedWriter] = []
+        self.t0 = time.perf_counter()
+
+    # the protocol: each phase catches its own error and reports it at the next status all-reduce
+    def go(self) -> RunResult:
+        try:
+            return self._phases()
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if getattr(self, "bar", None) is not None:
+            self.bar.close()
+        if self.outs is not None:
+            self.outs.abort()  # rank 0: removes the partial outputs (never renamed: nothing complete)
+        else:
+            for w in self.writers:
+                w.close(sync=False)
+        self.writers = []
+
+    def _phases(self) -> RunResult:
+        g, rank, traj = self.g, self.env.rank, self.traj
+        err = None
+        try:
+            self._setup()
+        except Exception as e:
+            err = e
+        digest = np.zeros(g.world)
+        digest[rank] = float(int(getattr(self, "digest", "0" * 13)[:13], 16))  # 52 bits: exact in fp64
+        got = g.status("setup", err, digest)
+        if np.unique(got).size != 1:
+            raise DistributedError("the ranks disagree on the inputs or options (their work plans differ): every "
+                                   "rank must see the same checkpoint files and get the same arguments")
+        err = None
+        try:
+            payload = self._pass1()
+        except Exception as e:
+            err, payload = e, np.zeros(self.slots * traj.T ** 2)
+        summed = g.status("pass 1", err, payload)
+        err = None
+        try:
+            self._fits(summed)
+            self._pass2()
+        except Exception as e:
+            err = e
+        per_rank = np.zeros(g.world)
+        per_rank[rank] = self.streamer.bytes_read if hasattr(self, "streamer") else 0
+        self.read_by_rank = [int(x) for x in g.status("pass 2", err, per_rank)]
+        err = None
+        try:
+            _rewrite(self.edges)
+        except Exception as e:
+            err = e
+        g.status("finish", err)
+        err, done = None, []
+        try:
+            _test_hook(rank, "commit")
+            if rank == 0:
+                done = self._commit()
+        except Exception as e:
+            err = e
+        g.status("commit", err)
+        self.outs = None  # committed: nothing to abort
+        return RunResult(done, self.rep if rank == 0 else {}, time.perf_counter() - self.t0,
+                         sum(self.read_by_rank), self.be.name, self.fits if rank == 0 else {})
+
+    def _setup(self) -> None:
+        traj, opts, targets, rank = self.traj, self.opts, self.targets, self.env.rank
+        _test_hook(rank, "setup")
+        fitmath.validate(opts, traj.steps)
+        for t in targets:
+            fitmath.validate_target(opts, traj.steps, t)
+        if len(set(targets)) != len(targets):
+            raise UsageError(f"target steps repeat: {targets}")
+        self.W = np.stack([fitmath.weights(opts, traj.steps, t) for t in targets])
+        K = len(targets)
+        self.tied = traj.tied
+        self.plan = partition.plan(traj.jobs, traj.T, K, self.env.world, traj.tied[1] if traj.tied else None)
+        key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, self.be.name, self.shard_bytes,
+                              traj.jobs, self.key_extra)
+        self.digest = self.plan.digest(key)
+        # slots of the pass-1 all-reduce: each whole fitted tensor's Gram, then each block of a split one
+        self.slot: dict[str, int] = {}
+        n = 0
+        for job in traj.jobs:
+            if job.kind != "fit":
+                continue
+            self.slot[job.name] = n
+            split = any(p.split for p in self.plan.pieces if p.job is job)
+            n += 0 if self.comps is not None else (-(-job.numel // GRAM_BLOCK) if split else 1)
+        self.slots = n
+        specs = [j.spec for j in traj.jobs]
+        if rank == 0:
+            self.outs = OutputSet(self.out_dir, targets, list(traj.input_dirs()) + self.input_dirs, self.overwrite,
+                                  key=key, resume=False)
+            self.writers = self.outs.open_writers(specs, self.shard_bytes)
+        self.specs = specs
+
+    def _open_writers(self) -> None:
+        """Ranks > 0: the files rank 0 created, with exactly its layout (else FileExistsError)."""
+        for t in self.targets:
+            part = os.path.join(self.out_dir, STATE_NAME, target_dir_name(t))
+            self.writers.append(ShardedWriter(part, self.specs, self.shard_bytes,
+                                              metadata={"relex_target_step": str(t)}, reuse=True))
+
+    def _n_out(self, job) -> int:
+        return len(self.targets) * (2 if self.tied and job.name == self.tied[1] else 1)
+
+    def _piece_ranges(self, p) -> tuple[bool, list[tuple[int, int]]]:
+        resident, ranges = self.streamer.ranges(p.job, self._n_out(p.job))
+        if resident:
+            return True, [(p.a, p.b)]
+        return False, [(max(a, p.a), min(b, p.b)) for a, b in ranges if a < p.b and b > p.a]
+
+    def _pass1(self) -> np.ndarray:
+        rank, traj, T = self.env.rank, self.traj, self.traj.T
+        if rank > 0:
+            self._open_writers()
+        self.streamer = st = Streamer(traj, self.be, self.budget, fp16_deltas=self.opts.fp16_deltas)
+        mine = self.plan.of(rank)
+        self.mine = mine
+        # pieces of split tensors whose pages stay mapped from pass 1 to pass 2 (read once),
+        # as far as the budget allows; the whole tensors before them release theirs as they go
+        self.kept, held = set(), 0
+        for p in mine:
+            need = (p.b - p.a) * (T + 1 + self._n_out(p.job)) * dtypes.itemsize(p.job.dtype)
+            if p.split and self.comps is None and held + need <= st.budget:
+                self.kept.add((p.job.name, p.a))
+                held += need
+        self.bar = _progress(sum((T + 1) * (p.b - p.a) * dtypes.itemsize(p.job.dtype)
+                                 * (2 if p.split and (p.job.name, p.a) not in self.kept else 1) for p in mine),
+                             self.progress and rank == 0)
+        st.progress = self.bar
+        payload = np.zeros((self.slots, T, T))
+        self.fits: dict = {}
+        whole = [p for p in mine if not p.split]
+        for i, p in enumerate(whole):  # exactly as one process does them
+            job = p.job
+            if job.kind == "copy":
+                st.copy(job, self.writers)
+                continue
+            resident, ranges = st.ranges(job, self._n_out(job))
+            nxt = next((q.job for q in whole[i + 1:] if q.job.kind == "fit"), None)
+            if nxt is not None and st.ranges(nxt, self._n_out(nxt))[0]:
+                st.prefetch(nxt)
+            if self.comps is None:
+                G = st.gram(job, ranges, resident)
+                payload[self.slot[job.name]] = G
+                comp = fitmath.components(G, self.opts.rank)
+            else:
+                comp = self.comps[job.name]
+            st.combine(job, ranges, resident, fitmath.alphas(comp, self.W), self.writers,
+                       also=self._also(job), count_read=not (resident and self.comps is None))
+            _test_hook(rank, "work")
+        for p in mine:  # pass 1 of the pieces of split tensors: one Gram sum per block
+            if not p.split or self.comps is not None:
+                continue
+            keep = (p.job.name, p.a) in self.kept
+            ranges = [(p.a, p.b)] if keep else self._piece_ranges(p)[1]
+            for blk in p.blocks:
+                lo, hi = blk * GRAM_BLOCK, min(p.job.numel, (blk + 1) * GRAM_BLOCK)
+                sub = [(max(a, lo), min(b, hi)) for a, b in ranges if a < hi and b > lo]
+                payload[self.slot[p.job.name] + blk] = st.gram(p.job, sub, resident=keep)
+            _test_hook(rank, "work")
+        return payload.reshape(-1)
+
+    def _also(self, job):
+        return self.tied[0] if self.tied and job.name == self.tied[1] else None
+
+    def _fits(self, summed: np.ndarray) -> None:
+        """Every rank: the Grams of split tensors (block sums in block order); rank 0: every fit."""
+        traj, T, rank = self.traj, self.traj.T, self.env.rank
+        grams = summed.reshape(self.slots, T, T) if self.slots else None
+        split = {j.name for j in self.plan.split_jobs()}
+        mine_split = {p.job.name for p in self.mine if p.split}
+        for job in traj.jobs:
+            if job.kind != "fit" or (rank != 0 and job.name not in mine_split):
+                continue
+            if self.comps is not None:
+                self.fits[job.name] = self.comps[job.name]
+                continue
+            s = self.slot[job.name]
+            if job.name in split:
+                G = np.zeros((T, T))
+                for b in range(-(-job.numel // GRAM_BLOCK)):
+                    G += grams[s + b]  # the order of Streamer.gram: bit-identical to one process
+                if not np.isfinite(G).all():
+                    raise InputError(f"tensor {job.name}: its Gram overflows (deltas too large to fit)")
+            else:
+                G = grams[s]
+            self.fits[job.name] = fitmath.components(G, self.opts.rank)
+
+    def _pass2(self) -> None:
+        rank, st = self.env.rank, self.streamer
+        _test_hook(rank, "pass2")
+        for p in self.mine:
+            if not p.split:
+                continue
+            keep = (p.job.name, p.a) in self.kept
+            ranges = [(p.a, p.b)] if keep else self._piece_ranges(p)[1]
+            st.combine(p.job, ranges, keep, fitmath.alphas(self.fits[p.job.name], self.W), self.writers,
+                       also=self._also(p.job), count_read=not keep)
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        spans = _spans(self.mine, self.writers, self.tied)
+        if rank == 0:  # the headers rank 0 wrote share their last page with the first tensor
+            for w in self.writers:
+                for f in w.files:
+                    spans.setdefault(f.path, []).insert(0, (0, f.data_start))
+        for w in self.writers:  # every written range was msync'ed by combine/copy; make it durable
+            for f in w.files:
+                if f._mm is not None:
+                    f._mm.flush()
+        self.edges = _edge_bytes(spans)
+        if rank > 0:
+            for w in self.writers:
+                for f in w.files:  # not ShardedWriter.close: the index is rank 0's to write
+                    f.close(sync=True)
+            self.writers = []
+
+    def _commit(self) -> list[str]:
+        traj, T = self.traj, self.traj.T
+        entries = [report.tensor_entry(j.name, j.dtype, j.shape, self.fits[j.name])
+                   for j in traj.jobs if j.kind == "fit"]
+        seconds = time.perf_counter() - self.t0
+        self.rep = {
+            "relex_kernels": __import__("relex_kernels").__version__,
+            "backend": self.be.name,
+            "options": self.opts.to_dict(),
+            "history_steps": traj.steps,
+            "targets": self.targets,
+            "outputs": {str(t): self.outs.final(t) for t in self.targets},
+            "seconds": seconds,
+            "bytes_read": sum(self.read_by_rank),
+            "memory_budget": self.budget,
+            "summary": report.summary(entries),
+            "summary_rank1": report.summary(entries, "explained_variance_rank1"),
+            "tensors": entries,
+            "resumed_tensors": 0,
+            "distributed": {
+                "world_size": self.env.world, "launcher": self.env.launcher, "process_group": self.g.backend,
+                "bytes_read_by_rank": self.read_by_rank, "planned_bytes_by_rank": self.plan.cost,
+                "split_tensors": {j.name: [[p.a, p.b, p.rank] for p in self.plan.pieces if p.job is j]
+                                  for j in self.plan.split_jobs()},
+                "history_rows": T,
+            },
+            **(self.extra_report or {}),
+        }
+        if self.before_commit is not None:
+            self.before_commit(self.fits)
+        done = self.outs.commit(traj.base_dir, self.rep)
+        return done
