@@ -29,8 +29,9 @@ quiet=True, threads=None) -> SynthRun``
   (``curvature_dir="orth"``) or along the drift (``"along"``). See :mod:`.trajectory`.
 - ``dtype``: storage, ``BF16`` (round-to-nearest-even from the fp32 master, as
   training saves), ``F16`` or ``F32``. ``noise=0`` is the exact mode: θ(t) − θ₀ is
-  exactly t·u in fp32, so with ``dtype="F32"`` and ``curvature=0`` the stored
-  trajectory is exactly rank 1 and linear.
+  exactly t·u in fp32 (for every t up to ``info["exact_up_to_step"]``, 20x the last
+  step), so with ``dtype="F32"`` and ``curvature=0`` the stored trajectory is exactly
+  rank 1 and linear, and ``mean(name, 20 * T)`` is the exact far-later truth.
 - ``layout``: ``verl`` / ``verl-hf`` / ``verl-flat`` / ``hf`` / ``step`` (see
   :mod:`.layouts`); ``shard_bytes``: shard the safetensors at that size (default one
   file up to 5 GB).

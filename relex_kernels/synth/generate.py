@@ -29,7 +29,8 @@ from ..io.reader import SafetensorsFile
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import configs, layouts
 from .tokenizer import write_tokenizer
-from .trajectory import CHUNK, Scratch, TensorPlan, TrajectoryParams, chunk_trajectory, plan_tensors, tensor_values
+from .trajectory import (CHUNK, Scratch, TensorPlan, TrajectoryParams, chunk_trajectory, exact_horizon, plan_tensors,
+                         tensor_values)
 
 INFO_NAME = "synth.json"
 STORAGE_DTYPES = ("BF16", "F16", "F32")
@@ -208,6 +209,7 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
             "spread": params.spread, "dtype": dtype, "layout": layout, "steps": steps,
             "truth_steps": truth_steps, "shard_bytes": shard_bytes, "tie": shape.tie,
             "store_tied_head": store_tied_head, "exact": params.noise == 0,
+            "exact_up_to_step": exact_horizon(gen_steps[-1]) if params.noise == 0 else None,
             "bytes_per_checkpoint": ckpt_bytes, "total_bytes": total,
             "base": "base", "run": "run",
             "checkpoints": {str(s): outputs[s] for s in steps},

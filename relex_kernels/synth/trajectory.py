@@ -18,8 +18,9 @@ Per tensor (d elements), at step t (t = 0 is the base):
   cheaper than Gaussians; the walk is near-Gaussian after a few steps).
 
 **Exact mode.** With ``noise == 0`` θ₀, u and u₂ are snapped to a per-tensor grid
-q = 2^k chosen so that every |θ(t)| of the run (truth steps included) is below 2^24·q.
-Then θ₀ + t·u + t²·u₂ is computed without any rounding in fp32, and θ(t) − θ₀ is
+q = 2^k chosen so that |θ(t)| < 2^24·q up to :func:`exact_horizon` (20x the last
+generated step, truth steps included). Then for every such t θ₀ + t·u + t²·u₂ is
+computed without any rounding in fp32, and θ(t) − θ₀ is
 exactly t·u (+ t²·u₂): stored as F32 the trajectory is exactly rank 1 (rank 2 with
 orthogonal curvature) and exactly linear (quadratic) in t. (``"along"`` curvature
 rounds (t + κt²)·u and is not exact.)
@@ -127,8 +128,17 @@ def _uniform(g: np.random.Generator, std: float, out: np.ndarray) -> np.ndarray:
     return np.multiply(_int16(g.bit_generator, out.size), np.float32(std / _INT16_STD), out=out)
 
 
+def exact_horizon(max_step: int) -> int:
+    """Largest step at which exact mode stays exact: 20x the last generated step (RELEX
+    extrapolates 10-20x beyond the history), at least 100."""
+    return max(100, 20 * int(max_step))
+
+
 def plan_tensors(defs: list[TensorDef], p: TrajectoryParams, max_step: int) -> list[TensorPlan]:
-    """Per-tensor scales; tensors sharing a ``source`` (a stored tied head) become one plan."""
+    """Per-tensor scales; tensors sharing a ``source`` (a stored tied head) become one plan.
+
+    ``max_step``: the last generated step (sets the exact-mode grid, see :func:`exact_horizon`).
+    """
     p.check()
     groups: dict[str, list[TensorDef]] = {}
     for d in defs:
@@ -145,8 +155,9 @@ def plan_tensors(defs: list[TensorDef], p: TrajectoryParams, max_step: int) -> l
         curv = p.curvature * drift if p.curvature_dir == "orth" else p.curvature
         grid = None
         if noise == 0:
-            lin = max_step * _UMAX * drift
-            quad = max_step * max_step * _UMAX * (abs(curv) if p.curvature_dir == "orth" else abs(curv) * drift)
+            h = exact_horizon(max_step)
+            lin = h * _UMAX * drift
+            quad = h * h * _UMAX * (abs(curv) if p.curvature_dir == "orth" else abs(curv) * drift)
             bound = abs(center) + _CLIP * std + lin + quad
             grid = 2.0 ** (ceil(log2(bound)) - 24)
         plans.append(TensorPlan(tuple(d.name for d in ds), d0.shape, d0.kind, key, center, std,
