@@ -170,14 +170,28 @@ def test_torchrun_two_processes_byte_identical(traj_dirs, single):
     assert r.stdout.count("step_30") == 1  # rank 0 prints; rank 1 is quiet
 
 
-def test_three_ranks_srun_style_byte_identical(traj_dirs, single):
+def test_three_ranks_srun_style_small_budget_byte_identical(traj_dirs, single):
+    """Three ranks, each with a budget far below its share: pieces cut into ranges and read twice."""
     root, base, _ = traj_dirs
     out, fit = os.path.join(root, "sp3"), os.path.join(root, "sp3.fit")
-    res = wait_all(spawn(3, _args(base, out, ["--save-fit", fit, "-q"])), timeout=120)
+    res = wait_all(spawn(3, _args(base, out, ["--save-fit", fit, "-q", "--memory-budget", "80M"])), timeout=120)
     assert [rc for rc, _, _ in res] == [0, 0, 0], [e[-2000:] for _, _, e in res]
     assert_identical(single, out, fit)
     d = json.load(open(os.path.join(out, "relex_report.json")))["distributed"]
-    assert len(d["split_tensors"][EMBED]) >= 2 and all(b > 0 for b in d["bytes_read_by_rank"])
+    assert len(d["split_tensors"][EMBED]) == 2 and all(b > 0 for b in d["bytes_read_by_rank"])
+    single_read = json.load(open(os.path.join(single[0], "relex_report.json")))["bytes_read"]
+    assert sum(d["bytes_read_by_rank"]) > single_read  # the budget forced second reads
+
+
+def test_predict_two_ranks_byte_identical(traj_dirs, single):
+    """``relex predict`` from the saved fit writes the single-process extrapolation's bytes."""
+    root, _, _ = traj_dirs
+    out = os.path.join(root, "pred2")
+    res = wait_all(spawn(2, ["predict", "--fit", os.path.join(root, "single.fit"), "--target-step", "60",
+                             "--shard-size", "20MB", "-q", "--out", out]), timeout=120)
+    assert [rc for rc, _, _ in res] == [0, 0], [e[-2000:] for _, _, e in res]
+    want, got = files(os.path.join(single[0], "step_60")), files(os.path.join(out, "step_60"))
+    assert sorted(want) == sorted(got) and all(want[f] == got[f] for f in want)
 
 
 @pytest.mark.parametrize("how", ["kill-pass1", "raise-pass2", "hang-pass1"])
@@ -186,7 +200,7 @@ def test_failed_rank_fails_every_rank_and_completes_nothing(traj_dirs, how):
     out = os.path.join(root, f"fail-{how}")
     spec = {"kill-pass1": "1:work", "raise-pass2": "1:pass2:raise", "hang-pass1": "1:work:hang"}[how]
     t0 = time.monotonic()
-    procs = spawn(2, _args(base, out, ["-q"]), RELEX_TEST_DIST_KILL=spec, RELEX_DIST_TIMEOUT="4")
+    procs = spawn(2, _args(base, out, ["-q"]), RELEX_TEST_DIST_KILL=spec, RELEX_DIST_TIMEOUT="3")
     rc, _, err = wait_all(procs[:1], timeout=60)[0]
     assert time.monotonic() - t0 < 60
     if how == "hang-pass1":
