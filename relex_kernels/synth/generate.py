@@ -114,7 +114,10 @@ def _start_output(out_dir: str, overwrite: bool) -> tuple[str, str]:
             if not os.path.isfile(os.path.join(final, INFO_NAME)):
                 raise OutputError(f"{final} was not written by relex synth (no {INFO_NAME}); "
                                   "refusing to replace it: remove it yourself")
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.synth-", dir=parent)
+    try:
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.synth-", dir=parent)
+    except OSError as e:
+        raise OutputError(f"cannot create a directory in {parent} ({e.strerror or e})") from None
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, 0o777 & ~mask)
