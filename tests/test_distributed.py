@@ -278,6 +278,13 @@ def test_environment_detection():
     assert first_host("a1,b[1-2]") == "a1" and first_host("n[03,05-07]x") == "n03"
 
 
+def test_commands_that_do_not_split_refuse_to_run_under_a_launcher(tmp):
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", "synth", os.path.join(tmp, "x")], text=True,
+                       capture_output=True, env=_env(RANK="1", WORLD_SIZE="2"))
+    assert r.returncode == 2 and "does not run under torchrun / srun" in r.stderr, r.stderr
+    assert not os.path.exists(os.path.join(tmp, "x"))
+
+
 def test_gram_is_cut_invariant_and_association_matters(traj_dirs):
     _, base, ck = traj_dirs
     traj = Trajectory(base, ck)

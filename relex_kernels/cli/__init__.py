@@ -40,13 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
-    from ..engine.distributed import env_rank
-    if hasattr(args, "quiet") and env_rank() > 0:
-        args.quiet = True  # under torchrun / srun, rank 0 prints the summary and the outputs
     # with a file-size limit (ulimit -f), writing past it must be an EFBIG error we report, not a kill
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
+        from ..engine.distributed import cli_rank_setup
+        cli_rank_setup(args)  # under torchrun / srun: supported commands only; rank 0 alone prints
         return int(args._run(args) or 0)
     except RelexError as e:
         msg = " ".join(str(e).splitlines())  # one line, whatever a file name holds

@@ -150,13 +150,20 @@ def active() -> bool:
     return detect() is not None
 
 
-def env_rank() -> int:
-    """This process's rank from the environment alone (0 outside a distributed run; no torch import)."""
-    try:
-        e = detect()
-    except RelexError:
-        return 0
-    return e.rank if e is not None else 0
+#: the commands that run as SPMD ranks; any other would just run N times over the same files
+SPMD_COMMANDS = ("extrapolate", "predict", "backends")
+
+
+def cli_rank_setup(args) -> None:
+    """The CLI under a launcher: refuse commands that do not split their work; quiet ranks > 0."""
+    env = detect()
+    if env is None:
+        return
+    if args.command not in SPMD_COMMANDS:
+        raise UsageError(f"'relex {args.command}' does not run under torchrun / srun ({env.world} processes); "
+                         "run it as one process (or set RELEX_DISTRIBUTED=0)")
+    if env.rank > 0 and hasattr(args, "quiet"):
+        args.quiet = True
 
 
 # -- process group and the status protocol -----------------------------------------
