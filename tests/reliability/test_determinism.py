@@ -8,7 +8,8 @@ Promised (see README.md here):
   shards) do not change a byte;
 * a backend's outputs do not depend on its thread count (``RELEX_NUM_THREADS``);
 * ``combine`` is bit-exact across backends and SIMD paths: given the same fit
-  (``relex predict``), reference and cpu (scalar / AVX2 / AVX-512) write the same bytes.
+  (``relex predict``), reference and cpu (scalar / AVX2 / AVX-512) write the same bytes,
+  and so do cuda / triton where a GPU is present.
 
 Not promised: ``extrapolate`` with different backends or SIMD paths may differ in the
 last bits, because the fp32 summation order inside a Gram chunk is each kernel's own
@@ -141,6 +142,23 @@ def test_combine_bit_exact_across_backends_simd_and_threads(traj):
             assert got == ref, (simd, threads)
             n += 1
     assert n >= 3
+
+
+def _device_backends():
+    from relex_kernels.ops import availability
+    return [name for name, (ok, _) in availability().items() if ok and name in ("cuda", "triton")]
+
+
+def test_combine_bit_exact_on_device_backends(traj):
+    """The op contract holds every backend to reference's combine bit for bit (GPU runs only)."""
+    devices = _device_backends()
+    if not devices:
+        pytest.skip("no device backend (cuda, triton) is available here")
+    fit = os.path.join(traj["root"], "dev.fit")
+    run(traj, "--backend", "reference", fit=fit)
+    ref = predict(traj, fit, "--backend", "reference")
+    for be in devices:
+        assert predict(traj, fit, "--backend", be) == ref, be
 
 
 @needs_native
