@@ -148,11 +148,18 @@ class Journal:
                 or head.get("key") != key:
             return None
         j = cls(path, key)
+        good = len(lines[0]) + 1  # bytes of the records we trust
         for line in lines[1:]:
             try:
                 j._apply(json.loads(line))
             except (ValueError, TypeError, KeyError, AttributeError):
                 break  # a damaged record: trust nothing after it
+            good += len(line) + 1
+        if good != len(data):  # cut the torn or damaged tail, so that new records follow good ones
+            try:
+                os.truncate(path, good)
+            except OSError:
+                return None
         j.resumed = True
         return j
 

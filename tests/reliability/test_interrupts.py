@@ -163,6 +163,21 @@ def test_damaged_journal_tail_is_ignored(traj, tmp_path):
     assert_finished(traj, out + "2", relex(*command(traj, out + "2")))
 
 
+def test_torn_tail_then_killed_again(traj, tmp_path):
+    """A resumed run appends after the last good record, not after a torn one."""
+    out = str(tmp_path / "out")
+    kill_at(traj, out, "done:1")
+    j = os.path.join(out, ".relex.partial", "journal.jsonl")
+    with open(j, "ab") as fh:
+        fh.write(b'{"kind":"fit","name":"big","u":"AAAA')
+    kill_at(traj, out, "done:2")  # the resumed run finishes big and layer.weight, and dies
+    records = [json.loads(line) for line in open(j, "rb").read().splitlines()]  # every line whole
+    assert [r["name"] for r in records if r["kind"] == "done"] == ["model.embed_tokens.weight", "big",
+                                                                  "layer.weight"]
+    rep = assert_finished(traj, out, relex(*command(traj, out)))
+    assert rep["resumed_tensors"] == 3
+
+
 def test_partial_state_never_looks_complete(traj, tmp_path):
     """Killed in pass 2: nothing under OUT_DIR but the hidden state loads as a checkpoint."""
     out = str(tmp_path / "out")
