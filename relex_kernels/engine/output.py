@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 
-from ..errors import OutputError
+from ..errors import InputError, OutputError
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import journal as journal_mod
 from .journal import Journal
@@ -37,13 +37,28 @@ def _inside(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def side_files(base_dir: str) -> list[str]:
-    """config.json, generation_config.json, tokenizer files …: every small non-weight file of the base."""
+def side_files(base_dir: str, check: bool = False) -> list[str]:
+    """config.json, generation_config.json, tokenizer files …: every small non-weight file of the base.
+
+    ``check``: also open each one, so that an unreadable one is an error before any work.
+    """
     out = []
-    for name in sorted(os.listdir(base_dir)):
+    try:
+        names = sorted(os.listdir(base_dir))
+    except OSError as e:
+        raise InputError(f"base checkpoint: cannot list {base_dir} for its config and tokenizer files "
+                         f"({e.strerror})") from None
+    for name in names:
         p = os.path.join(base_dir, name)
         if (os.path.isfile(p) and name not in _SKIP_NAMES and not name.startswith(".")
                 and not name.endswith(_WEIGHT_SUFFIXES)):
+            if check:
+                try:
+                    with open(p, "rb"):
+                        pass
+                except OSError as e:
+                    raise InputError(f"base checkpoint: cannot read {p} ({e.strerror}); it is copied "
+                                     "into every output") from None
             out.append(p)
     return out
 
@@ -212,7 +227,8 @@ class OutputSet:
             journal_mod.hook("commit")
         except OSError as e:
             self.abort()
-            raise OutputError(f"writing the output in {self.out_dir} failed: {e.strerror or e}") from None
+            what = f" ({e.filename})" if e.filename else ""
+            raise OutputError(f"writing the output in {self.out_dir} failed: {e.strerror or e}{what}") from None
         return self.finish_commit()
 
     def finish_commit(self) -> list[str]:

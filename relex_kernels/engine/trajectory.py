@@ -83,6 +83,8 @@ class Trajectory:
             for s in self.steps:
                 self.ckpts.append(Checkpoint(checkpoints[s], step=s))
             self.config = read_config(self.base_dir)
+            from .output import side_files
+            side_files(self.base_dir, check=True)  # unreadable config/tokenizer files: fail before any work
             self.tied = tied_head(self.base, self.config)
             self.jobs = self._plan()
         except BaseException:

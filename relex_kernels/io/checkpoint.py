@@ -49,7 +49,11 @@ class Checkpoint:
     def _open_single(self) -> None:
         single = os.path.join(self.path, SINGLE_NAME)
         if not os.path.isfile(single):
-            cands = sorted(f for f in os.listdir(self.path) if f.endswith(".safetensors"))
+            try:
+                names = os.listdir(self.path)
+            except OSError as e:
+                raise InputError(f"{self._label()}: cannot list {self.path} ({e.strerror})") from None
+            cands = sorted(f for f in names if f.endswith(".safetensors"))
             if len(cands) != 1:
                 raise InputError(f"{self._label()}: {self.path} has no {SINGLE_NAME} or {INDEX_NAME}"
                                  + (f" (found {len(cands)} .safetensors files and no index)" if cands else ""))

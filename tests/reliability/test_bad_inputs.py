@@ -421,6 +421,44 @@ def _(c):
     return [p, "Permission denied"]
 
 
+@case("base_dir_unreadable")
+def _(c):
+    os.chmod(c.base, 0o311)  # may be entered, not listed
+    if os.geteuid() == 0:
+        c.preexec = drop_dac_caps
+    return [c.base, "Permission denied"]
+
+
+@case("checkpoint_dir_unreadable")
+def _(c):
+    os.chmod(c.ck[2], 0)
+    if os.geteuid() == 0:
+        c.preexec = drop_dac_caps
+    c.args = ["extrapolate", "--base", c.base, "--checkpoint", f"1={c.ck[1]}", "--checkpoint", f"2={c.ck[2]}",
+              "--target-step", TARGET, "--out", c.out]
+    return [c.ck[2], "Permission denied"]
+
+
+@case("side_file_unreadable")
+def _(c):
+    p = os.path.join(c.base, "config.json")
+    os.chmod(p, 0)
+    if os.geteuid() == 0:
+        c.preexec = drop_dac_caps
+    return [p, "Permission denied"]
+
+
+@case("tokenizer_file_unreadable")
+def _(c):
+    p = os.path.join(c.base, "tokenizer.json")
+    with open(p, "w") as fh:
+        fh.write("{}")
+    os.chmod(p, 0)
+    if os.geteuid() == 0:
+        c.preexec = drop_dac_caps
+    return [p, "Permission denied"]
+
+
 @case("dangling_symlink_shard")
 def _(c):
     p = c.file(4)
