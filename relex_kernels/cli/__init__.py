@@ -12,6 +12,7 @@ import argparse
 import importlib
 import signal
 import sys
+import warnings
 
 from ..errors import RelexError
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     # with a file-size limit (ulimit -f), writing past it must be an EFBIG error we report, not a kill
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # numpy's floating-point warnings (inf - inf in a delta ...) would add lines to the one-line
+    # error: non-finite values are the engine's to detect and report
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"relex_kernels(\.|$)")
     try:
         from ..engine.distributed import cli_rank_setup
         cli_rank_setup(args)  # under torchrun / srun: supported commands only; rank 0 alone prints

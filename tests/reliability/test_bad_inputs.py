@@ -299,6 +299,15 @@ def _(c):
     return ["base checkpoint", "b.bias", "NaN/Inf", p]
 
 
+@case("inf_everywhere_reference_backend")
+def _(c):
+    # inf - inf: numpy's RuntimeWarning must not add lines to the one-line message
+    for s in [0, 1, 2, 3, 4]:
+        set_values(c.file(s, "b.bias"), "b.bias", lambda a: a.__setitem__(2, 0x7F80))
+    c.extra = ["--backend", "reference"]
+    return ["b.bias", "NaN/Inf", c.file(0, "b.bias")]
+
+
 @case("nan_in_chunked_tensor")
 def _(c):
     p = c.file(2, "big")
