@@ -143,6 +143,8 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                              also=tied_head if job.name == tied_source else None,
                              count_read=not (fresh and resident),
                              on_range=_written_recorder(jr, job.name, ranges[-1][1]))
+            if job.dtype == "F16":  # the one fitted dtype whose range a prediction can leave
+                _check_f16_range(job, writers, targets)
             jr.record_done(job.name)
             journal.hook("done")
         if bar is not None:
@@ -174,6 +176,27 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         outs.abort(keep=isinstance(e, KeyboardInterrupt))
         raise
     return RunResult(done, rep, seconds, streamer.bytes_read, be.name, fits)
+
+
+def _check_f16_range(job, writers, targets) -> None:
+    """An fp16 prediction past ±65504 is inf: an error, never a silently broken model.
+
+    (bf16 and fp32 cannot get there: a finite fp32 Gram bounds every delta far below
+    their range.) Reads back the outputs just written, still in the page cache.
+    """
+    n, step = job.numel, 1 << 22
+    for w, t in zip(writers, targets):
+        bad = 0
+        for a in range(0, n, step):
+            b = min(n, a + step)
+            v = w.view(job.name, a, b)
+            bad += int(np.count_nonzero((v.view(np.uint16) & 0x7C00) == 0x7C00))  # exponent all ones: inf, NaN
+            del v
+            w.release(job.name, a, b)
+        if bad:
+            raise InputError(f"tensor {job.name}: the prediction for step {t} leaves the F16 range "
+                             f"(|x| > 65504) at {bad} of {n} elements; predict a nearer step, or convert "
+                             "the checkpoints to bf16 or fp32")
 
 
 def _gram_recorder(jr, name: str, end: int):

@@ -324,6 +324,21 @@ def _(c):
     return ["b.bias", "checkpoint step 2", p, "overflow"]
 
 
+@case("f16_prediction_overflows")
+def _(c):
+    # valid fp16 checkpoints near the top of the fp16 range: step 20 lies past 65504
+    from relex_kernels.io import write_checkpoint
+    shutil.rmtree(c.run)
+    os.unlink(c.file(0))
+    th0 = np.full(8, 40000, np.float16)
+    write_checkpoint(c.base, {"w.f16": ("F16", th0)})
+    for s in (1, 2, 3):
+        d = os.path.join(c.run, f"step_{s}")
+        os.makedirs(d)
+        write_checkpoint(d, {"w.f16": ("F16", (th0.astype(np.float32) + 2000 * s).astype(np.float16))})
+    return ["w.f16", "step 20", "F16 range"]
+
+
 # -- trajectory layout ---------------------------------------------------------------------------
 @case("duplicate_steps_in_run_dir")
 def _(c):
