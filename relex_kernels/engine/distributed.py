@@ -124,7 +124,8 @@ def detect(environ=None) -> DistEnv | None:
             init, launcher = "env://", "torchrun"
         elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env):
             # inside an srun step (a batch script alone has no step id: it is one process)
-            world, rank = int(env["SLURM_NTASKS"]), int(env["SLURM_PROCID"])
+            world = int(env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"])
+            rank = int(env["SLURM_PROCID"])
             local_rank = int(env.get("SLURM_LOCALID", "0"))
             local_world = _first_int(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_NTASKS_PER_NODE"))
             host = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST")
