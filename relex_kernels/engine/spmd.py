@@ -248,6 +248,7 @@ class RankRun:
                 comp = self.comps[job.name]
             st.combine(job, ranges, resident, fitmath.alphas(comp, self.W), self.writers,
                        also=self._also(job), count_read=not (resident and self.comps is None))
+            self._check_f16(job, 0, job.numel)
             _test_hook(rank, "work")
         for p in mine:  # pass 1 of the pieces of split tensors: one Gram sum per block
             if not p.split or self.comps is not None:
@@ -260,6 +261,23 @@ class RankRun:
                 payload[self.slot[p.job.name] + blk] = st.gram(p.job, sub, resident=keep)
             _test_hook(rank, "work")
         return payload.reshape(-1)
+
+    def _check_f16(self, job, a: int, b: int) -> None:
+        """As run._check_f16_range, on this rank's elements: an fp16 prediction past ±65504 is an error."""
+        if job.dtype != "F16":
+            return
+        for w, t in zip(self.writers, self.targets):
+            bad = 0
+            for c0 in range(a, b, 1 << 22):
+                c1 = min(b, c0 + (1 << 22))
+                v = w.view(job.name, c0, c1)
+                bad += int(np.count_nonzero((v.view(np.uint16) & 0x7C00) == 0x7C00))  # inf or NaN
+                del v
+                w.release(job.name, c0, c1)
+            if bad:
+                raise InputError(f"tensor {job.name}: the prediction for step {t} leaves the F16 range "
+                                 f"(|x| > 65504) at {bad} of {job.numel} elements; predict a nearer step, or "
+                                 "convert the checkpoints to bf16 or fp32")
 
     def _also(self, job):
         return self.tied[0] if self.tied and job.name == self.tied[1] else None
@@ -281,8 +299,8 @@ class RankRun:
                 G = np.zeros((T, T))
                 for b in range(-(-job.numel // GRAM_BLOCK)):
                     G += grams[s + b]  # the order of Streamer.gram: bit-identical to one process
-                if not np.isfinite(G).all():
-                    raise InputError(f"tensor {job.name}: its Gram overflows (deltas too large to fit)")
+                if not np.isfinite(G).all():  # finite block sums, infinite total: name the input
+                    self.streamer._raise_nonfinite(job)
             else:
                 G = grams[s]
             self.fits[job.name] = fitmath.components(G, self.opts.rank)
@@ -297,6 +315,7 @@ class RankRun:
             ranges = [(p.a, p.b)] if keep else self._piece_ranges(p)[1]
             st.combine(p.job, ranges, keep, fitmath.alphas(self.fits[p.job.name], self.W), self.writers,
                        also=self._also(p.job), count_read=not keep)
+            self._check_f16(p.job, p.a, p.b)
         if self.bar is not None:
             self.bar.close()
             self.bar = None
