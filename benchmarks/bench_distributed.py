@@ -14,7 +14,8 @@ Side by side, from a warm page cache, medians of ``--runs``:
               with the single-process one.
 
 ``wall`` includes starting Python (and torch, for torchrun) and joining the process
-group; ``engine`` is the run itself as its report gives it. Results:
+group; ``engine`` is the run itself as its report gives it; ``CPU`` is user + system
+time of every process. Contenders run round robin, so background load hits them alike. Results:
 ``benchmarks/results/distributed_cpu.json`` and ``.md``.
 """
 
@@ -24,6 +25,7 @@ import argparse
 import filecmp
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -55,14 +57,17 @@ def run_once(syn, out: str, procs: int, threads: int | None, target: int) -> dic
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port",
                str(free_port()), "-m", "relex_kernels", *args]
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
     rep = json.load(open(os.path.join(out, "relex_report.json")))
     d = rep.get("distributed", {})
-    return {"wall": wall, "engine": rep["seconds"], "bytes_read": rep["bytes_read"],
+    return {"wall": wall, "cpu": cpu, "engine": rep["seconds"], "bytes_read": rep["bytes_read"],
             "bytes_by_rank": d.get("bytes_read_by_rank", [rep["bytes_read"]]),
             "split": sorted(d.get("split_tensors", {}))}
 
@@ -91,32 +96,33 @@ def main() -> None:
     outs = os.path.join(a.cache, f"dist-out-{label}-T{a.T}")
     contenders = [("1 process", 1, None), ("1 x 1 thread", 1, 1)] + [(f"torchrun {n} x 1 thread", n, 1)
                                                                        for n in a.procs]
-    rows = []
-    ref = None
-    for name, procs, threads in contenders:
-        out = os.path.join(outs, name.replace(" ", "_"))
-        runs = []
-        for _ in range(a.runs):
+    load_start = os.getloadavg()
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in contenders}
+    for _ in range(a.runs):  # round robin: every contender sees the same background load
+        for name, procs, threads in contenders:
             warm(files)
-            runs.append(run_once(syn, out, procs, threads, target))
-        step_dir = os.path.join(out, f"step_{target}")
-        if ref is None:
-            ref = step_dir
+            results[name].append(run_once(syn, os.path.join(outs, name.replace(" ", "_")), procs, threads, target))
+    rows = []
+    ref = os.path.join(outs, contenders[0][0].replace(" ", "_"), f"step_{target}")
+    for name, procs, threads in contenders:
+        runs = results[name]
+        step_dir = os.path.join(outs, name.replace(" ", "_"), f"step_{target}")
         row = {"contender": name, "processes": procs, "threads_per_process": threads or os.cpu_count(),
                "wall_s": statistics.median(r["wall"] for r in runs),
                "engine_s": statistics.median(r["engine"] for r in runs),
+               "cpu_s": statistics.median(r["cpu"] for r in runs),
                "engine_runs_s": [r["engine"] for r in runs], "wall_runs_s": [r["wall"] for r in runs],
                "bytes_read": runs[-1]["bytes_read"], "bytes_by_rank": runs[-1]["bytes_by_rank"],
                "split_tensors": runs[-1]["split"], "identical_to_1_process": same_output(ref, step_dir)}
         row["engine_GBps"] = row["bytes_read"] / row["engine_s"] / 1e9
         rows.append(row)
-        print(f"{name:24s} wall {row['wall_s']:6.2f} s  engine {row['engine_s']:6.2f} s  "
+        print(f"{name:24s} wall {row['wall_s']:6.2f} s  engine {row['engine_s']:6.2f} s  cpu {row['cpu_s']:6.2f} s  "
               f"{row['engine_GBps']:5.2f} GB/s  identical={row['identical_to_1_process']}", flush=True)
     base = rows[0]["engine_s"]
     for r in rows:
         r["engine_speedup_vs_1_process"] = base / r["engine_s"]
         r["wall_speedup_vs_1_process"] = rows[0]["wall_s"] / r["wall_s"]
-    res = {"machine": machine(), "load_average": os.getloadavg(), "size": label, "T": a.T,
+    res = {"machine": machine(), "load_average_start": load_start, "load_average": os.getloadavg(), "size": label, "T": a.T,
            "trajectory_bytes": traj_bytes, "read_bandwidth_Bps": bw, "bound_s": traj_bytes / bw,
            "target": target, "runs": a.runs, "rows": rows}
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
@@ -129,17 +135,18 @@ def main() -> None:
 
 
 def to_markdown(res: dict) -> str:
-    lines = [f"Scaling on {res['machine']} (load average at the end {res['load_average'][0]:.1f}); "
+    lines = [f"Scaling on {res['machine']} (1-min load average {res['load_average_start'][0]:.1f} at the start, "
+             f"{res['load_average'][0]:.1f} at the end: other jobs shared the cores); "
              f"synthetic {res['size']}, T = {res['T']}, trajectory {res['trajectory_bytes'] / 1e9:.2f} GB, warm "
              f"page cache, medians of {res['runs']}. Bound: {res['bound_s']:.2f} s at the measured "
              f"{res['read_bandwidth_Bps'] / 1e9:.2f} GB/s read bandwidth.", "",
-             "| contender | engine s | GB/s | vs 1 process | wall s (incl. startup) | bytes read by rank (GB) "
-             "| identical |",
-             "|---|---|---|---|---|---|---|"]
+             "| contender | engine s | GB/s | vs 1 process | wall s (incl. startup) | CPU s (all processes) "
+             "| bytes read by rank (GB) | identical |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         by = ", ".join(f"{b / 1e9:.2f}" for b in r["bytes_by_rank"])
         lines.append(f"| {r['contender']} | {r['engine_s']:.2f} | {r['engine_GBps']:.2f} | "
-                     f"{r['engine_speedup_vs_1_process']:.2f}x | {r['wall_s']:.2f} | {by} | "
+                     f"{r['engine_speedup_vs_1_process']:.2f}x | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {by} | "
                      f"{'yes' if r['identical_to_1_process'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
