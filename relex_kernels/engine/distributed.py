@@ -301,6 +301,19 @@ def _sigterm_raises():
         signal.signal(signal.SIGTERM, prev)
 
 
+def _backend(name):
+    """The op backend one process would pick (``auto`` takes a GPU backend where the device engine is present).
+
+    Ranks run the host-array ops of a device backend through the CPU streamer (one GPU
+    per rank, ``LOCAL_RANK``); the overlapped device pipeline is not used across ranks yet.
+    """
+    try:
+        from .gpu import resolve_backend
+    except ImportError:  # no device engine in this build
+        return get_backend(name)
+    return resolve_backend(name)
+
+
 # -- the run -----------------------------------------------------------------------
 def execute(traj: Trajectory, opts, targets: list[int], out_dir: str, *, comps=None, memory_budget=None,
             backend=None, overwrite=False, shard_bytes=DEFAULT_SHARD_BYTES, progress=False, input_dirs=(),
@@ -312,7 +325,7 @@ def execute(traj: Trajectory, opts, targets: list[int], out_dir: str, *, comps=N
     env = detect()
     if env is None:
         raise UsageError("not a distributed run (no RANK/WORLD_SIZE or srun step in the environment)")
-    be = get_backend(backend)
+    be = _backend(backend)
     group = Group(env, be.name)
     from .spmd import RankRun  # the run itself
 
