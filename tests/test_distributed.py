@@ -278,6 +278,29 @@ def test_environment_detection():
     assert first_host("a1,b[1-2]") == "a1" and first_host("n[03,05-07]x") == "n03"
 
 
+def test_shared_page_rewrite_undoes_a_stale_page_write_back(tmp):
+    """On NFS a rank's msync writes whole pages: the rewrite of each rank's partial pages repairs that."""
+    from relex_kernels.engine.spmd import _PAGE, _edge_bytes, _rewrite
+    path = os.path.join(tmp, "f")
+    n = 5 * _PAGE + 123
+    rng = np.random.default_rng(0)
+    want = rng.integers(0, 255, n, dtype=np.uint8).tobytes()
+    with open(path, "wb") as fh:
+        fh.write(want)
+    cut1, cut2 = 2 * _PAGE + 77, 3 * _PAGE + 5  # three "ranks"; both cuts inside a page
+    spans = [{path: [(0, cut1)]}, {path: [(cut1, cut2)]}, {path: [(cut2, n)]}]
+    edges = [_edge_bytes(sp) for sp in spans]
+    assert all(len(data) < _PAGE for e in edges for _, _, data in e)
+    with open(path, "r+b") as fh:  # stale write-backs of the two shared pages
+        for page in (cut1 - cut1 % _PAGE, cut2 - cut2 % _PAGE):
+            fh.seek(page)
+            fh.write(bytes(_PAGE))
+    assert open(path, "rb").read() != want
+    for e in edges:
+        _rewrite(e)
+    assert open(path, "rb").read() == want
+
+
 def test_commands_that_do_not_split_refuse_to_run_under_a_launcher(tmp):
     r = subprocess.run([sys.executable, "-m", "relex_kernels", "synth", os.path.join(tmp, "x")], text=True,
                        capture_output=True, env=_env(RANK="1", WORLD_SIZE="2"))
