@@ -11,7 +11,8 @@ launcher's environment and ``run._execute`` hands the run to :func:`execute`:
    (``ShardedWriter(reuse=True)``);
 2. each rank does its whole tensors as one process would (Gram, fit, weighted sum,
    pages read once when they fit the budget) and the Gram block sums of its pieces
-   of split tensors; ONE fp64 all-reduce then carries every rank's status, the Gram
+   of split tensors (kept mapped until pass 2 as far as the budget allows, so they
+   too are read once); ONE fp64 all-reduce then carries every rank's status, the Gram
    of each whole tensor (for rank 0's report and fit file) and the block sums, each
    in its own slot, so the sum is exact whatever the reduction order; every rank
    adds a split tensor's block sums in block order: the single-process Gram
@@ -31,6 +32,10 @@ the other workers) or Ctrl-C removes the partial outputs and ends the process at
 (exit status 143 / 130). Only rank 0 renames outputs, and only after
 every rank reported its part written and synced. Distributed runs do not resume:
 they start afresh (``resume`` is ignored).
+
+Memory: ``--memory-budget`` is per rank; by default a quarter of the node's RAM shared
+by the ranks on the node (``LOCAL_WORLD_SIZE``). Every rank maps the input headers
+and reads only its own byte ranges, so inputs belong on a filesystem all nodes share.
 
 Environment: ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``LOCAL_WORLD_SIZE``/``MASTER_ADDR``/
 ``MASTER_PORT`` (torchrun), else ``SLURM_PROCID``/``SLURM_NTASKS``/``SLURM_LOCALID``
