@@ -15,8 +15,10 @@ HELP = "synthesize a small RLVR trajectory, extrapolate it and print the report"
 DESCRIPTION = """\
 A self-contained run of the whole pipeline: a small synthetic Qwen3-shaped RLVR
 trajectory (bf16 checkpoints at steps 1..16) is written to a temporary directory,
-RELEX predicts step 160 from it, and the explained-variance report and the
-output location are printed. Nothing is downloaded.
+RELEX predicts step 160 from it, and the explained-variance report, the error of
+the prediction against the generator's true step-160 checkpoint (next to simply
+keeping the last checkpoint) and the output location are printed. Nothing is
+downloaded.
 """
 
 
@@ -36,7 +38,7 @@ def run(args) -> int:
     os.makedirs(root, exist_ok=True)
     print(f"synthesizing a {args.size} qwen3 trajectory, steps 1..{args.steps}, in {root}")
     syn = synthesize(os.path.join(root, "synth"), arch="qwen3", size=args.size,
-                     steps=list(range(1, args.steps + 1)), seed=0, quiet=False)
+                     steps=list(range(1, args.steps + 1)), seed=0, quiet=False, truth_steps=[args.target_step])
     out = os.path.join(root, "predicted")
     print(f"extrapolating to step {args.target_step}")
     res = extrapolate(syn.base_dir, syn.checkpoints, [args.target_step], out, FitOptions(),
@@ -44,8 +46,35 @@ def run(args) -> int:
     print(format_summary(res.report["summary"], 1))
     gbs = res.bytes_read / max(res.seconds, 1e-9) / 1e9
     print(f"read {res.bytes_read / 1e9:.3f} GB in {res.seconds:.2f} s ({gbs:.2f} GB/s, backend {res.backend})")
+    truth = syn.truth[args.target_step]
+    relex_err = relative_error(res.outputs[0], truth, syn.base_dir)
+    last_err = relative_error(syn.checkpoints[max(syn.checkpoints)], truth, syn.base_dir)
+    print(f"error against the true step-{args.target_step} checkpoint, ||pred - true|| / ||true - base||: "
+          f"RELEX {relex_err:.3f}, keeping step {max(syn.checkpoints)} {last_err:.3f}")
     print(f"report: {os.path.join(out, 'relex_report.json')}")
     print(f"predicted checkpoint (loads with transformers' from_pretrained): {res.outputs[0]}")
     if args.clean:
         shutil.rmtree(root)
     return 0
+
+
+def relative_error(pred_dir: str, true_dir: str, base_dir: str) -> float:
+    """||pred - true|| / ||true - base|| over every tensor (fp64 sums, one tensor at a time)."""
+    import numpy as np
+
+    from ..io import Checkpoint, dtypes
+
+    cks = [Checkpoint(d) for d in (pred_dir, true_dir, base_dir)]
+    num = den = 0.0
+    try:
+        for name, loc in cks[2].tensors.items():
+            if not dtypes.is_fitted(loc.info.dtype):
+                continue
+            p, t, b = (dtypes.to_float32(c.tensors[name].file.view(name), loc.info.dtype).astype(np.float64)
+                       for c in cks)
+            num += float(((p - t) ** 2).sum())
+            den += float(((t - b) ** 2).sum())
+    finally:
+        for c in cks:
+            c.close()
+    return (num / den) ** 0.5 if den > 0 else 0.0
