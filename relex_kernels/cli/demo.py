@@ -28,6 +28,8 @@ def add_arguments(p) -> None:
     p.add_argument("--size", default="small", help="synthetic model size (default small)")
     p.add_argument("--steps", type=int, default=16, help="history checkpoints (default 16)")
     p.add_argument("--target-step", type=int, default=160, help="step to predict (default 160)")
+    p.add_argument("--drift", type=float, default=None,
+                   help="per-step relative drift of the synthetic run (default: the generator's, 3e-4)")
     p.add_argument("--clean", action="store_true", help="remove the directory afterwards")
 
 
@@ -38,7 +40,8 @@ def run(args) -> int:
     os.makedirs(root, exist_ok=True)
     print(f"synthesizing a {args.size} qwen3 trajectory, steps 1..{args.steps}, in {root}")
     syn = synthesize(os.path.join(root, "synth"), arch="qwen3", size=args.size,
-                     steps=list(range(1, args.steps + 1)), seed=0, quiet=False, truth_steps=[args.target_step])
+                     steps=list(range(1, args.steps + 1)), seed=0, quiet=False, truth_steps=[args.target_step],
+                     **({} if args.drift is None else {"drift": args.drift}))
     out = os.path.join(root, "predicted")
     print(f"extrapolating to step {args.target_step}")
     res = extrapolate(syn.base_dir, syn.checkpoints, [args.target_step], out, FitOptions(),
