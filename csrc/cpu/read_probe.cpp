@@ -1,0 +1,28 @@
+// A plain multi-threaded read loop: the read-bandwidth bound that the benchmark
+// compares the kernels with, measured over the same buffers they read.
+#include <algorithm>
+
+#include "driver.h"
+
+namespace relex {
+
+// Reads nbytes of each of nbuf buffers (tails included) in 1 MB blocks per buffer
+// and returns an XOR checksum, so that nothing can be optimised away.
+uint64_t read_probe(const void* const* bufs, int nbuf, size_t nbytes, int nthreads) {
+    if (nbuf < 0) throw std::invalid_argument("negative buffer count");
+    for (int i = 0; i < nbuf; ++i)
+        if (nbytes && !bufs[i]) throw std::invalid_argument("null buffer pointer");
+    const IsaKernels& k = active_kernels();
+    const size_t block = size_t(1) << 20;
+    const size_t nblocks = (nbytes + block - 1) / block;
+    const int nt = threads_for(nthreads, nblocks);
+    uint64_t total = 0;
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(^ : total)
+    for (long blk = 0; blk < long(nblocks); ++blk) {
+        const size_t b0 = size_t(blk) * block, len = std::min(nbytes, b0 + block) - b0;
+        for (int i = 0; i < nbuf; ++i) total ^= k.xor_words(static_cast<const char*>(bufs[i]) + b0, len);
+    }
+    return total;
+}
+
+}  // namespace relex

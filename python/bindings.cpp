@@ -1,0 +1,116 @@
+// relex_kernels._C: the pybind11 face of the CPU kernels.
+//
+// Free of torch's C++ ABI on purpose: buffers are passed as integer addresses
+// (numpy `arr.ctypes.data`, torch `t.data_ptr()`), sizes as element counts and
+// storage dtypes as the codes of relex_kernels/io/dtypes.py (F32=0, F16=1,
+// BF16=2, F64=3). Validation of shapes and dtypes is the Python wrapper's job
+// (relex_kernels/ops/native.py); here only what would crash is checked. Every
+// kernel releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "../csrc/cpu/kernels.h"
+
+namespace py = pybind11;
+using relex::Inputs;
+
+namespace {
+
+template <class T>
+T* ptr(uintptr_t p) {
+    return reinterpret_cast<T*>(p);
+}
+
+std::vector<const void*> const_ptrs(const std::vector<uintptr_t>& v) {
+    std::vector<const void*> out(v.size());
+    for (size_t i = 0; i < v.size(); ++i) out[i] = ptr<const void>(v[i]);
+    return out;
+}
+
+void gram(uintptr_t base, const std::vector<uintptr_t>& hist, size_t n, int dtype, uintptr_t acc,
+          bool fp16_deltas, int num_threads) {
+    const std::vector<const void*> h = const_ptrs(hist);
+    const Inputs in{ptr<const void>(base), h.data(), int(h.size()), dtype, fp16_deltas, n};
+    relex::gram(in, ptr<double>(acc), num_threads);
+}
+
+void combine(uintptr_t base, const std::vector<uintptr_t>& hist, size_t n, int dtype, uintptr_t alphas,
+             const std::vector<uintptr_t>& outs, bool fp16_deltas, int num_threads) {
+    const std::vector<const void*> h = const_ptrs(hist);
+    std::vector<void*> o(outs.size());
+    for (size_t k = 0; k < outs.size(); ++k) o[k] = ptr<void>(outs[k]);
+    const Inputs in{ptr<const void>(base), h.data(), int(h.size()), dtype, fp16_deltas, n};
+    relex::combine(in, ptr<const float>(alphas), int(o.size()), o.data(), num_threads);
+}
+
+uint64_t read_probe(const std::vector<uintptr_t>& bufs, size_t nbytes, int num_threads) {
+    const std::vector<const void*> b = const_ptrs(bufs);
+    return relex::read_probe(b.data(), int(b.size()), nbytes, num_threads);
+}
+
+int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+py::dict build_info() {
+    py::dict d;
+#if defined(__clang__)
+    d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+    d["compiler"] = "unknown";
+#endif
+#ifdef _OPENMP
+    d["openmp"] = int(_OPENMP);
+#else
+    d["openmp"] = py::none();
+#endif
+#ifdef RELEX_X86_KERNELS
+    d["simd_paths"] = py::make_tuple("scalar", "avx2", "avx512");
+#else
+    d["simd_paths"] = py::make_tuple("scalar");
+#endif
+    return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "relex_kernels native CPU kernels (see relex_kernels.ops.native for the typed API)";
+    m.attr("GRAM_CHUNK") = py::int_(relex::kGramChunk);
+
+    m.def("gram", &gram, py::arg("base"), py::arg("hist"), py::arg("n"), py::arg("dtype"), py::arg("acc"),
+          py::arg("fp16_deltas"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+          "acc (T*T float64 at address acc) += Gram of the deltas of n elements; base and hist[i]\n"
+          "are addresses of n raw elements of dtype code `dtype` (unaligned allowed).");
+    m.def("combine", &combine, py::arg("base"), py::arg("hist"), py::arg("n"), py::arg("dtype"),
+          py::arg("alphas"), py::arg("outs"), py::arg("fp16_deltas"), py::arg("num_threads"),
+          py::call_guard<py::gil_scoped_release>(),
+          "outs[k] (n raw elements each) = round(b + sum_i alphas[k, i] * d_i); alphas is the\n"
+          "address of len(outs) x len(hist) float32, C order.");
+    m.def("read_probe", &read_probe, py::arg("bufs"), py::arg("nbytes"), py::arg("num_threads"),
+          py::call_guard<py::gil_scoped_release>(),
+          "Read nbytes of every buffer (a checksum is returned): the read-bandwidth bound.");
+    m.def("simd_level", [] { return std::string(relex::isa_name(relex::active_isa())); },
+          "The SIMD path the kernels use now.");
+    m.def("best_simd_level", [] { return std::string(relex::isa_name(relex::best_isa())); },
+          "The best SIMD path this CPU supports.");
+    m.def("set_simd_level", &relex::set_active_isa, py::arg("name"),
+          "Use 'auto', 'scalar', 'avx2' or 'avx512' (at most the best supported); False if refused.");
+    m.def("cpu_features", &relex::cpu_feature_list, "The CPU/OS features the dispatcher looked at.");
+    m.def("max_threads", &max_threads, "OpenMP's default thread count (OMP_NUM_THREADS, affinity).");
+    m.def("build_info", &build_info, "Compiler, OpenMP version and SIMD paths of this build.");
+}
