@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..ops import availability, get_backend
+from ..engine.gpu import resolve_backend
+from ..ops import availability
 
 NAME = "backends"
 HELP = "list the compute backends and why any is unavailable"
@@ -17,7 +18,7 @@ def report() -> str:
     lines = []
     for name, (ok, why) in availability().items():
         lines.append(f"  {name:<10} {'yes' if ok else 'no ':<4} {why}")
-    lines.append(f"auto picks: {get_backend('auto').name}")
+    lines.append(f"auto picks: {resolve_backend('auto').name}")
     return "backends:\n" + "\n".join(lines)
 
 

@@ -23,6 +23,9 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
                         "are read once; larger ones are chunked and read twice")
     g.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
                    help="largest output shard (default 5GB, the hub's convention)")
+    g.add_argument("--device-memory-budget", type=parse_size, default=None, metavar="SIZE",
+                   help="bound on GPU memory of the triton/cuda backends (default: 90%% of the free memory). "
+                        "Tensors whose whole trajectory fits are read once; larger ones stream through it twice")
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="compute backend (default: $RELEX_BACKEND or auto = fastest available; "
                         "see 'python -m relex_kernels')")

@@ -75,6 +75,7 @@ def run(args) -> int:
                       time_axis=args.time_axis, step_scale=args.step_scale, mode=args.mode,
                       fp16_deltas=args.fp16_deltas)
     res = extrapolate(args.base, hist, args.targets, args.out, opts, memory_budget=args.memory_budget,
+                      device_memory_budget=args.device_memory_budget,
                       backend=args.backend, overwrite=args.overwrite, save_fit=args.save_fit,
                       shard_bytes=args.shard_size, progress=not args.quiet and sys.stderr.isatty(),
                       run_dir=run_dir, resume=args.resume)

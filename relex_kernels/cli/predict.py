@@ -29,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    res = predict(args.fit, args.targets, args.out, memory_budget=args.memory_budget, backend=args.backend,
+    res = predict(args.fit, args.targets, args.out, memory_budget=args.memory_budget,
+                  device_memory_budget=args.device_memory_budget, backend=args.backend,
                   overwrite=args.overwrite, shard_bytes=args.shard_size,
                   progress=not args.quiet and sys.stderr.isatty(), resume=args.resume)
     from ..fit import FitOptions

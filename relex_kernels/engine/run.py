@@ -15,10 +15,9 @@ from .. import fit as fitmath
 from ..errors import InputError, OutputError, RelexError, UsageError
 from ..fit import Components, FitOptions
 from ..io.writer import DEFAULT_SHARD_BYTES
-from ..ops import get_backend
 from . import fitfile, journal, report
 from .output import OutputSet, _inside
-from .streaming import Streamer
+from .gpu import close_streamer, make_streamer, resolve_backend
 from .trajectory import Trajectory
 
 
@@ -63,7 +62,7 @@ def _progress(total: int, enabled: bool):
 def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: str, *, comps=None,
              memory_budget=None, backend=None, overwrite=False, shard_bytes=DEFAULT_SHARD_BYTES,
              progress=False, input_dirs=(), extra_report=None, resume=True, key_extra=None,
-             before_commit=None) -> RunResult:
+             before_commit=None, device_memory_budget=None) -> RunResult:
     from . import distributed  # imports torch only for a multi-process run (torchrun, srun)
     if distributed.active():
         return distributed.execute(traj, opts, targets, out_dir, comps=comps, memory_budget=memory_budget,
@@ -71,7 +70,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                                    progress=progress, input_dirs=input_dirs, extra_report=extra_report,
                                    resume=resume, key_extra=key_extra, before_commit=before_commit)
     t0 = time.perf_counter()
-    be = get_backend(backend)
+    be = resolve_backend(backend)
     steps = traj.steps
     fitmath.validate(opts, steps)
     for t in targets:
@@ -85,14 +84,14 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.name, shard_bytes, traj.jobs, key_extra)
     outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite, key=key,
                      resume=resume)
-    bar = None
+    bar = streamer = None
     try:
         if outs.journal.committed:  # killed while renaming finished outputs into place
             return _finish_committed(outs, be.name, t0, comps, before_commit)
         writers = outs.open_writers([j.spec for j in traj.jobs], shard_bytes)
         jr = outs.journal
         journal.hook("start")
-        streamer = Streamer(traj, be, budget, fp16_deltas=opts.fp16_deltas)
+        streamer = make_streamer(traj, be, budget, opts.fp16_deltas, device_memory_budget)
         K = len(targets)
         tied_source = traj.tied[1] if traj.tied else None
         tied_head = traj.tied[0] if traj.tied else None
@@ -147,6 +146,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                 _check_f16_range(job, writers, targets)
             jr.record_done(job.name)
             journal.hook("done")
+        close_streamer(streamer)
         if bar is not None:
             bar.close()
             bar = None
@@ -170,6 +170,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         done = outs.commit(traj.base_dir, rep,
                            before_commit=(lambda: before_commit(fits)) if before_commit is not None else None)
     except BaseException as e:
+        close_streamer(streamer)
         if bar is not None:
             bar.close()
         # an error removes every partial output; an interrupt keeps them for a resume
@@ -236,7 +237,8 @@ def _finish_committed(outs: OutputSet, backend: str, t0: float, comps, before_co
 def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_dir: str,
                 opts: FitOptions = FitOptions(), *, memory_budget: int | None = None, backend: str | None = None,
                 overwrite: bool = False, save_fit: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-                progress: bool = False, run_dir: str | None = None, resume: bool = True) -> RunResult:
+                progress: bool = False, run_dir: str | None = None, resume: bool = True,
+                device_memory_budget: int | None = None) -> RunResult:
     """Predict ``targets`` from ``base`` and the history ``checkpoints`` ({step: dir}) into ``out_dir/step_<S>``."""
     if not targets:
         raise UsageError("give at least one --target-step")
@@ -270,7 +272,8 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
             return _execute(traj, opts, list(targets), out_dir, memory_budget=memory_budget, backend=backend,
                             overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
                             input_dirs=[run_dir] if run_dir else (), resume=resume,
-                            before_commit=write_fit if save_fit is not None else None)
+                            before_commit=write_fit if save_fit is not None else None,
+                            device_memory_budget=device_memory_budget)
         except BaseException:
             for p in saved:  # the outputs did not appear, so neither does their fit
                 try:
@@ -284,7 +287,7 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
 
 def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: int | None = None,
             backend: str | None = None, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: bool = False, resume: bool = True) -> RunResult:
+            progress: bool = False, resume: bool = True, device_memory_budget: int | None = None) -> RunResult:
     """Write ``targets`` from a fit saved by :func:`extrapolate`: one pass, no Gram."""
     if not targets:
         raise UsageError("give at least one --target-step")
@@ -303,6 +306,6 @@ def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: i
         return _execute(traj, opts, list(targets), out_dir, comps=comps, memory_budget=memory_budget,
                         backend=backend, overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
                         extra_report={"fit": os.path.abspath(fit_path)}, resume=resume,
-                        key_extra={"fit": journal.file_sha256(fit_path)})
+                        key_extra={"fit": journal.file_sha256(fit_path)}, device_memory_budget=device_memory_budget)
     finally:
         traj.close()

@@ -1,0 +1,486 @@
+"""The overlapped disk -> pinned host -> device pipeline of the device backends (triton, cuda).
+
+:class:`DeviceStreamer` is a drop-in for :class:`~.streaming.Streamer` (same ``ranges``,
+``gram``, ``combine``, ``copy``; same two-level Gram sum and ``on_range`` journal
+points), so :mod:`.run` keeps its journal, resume and output logic unchanged.
+
+Data path, per *group* of elements (a power-of-two number of GRAM_CHUNKs that divides
+GRAM_BLOCK, so groups never straddle a Gram block):
+
+* a reader thread copies the group's T+1 rows from the memory-mapped inputs into a
+  pinned buffer (large sequential reads, rows in parallel), releasing the mapped
+  pages at once; it reads ahead in the order the engine will ask (the jobs' order),
+  bounded by the pinned pool — through tensor boundaries and while the device computes;
+* the H2D copy runs on its own stream into a device stage slot (ring of
+  ``N_STAGE``) or, for a tensor whose whole trajectory fits the device budget, into
+  its resident buffer — then pass 2 reads nothing;
+* the Gram kernels run on the compute stream as each group lands; the combine
+  kernel writes the outputs of a group into a device slot, a D2H copy on a third
+  stream brings them to a pinned buffer, and writer threads copy them into the
+  output maps while the next groups compute.
+
+``combine`` returns (and calls ``on_range``) only once a range's outputs are in the
+output maps, because the run journal records them as written: outputs of tensor k
+are therefore written while tensor k+1 is being *read*, not while it computes.
+
+On a CPU (``--backend triton`` with ``TRITON_INTERPRET=1``, tests only) the same code
+runs with synchronous copies and no streams.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..errors import BackendError, UsageError
+from ..io import dtypes
+from ..ops import Backend, get_backend
+from ..ops.reference import GRAM_CHUNK
+from .streaming import GRAM_BLOCK, KERNEL_SCRATCH, MIN_BUDGET, Streamer
+from .trajectory import Job
+
+DEVICE_BACKENDS = ("cuda", "triton")
+N_PINNED = 3  # pinned input buffers: one being filled, one in flight, one ahead
+N_STAGE = 2  # device stage slots of streamed tensors
+N_OUT = 3  # pinned output buffers (and 2 device output slots)
+MAX_STAGE = 256 << 20
+#: journal points of streamed tensors: at least this many input bytes per range
+RANGE_BYTES = 1 << 30
+
+
+def resolve_backend(name: str | None) -> Backend:
+    """``get_backend`` that lets ``auto`` take a device backend when a GPU is present."""
+    name = name or os.environ.get("RELEX_BACKEND") or "auto"
+    if name == "auto":
+        from ..ops.cuda import gpu_present
+        if gpu_present():  # cheap: no torch import on machines without an NVIDIA GPU
+            for cand in DEVICE_BACKENDS:
+                try:
+                    return get_backend(cand)
+                except BackendError:
+                    pass
+    return get_backend(name)
+
+
+def stage_bytes(T: int, memory_budget: int) -> int:
+    """Bytes of one pinned input buffer / device stage slot: a few per host budget, >= one chunk."""
+    budget = max(memory_budget - KERNEL_SCRATCH, MIN_BUDGET)
+    return max(min(budget // 8, MAX_STAGE), (T + 1) * 8 * GRAM_CHUNK)
+
+
+def device_overhead(T: int, memory_budget: int) -> int:
+    """Device bytes the pipeline holds besides resident tensors (stage and output slots, scratch)."""
+    stage = stage_bytes(T, memory_budget)
+    out = stage + 64  # K outputs of a group take at most K/(T+1) of a stage; K <= T+1 assumed here
+    scratch = (stage // ((T + 1) * 2) // GRAM_CHUNK + 1) * 8 * T * T * 4
+    return N_STAGE * stage + 2 * out + scratch + (1 << 20)
+
+
+def make_streamer(traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False,
+                  device_memory_budget: int | None = None) -> Streamer:
+    if backend.name in DEVICE_BACKENDS:
+        return DeviceStreamer(traj, backend, memory_budget, fp16_deltas, device_memory_budget=device_memory_budget)
+    return Streamer(traj, backend, memory_budget, fp16_deltas=fp16_deltas)
+
+
+def close_streamer(streamer) -> None:
+    """Stop a :class:`DeviceStreamer`'s threads (a CPU :class:`Streamer` has none)."""
+    close = getattr(streamer, "close", None)
+    if close is not None:
+        close()
+
+
+class _NoStream:
+    """Stream and event stand-ins on the CPU, where every copy is synchronous."""
+
+    def wait_event(self, ev) -> None:
+        pass
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _Pool:
+    """Pinned host buffers; a returned buffer carries the event after which it is free."""
+
+    def __init__(self, torch, n: int, nbytes: int, pin: bool):
+        self.nbytes = nbytes
+        self.q: queue.Queue = queue.Queue()
+        for _ in range(n):
+            t = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+            self.q.put((t, t.numpy(), None))
+
+    def get(self, stop: threading.Event | None = None):
+        while True:
+            try:
+                t, arr, ev = self.q.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if stop is not None and stop.is_set():
+                    return None
+        if ev is not None:
+            ev.synchronize()
+        return t, arr
+
+    def put(self, item, ev=None) -> None:
+        self.q.put((item[0], item[1], ev))
+
+
+class _Reader:
+    """Fills pinned buffers with groups in a predicted order, ahead of the engine's requests."""
+
+    def __init__(self, owner: "DeviceStreamer", pool: _Pool, rows: ThreadPoolExecutor):
+        self.owner, self.pool, self.rows = owner, pool, rows
+        self.thread = self.q = self.stop = None
+
+    def _run(self, keys, q: queue.Queue, stop: threading.Event) -> None:
+        try:
+            for key in keys:
+                buf = self.pool.get(stop)
+                if buf is None:
+                    return
+                if stop.is_set():
+                    self.pool.put(buf)
+                    return
+                try:
+                    self.owner._fill(key, buf[1])
+                except BaseException as e:  # handed to the engine's thread
+                    q.put((key, buf, e))
+                    return
+                q.put((key, buf, None))
+        finally:
+            q.put(None)
+
+    def _start(self, key) -> None:
+        self.q, self.stop = queue.Queue(), threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(self.owner._plan_from(key), self.q, self.stop),
+                                       name="relex-reader", daemon=True)
+        self.thread.start()
+
+    def cancel(self) -> None:
+        if self.thread is None:
+            return
+        self.stop.set()
+        while True:  # return what it read; it exits at its next look at `stop`
+            item = self.q.get()
+            if item is None:
+                break
+            self.pool.put(item[1])
+        self.thread.join()
+        self.thread = None
+
+    def take(self, key):
+        """The pinned buffer (torch, numpy) holding group ``key``; raises the reader's error."""
+        restarted = False
+        while True:
+            if self.thread is None:
+                self._start(key)
+                restarted = True
+            item = self.q.get()
+            if item is None:  # the plan ran out
+                self.thread.join()
+                self.thread = None
+                if restarted:  # even the requested key was not read: the reader thread failed
+                    raise RuntimeError(f"internal: the reader stopped before group {key}")
+                continue
+            if item[0] == key or restarted:  # a fresh plan starts with the key itself
+                if item[2] is not None:
+                    self.pool.put(item[1])
+                    self.cancel()
+                    raise item[2]
+                return item[1]
+            self.pool.put(item[1])
+            self.cancel()  # the engine asked out of the predicted order (a resumed run)
+
+
+class DeviceStreamer(Streamer):
+    """Runs the passes of a :class:`~.trajectory.Trajectory` on a device backend (module docstring)."""
+
+    def __init__(self, traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False, progress=None,
+                 device_memory_budget: int | None = None, precision: str | None = None):
+        super().__init__(traj, backend, memory_budget, fp16_deltas, progress)
+        import torch
+        self.torch = torch
+        self.kern = backend.module.device_kernels()
+        self.dev = self.kern.device
+        self.cuda = self.dev.type == "cuda"
+        self.precision = precision or os.environ.get("RELEX_GRAM_PRECISION") or "auto"
+        T = traj.T
+        self.stage = stage_bytes(T, memory_budget)
+        if device_memory_budget is None:
+            if self.cuda:
+                free, _ = torch.cuda.mem_get_info(self.dev)
+                device_memory_budget = int(free * 0.9) - (256 << 20)
+            else:
+                device_memory_budget = memory_budget
+        self.device_budget = device_memory_budget
+        self.out_bytes = None  # per output buffer, fixed at the first combine (needs K)
+        fixed = device_overhead(T, memory_budget)
+        self.resident_cap = self.device_budget - fixed
+        if self.resident_cap < 0:
+            raise UsageError(f"--device-memory-budget {self.device_budget / 2**20:.0f} MiB is below the "
+                             f"{fixed / 2**20:.0f} MiB the pipeline needs for T={T}")
+        if self.cuda:
+            self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.dev) for _ in range(3))
+        else:
+            self.h2d = self.compute = self.d2h = _NoStream()
+        self.slots = [torch.empty(self.stage, dtype=torch.uint8, device=self.dev) for _ in range(N_STAGE)]
+        self.slot_free = [None] * N_STAGE
+        self.next_slot = 0
+        self.rows = ThreadPoolExecutor(min(8, T + 1, os.cpu_count() or 1), thread_name_prefix="relex-row")
+        self.writes = ThreadPoolExecutor(2, thread_name_prefix="relex-write")
+        self.pool = _Pool(torch, N_PINNED, self.stage, self.cuda)
+        self.reader = _Reader(self, self.pool, self.rows)
+        self.res = None  # (job name, device buffer, end of the covered prefix) of the resident tensor
+        self.grams_called = False
+        self.closed = False
+        self.out_pool = self.out_slots = None
+        self.scratch = None
+
+    # -- sizes and plans ---------------------------------------------------------------
+    def group_len(self, job: Job) -> int:
+        """Elements per group: 2^k GRAM_CHUNKs filling at most a stage buffer, at most GRAM_BLOCK."""
+        per_chunk = (self.traj.T + 1) * dtypes.itemsize(job.dtype) * GRAM_CHUNK
+        k = max(1, self.stage // per_chunk)
+        return min(GRAM_BLOCK, GRAM_CHUNK << (k.bit_length() - 1))
+
+    def groups(self, job: Job, a: int, b: int):
+        g = self.group_len(job)
+        while a < b:
+            c = min(b, (a // g + 1) * g)
+            yield a, c
+            a = c
+
+    def ranges(self, job: Job, n_outputs: int, with_history: bool = True):
+        """(resident, ranges): resident when the whole trajectory of ``job`` fits the device budget."""
+        n = job.numel
+        row = (self.traj.T + 1) * dtypes.itemsize(job.dtype)
+        if n * row <= self.resident_cap:
+            return True, [(0, n)]
+        step = GRAM_BLOCK * max(1, RANGE_BYTES // (GRAM_BLOCK * row))
+        return False, [(a, min(n, a + step)) for a in range(0, n, step)]
+
+    def _plan_from(self, key):
+        """Group keys (name, pass, a, b): ``key``, then those the engine will ask for next."""
+        yield key
+        name, pas, _, a0 = key
+        jobs = [j for j in self.traj.jobs if j.kind == "fit"]
+        idx = next(i for i, j in enumerate(jobs) if j.name == name)
+        for i, job in enumerate(jobs[idx:]):
+            resident, ranges = self.ranges(job, 1)
+            # a run from a saved fit (predict) never calls gram: pass 2 only
+            passes = ((1,) if resident else (1, 2)) if self.grams_called else (2,)
+            if i == 0:  # a resumed resident tensor can be asked for pass 2 reads
+                passes = (pas,) + tuple(p for p in passes if p > pas)
+            for p in passes:
+                start = a0 if (i == 0 and p == pas) else 0
+                for a, b in ranges:
+                    for ga, gb in self.groups(job, max(a, start), b):
+                        yield job.name, p, ga, gb
+
+    # -- data movement -----------------------------------------------------------------
+    def _job(self, name: str) -> Job:
+        return next(j for j in self.traj.jobs if j.name == name)
+
+    def _fill(self, key, arr: np.ndarray) -> None:
+        """Reader thread: the T+1 rows of group ``key`` into pinned bytes ``arr``."""
+        job = self._job(key[0])
+        a, b = key[2], key[3]
+        m = b - a
+        dst = arr[:(self.traj.T + 1) * m * dtypes.itemsize(job.dtype)].view(dtypes.raw_numpy(job.dtype))
+        locs = list(self._locs(job))
+
+        def row(r: int) -> None:
+            np.copyto(dst[r * m:(r + 1) * m], locs[r].file.view(job.name, a, b))
+            locs[r].file.release(job.name, a, b)
+
+        for f in [self.rows.submit(row, r) for r in range(len(locs))]:
+            f.result()
+
+    def _event(self):
+        return self.torch.cuda.Event() if self.cuda else _NoStream()
+
+    def _on(self, stream):
+        import contextlib
+        return self.torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
+
+    def _upload(self, job: Job, pas: int, a: int, b: int, dst):
+        """Group [a, b) of ``job`` into device bytes ``dst``; the compute stream waits for it."""
+        nbytes = (self.traj.T + 1) * (b - a) * dtypes.itemsize(job.dtype)
+        buf = self.reader.take((job.name, pas, a, b))
+        ev = self._event()
+        with self._on(self.h2d):
+            dst[:nbytes].copy_(buf[0][:nbytes], non_blocking=True)
+            ev.record(self.h2d)
+        self.pool.put(buf, ev if self.cuda else None)
+        self.compute.wait_event(ev)
+        self._tick(nbytes)
+
+    def _block(self, job: Job, dst, m: int):
+        tdt = self.kern_dtype(job.dtype)
+        isz = dtypes.itemsize(job.dtype)
+        return dst[:(self.traj.T + 1) * m * isz].view(tdt).view(self.traj.T + 1, m)
+
+    def kern_dtype(self, dtype: str):
+        from ..ops.cuda import storage_torch_dtype
+        return storage_torch_dtype(dtype)
+
+    def _stage(self, job: Job, pas: int, a: int, b: int):
+        """Streamed group: H2D into the next stage slot (after its last user finished)."""
+        s = self.next_slot
+        self.next_slot = (s + 1) % N_STAGE
+        if self.slot_free[s] is not None:
+            self.h2d.wait_event(self.slot_free[s])
+        self._upload(job, pas, a, b, self.slots[s])
+        return s, self._block(job, self.slots[s], b - a)
+
+    def _release_slot(self, s: int) -> None:
+        ev = self._event()
+        ev.record(self.compute)
+        self.slot_free[s] = ev
+
+    def _resident_view(self, job: Job, a: int, b: int):
+        if self.res is None or self.res[0] != job.name or b > self.res[2]:
+            return None
+        off = (self.traj.T + 1) * a * dtypes.itemsize(job.dtype)
+        return self._block(job, self.res[1][off:], b - a)
+
+    # -- pass 1 ----------------------------------------------------------------------
+    def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None) -> np.ndarray:
+        """The Gram over ``ranges`` (two-level sum and journal points of :meth:`Streamer.gram`)."""
+        torch, T = self.torch, self.traj.T
+        self.res = None  # a previous tensor's device buffer goes back to the allocator
+        self.grams_called = True
+        f64 = dict(dtype=torch.float64, device=self.dev)
+        with self._on(self.compute):
+            total = torch.zeros((T, T), **f64)
+            blk = None
+            if acc is not None:
+                start = ranges[0][0] if ranges else 0
+                if start % GRAM_BLOCK == 0:
+                    total = torch.from_numpy(np.array(acc, dtype=np.float64)).to(self.dev)
+                elif start < GRAM_BLOCK:
+                    blk = torch.from_numpy(np.array(acc, dtype=np.float64)).to(self.dev)
+                else:
+                    raise ValueError(f"cannot resume the Gram of {job.name} inside block {start // GRAM_BLOCK}")
+            if resident and ranges and ranges[0][0] == 0:
+                isz = dtypes.itemsize(job.dtype)
+                self.res = [job.name, torch.empty((T + 1) * job.numel * isz, dtype=torch.uint8, device=self.dev), 0]
+            scratch = self._scratch(T, self.group_len(job))
+            for a, b in ranges:
+                for ga, gb in self.groups(job, a, b):
+                    if self.res is not None:
+                        dst = self.res[1][(T + 1) * ga * dtypes.itemsize(job.dtype):]
+                        self._upload(job, 1, ga, gb, dst)
+                        x, s = self._block(job, dst, gb - ga), None
+                        self.res[2] = gb
+                    else:
+                        s, x = self._stage(job, 1, ga, gb)
+                    if blk is None:
+                        blk = torch.zeros((T, T), **f64)
+                    self.kern.gram(x, gb - ga, T, job.dtype, blk, scratch, self.fp16_deltas, self.precision)
+                    if s is not None:
+                        self._release_slot(s)
+                    if gb % GRAM_BLOCK == 0 or gb == job.numel:
+                        total += blk
+                        blk = None
+                if on_range is not None and (blk is None or b < GRAM_BLOCK):
+                    on_range(b, (total if blk is None else blk).cpu().numpy())
+            if blk is not None:
+                total += blk
+            G = total.cpu().numpy()
+        if not np.isfinite(G).all():
+            self.res = None
+            self._raise_nonfinite(job)
+        return G
+
+    def _scratch(self, T: int, g: int):
+        need = self.kern.scratch_numel(T, g)
+        if self.scratch is None or self.scratch.numel() < need:
+            self.scratch = self.torch.empty(need, dtype=self.torch.float32, device=self.dev)
+        return self.scratch
+
+    # -- pass 2 ----------------------------------------------------------------------
+    def _outputs(self, K: int) -> None:
+        nbytes = -(-self.stage * K // (self.traj.T + 1)) + 64
+        if self.out_bytes is not None and self.out_bytes >= nbytes:
+            return
+        self.out_bytes = nbytes
+        self.out_pool = _Pool(self.torch, N_OUT, nbytes, self.cuda)
+        self.out_slots = [self.torch.empty(nbytes, dtype=self.torch.uint8, device=self.dev) for _ in range(2)]
+        self.out_free = [None, None]
+        self.next_out = 0
+
+    def _write(self, job: Job, a: int, b: int, buf, ev, writers, also) -> None:
+        """Writer thread: pinned outputs of group [a, b) into the output maps."""
+        if ev is not None:
+            ev.synchronize()
+        m = b - a
+        raw = buf[1][:len(writers) * m * dtypes.itemsize(job.dtype)].view(dtypes.raw_numpy(job.dtype))
+        try:
+            for k, w in enumerate(writers):
+                for name in (job.name, also) if also is not None else (job.name,):
+                    np.copyto(w.view(name, a, b), raw[k * m:(k + 1) * m])
+                    w.release(name, a, b)
+        finally:
+            self.out_pool.put(buf)
+
+    def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers, also: str | None = None,
+                count_read: bool = True, on_range=None) -> None:
+        """Write ``len(writers)`` outputs (see :meth:`Streamer.combine`); returns once they are in the maps."""
+        torch, T, K = self.torch, self.traj.T, len(writers)
+        self._outputs(K)
+        tdt = self.kern_dtype(job.dtype)
+        isz = dtypes.itemsize(job.dtype)
+        with self._on(self.compute):
+            A = torch.from_numpy(np.ascontiguousarray(alphas, dtype=np.float32)).to(self.dev)
+            for a, b in ranges:
+                pending = []
+                for ga, gb in self.groups(job, a, b):
+                    m = gb - ga
+                    x, s = self._resident_view(job, ga, gb), None
+                    if x is None:
+                        s, x = self._stage(job, 2, ga, gb)
+                    o = self.next_out
+                    self.next_out = 1 - o
+                    if self.out_free[o] is not None:
+                        self.compute.wait_event(self.out_free[o])
+                    out = self.out_slots[o][:K * m * isz].view(tdt).view(K, m)
+                    self.kern.combine(x, m, T, job.dtype, A, out, self.fp16_deltas)
+                    done = self._event()
+                    done.record(self.compute)
+                    if s is not None:
+                        self.slot_free[s] = done
+                    pbuf = self.out_pool.get()
+                    copied = self._event()
+                    self.d2h.wait_event(done)
+                    with self._on(self.d2h):
+                        pbuf[0][:K * m * isz].copy_(self.out_slots[o][:K * m * isz], non_blocking=True)
+                        copied.record(self.d2h)
+                    self.out_free[o] = copied
+                    pending.append(self.writes.submit(self._write, job, ga, gb, pbuf, copied if self.cuda else None,
+                                                      writers, also))
+                for f in pending:
+                    f.result()
+                if on_range is not None:
+                    on_range(b)
+        self.res = None
+
+    def close(self) -> None:
+        """Stop the reader and writer threads and wait for the device (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.reader.cancel()
+        self.rows.shutdown(wait=True)
+        self.writes.shutdown(wait=True)
+        if self.cuda:
+            self.torch.cuda.synchronize(self.dev)
+        self.res = self.slots = self.out_slots = self.scratch = None

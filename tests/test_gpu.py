@@ -1,0 +1,241 @@
+"""The device pipeline (engine/gpu.py) and the CUDA kernels, with the device as an axis.
+
+* ``double``: the pipeline on the CPU with the reference ops standing in for the device
+  kernels (same interface). Every group, range, Gram block, resident/streamed choice
+  and output offset is then checked bit for bit against the reference engine — in CI.
+* ``triton`` / ``cuda``: the real kernels on a GPU (skipped without one): outputs within
+  one ulp of the reference engine (the Gram's fp32 order is each backend's own), and a
+  streamed run bit-identical to a resident one.
+* the real Triton kernels through the whole CLI under ``TRITON_INTERPRET=1`` (subprocess).
+
+Nothing here queries CUDA at import.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from trajgen import make_trajectory
+
+torch = pytest.importorskip("torch")
+
+from relex_kernels.engine import extrapolate, predict  # noqa: E402
+from relex_kernels.engine import gpu  # noqa: E402
+from relex_kernels.engine.journal import ranges_from  # noqa: E402
+from relex_kernels.engine.streaming import GRAM_BLOCK  # noqa: E402
+from relex_kernels.engine.trajectory import Trajectory  # noqa: E402
+from relex_kernels.fit import FitOptions  # noqa: E402
+from relex_kernels.io import Checkpoint, dtypes  # noqa: E402
+from relex_kernels.ops import get_backend, reference  # noqa: E402
+from relex_kernels.ops.reference import GRAM_CHUNK  # noqa: E402
+
+STEPS = [2, 4, 6, 8]
+SHAPES = {"model.embed_tokens.weight": (300, 64), "lm_head.weight": (300, 64), "big": (3 * GRAM_CHUNK + 77,),
+          "w.weight": (33, 17), "b.bias": (7,), "f32": (1000,), "f16": (999,), "ids": (5,)}
+EXTRA = {"f32": "F32", "f16": "F16", "ids": "I32"}
+TIED = {"model_type": "test", "tie_word_embeddings": True}
+
+
+class RefKernels:
+    """The device-kernel interface on CPU torch tensors, computed by ops/reference.py."""
+
+    name = "reference-double"
+    device = torch.device("cpu")
+
+    def scratch_numel(self, T, n):
+        return 1
+
+    def precision(self, T, precision):
+        return "ieee"
+
+    @staticmethod
+    def _rows(x, n, dtype):
+        return x[:, :n].numpy().view(dtypes.raw_numpy(dtype))
+
+    def gram(self, x, n, T, dtype, acc, part, fp16_deltas=False, precision=None):
+        rows = self._rows(x, n, dtype)
+        reference.gram(rows[0], list(rows[1:]), dtype, acc.numpy(), fp16_deltas)
+
+    def combine(self, x, n, T, dtype, alphas, out, fp16_deltas=False):
+        rows = self._rows(x, n, dtype)
+        outs = out[:, :n].numpy().view(dtypes.raw_numpy(dtype))
+        reference.combine(rows[0], list(rows[1:]), alphas.numpy(), dtype, list(outs), fp16_deltas)
+
+
+@pytest.fixture(params=["double", "triton", "cuda"])
+def device_backend(request, monkeypatch):
+    """The backend name to run ``--backend`` with; the ``double`` patches triton's kernels."""
+    if request.param == "double":
+        from relex_kernels.ops import triton as tmod
+        monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
+        monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+        return "triton", True
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    from relex_kernels.ops import availability
+    ok, why = availability()[request.param]
+    if not ok:
+        pytest.skip(f"{request.param}: {why}")
+    return request.param, False
+
+
+def _outputs(out_dir):
+    ck = Checkpoint(out_dir)
+    vals = {n: np.array(loc.file.view(n)) for n, loc in ck.tensors.items()}
+    ck.close()
+    return vals
+
+
+def _ordered(raw):
+    """Integers ordered like the floats they encode (adjacent floats differ by 1)."""
+    bits = raw.view({1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}[raw.dtype.itemsize]).astype(np.int64)
+    sign = np.int64(1) << (raw.dtype.itemsize * 8 - 1)
+    mag = bits & (sign - 1)
+    return np.where(bits < 0, -mag, mag)
+
+
+def assert_same(a_dir, b_dir, exact):
+    a, b = _outputs(a_dir), _outputs(b_dir)
+    assert a.keys() == b.keys()
+    for n in a:
+        if exact or a[n].dtype.kind in "iub" and dtypes.raw_numpy("BF16") != a[n].dtype:
+            np.testing.assert_array_equal(a[n].view(np.uint8), b[n].view(np.uint8), err_msg=n)
+        else:
+            d = np.abs(_ordered(a[n]) - _ordered(b[n]))
+            assert d.max(initial=0) <= 1, (n, d.max())
+
+
+#: budgets under which "big" (2 MB of trajectory) streams and the embedding (190 KB) stays resident
+SMALL = dict(memory_budget=24 << 20, device_memory_budget=gpu.device_overhead(len(STEPS), 24 << 20) + (1 << 20))
+
+
+def _traj(tmp, dtype="BF16", shapes=SHAPES, steps=STEPS, **kw):
+    return make_trajectory(tmp, shapes, steps, dtype=dtype, extra_dtypes=EXTRA, config=TIED, **kw)
+
+
+@pytest.mark.parametrize("budgets", ["resident", "streamed"])
+def test_pipeline_outputs_match_reference_engine(tmp, device_backend, budgets):
+    name, exact = device_backend
+    base, ck = _traj(tmp)
+    fo = FitOptions(rank=2)
+    ref = extrapolate(base, ck, [20, 40], os.path.join(tmp, "ref"), fo, backend="reference")
+    kw = {}
+    if budgets == "streamed":  # only the small tensors fit; "big" streams through stage slots in groups
+        kw = SMALL
+    got = extrapolate(base, ck, [20, 40], os.path.join(tmp, "got"), fo, backend=name, **kw)
+    assert got.backend == name
+    for r, g in zip(ref.outputs, got.outputs):
+        assert_same(r, g, exact)
+    T = len(STEPS)
+    fitted = sum(np.prod(s) * (4 if n == "f32" else 2) for n, s in SHAPES.items() if n not in ("ids", "lm_head.weight"))
+    once = (T + 1) * fitted + 5 * 4  # plus the copied int tensor
+    if budgets == "resident":
+        assert got.bytes_read == once
+    else:  # "big" is read in both passes
+        assert got.bytes_read == once + (T + 1) * SHAPES["big"][0] * 2
+    if exact:
+        assert got.report["tensors"] == ref.report["tensors"]
+    # the tied head equals the predicted embedding
+    o = _outputs(got.outputs[0])
+    np.testing.assert_array_equal(o["lm_head.weight"], o["model.embed_tokens.weight"])
+
+
+def test_pipeline_fp16_deltas_and_predict(tmp, device_backend):
+    name, exact = device_backend
+    base, ck = _traj(tmp, dtype="F16")
+    fo = FitOptions(fp16_deltas=True)
+    fit = os.path.join(tmp, "fit.relexfit")
+    ref = extrapolate(base, ck, [30], os.path.join(tmp, "ref"), fo, backend="reference")
+    got = extrapolate(base, ck, [30], os.path.join(tmp, "got"), fo, backend=name, save_fit=fit, **SMALL)
+    assert_same(ref.outputs[0], got.outputs[0], exact)
+    # predict: pass 2 only, planned as such by the reader
+    p = predict(fit, [50], os.path.join(tmp, "pred"), backend=name, **SMALL)
+    pr = predict(fit, [50], os.path.join(tmp, "pred_ref"), backend="reference")
+    assert_same(pr.outputs[0], p.outputs[0], True if exact else False)
+
+
+def test_gram_resumes_bit_identically_across_blocks(tmp, device_backend):
+    """The two-level Gram sum: resuming from any journal point gives the same bits."""
+    name, _ = device_backend
+    n = GRAM_BLOCK + 3 * GRAM_CHUNK + 5
+    base, ck = make_trajectory(tmp, {"x": (n,)}, [1, 2], dtype="BF16")
+    traj = Trajectory(base, ck)
+    try:
+        st = gpu.make_streamer(traj, get_backend(name), 64 << 20,
+                               device_memory_budget=gpu.device_overhead(2, 64 << 20) + (1 << 20))
+        job = traj.jobs[0]
+        resident, ranges = st.ranges(job, 1)
+        assert not resident
+        ranges = [(0, GRAM_BLOCK), (GRAM_BLOCK, GRAM_BLOCK + GRAM_CHUNK), (GRAM_BLOCK + GRAM_CHUNK, n)]
+        points = []
+        G = st.gram(job, ranges, False, on_range=lambda b, acc: points.append((b, acc.copy())))
+        # not inside block 1, where the state is not the sum alone
+        assert [b for b, _ in points] == [GRAM_BLOCK, n]
+        np.testing.assert_array_equal(points[-1][1], G)
+        b, acc = points[0]
+        again = st.gram(job, ranges_from(ranges, b), False, acc=acc)
+        np.testing.assert_array_equal(G, again)
+        host = get_backend("reference")
+        cpu = gpu.Streamer(traj, host, 64 << 20).gram(job, [(0, n)], True)
+        if name == "triton" and isinstance(st.kern, RefKernels):
+            np.testing.assert_array_equal(G, cpu)
+        else:
+            np.testing.assert_allclose(G, cpu, rtol=1e-5)
+        gpu.close_streamer(st)
+    finally:
+        traj.close()
+
+
+def test_device_budget_too_small_is_a_usage_error(tmp, device_backend):
+    name, _ = device_backend
+    base, ck = _traj(tmp)
+    from relex_kernels.errors import UsageError
+    with pytest.raises(UsageError, match="device-memory-budget"):
+        extrapolate(base, ck, [20], os.path.join(tmp, "o"), backend=name, device_memory_budget=1 << 20)
+
+
+def test_auto_prefers_a_device_backend_only_with_a_gpu(monkeypatch):
+    from relex_kernels.ops import cuda as cmod
+    monkeypatch.setattr(cmod, "gpu_present", lambda: False)
+    assert gpu.resolve_backend("auto").name in ("cpu", "reference")
+    assert gpu.resolve_backend("reference").name == "reference"
+
+
+def test_backends_report_says_why_no_gpu():
+    r = subprocess.run([sys.executable, "-m", "relex_kernels"], capture_output=True, text=True, timeout=120,
+                       env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split()[0]: ln for ln in r.stdout.splitlines() if ln.startswith("  ")}
+    for b in ("triton", "cuda"):
+        if " no " in lines[b]:
+            assert any(w in lines[b] for w in ("no GPU", "not built", "not installed", "needs torch")), lines[b]
+
+
+def test_cli_with_interpreted_triton_kernels(tmp):
+    """The real Triton kernels through the whole pipeline and CLI, on the CPU (TRITON_INTERPRET=1)."""
+    pytest.importorskip("triton")
+    shapes = {"model.embed_tokens.weight": (40, 16), "lm_head.weight": (40, 16), "v": (700,), "b.bias": (7,)}
+    base, ck = make_trajectory(tmp, shapes, [1, 2, 3], dtype="BF16", config=TIED)
+    args = ["extrapolate", "--base", base, "--target-step", "12", "--target-step", "20", "-q"]
+    for s, d in ck.items():
+        args += ["--checkpoint", f"{s}={d}"]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    runs = {"ref": ["--backend", "reference"], "tri": ["--backend", "triton"],
+            "tri_streamed": ["--backend", "triton", "--memory-budget", "24M", "--device-memory-budget",
+                             str(gpu.device_overhead(3, 24 << 20) + 5300)]}  # "v" (5.6 KB) streams, the embedding (5.1 KB) stays
+    for out, extra in runs.items():
+        r = subprocess.run([sys.executable, "-m", "relex_kernels", *args, "--out", os.path.join(tmp, out), *extra],
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout + r.stderr
+    import json
+    reads = {o: json.load(open(os.path.join(tmp, o, "relex_report.json")))["bytes_read"] for o in runs}
+    assert reads["tri"] == reads["ref"] and reads["tri_streamed"] == reads["ref"] + 4 * 700 * 2  # "v" read twice
+    for t in (12, 20):
+        ref = os.path.join(tmp, "ref", f"step_{t}")
+        assert_same(ref, os.path.join(tmp, "tri", f"step_{t}"), exact=False)
+        # same kernels, same chunk contract: streaming changes no bit
+        assert_same(os.path.join(tmp, "tri", f"step_{t}"), os.path.join(tmp, "tri_streamed", f"step_{t}"), True)
