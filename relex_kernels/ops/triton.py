@@ -22,7 +22,7 @@ def interpreting() -> bool:
 
 def available() -> tuple[bool, str]:
     try:
-        import torch  # noqa: F401
+        import torch
     except ImportError:
         return False, "needs torch (pip install torch)"
     try:
@@ -34,7 +34,6 @@ def available() -> tuple[bool, str]:
     ok, why = torch_cuda_status()
     if not ok:
         return False, f"{why} (Triton {triton.__version__} needs a GPU; TRITON_INTERPRET=1 runs it on the CPU)"
-    import torch
     return True, f"Triton {triton.__version__} on {torch.cuda.get_device_name()}"
 
 
