@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -33,11 +34,15 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20,
           "G": 1 << 30, "GB": 1000**3, "GIB": 1 << 30, "T": 1 << 40, "TB": 1000**4, "TIB": 1 << 40}
 
 
+class SizeError(UsageError, argparse.ArgumentTypeError):
+    """A size that does not parse: a UsageError for the API, an argparse error on the command line."""
+
+
 def parse_size(text: str) -> int:
     """'512M', '4G', '1.5GB', '1000000' -> bytes (K/M/G/T and KiB… are powers of 1024, KB… of 1000)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
-        raise UsageError(f"cannot read size {text!r} (examples: 512M, 4G, 1.5GB)")
+        raise SizeError(f"cannot read size {text!r} (examples: 512M, 4G, 1.5GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
