@@ -193,8 +193,8 @@ def build_ext_class(base):
     class BuildExtWithCuda(base):
         def run(self):
             super().run()
-            build, fatal, why = want_cuda()
-            if not build:
+            wanted, fatal, why = want_cuda()
+            if not wanted:
                 print(f"relex_kernels: not building the CUDA kernels: {why}", file=sys.stderr)
                 return
             out_dir = os.path.join(ROOT if self.inplace else self.build_lib, "relex_kernels")
