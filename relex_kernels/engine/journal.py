@@ -32,7 +32,7 @@ Records::
 
 Test hook: ``RELEX_TEST_KILL=POINT:N[:SIG]`` makes the process send itself SIGKILL (or
 SIG, e.g. ``STOP``) the N-th time it passes POINT (``start``, ``gram``, ``fit``,
-``combine``, ``done``, ``commit``, ``rename``); the reliability tests use it to
+``combine``, ``done``, ``commit``, ``rename``, ``moved``); the reliability tests use it to
 interrupt runs at exact places.
 """
 

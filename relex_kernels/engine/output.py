@@ -250,6 +250,7 @@ class OutputSet:
             if os.path.exists(os.path.join(self.state_dir, REPORT_NAME)):
                 os.replace(os.path.join(self.state_dir, REPORT_NAME), os.path.join(self.out_dir, REPORT_NAME))
             _fsync_dir(self.out_dir)
+            journal_mod.hook("moved")
         except OSError as e:
             self.abort()  # keeps the committed state: the next run finishes the renames
             raise OutputError(f"moving the finished output into {self.out_dir} failed: {e.strerror or e}; "

@@ -224,6 +224,8 @@ def _written_recorder(jr, name: str, end: int):
 def _finish_committed(outs: OutputSet, backend: str, t0: float, comps, before_commit=None) -> RunResult:
     """The previous run wrote everything and died during the renames: finish them."""
     path = os.path.join(outs.state_dir, "relex_report.json")
+    if not os.path.exists(path):  # killed after finish_commit moved it beside the outputs
+        path = os.path.join(outs.out_dir, "relex_report.json")
     try:
         with open(path) as fh:
             rep = json.load(fh)

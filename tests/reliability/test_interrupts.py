@@ -94,6 +94,7 @@ POINTS = {
     "done:4": True,  # every tensor done, nothing committed
     "commit:1": False,  # all synced, commit recorded: the rerun only renames
     "rename:1": False,  # one target renamed into place, the other not yet
+    "moved:1": False,  # all renamed, report moved beside them, state not yet removed
 }
 
 
@@ -262,7 +263,7 @@ def test_random_timed_kills_long(traj, tmp_path):
 def test_every_kill_point(traj, tmp_path):
     """Every place the hook can stop a run, enumerated until the run outlives the point."""
     tried = 0
-    for kind in ("start", "gram", "fit", "combine", "done", "commit", "rename"):
+    for kind in ("start", "gram", "fit", "combine", "done", "commit", "rename", "moved"):
         for n in range(1, 100):
             out = str(tmp_path / f"{kind}{n}")
             r = relex(*command(traj, out), env=cli_env(RELEX_TEST_KILL=f"{kind}:{n}"))
@@ -275,8 +276,8 @@ def test_every_kill_point(traj, tmp_path):
             tried += 1
             shutil.rmtree(out)
     print(f"kill points tried: {tried}")
-    # start 1, gram 4 (big has 2 ranges), fit 3, combine 4, done 4, commit 1, rename 2
-    assert tried >= 19
+    # start 1, gram 4 (big has 2 ranges), fit 3, combine 4, done 4, commit 1, rename 2, moved 1
+    assert tried >= 20
 
 
 def test_resume_at_gram_block_boundary(tmp_path):
