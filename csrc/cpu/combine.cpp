@@ -26,7 +26,7 @@ void combine(const Inputs& in, const float* alphas, int K, void* const* outs, in
     AlignedFloats scratch(per_thread * nt);
 
 #pragma omp parallel for schedule(static) num_threads(nt)
-    for (long blk = 0; blk < long(nblocks); ++blk) {
+    for (int64_t blk = 0; blk < int64_t(nblocks); ++blk) {
         const size_t off = size_t(blk) * kCombineBlock;
         ker.combine_block(in, off, std::min(kCombineBlock, n - off), alphas, K, outs,
                           scratch.get() + per_thread * thread_id());

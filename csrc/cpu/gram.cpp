@@ -35,16 +35,16 @@ void gram(const Inputs& in, double* acc, int nthreads) {
     {
         float* mine = scratch.get() + per_thread * thread_id();
         for (size_t w0 = 0; w0 < nchunks; w0 += wave) {
-            const long wn = long(std::min(wave, nchunks - w0));
+            const int64_t wn = int64_t(std::min(wave, nchunks - w0));
 #pragma omp for schedule(dynamic, 1)
-            for (long c = 0; c < wn; ++c) {
+            for (int64_t c = 0; c < wn; ++c) {
                 const size_t off = (w0 + size_t(c)) * kGramChunk;
                 k.gram_chunk(in, off, std::min(kGramChunk, n - off), partial + size_t(c) * TT, mine);
             }
 #pragma omp for schedule(static)
-            for (long e = 0; e < long(TT); ++e) {
+            for (int64_t e = 0; e < int64_t(TT); ++e) {
                 double a = acc[e];
-                for (long c = 0; c < wn; ++c) a += double(partial[size_t(c) * TT + size_t(e)]);
+                for (int64_t c = 0; c < wn; ++c) a += double(partial[size_t(c) * TT + size_t(e)]);
                 acc[e] = a;
             }
         }

@@ -18,7 +18,7 @@ uint64_t read_probe(const void* const* bufs, int nbuf, size_t nbytes, int nthrea
     const int nt = threads_for(nthreads, nblocks);
     uint64_t total = 0;
 #pragma omp parallel for schedule(static) num_threads(nt) reduction(^ : total)
-    for (long blk = 0; blk < long(nblocks); ++blk) {
+    for (int64_t blk = 0; blk < int64_t(nblocks); ++blk) {
         const size_t b0 = size_t(blk) * block, len = std::min(nbytes, b0 + block) - b0;
         for (int i = 0; i < nbuf; ++i) total ^= k.xor_words(static_cast<const char*>(bufs[i]) + b0, len);
     }

@@ -1,0 +1,218 @@
+"""The ``cpu`` backend: the native kernels of :mod:`relex_kernels._C` (C++, OpenMP, SIMD).
+
+Same functions and contract as :mod:`.reference` (bit-identical ``combine``; ``gram``
+with the same chunking and fp64 chunk order, so bit-reproducible for any thread
+count). The SIMD path (AVX-512, AVX2+FMA+F16C or portable scalar) is chosen at run
+time from the CPU; ``RELEX_SIMD=scalar|avx2|avx512`` or :func:`set_simd` lowers it.
+
+Threads: :func:`set_num_threads`, else ``$RELEX_NUM_THREADS``, else OpenMP's default
+(``OMP_NUM_THREADS`` or the CPUs this process may use). Results do not depend on it.
+
+Arguments are validated here (ValueError with what was expected); the compiled
+module trusts the addresses and lengths it is given.
+
+Importing this module never fails when the extension is missing: :func:`available`
+then says why, and every kernel raises :class:`~relex_kernels.errors.BackendError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..errors import BackendError, UsageError
+from ..io import dtypes
+
+_BUILD_HINT = "build it with `pip install -e .`"
+
+try:
+    from .. import _C
+except ImportError as e:  # not built, or built for another Python / platform
+    _C = None
+    _IMPORT_ERROR = f"relex_kernels._C cannot be imported ({e})"
+else:
+    _IMPORT_ERROR = ""
+
+_num_threads: int | None = None
+
+
+def available() -> tuple[bool, str]:
+    """(True, "<SIMD path, threads>") if the native kernels can run, else (False, why)."""
+    if _C is None:
+        return False, f"{_IMPORT_ERROR} — {_BUILD_HINT}"
+    try:
+        threads = f"{get_num_threads()} threads"
+    except UsageError as e:  # reported when a kernel runs; probing must not fail
+        threads = str(e)
+    return True, f"native C++ kernels, {_C.simd_level()} path, {threads}"
+
+
+def _lib():
+    if _C is None:
+        raise BackendError(f"the cpu backend is not available: {_IMPORT_ERROR} — {_BUILD_HINT}")
+    return _C
+
+
+def supports(dtype: str) -> bool:
+    """Every fitted storage dtype (F32, F16, BF16, F64) has a native kernel."""
+    return dtype in dtypes.DTYPE_CODES
+
+
+def set_num_threads(n: int | None) -> None:
+    """Threads used by every later call (``None``: back to the environment / OpenMP default)."""
+    global _num_threads
+    if n is not None and (not isinstance(n, (int, np.integer)) or n < 1):
+        raise ValueError(f"num_threads must be a positive integer, got {n!r}")
+    _num_threads = None if n is None else int(n)
+
+
+def get_num_threads() -> int:
+    """The threads the next call uses; a bad ``$RELEX_NUM_THREADS`` is a UsageError."""
+    if _num_threads is not None:
+        return _num_threads
+    env = os.environ.get("RELEX_NUM_THREADS", "").strip()
+    if env:
+        try:
+            n = int(env)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise UsageError(f"RELEX_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
+    return _C.max_threads() if _C is not None else 1
+
+
+def set_simd(level: str) -> str:
+    """Use SIMD path ``level`` ('auto', 'scalar', 'avx2', 'avx512'); returns the previous one.
+
+    A level the CPU cannot run is a ValueError. Meant for tests and benchmarks.
+    """
+    lib = _lib()
+    prev = lib.simd_level()
+    if not lib.set_simd_level(level):
+        raise ValueError(f"SIMD level {level!r} is not usable here (best: {lib.best_simd_level()})")
+    return prev
+
+
+def info() -> dict:
+    """What the native backend runs with: SIMD path, CPU features, threads, build."""
+    if _C is None:
+        return {"available": False, "reason": available()[1]}
+    return {
+        "available": True,
+        "simd": _C.simd_level(),
+        "best_simd": _C.best_simd_level(),
+        "cpu_features": _C.cpu_features(),
+        "num_threads": get_num_threads(),
+        "gram_chunk": _C.GRAM_CHUNK,
+        **_C.build_info(),
+    }
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _code(dtype: str) -> int:
+    try:
+        return dtypes.DTYPE_CODES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} has no native kernel (supported: {', '.join(dtypes.DTYPE_CODES)})") from None
+
+
+def _raw_input(x, dtype: str, n: int | None, what: str) -> np.ndarray:
+    """A 1-D view of ``x`` with unit stride (copied only if strided); checks dtype and length."""
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{what} must be a numpy array, got {type(x).__name__}")
+    want = dtypes.raw_numpy(dtype)
+    if x.dtype != want:
+        raise ValueError(f"{what} has numpy dtype {x.dtype}, expected {want} for {dtype}")
+    if x.ndim != 1:
+        raise ValueError(f"{what} must be 1-D, got shape {x.shape}")
+    if n is not None and x.shape[0] != n:
+        raise ValueError(f"{what} has {x.shape[0]} elements, base has {n}")
+    if x.shape[0] > 1 and x.strides[0] != x.itemsize:
+        x = np.ascontiguousarray(x)
+    return x
+
+
+def _inputs(base, hist, dtype: str) -> tuple[int, np.ndarray, list[np.ndarray]]:
+    code = _code(dtype)
+    base = _raw_input(base, dtype, None, "base")
+    if isinstance(hist, np.ndarray) and hist.ndim == 2:
+        hist = list(hist)
+    hist = [_raw_input(h, dtype, base.shape[0], f"hist[{i}]") for i, h in enumerate(hist)]
+    return code, base, hist
+
+
+def _addr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def gram(base: np.ndarray, hist: Sequence[np.ndarray], dtype: str, acc: np.ndarray,
+         fp16_deltas: bool = False) -> None:
+    """``acc += Gram`` of the deltas of one range (contract: :func:`.reference.gram`).
+
+    base, hist[i]: 1-D raw views (``dtypes.raw_numpy(dtype)``), all of length n; any
+    alignment; read-only is fine. acc: (T, T) float64, C-contiguous, writable.
+    """
+    lib = _lib()
+    code, base, hist = _inputs(base, hist, dtype)
+    T = len(hist)
+    if not isinstance(acc, np.ndarray) or acc.dtype != np.float64 or acc.shape != (T, T):
+        got = f"{acc.dtype} {acc.shape}" if isinstance(acc, np.ndarray) else type(acc).__name__
+        raise ValueError(f"acc must be a float64 array of shape ({T}, {T}), got {got}")
+    if not (acc.flags.c_contiguous and acc.flags.writeable):
+        raise ValueError("acc must be C-contiguous and writable")
+    n = base.shape[0]
+    if n == 0 or T == 0:
+        return
+    lib.gram(_addr(base), [_addr(h) for h in hist], n, code, _addr(acc), bool(fp16_deltas), get_num_threads())
+
+
+def combine(base: np.ndarray, hist: Sequence[np.ndarray], alphas: np.ndarray, dtype: str,
+            outs: Sequence[np.ndarray], fp16_deltas: bool = False) -> None:
+    """Write ``len(outs)`` weighted sums (contract: :func:`.reference.combine`, bit for bit).
+
+    base, hist[i]: 1-D raw views of length n. alphas: (K, T) float32 (converted).
+    outs[k]: 1-D writable raw views of length n (e.g. writable memory maps, any
+    alignment); a strided one is written through a temporary.
+    """
+    lib = _lib()
+    code, base, hist = _inputs(base, hist, dtype)
+    T, n = len(hist), base.shape[0]
+    outs = list(outs)
+    alphas = np.ascontiguousarray(alphas, dtype=np.float32)
+    if alphas.shape != (len(outs), T):
+        raise ValueError(f"alphas must have shape ({len(outs)}, {T}) (outputs x history), got {alphas.shape}")
+    targets, direct = [], []
+    for k, o in enumerate(outs):
+        if not isinstance(o, np.ndarray) or o.dtype != dtypes.raw_numpy(dtype) or o.shape != (n,):
+            got = f"{o.dtype} {o.shape}" if isinstance(o, np.ndarray) else type(o).__name__
+            raise ValueError(f"outs[{k}] must be a {dtypes.raw_numpy(dtype)} array of shape ({n},), got {got}")
+        if not o.flags.writeable:
+            raise ValueError(f"outs[{k}] is read-only")
+        d = o if (n <= 1 or o.strides[0] == o.itemsize) else np.empty(n, dtype=o.dtype)
+        targets.append(o)
+        direct.append(d)
+    if n == 0 or not outs:
+        return
+    lib.combine(_addr(base), [_addr(h) for h in hist], n, code, _addr(alphas),
+                [_addr(d) for d in direct], bool(fp16_deltas), get_num_threads())
+    for o, d in zip(targets, direct):
+        if d is not o:
+            o[...] = d
+
+
+def read_bandwidth_probe(buffers: Sequence[np.ndarray]) -> int:
+    """Read every byte of equally sized 1-D buffers with the kernels' threads (benchmarks)."""
+    lib = _lib()
+    bufs = [np.ascontiguousarray(b).reshape(-1).view(np.uint8) for b in buffers]
+    if len({b.nbytes for b in bufs}) > 1:
+        raise ValueError("read_bandwidth_probe needs buffers of equal size")
+    nbytes = bufs[0].nbytes if bufs else 0
+    return lib.read_probe([_addr(b) for b in bufs], nbytes, get_num_threads())
