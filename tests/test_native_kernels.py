@@ -165,19 +165,19 @@ def test_gram_matches_reference_chunk_order_on_exact_data():
 
 @pytest.mark.parametrize("T", [1, 5])
 def test_gram_fp64_reduction_follows_chunk_order(threads, T):
-    """Chunk partials 1e16, 1, 1: in chunk order the ones are lost (ulp(1e16) = 2), reversed they are not."""
+    """Chunk partials 2^54, 2, 2 (all exact in fp32): in chunk order each 2 is a tie that
+    rounds to even and is lost (ulp(2^54) = 4); in reverse order they add up to 4 first."""
     n = 3 * CHUNK
     base = np.zeros(n, np.float32)
     hist = [np.zeros(n, np.float32) for _ in range(T)]
     for h in hist:
-        h[[10, CHUNK + 10, 2 * CHUNK + 10]] = [1e8, 1.0, 1.0]
+        h[[10, CHUNK + 10, CHUNK + 11, 2 * CHUNK + 10, 2 * CHUNK + 11]] = [2.0**27, 1, 1, 1, 1]
     acc = np.zeros((T, T))
     native.gram(base, hist, "F32", acc)
-    assert (acc == 1e16).all()
-    rev = [h[::-1].copy() for h in hist]
+    assert (acc == 2.0**54).all()
     acc = np.zeros((T, T))
-    native.gram(base, rev, "F32", acc)
-    assert (acc == 1e16 + 2).all()
+    native.gram(base, [h[::-1].copy() for h in hist], "F32", acc)
+    assert (acc == 2.0**54 + 4).all()
 
 
 @pytest.mark.parametrize("dt", FLOATS)
