@@ -239,3 +239,84 @@ def test_cli_with_interpreted_triton_kernels(tmp):
         assert_same(ref, os.path.join(tmp, "tri", f"step_{t}"), exact=False)
         # same kernels, same chunk contract: streaming changes no bit
         assert_same(os.path.join(tmp, "tri", f"step_{t}"), os.path.join(tmp, "tri_streamed", f"step_{t}"), True)
+
+
+# -- the CUDA kernels against the reference (GPU only) --------------------------------------
+@pytest.fixture
+def cuda_kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    from relex_kernels.ops import cuda as cmod
+    ok, why = cmod.available()
+    if not ok:
+        pytest.skip(f"cuda backend: {why}")
+    return cmod.device_kernels()
+
+
+def _data(rng, dtype, T, n):
+    b = rng.normal(0, 0.5, n).astype(np.float32)
+    hs = [b + 1e-2 * rng.normal(0, 1, n).astype(np.float32) for _ in range(T)]
+    return dtypes.from_float32(b, dtype), [dtypes.from_float32(h, dtype) for h in hs]
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+@pytest.mark.parametrize("T,n", [(1, 1), (3, 70001), (8, 4097), (9, 1000), (17, 3000), (33, 2049), (70, 1500)])
+@pytest.mark.parametrize("precision", ["auto", "ieee", "tf32x3"])
+@pytest.mark.parametrize("fp16", [False, True])
+def test_cuda_gram_matches_reference(cuda_kernels, dtype, T, n, precision, fp16):
+    from relex_kernels.ops.cuda import run_gram
+    rng = np.random.default_rng(T + n)
+    base, hist = _data(rng, dtype, T, n)
+    got = np.zeros((T, T))
+    if precision == "auto":
+        run_gram(cuda_kernels, base, hist, dtype, got, fp16)
+    else:
+        x = torch.from_numpy(np.stack([base] + hist).view(np.int16) if base.dtype.itemsize == 2
+                             else np.stack([base] + hist)).cuda()
+        acc = torch.zeros((T, T), dtype=torch.float64, device="cuda")
+        part = torch.empty(cuda_kernels.scratch_numel(T, n), dtype=torch.float32, device="cuda")
+        cuda_kernels.gram(x, n, T, dtype, acc, part, fp16, precision)
+        got = acc.cpu().numpy()
+    ref = np.zeros((T, T))
+    reference.gram(base, hist, dtype, ref, fp16)
+    d = reference.deltas_fp32(base, hist, dtype, fp16).astype(np.float64)
+    exact, mag = d @ d.T, np.abs(d) @ np.abs(d).T
+    tol = 2 * np.abs(ref - exact).max() + 8 * np.finfo(np.float32).eps * mag.max()
+    if precision == "tf32x3" or (precision == "auto" and T > 16):
+        tol = max(tol, 4e-6 * mag.max())  # 3xTF32 products: ~2^-21 relative
+    assert np.abs(got - exact).max() <= tol
+    again = np.zeros((T, T))
+    run_gram(cuda_kernels, base, hist, dtype, again, fp16)
+    if precision == "auto":
+        np.testing.assert_array_equal(got, again)  # deterministic
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32", "F64"])
+@pytest.mark.parametrize("T,K,n", [(1, 1, 9), (3, 2, 70001), (8, 3, 4097), (40, 9, 1000)])
+@pytest.mark.parametrize("fp16", [False, True])
+def test_cuda_combine_bit_exact(cuda_kernels, dtype, T, K, n, fp16):
+    from relex_kernels.ops.cuda import run_combine
+    rng = np.random.default_rng(T * K + n)
+    base, hist = _data(rng, dtype, T, n)
+    with np.errstate(all="ignore"):  # NaN, infinities, signed zeros, fp16 overflow and subnormal results
+        base[:8] = dtypes.from_float32(np.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 65504.0, 1e-7, -3e38],
+                                                np.float32), dtype)
+        alphas = rng.normal(0, 3, (K, T)).astype(np.float32)
+        ref = [np.zeros(n, dtypes.raw_numpy(dtype)) for _ in range(K)]
+        reference.combine(base, hist, alphas, dtype, ref, fp16)
+    got = [np.zeros(n, dtypes.raw_numpy(dtype)) for _ in range(K)]
+    run_combine(cuda_kernels, base, hist, alphas, dtype, got, fp16)
+    for r, g in zip(ref, got):
+        np.testing.assert_array_equal(r.view(np.uint8), g.view(np.uint8))
+
+
+@pytest.mark.parametrize("T,rank", [(2, 1), (16, 2), (100, 1), (300, 2)])
+def test_cuda_power_iteration_matches_eigh(cuda_kernels, T, rank):
+    from relex_kernels.kernels.triton.eig_ref import eigh_top
+    rng = np.random.default_rng(T)
+    M = 0.05 * rng.normal(0, 1, (6, T, 50)) + np.linspace(1, 2, T)[None, :, None] * rng.normal(0, 1, (6, 1, 50))
+    G = torch.from_numpy(M @ M.transpose(0, 2, 1)).cuda()
+    lam, U, it = cuda_kernels.top_eigenpairs(G, rank)
+    lam_r, U_r = eigh_top(G, rank)
+    assert (torch.abs(lam - lam_r) <= 1e-9 * lam_r[:, :1]).all()
+    assert torch.abs(U[:, :, 0] - U_r[:, :, 0]).max().item() <= 1e-7

@@ -13,7 +13,7 @@ import triton.language as tl
 from ._common import delta, load_f32, store_rounded
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "T", "K"])
 def _combine(x_ptr, stride, n, T, a_ptr, K, out_ptr, out_stride,
              DT: tl.constexpr, FP16: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -22,8 +22,10 @@ def _combine(x_ptr, stride, n, T, a_ptr, K, out_ptr, out_stride,
     km = ks < K
     b = load_f32(x_ptr, cols, cm, DT)
     s = tl.zeros((KP, BLOCK), dtype=tl.float32)
+    row = cols + stride  # int64 like cols: (T+1) rows may pass 2^31 elements
     for i in range(T):
-        h = load_f32(x_ptr, (i + 1) * stride + cols, cm, DT)
+        h = load_f32(x_ptr, row, cm, DT)
+        row += stride
         d = delta(h, b, FP16)
         a = tl.load(a_ptr + ks * T + i, mask=km, other=0.0)
         s = s + a[:, None] * d[None, :]

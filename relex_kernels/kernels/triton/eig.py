@@ -20,7 +20,7 @@ from .eig_ref import all_eigh, check_batch, finish, power_starts
 MAX_T = 128
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "R", "max_iter"])
 def _power(g_ptr, v0_ptr, lam_ptr, u_ptr, st_ptr, T, R, max_iter, tol, max_rate, TP: tl.constexpr):
     g = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, TP)

@@ -39,7 +39,7 @@ def _tile_deltas(x_ptr, stride, rows, row_mask, cols, col_mask, b, DT: tl.conste
     return tl.where(m, d, 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "T"])
 def _gram_partials(x_ptr, stride, n, T, part_ptr,
                    DT: tl.constexpr, FP16: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                    SUB_N: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr):
@@ -52,9 +52,10 @@ def _gram_partials(x_ptr, stride, n, T, part_ptr,
         mi = ri < T
         mj = rj < T
         acc = tl.zeros((BT, BT), dtype=tl.float32)
-        start = s.to(tl.int64) * SUB_N
+        start32 = s * SUB_N  # < 2^31: a block holds at most 2^31 elements per row
+        start = start32.to(tl.int64)
         # sub-chunks past n (the last chunk's tail) store zeros
-        for k in range(0, tl.maximum(tl.minimum(n - start, SUB_N), 0), BD):
+        for k in range(0, tl.maximum(tl.minimum(n - start32, SUB_N), 0), BD):
             cols = start + k + tl.arange(0, BD)
             cm = cols < n
             b = load_f32(x_ptr, cols, cm, DT)
@@ -71,7 +72,7 @@ def _gram_partials(x_ptr, stride, n, T, part_ptr,
             tl.store(base + rj[None, :] * T + ri[:, None], acc, mask=m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["TT", "n_chunks"])
 def _gram_reduce(part_ptr, acc_ptr, TT, n_chunks, SPLIT_N: tl.constexpr, BE: tl.constexpr):
     e = tl.program_id(0) * BE + tl.arange(0, BE)
     m = e < TT
