@@ -118,8 +118,9 @@ def _traj(tmp, dtype="BF16", shapes=SHAPES, steps=STEPS, **kw):
 
 
 @pytest.mark.parametrize("budgets", ["resident", "streamed"])
-def test_pipeline_outputs_match_reference_engine(tmp, device_backend, budgets):
+def test_pipeline_outputs_match_reference_engine(tmp, device_backend, budgets, monkeypatch):
     name, exact = device_backend
+    monkeypatch.setattr(gpu, "READ_PIECE", 1000 if budgets == "streamed" else gpu.READ_PIECE)  # rows in pieces
     base, ck = _traj(tmp)
     fo = FitOptions(rank=2)
     ref = extrapolate(base, ck, [20, 40], os.path.join(tmp, "ref"), fo, backend="reference")

@@ -48,6 +48,8 @@ N_PINNED = 3  # pinned input buffers: one being filled, one in flight, one ahead
 N_STAGE = 2  # device stage slots of streamed tensors
 N_OUT = 3  # pinned output buffers (and 2 device output slots)
 MAX_STAGE = 256 << 20
+#: bytes per read task: rows are read in pieces so that all reader threads stay busy
+READ_PIECE = 16 << 20
 #: journal points of streamed tensors: at least this many input bytes per range
 RANGE_BYTES = 1 << 30
 
@@ -234,7 +236,7 @@ class DeviceStreamer(Streamer):
         self.slots = [torch.empty(self.stage, dtype=torch.uint8, device=self.dev) for _ in range(N_STAGE)]
         self.slot_free = [None] * N_STAGE
         self.next_slot = 0
-        self.rows = ThreadPoolExecutor(min(8, T + 1, os.cpu_count() or 1), thread_name_prefix="relex-row")
+        self.rows = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="relex-read")
         self.writes = ThreadPoolExecutor(2, thread_name_prefix="relex-write")
         self.pool = _Pool(torch, N_PINNED, self.stage, self.cuda)
         self.reader = _Reader(self, self.pool, self.rows)
@@ -296,12 +298,14 @@ class DeviceStreamer(Streamer):
         m = b - a
         dst = arr[:(self.traj.T + 1) * m * dtypes.itemsize(job.dtype)].view(dtypes.raw_numpy(job.dtype))
         locs = list(self._locs(job))
+        step = max(1, READ_PIECE // dtypes.itemsize(job.dtype))
 
-        def row(r: int) -> None:
-            np.copyto(dst[r * m:(r + 1) * m], locs[r].file.view(job.name, a, b))
-            locs[r].file.release(job.name, a, b)
+        def piece(r: int, lo: int, hi: int) -> None:  # a large sequential read of one input file
+            np.copyto(dst[r * m + lo - a:r * m + hi - a], locs[r].file.view(job.name, lo, hi))
+            locs[r].file.release(job.name, lo, hi)
 
-        for f in [self.rows.submit(row, r) for r in range(len(locs))]:
+        tasks = [(r, lo, min(b, lo + step)) for r in range(len(locs)) for lo in range(a, b, step)]
+        for f in [self.rows.submit(piece, *t) for t in tasks]:
             f.result()
 
     def _event(self):
