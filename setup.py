@@ -35,7 +35,7 @@ class _PybindInclude:
 # -ffp-contract=off: combine must round every product and sum separately (its results
 # are bit-identical to the reference); GCC would otherwise fuse mul+add intrinsics.
 # No -march=native and no -ffast-math (denormals and NaN must behave as in numpy).
-_CPU_COMPILE_ARGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wall"]
+_CPU_COMPILE_ARGS = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-Wall"]
 _CPU_LINK_ARGS = ["-fopenmp"]
 
 

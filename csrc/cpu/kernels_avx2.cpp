@@ -108,12 +108,7 @@ template <> inline void VAvx2::store_dst<kF64>(void* p, __m256 x) {
 #endif
 
 namespace relex {
-// Outside the target region: safe to call on any x86-64 (it only builds a table).
-const IsaKernels& avx2_kernels() {
-    static const IsaKernels k{"avx2", int(VAvx2::W), &gram_plan_t<VAvx2>, &gram_chunk_t<VAvx2>,
-                               &combine_plan_t<VAvx2>, &combine_block_t<VAvx2>, &xor_words};
-    return k;
-}
+RELEX_DEFINE_KERNELS(avx2_kernels, "avx2", VAvx2)
 }  // namespace relex
 
 #endif  // RELEX_X86_KERNELS

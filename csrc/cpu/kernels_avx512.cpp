@@ -114,12 +114,7 @@ template <> inline void VAvx512::store_dst<kF64>(void* p, __m512 x) {
 #endif
 
 namespace relex {
-// Outside the target region: safe to call on any x86-64 (it only builds a table).
-const IsaKernels& avx512_kernels() {
-    static const IsaKernels k{"avx512", int(VAvx512::W), &gram_plan_t<VAvx512>, &gram_chunk_t<VAvx512>,
-                              &combine_plan_t<VAvx512>, &combine_block_t<VAvx512>, &xor_words};
-    return k;
-}
+RELEX_DEFINE_KERNELS(avx512_kernels, "avx512", VAvx512)
 }  // namespace relex
 
 #endif  // RELEX_X86_KERNELS

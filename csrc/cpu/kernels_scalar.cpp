@@ -54,10 +54,6 @@ struct VScalar {
 
 }  // namespace
 
-const IsaKernels& scalar_kernels() {
-    static const IsaKernels k{"scalar", int(VScalar::W), &gram_plan_t<VScalar>, &gram_chunk_t<VScalar>,
-                               &combine_plan_t<VScalar>, &combine_block_t<VScalar>, &xor_words};
-    return k;
-}
+RELEX_DEFINE_KERNELS(scalar_kernels, "scalar", VScalar)
 
 }  // namespace relex

@@ -113,3 +113,12 @@ inline uint64_t xor_words(const void* p, size_t nbytes) {
     for (; i < nbytes; ++i) x ^= c[i];
     return x;
 }
+
+// Defines `const IsaKernels& fn()`, the table of the kernels for traits V. Used
+// after the target region: building the table runs no ISA-specific code.
+#define RELEX_DEFINE_KERNELS(fn, name, V)                                                    \
+    const IsaKernels& fn() {                                                                 \
+        static const IsaKernels k{name, int(V::W), &gram_plan_t<V>, &gram_chunk_t<V>,        \
+                                  &combine_plan_t<V>, &combine_block_t<V>, &xor_words};      \
+        return k;                                                                            \
+    }
