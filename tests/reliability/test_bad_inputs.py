@@ -685,8 +685,7 @@ def _(c):
 
 
 #: known problems in code owned elsewhere, reported to its owner; xfail until fixed
-KNOWN = {"num_threads_not_a_number": "relex_kernels/ops/native.py raises ValueError (a traceback) for a bad "
-                                     "RELEX_NUM_THREADS instead of a RelexError"}
+KNOWN: dict[str, str] = {}
 
 SHARDED = {"index_names_missing_shard", "index_maps_tensor_to_wrong_shard", "shard_tensor_missing_from_index",
            "index_not_json", "index_without_weight_map", "index_shard_path_escapes"}
