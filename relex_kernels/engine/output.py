@@ -114,7 +114,8 @@ class OutputSet:
             self.abort()
             raise OutputError(f"cannot prepare the output in {self.out_dir}: {e.strerror or e}") from None
         except BaseException:
-            self.abort()
+            if self._lock_fd is not None:  # not given up already (keeping a resumable state)
+                self.abort()
             raise
 
     def final(self, t: int) -> str:

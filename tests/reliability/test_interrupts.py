@@ -179,6 +179,18 @@ def test_torn_tail_then_killed_again(traj, tmp_path):
     assert rep["resumed_tensors"] == 3
 
 
+def test_refusal_keeps_the_resumable_state(traj, tmp_path):
+    """'already exists' (someone else made OUT_DIR/step_30 meanwhile) must not throw away finished work."""
+    out = str(tmp_path / "out")
+    kill_at(traj, out, "done:2")
+    os.mkdir(os.path.join(out, "step_30"))
+    r = relex(*command(traj, out))
+    assert r.returncode == 2 and "already exists" in r.stderr, r.stderr
+    os.rmdir(os.path.join(out, "step_30"))
+    rep = assert_finished(traj, out, relex(*command(traj, out)))
+    assert rep["resumed_tensors"] == 2
+
+
 def test_partial_state_never_looks_complete(traj, tmp_path):
     """Killed in pass 2: nothing under OUT_DIR but the hidden state loads as a checkpoint."""
     out = str(tmp_path / "out")
