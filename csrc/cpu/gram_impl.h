@@ -4,7 +4,8 @@
 // V provides: F (vector of W fp32 lanes), W, zero, set1, load, store, add, sub,
 // mul, fmadd(a, b, c) = a*b + c, hsum, round_f16 (fp32 -> fp16 -> fp32 RNE),
 // load_src<DT>(p) (W raw elements -> fp32), store_dst<DT>(p, x) (fp32 -> W raw,
-// RNE), kBf16Pairs (see simd_common.h) and kFusedMaxT.
+// RNE), kBf16Pairs (see simd_common.h), kFusedMaxT and kGramBlock (rows/cols kB
+// of one register block: kB*kB accumulators + kB + 1 operands fit the registers).
 //
 // T <= kFusedMaxT (memory-bound): one pass, the deltas of a group go straight
 // from the loads into the T(T+1)/2 accumulators held in registers.
@@ -13,7 +14,6 @@
 // register-blocked kB x kB micro-kernel into W-lane partial sums that live
 // across the whole chunk. Either way the lanes are summed once, at chunk end.
 
-constexpr int kB = 4;  // rows/cols of one register block (kB*kB accumulators)
 constexpr size_t kTileBytes = 160 * 1024;  // budget for the fp32 delta tile
 
 // Tile width: a power of two (so it divides kGramChunk) keeping D within budget
@@ -78,6 +78,7 @@ void make_tile(const Inputs& in, size_t off, size_t len, size_t pf, float* D, si
 template <class V, bool Diag>
 inline void gram_block(const float* Da, const float* Db, size_t ld, size_t nvec, float* acc) {
     using F = typename V::F;
+    constexpr int kB = V::kGramBlock;
     constexpr size_t W = V::W;
     F c[kB][kB];
     for (int r = 0; r < kB; ++r)
@@ -102,6 +103,7 @@ struct GramGeom {
 
 template <class V>
 GramGeom gram_geom(int T, size_t n) {
+    constexpr int kB = V::kGramBlock;
     GramGeom g;
     g.Tp = int(round_up(size_t(T), kB));
     g.nb = g.Tp / kB;
@@ -112,6 +114,7 @@ GramGeom gram_geom(int T, size_t n) {
 
 template <class V>
 Plan gram_plan_t(int T, size_t n) {
+    constexpr int kB = V::kGramBlock;
     if (T <= V::kFusedMaxT) return Plan{0};
     GramGeom g = gram_geom<V>(T, n);
     return Plan{size_t(g.Tp) * g.tw + 2 * g.tw + g.npairs * kB * kB * V::W};
@@ -177,6 +180,7 @@ void gram_fused_dispatch(const Inputs& in, size_t off, size_t len, float* out) {
 template <class V, int DT, bool F16D>
 void gram_chunk_dt(const Inputs& in, size_t off, size_t len, float* out, float* scratch) {
     constexpr size_t W = V::W;
+    constexpr int kB = V::kGramBlock;
     const int T = in.T;
     const GramGeom g = gram_geom<V>(T, in.n);
     float* D = scratch;

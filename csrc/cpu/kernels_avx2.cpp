@@ -43,6 +43,7 @@ struct VAvx2 {
     template <int DT> static void store_dst(void* p, F x);
 
     static constexpr bool kBf16Pairs = true;
+    static constexpr int kGramBlock = 3;
     static constexpr int kFusedMaxT = 4;
     static constexpr size_t kCombineU = 4;
     static void load_bf16_pair(const void* p, F& even, F& odd) {

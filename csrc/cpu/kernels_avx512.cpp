@@ -51,6 +51,7 @@ struct VAvx512 {
     template <int DT> static void store_dst(void* p, F x);
 
     static constexpr bool kBf16Pairs = true;
+    static constexpr int kGramBlock = 4;
     static constexpr int kFusedMaxT = 6;
     static constexpr size_t kCombineU = 8;
     static void load_bf16_pair(const void* p, F& even, F& odd) {

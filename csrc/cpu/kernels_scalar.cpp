@@ -18,6 +18,7 @@ struct VScalar {
     };
     static constexpr size_t W = 8;
     static constexpr bool kBf16Pairs = false;
+    static constexpr int kGramBlock = 2;
     static constexpr int kFusedMaxT = 4;
     static constexpr size_t kCombineU = 4;
     template <class Op>
