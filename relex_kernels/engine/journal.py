@@ -15,8 +15,10 @@ match (another key, a torn record, files of another layout) is discarded and the
 starts afresh, so a stale journal can cost time but never change a byte.
 
 Record order is what makes this safe: a ``written`` or ``done`` record is appended
-only after the output ranges it covers were written and ``msync``-ed, so losing the
-tail of the journal only loses work, never claims work that is not on disk. Partial
+only after the output ranges it covers were written and synced (records wait and go
+out together every ``RELEX_JOURNAL_SYNC_SECONDS``, 10 s by default, after one sync of
+the outputs), so losing the tail of the journal only loses work, never claims work
+that is not on disk. Partial
 outputs stay inside the hidden state directory and are renamed into
 ``OUT_DIR/step_<S>`` only when complete (``commit`` record first, so an interruption
 between the renames of several targets is finished by the next run).
@@ -43,6 +45,7 @@ import hashlib
 import json
 import os
 import signal
+import time
 
 import numpy as np
 
@@ -51,6 +54,14 @@ from ..fit import Components
 
 VERSION = 1
 JOURNAL_NAME = "journal.jsonl"
+
+
+def sync_seconds() -> float:
+    """How often output records are made durable (``RELEX_JOURNAL_SYNC_SECONDS``, default 10)."""
+    try:
+        return float(os.environ.get("RELEX_JOURNAL_SYNC_SECONDS", "10"))
+    except ValueError:
+        return 10.0
 
 
 # -- test hook ---------------------------------------------------------------------
@@ -126,6 +137,10 @@ class Journal:
         self.committed = False
         self.resumed = False
         self._fh = None
+        self._pending: list[dict] = []
+        self._last_sync = time.monotonic()
+        #: makes every output byte written so far durable; set by the output set
+        self.sync_outputs = None
 
     # -- reading --------------------------------------------------------------------
     @classmethod
@@ -208,14 +223,37 @@ class Journal:
         self._append({"kind": "fit", "name": name, "u": _b64(comp.u), "u_shape": list(comp.u.shape),
                       "sv": _b64(comp.singular_values), "ev": comp.explained_variance})
 
+    # Output records claim bytes on disk, so they are appended only after the outputs are
+    # synced. Syncing after every tensor would make the run wait for the disk each time;
+    # instead they wait in ``_pending`` and go out together every SYNC_SECONDS, after one
+    # ``sync_outputs()`` (set by the output set): a kill loses at most that much work.
     def record_written(self, name: str, upto: int) -> None:
-        self._append({"kind": "written", "name": name, "upto": int(upto)})
+        self._pending.append({"kind": "written", "name": name, "upto": int(upto)})
+        self._flush_pending()
 
     def record_done(self, name: str) -> None:
         self.done.add(name)
-        self._append({"kind": "done", "name": name})
+        self._pending.append({"kind": "done", "name": name})
+        self._flush_pending()
+
+    def _flush_pending(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._pending or (not force and now - self._last_sync < sync_seconds()):
+            return
+        if self.sync_outputs is not None:
+            try:
+                self.sync_outputs()
+            except OSError as e:
+                raise OutputError(f"cannot sync the outputs beside {self.path}: {e.strerror or e}") from None
+        recs, self._pending = self._pending, []
+        for rec in recs:
+            self._append(rec)
+        self._last_sync = time.monotonic()
 
     def record_commit(self) -> None:
+        """All outputs are complete and synced (closed): the pending records, then the commit."""
+        self.sync_outputs = None
+        self._flush_pending(force=True)
         self.committed = True
         self._append({"kind": "commit"}, sync=True)
 

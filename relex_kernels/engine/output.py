@@ -205,6 +205,8 @@ class OutputSet:
         for t in self.targets:
             self.writers.append(ShardedWriter(self.partials[t], specs, shard_bytes,
                                               metadata={"relex_target_step": str(t)}, reuse=reuse))
+        writers = list(self.writers)
+        self.journal.sync_outputs = lambda: [w.sync() for w in writers]
         return self.writers
 
     def commit(self, base_dir: str, report: dict | None = None, before_commit=None) -> list[str]:

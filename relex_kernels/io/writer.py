@@ -5,7 +5,8 @@ before any value exists; every file is then created at its final size with its
 space reserved up front (``posix_fallocate``), so a full disk is a clean
 ``OSError`` at creation and never a SIGBUS halfway through a mapped write.
 Kernels write their results straight into :meth:`ShardedWriter.view` views; each
-finished range is flushed and released so dirty pages never pile up in our RSS.
+finished range is released (its write-back started) so dirty pages never pile up in our RSS;
+:meth:`ShardedWriter.sync` makes what was written durable.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ class _OutFile:
         self.offsets = {k: v + self.data_start for k, v in rel.items()}
         self.specs = {s.name: s for s in specs}
         self._mm = None
+        self._fd = None
         head = struct.pack("<Q", len(raw)) + raw
         if reuse:  # a resumed run: the file must be exactly the one this plan creates
             fd = os.open(path, os.O_RDWR)
@@ -91,8 +93,10 @@ class _OutFile:
                 os.posix_fallocate(fd, 0, self.size)
                 os.pwrite(fd, head, 0)
             self._mm = mmap.mmap(fd, self.size, access=mmap.ACCESS_WRITE) if self.size else None
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self._fd = fd  # kept for write-back hints and syncs of pages no longer mapped
 
     def view(self, name: str, start: int, stop: int) -> np.ndarray:
         s = self.specs[name]
@@ -106,24 +110,31 @@ class _OutFile:
         lo = b - b % _PAGE
         hi = min(b + (stop - start) * isz, self.size)
         if hi > lo:
-            self._mm.flush(lo, hi - lo)
+            # Dropping a shared mapping's pages keeps their data: dirty pages stay in the
+            # page cache. The fadvise starts their write-back now, in the background, so
+            # the disk works while the next tensor computes (an msync here would wait for it).
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+
+    def sync(self) -> None:
+        """Make everything written so far durable (mapped or already released)."""
+        if self._mm is not None:
+            self._mm.flush()
+        if self._fd is not None:
+            os.fdatasync(self._fd)
 
     def close(self, sync: bool) -> None:
+        if sync:
+            self.sync()
         if self._mm is not None:
-            if sync:
-                self._mm.flush()
             try:
                 self._mm.close()
             except BufferError:
                 pass
             self._mm = None
-        if sync:
-            fd = os.open(self.path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class ShardedWriter:
@@ -164,6 +175,11 @@ class ShardedWriter:
         f = self._where[name]
         stop = prod(f.specs[name].shape) if stop is None else stop
         f.release(name, start, stop)
+
+    def sync(self) -> None:
+        """Make every byte written so far durable (the run journal's records follow this)."""
+        for f in self.files:
+            f.sync()
 
     def close(self, sync: bool = True) -> None:
         for f in self.files:

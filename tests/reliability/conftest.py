@@ -18,3 +18,10 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("slow") and str(item.fspath).startswith(HERE):
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _journal_records_at_once(monkeypatch):
+    """Kill-point tests count the work a resumed run reuses: make every output record durable
+    at once (production batches them every 10 s; test_interrupts checks that mode too)."""
+    monkeypatch.setenv("RELEX_JOURNAL_SYNC_SECONDS", "0")

@@ -110,6 +110,18 @@ def test_killed_run_resumes_byte_identical(traj, tmp_path, point):
         assert rep["bytes_read"] < traj["ref_report"]["bytes_read"], "finished work was read again"
 
 
+def test_batched_output_records_lose_work_not_bytes(traj, tmp_path):
+    """With output records batched (the default: every 10 s), a kill loses the unsynced
+    records' work, and the resumed run still writes identical bytes."""
+    out = str(tmp_path / "out")
+    r = relex(*command(traj, out), env=cli_env(RELEX_TEST_KILL="done:4", RELEX_JOURNAL_SYNC_SECONDS="3600"))
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    journal = open(os.path.join(out, ".relex.partial", "journal.jsonl")).read()
+    assert '"kind":"fit"' in journal and '"kind":"done"' not in journal
+    rep = assert_finished(traj, out, relex(*command(traj, out), env=cli_env(RELEX_JOURNAL_SYNC_SECONDS="3600")))
+    assert rep["resumed_tensors"] == 0
+
+
 def test_killed_twice_then_resumed_with_another_memory_budget(traj, tmp_path):
     out = str(tmp_path / "out")
     kill_at(traj, out, "combine:1")
