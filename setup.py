@@ -9,8 +9,8 @@
   :func:`with_cuda`): ``RELEX_SKIP_CUDA=1`` never builds it, ``RELEX_FORCE_CUDA=1``
   makes a failure an error, architectures come from ``TORCH_CUDA_ARCH_LIST``.
 
-pybind11 is needed at build time only; it is requested through ``setup_requires``
-(honoured by pip's isolated PEP 517 builds) and imported lazily.
+pybind11 is needed at build time only: pyproject.toml lists it as a build requirement
+(pip's isolated PEP 517 build installs it) and it is imported lazily.
 """
 
 import glob
@@ -88,9 +88,10 @@ setup(
     packages=find_packages(include=["relex_kernels", "relex_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["numpy>=1.24", "tqdm>=4.60"],
-    setup_requires=["pybind11>=2.10"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark", "hypothesis", "safetensors", "torch", "transformers"],
+        # triton: its kernels run under TRITON_INTERPRET=1 in the CPU tests
+        "test": ["pytest>=7", "pytest-benchmark", "hypothesis", "safetensors", "torch", "transformers", "triton",
+                 "matplotlib"],
     },
     ext_modules=[cpu_extension()],
     cmdclass={"build_ext": with_cuda(BuildExt)},
