@@ -51,7 +51,7 @@ from relex_kernels.engine import extrapolate
 a = json.loads(sys.argv[1])
 t0 = time.perf_counter()
 r = extrapolate(a["base"], {int(k): v for k, v in a["ck"].items()}, [a["target"]], a["out"], overwrite=True,
-                backend=a["backend"])
+                backend=a["backend"], memory_budget=a.get("budget"))
 dt = time.perf_counter() - t0
 print(json.dumps({"seconds": dt, "bytes_read": r.bytes_read, "peak_rss": hwm(), "backend": r.backend}))
 """
@@ -213,7 +213,8 @@ def params_of(syn) -> int:
     return n
 
 
-def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: list[str], bw: float, gemm: float):
+def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: list[str], bw: float, gemm: float,
+            budgets=()):
     files = traj_files(syn)
     warm(files)
     T = len(syn.checkpoints)
@@ -228,8 +229,10 @@ def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: 
     arg = {"base": syn.base_dir, "ck": {str(k): v for k, v in syn.checkpoints.items()}, "target": target,
            "out": os.path.join(work, "out")}
     try:
-        for be in backends:
-            rs = [child(ENGINE, dict(arg, backend=be)) for _ in range(runs)]
+        for be, budget in [(b, None) for b in backends] + [(backends[-1], x) for x in budgets]:
+            rs = [child(ENGINE, dict(arg, backend=be, budget=budget)) for _ in range(runs)]
+            if budget is not None:
+                be = f"{be}, --memory-budget {budget >> 20}M"
             sec = statistics.median(r["seconds"] for r in rs)
             row[f"engine_{be}"] = {"seconds": sec, "runs": [r["seconds"] for r in rs],
                                    "input_GBps": rs[0]["bytes_read"] / sec / 1e9,
@@ -264,6 +267,7 @@ def main() -> None:
     ap.add_argument("--baseline-runs", type=int, default=1)
     ap.add_argument("--baselines", default="naive,authors", help="comma list: naive, authors, or none")
     ap.add_argument("--backends", default=None, help="comma list (default: reference and, if built, cpu)")
+    ap.add_argument("--budgets", default="", help="comma list of extra --memory-budget runs (e.g. 512M)")
     ap.add_argument("--scaling", action="store_true", help="also time vs model size and vs T (engine only)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "relex-bench"))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "e2e_cpu"))
@@ -281,7 +285,9 @@ def main() -> None:
     res = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "read_bandwidth": bw, "gemm_flops": gemm,
            "runs": a.runs, "baseline_runs": a.baseline_runs}
     print(f"{label}, T={a.steps}:")
-    res["main"] = dict(measure(syn, a.runs, baselines, a.baseline_runs, backends, bw, gemm), size=label)
+    from relex_kernels.engine import parse_size
+    budgets = [parse_size(x) for x in a.budgets.split(",") if x]
+    res["main"] = dict(measure(syn, a.runs, baselines, a.baseline_runs, backends, bw, gemm, budgets), size=label)
     if not a.keep:
         shutil.rmtree(syn.out_dir)
     if a.scaling:
@@ -322,7 +328,7 @@ def to_markdown(res: dict) -> str:
              f"{m['bound_seconds']:.2f} | {m['input_bytes'] / m['bound_seconds'] / gb:.2f} | | | 1.00 |"]
     for k, v in m.items():
         if k.startswith("engine_"):
-            lines.append(f"| relex ({k[7:]} backend) | {v['seconds']:.2f} | {v['input_GBps']:.2f} | "
+            lines.append(f"| relex (backend {k[7:]}) | {v['seconds']:.2f} | {v['input_GBps']:.2f} | "
                          f"{v['peak_rss'] / 2**20:.0f} | 0 | {v['x_bound']:.2f} |")
     for k in ("naive", "authors"):
         if k in m:
