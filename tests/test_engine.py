@@ -11,7 +11,7 @@ from trajgen import make_trajectory
 
 from relex_kernels.engine import extrapolate, predict
 from relex_kernels.fit import FitOptions
-from relex_kernels.io import Checkpoint, dtypes
+from relex_kernels.io import Checkpoint
 
 SHAPES = {"w.weight": (33, 17), "b.bias": (7,), "one": (1,), "big": (4099,)}
 

@@ -184,24 +184,25 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     return RunResult(done, rep, seconds, streamer.bytes_read, be.name, fits)
 
 
-def _check_f16_range(job, writers, targets) -> None:
+def _check_f16_range(job, writers, targets, a: int = 0, b: int | None = None) -> None:
     """An fp16 prediction past ±65504 is inf: an error, never a silently broken model.
 
     (bf16 and fp32 cannot get there: a finite fp32 Gram bounds every delta far below
-    their range.) Reads back the outputs just written, still in the page cache.
+    their range.) Reads back the outputs of elements ``[a, b)`` just written, still in
+    the page cache; the SPMD engine checks each rank's own elements.
     """
-    n, step = job.numel, 1 << 22
+    b = job.numel if b is None else b
     for w, t in zip(writers, targets):
         bad = 0
-        for a in range(0, n, step):
-            b = min(n, a + step)
-            v = w.view(job.name, a, b)
+        for c0 in range(a, b, 1 << 22):
+            c1 = min(b, c0 + (1 << 22))
+            v = w.view(job.name, c0, c1)
             bad += int(np.count_nonzero((v.view(np.uint16) & 0x7C00) == 0x7C00))  # exponent all ones: inf, NaN
             del v
-            w.release(job.name, a, b)
+            w.release(job.name, c0, c1)
         if bad:
             raise InputError(f"tensor {job.name}: the prediction for step {t} leaves the F16 range "
-                             f"(|x| > 65504) at {bad} of {n} elements; predict a nearer step, or convert "
+                             f"(|x| > 65504) at {bad} of {job.numel} elements; predict a nearer step, or convert "
                              "the checkpoints to bf16 or fp32")
 
 

@@ -13,13 +13,13 @@ import time
 import numpy as np
 
 from .. import fit as fitmath
-from ..errors import InputError, UsageError
+from ..errors import UsageError
 from ..io import dtypes
 from ..io.writer import ShardedWriter
 from . import journal, partition, report
 from .distributed import DistributedError, _test_hook
 from .output import STATE_NAME, OutputSet, target_dir_name
-from .run import RunResult, _progress, default_memory_budget
+from .run import RunResult, _check_f16_range, _progress, default_memory_budget
 from .streaming import GRAM_BLOCK, Streamer
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -263,21 +263,9 @@ class RankRun:
         return payload.reshape(-1)
 
     def _check_f16(self, job, a: int, b: int) -> None:
-        """As run._check_f16_range, on this rank's elements: an fp16 prediction past ±65504 is an error."""
-        if job.dtype != "F16":
-            return
-        for w, t in zip(self.writers, self.targets):
-            bad = 0
-            for c0 in range(a, b, 1 << 22):
-                c1 = min(b, c0 + (1 << 22))
-                v = w.view(job.name, c0, c1)
-                bad += int(np.count_nonzero((v.view(np.uint16) & 0x7C00) == 0x7C00))  # inf or NaN
-                del v
-                w.release(job.name, c0, c1)
-            if bad:
-                raise InputError(f"tensor {job.name}: the prediction for step {t} leaves the F16 range "
-                                 f"(|x| > 65504) at {bad} of {job.numel} elements; predict a nearer step, or "
-                                 "convert the checkpoints to bf16 or fp32")
+        """run._check_f16_range on this rank's elements."""
+        if job.dtype == "F16":
+            _check_f16_range(job, self.writers, self.targets, a, b)
 
     def _also(self, job):
         return self.tied[0] if self.tied and job.name == self.tied[1] else None

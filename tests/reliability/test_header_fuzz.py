@@ -24,7 +24,6 @@ import struct
 import tempfile
 from math import prod
 
-import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
