@@ -100,7 +100,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         K = len(targets)
         tied_source = traj.tied[1] if traj.tied else None
         tied_head = traj.tied[0] if traj.tied else None
-        bar = _progress(sum(streamer.read_bytes(j, K) for j in traj.jobs), progress)
+        bar = _progress(sum(streamer.read_bytes(j, K, comps is None) for j in traj.jobs), progress)
         streamer.progress = bar
         fits: dict[str, Components] = {}
         entries = []
@@ -113,7 +113,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                     fits[job.name] = comp = comps[job.name] if comps is not None else jr.fits[job.name]
                     entries.append(report.tensor_entry(job.name, job.dtype, job.shape, comp))
                 if bar is not None:
-                    bar.update(streamer.read_bytes(job, K))
+                    bar.update(streamer.read_bytes(job, K, comps is None))
                 continue
             if job.kind == "copy":
                 streamer.copy(job, writers)

@@ -209,11 +209,11 @@ class Streamer:
             loc.file.release(job.name, a, b)
             self._tick((b - a) * dtypes.itemsize(job.dtype))
 
-    def read_bytes(self, job: Job, n_outputs: int) -> int:
-        """Bytes this job reads (for the progress bar's total)."""
+    def read_bytes(self, job: Job, n_outputs: int, with_gram: bool = True) -> int:
+        """Bytes this job reads (for the progress bar's total); ``with_gram=False``: pass 2 only."""
         if job.kind == "copy":
             return job.nbytes
         if job.kind == "tied":
             return 0
         resident, _ = self.ranges(job, n_outputs)
-        return (self.traj.T + 1) * job.nbytes * (1 if resident else 2)
+        return (self.traj.T + 1) * job.nbytes * (1 if resident or not with_gram else 2)
