@@ -9,5 +9,7 @@ mathematics). Importing this package never needs a compiler output, a GPU or Tri
 __version__ = "0.1.0"
 
 from .errors import RelexError  # noqa: E402
+from .engine import extrapolate, predict  # noqa: E402
+from .fit import FitOptions  # noqa: E402
 
-__all__ = ["RelexError", "__version__"]
+__all__ = ["RelexError", "FitOptions", "extrapolate", "predict", "__version__"]
