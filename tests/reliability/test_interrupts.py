@@ -259,6 +259,7 @@ def _timed_kills(traj, tmp_path, n, seed):
     t0 = time.time()
     assert relex(*command(traj, str(tmp_path / "timing"))).returncode == 0
     full = time.time() - t0
+    finished = 0
     for i in range(n):
         out = str(tmp_path / f"out{i}")
         for _ in range(3):  # up to three kills in a row before the run may finish
@@ -270,17 +271,20 @@ def _timed_kills(traj, tmp_path, n, seed):
             if p.returncode == 0:
                 break
         if len(step_dirs(out)) == len(TARGETS) and not os.path.exists(os.path.join(out, ".relex.partial")):
+            finished += 1
             continue  # the kill came after the run had finished (checked complete above)
         assert_finished(traj, out, relex(*command(traj, out)))
+        finished += 1
+    return finished
 
 
 def test_random_timed_kills(traj, tmp_path):
-    _timed_kills(traj, tmp_path, 2, seed=1)
+    assert _timed_kills(traj, tmp_path, 2, seed=1) == 2
 
 
 @pytest.mark.slow
 def test_random_timed_kills_long(traj, tmp_path):
-    _timed_kills(traj, tmp_path, 25, seed=int(os.environ.get("RELEX_SEED", "7")))
+    assert _timed_kills(traj, tmp_path, 25, seed=int(os.environ.get("RELEX_SEED", "7"))) == 25
 
 
 @pytest.mark.slow
