@@ -61,23 +61,14 @@ def run(args) -> int:
     return 0
 
 
-def relative_error(pred_dir: str, true_dir: str, base_dir: str) -> float:
-    """||pred - true|| / ||true - base|| over every tensor (fp64 sums, one tensor at a time)."""
-    import numpy as np
 
+def relative_error(pred_dir: str, true_dir: str, base_dir: str) -> float:
+    """||pred - true|| / ||true - base|| over every fitted tensor (analysis.materialize.compare's sums)."""
+    from ..analysis.materialize import compare
     from ..io import Checkpoint, dtypes
 
-    cks = [Checkpoint(d) for d in (pred_dir, true_dir, base_dir)]
-    num = den = 0.0
-    try:
-        for name, loc in cks[2].tensors.items():
-            if not dtypes.is_fitted(loc.info.dtype):
-                continue
-            p, t, b = (dtypes.to_float32(c.tensors[name].file.view(name), loc.info.dtype).astype(np.float64)
-                       for c in cks)
-            num += float(((p - t) ** 2).sum())
-            den += float(((t - b) ** 2).sum())
-    finally:
-        for c in cks:
-            c.close()
-    return (num / den) ** 0.5 if den > 0 else 0.0
+    base = Checkpoint(base_dir)
+    names = [n for n, loc in base.tensors.items() if dtypes.is_fitted(loc.info.dtype)]
+    base.close()
+    sums = sum(compare(pred_dir, true_dir, base_dir, names).values())  # (|d^|², <d^,d>, |d|², |d^-d|²)
+    return float((sums[3] / sums[2]) ** 0.5) if sums[2] > 0 else 0.0
