@@ -26,7 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from machine_info import cpu_model  # noqa: E402
 
 CHILD_PRELUDE = r"""
 import json, os, sys, time
@@ -176,13 +177,7 @@ def gemm_rate() -> float:
 
 
 def machine() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return f"{cpu_model()}, {os.cpu_count()} cores"
 
 
 def ensure_traj(cache: str, size: str, T: int, layers: int | None = None):

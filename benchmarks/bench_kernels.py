@@ -36,20 +36,13 @@ sys.path.insert(0, str(ROOT))
 
 from relex_kernels.io import dtypes  # noqa: E402
 from relex_kernels.ops import native, reference  # noqa: E402
+from machine_info import cpu_model  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
 
 def machine() -> dict:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        model = platform.processor() or "unknown"
-    return {"cpu": model, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
+    return {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__}
 
 
