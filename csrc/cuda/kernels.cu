@@ -42,6 +42,19 @@ __device__ __forceinline__ void store_tile_entry(float* part_s, int T, int i, in
     if (mirror) part_s[int64_t(j) * T + i] = v;
 }
 
+// fp32 fragment -> its tf32 rounding ("big"), and with X3 the tf32 rounding of the rest
+// ("small"): big + small carries ~21 bits, the 3xTF32 split.
+template <bool X3, class Frag>
+__device__ __forceinline__ void split_tf32(Frag& big, Frag& small) {
+#pragma unroll
+    for (int t = 0; t < big.num_elements; ++t) {
+        const float v = big.x[t];
+        const float b = nvcuda::wmma::__float_to_tf32(v);
+        big.x[t] = b;
+        if (X3) small.x[t] = nvcuda::wmma::__float_to_tf32(v - b);
+    }
+}
+
 }  // namespace
 
 template <int T, int DT>
@@ -177,25 +190,13 @@ __global__ void __launch_bounds__(128) gram_tc_kernel(const void* x, int64_t str
 #pragma unroll
             for (int a = 0; a < FR; ++a) {
                 wmma::load_matrix_sync(ab[a], di + (wr * WT + a * 16) * LD + kk, LD);
-#pragma unroll
-                for (int t = 0; t < ab[a].num_elements; ++t) {
-                    const float v = ab[a].x[t];
-                    const float big = wmma::__float_to_tf32(v);
-                    ab[a].x[t] = big;
-                    if (X3) as[a].x[t] = wmma::__float_to_tf32(v - big);
-                }
+                split_tf32<X3>(ab[a], as[a]);
             }
 #pragma unroll
             for (int c = 0; c < FR; ++c) {
                 // B(k, col) = D_j[col][k]: column-major with leading dimension LD
                 wmma::load_matrix_sync(bb[c], dj + (wc * WT + c * 16) * LD + kk, LD);
-#pragma unroll
-                for (int t = 0; t < bb[c].num_elements; ++t) {
-                    const float v = bb[c].x[t];
-                    const float big = wmma::__float_to_tf32(v);
-                    bb[c].x[t] = big;
-                    if (X3) bsm[c].x[t] = wmma::__float_to_tf32(v - big);
-                }
+                split_tf32<X3>(bb[c], bsm[c]);
             }
 #pragma unroll
             for (int a = 0; a < FR; ++a)
