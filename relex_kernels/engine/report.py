@@ -24,6 +24,29 @@ def tensor_entry(name: str, dtype: str, shape, comp: Components) -> dict:
     }
 
 
+def run_report(*, backend: str, options: dict, steps, targets, outputs: dict, seconds: float, bytes_read: int,
+               memory_budget: int, entries: list[dict], resumed: int = 0, **extra) -> dict:
+    """``relex_report.json`` of a whole run (one process or SPMD; ``extra``: more top-level fields)."""
+    from .. import __version__
+
+    return {
+        "relex_kernels": __version__,
+        "backend": backend,
+        "options": options,
+        "history_steps": list(steps),
+        "targets": list(targets),
+        "outputs": outputs,
+        "seconds": seconds,
+        "bytes_read": bytes_read,
+        "memory_budget": memory_budget,
+        "summary": summary(entries),
+        "summary_rank1": summary(entries, "explained_variance_rank1"),
+        "tensors": entries,
+        "resumed_tensors": resumed,
+        **extra,
+    }
+
+
 def summary(entries: list[dict], key: str = "explained_variance") -> dict:
     ev = np.array([e[key] for e in entries], dtype=np.float64)
     if ev.size == 0:

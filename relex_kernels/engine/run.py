@@ -156,22 +156,10 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
             bar.close()
             bar = None
         seconds = time.perf_counter() - t0
-        rep = {
-            "relex_kernels": __import__("relex_kernels").__version__,
-            "backend": be.name,
-            "options": opts.to_dict(),
-            "history_steps": steps,
-            "targets": targets,
-            "outputs": {str(t): outs.final(t) for t in targets},
-            "seconds": seconds,
-            "bytes_read": streamer.bytes_read,
-            "memory_budget": budget,
-            "summary": report.summary(entries),
-            "summary_rank1": report.summary(entries, "explained_variance_rank1"),
-            "tensors": entries,
-            "resumed_tensors": reused,
-            **(extra_report or {}),
-        }
+        rep = report.run_report(backend=be.name, options=opts.to_dict(), steps=steps, targets=targets,
+                                outputs={str(t): outs.final(t) for t in targets}, seconds=seconds,
+                                bytes_read=streamer.bytes_read, memory_budget=budget, entries=entries,
+                                resumed=reused, **(extra_report or {}))
         done = outs.commit(traj.base_dir, rep,
                            before_commit=(lambda: before_commit(fits)) if before_commit is not None else None)
     except BaseException as e:

@@ -323,35 +323,25 @@ class RankRun:
                     f.close(sync=True)
             self.writers = []
 
-    def _report(self) -> dict:
-        """The report's fields every rank knows (rank 0 adds the per-tensor part in :meth:`_commit`)."""
+    def _report(self, entries: list[dict] | None = None) -> dict:
+        """The run report; ranks other than 0 know no per-tensor part (``entries`` None)."""
         traj = self.traj
-        return {
-            "relex_kernels": __import__("relex_kernels").__version__,
-            "backend": self.be.name,
-            "options": self.opts.to_dict(),
-            "history_steps": traj.steps,
-            "targets": self.targets,
-            "outputs": {str(t): os.path.join(self.out_dir, target_dir_name(t)) for t in self.targets},
-            "seconds": time.perf_counter() - self.t0,
-            "bytes_read": sum(self.read_by_rank),
-            "memory_budget": self.budget,
-            "distributed": {
-                "world_size": self.env.world, "rank": self.env.rank, "launcher": self.env.launcher,
-                "process_group": self.g.backend, "bytes_read_by_rank": self.read_by_rank,
-                "planned_bytes_by_rank": self.plan.cost,
-                "split_tensors": {j.name: [[p.a, p.b, p.rank] for p in self.plan.pieces if p.job is j]
-                                  for j in self.plan.split_jobs()},
-            },
-            **(self.extra_report or {}),
+        distributed = {
+            "world_size": self.env.world, "rank": self.env.rank, "launcher": self.env.launcher,
+            "process_group": self.g.backend, "bytes_read_by_rank": self.read_by_rank,
+            "planned_bytes_by_rank": self.plan.cost,
+            "split_tensors": {j.name: [[p.a, p.b, p.rank] for p in self.plan.pieces if p.job is j]
+                              for j in self.plan.split_jobs()},
         }
+        return report.run_report(
+            backend=self.be.name, options=self.opts.to_dict(), steps=traj.steps, targets=self.targets,
+            outputs={str(t): os.path.join(self.out_dir, target_dir_name(t)) for t in self.targets},
+            seconds=time.perf_counter() - self.t0, bytes_read=sum(self.read_by_rank), memory_budget=self.budget,
+            entries=entries or [], distributed=distributed, **(self.extra_report or {}))
 
     def _commit(self) -> list[str]:
-        entries = [report.tensor_entry(j.name, j.dtype, j.shape, self.fits[j.name])
-                   for j in self.traj.jobs if j.kind == "fit"]
-        self.rep = dict(self._report(), summary=report.summary(entries),
-                        summary_rank1=report.summary(entries, "explained_variance_rank1"), tensors=entries,
-                        resumed_tensors=0)
+        self.rep = self._report([report.tensor_entry(j.name, j.dtype, j.shape, self.fits[j.name])
+                                 for j in self.traj.jobs if j.kind == "fit"])
         if self.before_commit is not None:
             self.before_commit(self.fits)
         return self.outs.commit(self.traj.base_dir, self.rep)
