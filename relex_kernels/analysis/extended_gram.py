@@ -10,13 +10,12 @@ pages are released as soon as a tensor is done.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.run import default_memory_budget
+from ..engine.run import default_memory_budget, progress_bar
 from ..engine.streaming import Streamer
 from ..engine.trajectory import Trajectory
 from ..errors import UsageError
@@ -48,15 +47,6 @@ class GramPass:
 
     def index(self, step: int) -> int:
         return self.steps.index(step)
-
-
-def progress_bar(total: int, enabled: bool, desc: str):
-    """A tqdm bar in bytes read, like ``relex extrapolate``'s (None when disabled)."""
-    if not enabled:
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
 
 
 def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int | None = None,

@@ -56,11 +56,12 @@ class RunResult:
     fits: dict[str, Components] = field(default_factory=dict, repr=False)
 
 
-def _progress(total: int, enabled: bool):
+def progress_bar(total: int, enabled: bool, desc: str = "relex"):
+    """A tqdm bar in bytes read, on stderr (None when disabled)."""
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="relex", file=sys.stderr,
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
                 dynamic_ncols=True, smoothing=0.1)
 
 
@@ -100,7 +101,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         K = len(targets)
         tied_source = traj.tied[1] if traj.tied else None
         tied_head = traj.tied[0] if traj.tied else None
-        bar = _progress(sum(streamer.read_bytes(j, K, comps is None) for j in traj.jobs), progress)
+        bar = progress_bar(sum(streamer.read_bytes(j, K, comps is None) for j in traj.jobs), progress)
         streamer.progress = bar
         fits: dict[str, Components] = {}
         entries = []

@@ -19,7 +19,7 @@ from ..io.writer import ShardedWriter
 from . import journal, partition, report
 from .distributed import DistributedError, _test_hook
 from .output import STATE_NAME, OutputSet, target_dir_name
-from .run import RunResult, _check_f16_range, _progress, default_memory_budget
+from .run import RunResult, _check_f16_range, default_memory_budget, progress_bar
 from .streaming import GRAM_BLOCK, Streamer
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -224,7 +224,7 @@ class RankRun:
             if p.split and self.comps is None and held + need <= st.budget:
                 self.kept.add((p.job.name, p.a))
                 held += need
-        self.bar = _progress(sum((T + 1) * (p.b - p.a) * dtypes.itemsize(p.job.dtype)
+        self.bar = progress_bar(sum((T + 1) * (p.b - p.a) * dtypes.itemsize(p.job.dtype)
                                  * (2 if p.split and (p.job.name, p.a) not in self.kept else 1) for p in mine),
                              self.progress and rank == 0)
         st.progress = self.bar
