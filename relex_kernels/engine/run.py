@@ -57,12 +57,25 @@ class RunResult:
 
 
 def progress_bar(total: int, enabled: bool, desc: str = "relex"):
-    """A tqdm bar in bytes read, on stderr (None when disabled)."""
+    """A tqdm bar in bytes read, on stderr (None when disabled).
+
+    Decimal units (kB, MB, GB of 10^3, 10^6, 10^9 bytes), like the summary. The bar
+    follows the terminal's width; a terminal that reports 0 columns (a serial console,
+    some CI pseudo-terminals) gets a fixed width ($COLUMNS, else 80) instead of nothing.
+    """
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc, file=sys.stderr,
-                dynamic_ncols=True, smoothing=0.1)
+    try:
+        cols = os.get_terminal_size(sys.stderr.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        cols = 0
+    width = {"dynamic_ncols": True}
+    if cols <= 0:
+        env = os.environ.get("COLUMNS", "")
+        width = {"ncols": int(env) if env.isdigit() and int(env) > 0 else 80}
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, desc=desc, file=sys.stderr,
+                smoothing=0.1, **width)
 
 
 def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: str, *, comps=None,
