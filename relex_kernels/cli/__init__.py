@@ -12,6 +12,7 @@ import argparse
 import importlib
 import signal
 import sys
+import threading
 import warnings
 
 from ..errors import RelexError
@@ -35,6 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's pre-emption, ``kill``): stop like Ctrl-C, keeping the finished work."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -47,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     # numpy's floating-point warnings (inf - inf in a delta ...) would add lines to the one-line
     # error: non-finite values are the engine's to detect and report
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"relex_kernels(\.|$)")
+    # SIGTERM takes the graceful path of Ctrl-C: the finished part is synced and recorded for a resume
+    on_main = threading.current_thread() is threading.main_thread()  # (signal handlers live there)
+    prev_term = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None
     try:
         from ..engine.distributed import cli_rank_setup
         cli_rank_setup(args)  # under torchrun / srun: supported commands only; rank 0 alone prints
@@ -55,10 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).splitlines())  # one line, whatever a file name holds
         print(f"relex {args.command}: error: {msg}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"relex {args.command}: interrupted; no output was completed (the same command resumes "
+    except KeyboardInterrupt as e:
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"relex {args.command}: {what}; no output was completed (the same command resumes "
               "the finished part)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        if on_main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if prev_term is None else prev_term)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ Record order is what makes this safe: a ``written`` or ``done`` record is append
 only after the output ranges it covers were written and synced (records wait and go
 out together every ``RELEX_JOURNAL_SYNC_SECONDS``, 10 s by default, after one sync of
 the outputs), so losing the tail of the journal only loses work, never claims work
-that is not on disk. Partial
+that is not on disk. A graceful interrupt (Ctrl-C, SIGTERM) writes the waiting records
+before it exits (:meth:`Journal.flush`); only a kill loses them. Partial
 outputs stay inside the hidden state directory and are renamed into
 ``OUT_DIR/step_<S>`` only when complete (``commit`` record first, so an interruption
 between the renames of several targets is finished by the next run).
@@ -249,6 +250,16 @@ class Journal:
         for rec in recs:
             self._append(rec)
         self._last_sync = time.monotonic()
+
+    def flush(self) -> None:
+        """Sync the outputs and write every waiting output record now (a graceful interrupt:
+        Ctrl-C, SIGTERM), so the next run reuses all the work finished so far."""
+        self._flush_pending(force=True)
+        if self._fh is not None:
+            try:
+                os.fsync(self._fh.fileno())
+            except OSError as e:
+                raise OutputError(f"cannot write the run journal {self.path}: {e.strerror or e}") from None
 
     def record_commit(self) -> None:
         """All outputs are complete and synced (closed): the pending records, then the commit."""

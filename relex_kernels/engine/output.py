@@ -265,7 +265,16 @@ class OutputSet:
         return done
 
     def abort(self, keep: bool = False) -> None:
-        """Give up: remove every partial output, or with ``keep`` leave them for a resume (Ctrl-C)."""
+        """Give up: remove every partial output, or with ``keep`` leave them for a resume (Ctrl-C).
+
+        ``keep`` first syncs the outputs and writes the journal's waiting output records, so
+        a graceful interrupt loses no finished tensor (only a kill loses the batched ones).
+        """
+        if keep and self.journal is not None and not self.journal.committed:
+            try:
+                self.journal.flush()
+            except OutputError:
+                pass  # the records only save work: without them the next run redoes it
         for w in self.writers:
             w.close(sync=False)
         self.writers = []
