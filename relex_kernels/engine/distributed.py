@@ -249,9 +249,7 @@ class Group:
         try:
             self._wait(self.dist.all_reduce(t, group=self.pg, async_op=True))
         except Exception as e:
-            raise DistributedError(
-                f"rank {self.rank}: lost contact with another rank during {phase} (it died, or did not answer "
-                f"within {self.timeout:g} s); no output was completed [{_one_line(e)[:160]}]") from None
+            raise self._lost(phase, e) from None
         out = t.cpu().numpy()
         failed = [r for r in range(n) if out[r] != 0]
         if not failed:
@@ -267,12 +265,40 @@ class Group:
         raise DistributedError(f"rank {r} failed during {phase}: {msgs[r] or 'see its log'}; "
                                "no output was completed")
 
+    def _lost(self, phase: str, e: Exception) -> DistributedError:
+        return DistributedError(
+            f"rank {self.rank}: lost contact with another rank during {phase} (it died, or did not answer "
+            f"within {self.timeout:g} s); no output was completed [{_one_line(e)[:160]}]")
+
+    def gather(self, phase: str, text: str) -> list[str]:
+        """Every rank's ``text``, in rank order."""
+        out: list = [None] * self.world
+        try:
+            self.dist.all_gather_object(out, text, group=self.pg)
+        except Exception as e:
+            raise self._lost(phase, e) from None
+        return out
+
     def close(self) -> None:
         if self.owns and self.dist.is_initialized():
             try:
                 self.dist.destroy_process_group()
             except Exception:
                 pass
+
+
+def kernel_mismatch(kernels: list[str]) -> str | None:
+    """None when every rank sums the Gram with the same kernel (``kernels[rank]``: :attr:`Backend.identity`),
+    else the error naming each rank's: Gram blocks of different kernels add up to no single run's Gram."""
+    if len(set(kernels)) <= 1:
+        return None
+    ranks: dict[str, list[int]] = {}
+    for r, k in enumerate(kernels):
+        ranks.setdefault(k, []).append(r)
+    which = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {k}" for k, rs in ranks.items())
+    return (f"the ranks would sum the Gram with different kernels ({which}), and their Gram blocks would "
+            "match no single run: give every rank the same --backend, RELEX_SIMD and RELEX_GRAM_PRECISION on "
+            "nodes of the same kind")
 
 
 def _test_hook(rank: int, point: str) -> None:

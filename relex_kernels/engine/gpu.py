@@ -39,6 +39,7 @@ import numpy as np
 from ..errors import BackendError, UsageError
 from ..io import dtypes
 from ..ops import Backend, get_backend
+from ..ops.cuda import gram_precision
 from ..ops.reference import GRAM_CHUNK
 from .streaming import GRAM_BLOCK, KERNEL_SCRATCH, MIN_BUDGET, Streamer
 from .trajectory import Job
@@ -213,7 +214,7 @@ class DeviceStreamer(Streamer):
         self.kern = backend.module.device_kernels()
         self.dev = self.kern.device
         self.cuda = self.dev.type == "cuda"
-        self.precision = precision or os.environ.get("RELEX_GRAM_PRECISION") or "auto"
+        self.precision = precision or gram_precision()
         T = traj.T
         self.stage = stage_bytes(T, memory_budget)
         if device_memory_budget is None:

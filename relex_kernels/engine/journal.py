@@ -7,8 +7,8 @@ While a run is in progress ``OUT_DIR/.relex.partial/`` holds
 
 A run killed at any point (SIGKILL, OOM killer, pre-emption, power loss) leaves this
 state behind; the same command run again finds it, checks that its ``key`` (a hash
-of everything the outputs depend on: input fingerprints, options, targets, backend,
-shard size, tensor list, package version) is its own, and continues: finished
+of everything the outputs depend on: input fingerprints, options, targets, the kernel
+that sums the Gram, shard size, tensor list, package version) is its own, and continues: finished
 tensors are skipped, a tensor whose pass 1 finished is not read for its Gram again,
 and chunked tensors restart from their last finished range. Anything that does not
 match (another key, a torn record, files of another layout) is discarded and the run
@@ -90,13 +90,14 @@ def hook(point: str) -> None:
 
 
 # -- key -----------------------------------------------------------------------------
-def run_key(fingerprint, options: dict, targets: list[int], backend: str, shard_bytes: int, jobs,
+def run_key(fingerprint, options: dict, targets: list[int], kernel: str, shard_bytes: int, jobs,
             extra: dict | None = None) -> str:
-    """Hash of everything the bytes of the outputs depend on."""
+    """Hash of everything the bytes of the outputs depend on; ``kernel``: :attr:`~..ops.Backend.identity`
+    (a run resumed on another SIMD path, Gram precision or device would mix two kernels' Grams)."""
     import relex_kernels
     doc = {
         "version": VERSION, "package": relex_kernels.__version__, "inputs": fingerprint, "options": options,
-        "targets": list(targets), "backend": backend, "shard_bytes": int(shard_bytes),
+        "targets": list(targets), "kernel": kernel, "shard_bytes": int(shard_bytes),
         "jobs": [[j.name, j.dtype, list(j.shape), j.kind] for j in jobs], "extra": extra or {},
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()

@@ -24,14 +24,18 @@ def tensor_entry(name: str, dtype: str, shape, comp: Components) -> dict:
     }
 
 
-def run_report(*, backend: str, options: dict, steps, targets, outputs: dict, seconds: float, bytes_read: int,
+def run_report(*, backend: str, kernel: str, options: dict, steps, targets, outputs: dict, seconds: float, bytes_read: int,
                memory_budget: int, entries: list[dict], resumed: int = 0, **extra) -> dict:
-    """``relex_report.json`` of a whole run (one process or SPMD; ``extra``: more top-level fields)."""
+    """``relex_report.json`` of a whole run (one process or SPMD; ``extra``: more top-level fields).
+
+    ``kernel``: :attr:`~relex_kernels.ops.Backend.identity`, which the output bits depend on.
+    """
     from .. import __version__
 
     return {
         "relex_kernels": __version__,
         "backend": backend,
+        "kernel": kernel,
         "options": options,
         "history_steps": list(steps),
         "targets": list(targets),

@@ -100,7 +100,8 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     budget = memory_budget or default_memory_budget()
     # the journal key: everything the output bytes depend on (not the memory budget: the
     # Gram is the same bit for bit however a tensor is cut into ranges)
-    key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.name, shard_bytes, traj.jobs, key_extra)
+    key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.identity, shard_bytes, traj.jobs,
+                          key_extra)
     outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite, key=key,
                      resume=resume)
     bar = streamer = None
@@ -170,8 +171,8 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
             bar.close()
             bar = None
         seconds = time.perf_counter() - t0
-        rep = report.run_report(backend=be.name, options=opts.to_dict(), steps=steps, targets=targets,
-                                outputs={str(t): outs.final(t) for t in targets}, seconds=seconds,
+        rep = report.run_report(backend=be.name, kernel=be.identity, options=opts.to_dict(), steps=steps,
+                                targets=targets, outputs={str(t): outs.final(t) for t in targets}, seconds=seconds,
                                 bytes_read=streamer.bytes_read, memory_budget=budget, entries=entries,
                                 resumed=reused, **(extra_report or {}))
         done = outs.commit(traj.base_dir, rep,

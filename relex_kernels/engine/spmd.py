@@ -17,7 +17,7 @@ from ..errors import UsageError
 from ..io import dtypes
 from ..io.writer import ShardedWriter
 from . import journal, partition, report
-from .distributed import DistributedError, _test_hook
+from .distributed import DistributedError, _test_hook, kernel_mismatch
 from .output import STATE_NAME, OutputSet, target_dir_name
 from .run import RunResult, _check_f16_range, default_memory_budget, progress_bar
 from .streaming import GRAM_BLOCK, Streamer
@@ -125,6 +125,9 @@ class RankRun:
         digest = np.zeros(g.world)
         digest[rank] = float(int(getattr(self, "digest", "0" * 13)[:13], 16))  # 52 bits: exact in fp64
         got = g.status("setup", err, digest)
+        mismatch = kernel_mismatch(g.gather("setup", self.kernel))
+        if mismatch:
+            raise DistributedError(mismatch)
         if np.unique(got).size != 1:
             raise DistributedError("the ranks disagree on the inputs or options (their work plans differ): every "
                                    "rank must see the same checkpoint files and get the same arguments")
@@ -173,7 +176,8 @@ class RankRun:
         K = len(targets)
         self.tied = traj.tied
         self.plan = partition.plan(traj.jobs, traj.T, K, self.env.world, traj.tied[1] if traj.tied else None)
-        key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, self.be.name, self.shard_bytes,
+        self.kernel = self.be.identity
+        key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, self.kernel, self.shard_bytes,
                               traj.jobs, self.key_extra)
         self.digest = self.plan.digest(key)
         # slots of the pass-1 all-reduce: each whole fitted tensor's Gram, then each block of a split one
@@ -334,7 +338,8 @@ class RankRun:
                               for j in self.plan.split_jobs()},
         }
         return report.run_report(
-            backend=self.be.name, options=self.opts.to_dict(), steps=traj.steps, targets=self.targets,
+            backend=self.be.name, kernel=self.kernel, options=self.opts.to_dict(), steps=traj.steps,
+            targets=self.targets,
             outputs={str(t): os.path.join(self.out_dir, target_dir_name(t)) for t in self.targets},
             seconds=time.perf_counter() - self.t0, bytes_read=sum(self.read_by_rank), memory_budget=self.budget,
             entries=entries or [], distributed=distributed, **(self.extra_report or {}))

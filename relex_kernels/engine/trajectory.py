@@ -15,6 +15,7 @@ from math import prod
 from ..errors import InputError
 from ..io import Checkpoint, dtypes
 from ..io.writer import TensorSpec
+from . import heads
 
 EMBED_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
 HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
@@ -55,16 +56,30 @@ def read_config(base_dir: str) -> dict:
     return cfg
 
 
-def tied_head(base: Checkpoint, config: dict) -> tuple[str, str] | None:
-    """(head, embedding) when the base stores a head tied to its embedding, else None."""
-    tie = config.get("tie_word_embeddings", True)
-    text = config.get("text_config")
-    if isinstance(text, dict) and "tie_word_embeddings" in text:
-        tie = text["tie_word_embeddings"]
+def _head_names(base: Checkpoint) -> tuple[str | None, str | None]:
+    """(head, embedding) names the base stores, None for one it lacks."""
+    return (next((n for n in HEAD_NAMES if n in base.tensors), None),
+            next((n for n in EMBED_NAMES if n in base.tensors), None))
+
+
+def ties_head(base: Checkpoint, config: dict) -> bool:
+    """Whether the model's output head is tied to its embedding: the config's ``tie_word_embeddings``;
+    without it, transformers' default for the model type, and only if the base stores no head or
+    one equal to the embedding byte for byte (a distinct head is never overwritten)."""
+    tie = heads.declared_tie(config)
+    if tie is not None:
+        return tie
+    if not heads.default_tie(config):
+        return False
+    head, emb = _head_names(base)
+    return head is None or (emb is not None and heads.same_bytes(base, head, emb))
+
+
+def tied_head(base: Checkpoint, tie: bool) -> tuple[str, str] | None:
+    """(head, embedding) when the base stores a head tied to its embedding (``tie``: :func:`ties_head`), else None."""
     if not tie:
         return None
-    emb = next((n for n in EMBED_NAMES if n in base.tensors), None)
-    head = next((n for n in HEAD_NAMES if n in base.tensors), None)
+    head, emb = _head_names(base)
     if emb and head and base.tensors[emb].info.shape == base.tensors[head].info.shape:
         return head, emb
     return None
@@ -85,7 +100,10 @@ class Trajectory:
             self.config = read_config(self.base_dir)
             from .output import side_files
             side_files(self.base_dir, check=True)  # unreadable config/tokenizer files: fail before any work
-            self.tied = tied_head(self.base, self.config)
+            tie = ties_head(self.base, self.config)
+            self.tied = tied_head(self.base, tie)
+            # a tied model's checkpoints may store the head or not (exports differ): either is accepted
+            self.ignored = set(HEAD_NAMES) - set(self.base.tensors) if tie else set()
             self.jobs = self._plan()
         except BaseException:
             self.close()
@@ -121,7 +139,7 @@ class Trajectory:
                     raise InputError(f"checkpoint step {ck.step} tensor {job.name} is {loc.info.dtype} "
                                      f"{list(loc.info.shape)} but the base has {job.dtype} {list(job.shape)} "
                                      f"({loc.file.path})")
-            extra = sorted(set(ck.tensors) - set(base.tensors) - ({head} if head else set()))
+            extra = sorted(set(ck.tensors) - set(base.tensors) - self.ignored)
             if extra:
                 raise InputError(f"checkpoint step {ck.step} has tensor {extra[0]} that the base does not "
                                  f"({ck.tensors[extra[0]].file.path})")

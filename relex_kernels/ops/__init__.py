@@ -1,9 +1,9 @@
 """The op layer: ``gram`` and ``combine`` with one reference and pluggable backends.
 
 Every backend module exposes the same functions as :mod:`.reference` (see its
-docstring for the exact contract) plus ``available() -> (bool, reason)`` and
-``supports(dtype) -> bool``. Backends are imported lazily so that a missing
-compiler output, GPU or Triton never breaks ``import relex_kernels``.
+docstring for the exact contract) plus ``available() -> (bool, reason)``,
+``supports(dtype) -> bool`` and ``identity() -> str`` (:attr:`Backend.identity`).
+Backends are imported lazily so that a missing compiler output, GPU or Triton never breaks ``import relex_kernels``.
 
 Choice: ``auto`` (default, or the ``RELEX_BACKEND`` environment variable) takes the
 fastest available backend and silently falls back; a backend named explicitly that
@@ -42,6 +42,13 @@ class Backend:
     @property
     def combine(self):
         return self.module.combine
+
+    @property
+    def identity(self) -> str:
+        """The kernel that sums the Gram: backend plus what orders its fp32 sums (SIMD path or
+        BLAS core, Gram precision, device). Output bits depend on it, so the journal key and
+        ``relex_report.json`` carry it and SPMD ranks must agree on it."""
+        return self.module.identity()
 
 
 def _probe(name: str) -> tuple[ModuleType | None, str]:

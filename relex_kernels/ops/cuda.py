@@ -26,6 +26,20 @@ PRECISION_CODES = {"auto": -1, "ieee": 0, "tf32x3": 1, "tf32": 2}
 _OP_GROUP = 64 * GRAM_CHUNK
 
 
+def gram_precision() -> str:
+    """The Gram precision asked for: ``$RELEX_GRAM_PRECISION``, else auto (the kernels resolve it per T)."""
+    return os.environ.get("RELEX_GRAM_PRECISION") or "auto"
+
+
+def device_arch() -> str:
+    """``sm_XY`` of the current CUDA device (``cpu`` without one)."""
+    import torch
+    if not torch.cuda.is_available():
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
 def gpu_present() -> bool:
     """A cheap look for an NVIDIA GPU that imports nothing (used by ``auto``)."""
     if os.path.isdir("/proc/driver/nvidia/gpus") and os.listdir("/proc/driver/nvidia/gpus"):
@@ -107,6 +121,11 @@ def supports(dtype: str) -> bool:
     return dtype in dtypes.FITTED
 
 
+def identity() -> str:
+    """``cuda/<arch>/gram-<precision>``: the Gram's products and sums depend on both."""
+    return f"cuda/{device_arch()}/gram-{gram_precision()}"
+
+
 class CudaKernels:
     """The device ops of :mod:`relex_kernels.engine.gpu` on the CUDA kernels.
 
@@ -181,7 +200,7 @@ def run_gram(kern, base: np.ndarray, hist: Sequence[np.ndarray], dtype: str, acc
     part = torch.empty(kern.scratch_numel(T, min(n, _OP_GROUP)), dtype=torch.float32, device=kern.device)
     for a, b in op_groups(n):
         x = host_block(base, hist, a, b).to(kern.device)
-        kern.gram(x, b - a, T, dtype, acc_d, part, fp16_deltas)
+        kern.gram(x, b - a, T, dtype, acc_d, part, fp16_deltas, gram_precision())
     acc[...] = acc_d.cpu().numpy()
 
 

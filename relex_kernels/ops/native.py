@@ -96,6 +96,11 @@ def set_simd(level: str) -> str:
     return prev
 
 
+def identity() -> str:
+    """``cpu/<SIMD path>``: each path orders the fp32 sums of a Gram chunk its own way."""
+    return f"cpu/{_lib().simd_level()}"
+
+
 def info() -> dict:
     """What the native backend runs with: SIMD path, CPU features, threads, build."""
     if _C is None:

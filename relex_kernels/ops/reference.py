@@ -29,6 +29,8 @@ and sum rounded separately (no fused multiply-add), rounded to the output dtype
 
 from __future__ import annotations
 
+import functools
+import platform
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,6 +91,40 @@ def nonfinite_count(x: np.ndarray, dtype: str) -> int:
 
 def available() -> tuple[bool, str]:
     return True, "pure numpy, always available"
+
+
+def identity() -> str:
+    """``reference/<BLAS kernel>``: the in-chunk fp32 order is that of numpy's matmul, whose BLAS picks
+    its kernel for the CPU at run time (OpenBLAS: Haswell, SkylakeX, ...)."""
+    return f"reference/{_blas_core()}"
+
+
+@functools.lru_cache(maxsize=1)
+def _blas_core() -> str:
+    import ctypes
+    try:
+        with open("/proc/self/maps") as fh:
+            libs = sorted({ln.split()[-1] for ln in fh if "openblas" in ln.lower() and ".so" in ln})
+    except OSError:
+        libs = []
+    for path in libs:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename64_",
+                    "openblas_get_corename"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return f"openblas-{fn().decode()}"
+    try:  # another BLAS: its kernel follows the CPU's vector extensions
+        with open("/proc/cpuinfo") as fh:
+            flags = next((ln.split(":", 1)[1].split() for ln in fh if ln.startswith("flags")), [])
+    except OSError:
+        flags = []
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
+    return f"blas-{isa}"
 
 
 def supports(dtype: str) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from ..io import dtypes
-from .cuda import run_combine, run_gram, torch_cuda_status
+from .cuda import device_arch, gram_precision, run_combine, run_gram, torch_cuda_status
 
 
 def interpreting() -> bool:
@@ -39,6 +39,12 @@ def available() -> tuple[bool, str]:
 
 def supports(dtype: str) -> bool:
     return dtype in dtypes.FITTED
+
+
+def identity() -> str:
+    """``triton-<version>/<arch or interpreter>/gram-<precision>``: Triton compiles its own code per device."""
+    import triton
+    return f"triton-{triton.__version__}/{'interpreter' if interpreting() else device_arch()}/gram-{gram_precision()}"
 
 
 class TritonKernels:

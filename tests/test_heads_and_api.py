@@ -1,0 +1,148 @@
+"""Output heads (tied or not), the public API's argument checks, and options the authors refuse.
+
+Fixtures come from the formats' own writers (transformers ``save_pretrained``, safetensors
+``save_file``); predictions are judged against an explicit numpy SVD + polyfit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+
+import numpy as np
+import pytest
+
+import relex_kernels
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
+STEPS = [2, 4, 6, 8]
+TARGET = 20
+
+
+def tiny_llama(tie: bool):
+    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                                   tie_word_embeddings=tie)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def llama_run(root, tie: bool, steps=STEPS):
+    """A base and history checkpoints by ``save_pretrained``: θ_s = θ₀ + s·v + noise, per parameter."""
+    model = tiny_llama(tie)
+    base = os.path.join(root, "base")
+    model.save_pretrained(base)
+    gen = torch.Generator().manual_seed(1)
+    params = dict(model.named_parameters())  # a tied head is one parameter with the embedding
+    theta0 = {n: p.detach().clone() for n, p in params.items()}
+    direction = {n: torch.randn(p.shape, generator=gen) * 1e-2 for n, p in params.items()}
+    ckpts = {}
+    for s in steps:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(theta0[n] + s * direction[n] + 1e-3 * torch.randn(p.shape, generator=gen))
+        ckpts[s] = os.path.join(root, "run", f"checkpoint-{s}")
+        model.save_pretrained(ckpts[s])
+    return base, ckpts
+
+
+def tensors(d) -> dict[str, np.ndarray]:
+    out = {}
+    for f in sorted(os.listdir(d)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(d, f)))
+    return out
+
+
+def reference(base, ckpts, name, target):
+    """RELEX by hand: rank-1 SVD of the stacked fp64 deltas, a straight line through the coefficients."""
+    steps = sorted(ckpts)
+    th0 = tensors(base)[name].astype(np.float64)
+    M = np.stack([(tensors(ckpts[s])[name].astype(np.float64) - th0).ravel() for s in steps])
+    U, S, Vh = np.linalg.svd(M, full_matrices=False)
+    c = U[:, 0] * S[0]
+    return th0 + np.polyval(np.polyfit(np.array(steps, float), c, 1), target) * Vh[0].reshape(th0.shape)
+
+
+def assert_close(got, want, th0):
+    tol = 1e-5 * np.abs(want - th0).max() + 2e-7 * np.abs(want).max()
+    assert np.abs(got.astype(np.float64) - want).max() <= tol, np.abs(got - want).max()
+
+
+def edit_config(d, fn):
+    p = os.path.join(d, "config.json")
+    with open(p) as fh:
+        cfg = json.load(fh)
+    fn(cfg)
+    with open(p, "w") as fh:
+        json.dump(cfg, fh)
+
+
+# -- 1. a distinct lm_head is never written over ----------------------------------------------
+def test_untied_llama_without_tie_key_fits_its_own_head(tmp):
+    base, ck = llama_run(tmp, tie=False)
+    edit_config(base, lambda c: c.pop("tie_word_embeddings"))
+    res = relex_kernels.extrapolate(base, ck, [TARGET], os.path.join(tmp, "out"))
+    out = tensors(res.outputs[0])
+    assert "lm_head.weight" in {r["name"] for r in res.report["tensors"]}
+    assert not np.array_equal(out[HEAD], out[EMB])
+    th0 = tensors(base)
+    for name in (HEAD, EMB):
+        assert_close(out[name], reference(base, ck, name, TARGET), th0[name])
+    # and transformers reads the same head back: logits are the reference head's
+    model = transformers.AutoModelForCausalLM.from_pretrained(res.outputs[0])
+    np.testing.assert_array_equal(model.lm_head.weight.detach().numpy(), out[HEAD])
+
+
+def test_no_config_and_distinct_head_is_not_tied(tmp):
+    base, ck = llama_run(tmp, tie=False)
+    os.unlink(os.path.join(base, "config.json"))
+    res = relex_kernels.extrapolate(base, ck, [TARGET], os.path.join(tmp, "out"))
+    out = tensors(res.outputs[0])
+    assert not np.array_equal(out[HEAD], out[EMB])
+    assert_close(out[HEAD], reference(base, ck, HEAD, TARGET), tensors(base)[HEAD])
+
+
+def test_no_config_and_head_equal_to_embedding_is_tied(tmp):
+    base, ck = llama_run(tmp, tie=True)
+    os.unlink(os.path.join(base, "config.json"))
+    t = tensors(base)
+    save_file({k: torch.from_numpy(v) for k, v in {**t, HEAD: t[EMB].copy()}.items()},
+              os.path.join(base, "model.safetensors"), metadata={"format": "pt"})
+    res = relex_kernels.extrapolate(base, ck, [TARGET], os.path.join(tmp, "out"))
+    out = tensors(res.outputs[0])
+    np.testing.assert_array_equal(out[HEAD], out[EMB])
+    assert_close(out[EMB], reference(base, ck, EMB, TARGET), t[EMB])
+
+
+def test_tied_base_with_checkpoints_storing_the_head_is_accepted(tmp):
+    base, ck = llama_run(tmp, tie=True)
+    assert HEAD not in tensors(base)  # transformers stores a tied model without its head
+    for d in ck.values():  # an export that stores the tied head all the same
+        t = tensors(d)
+        save_file({k: torch.from_numpy(v) for k, v in {**t, HEAD: t[EMB].copy()}.items()},
+                  os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+    res = relex_kernels.extrapolate(base, ck, [TARGET], os.path.join(tmp, "out"))
+    out = tensors(res.outputs[0])
+    assert set(out) == set(tensors(base))
+    assert_close(out[EMB], reference(base, ck, EMB, TARGET), tensors(base)[EMB])
+    model = transformers.AutoModelForCausalLM.from_pretrained(res.outputs[0])
+    np.testing.assert_array_equal(model.lm_head.weight.detach().numpy(), out[EMB])
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "mistral", "gpt_neox", "olmo2",
+                                        "gpt2", "gemma2", "opt", "bloom"])
+def test_tie_defaults_agree_with_transformers(model_type):
+    from relex_kernels.engine.heads import default_tie
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = transformers.CONFIG_MAPPING[model_type]().tie_word_embeddings
+    assert default_tie({"model_type": model_type}) is want

@@ -1,0 +1,119 @@
+"""Issue 13: the kernel identity (resume key, report, SPMD agreement), unchanged tensors in the
+summary, F64 in fp64 and FP8 refused, and the drop rule of small singular values."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from trajgen import make_trajectory
+
+from relex_kernels.engine import extrapolate, journal
+from relex_kernels.fit import FitOptions
+from relex_kernels.ops import get_backend
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def native_or_skip():
+    native = pytest.importorskip("relex_kernels.ops.native")
+    if not native.available()[0]:
+        pytest.skip("native kernels not built")
+    return native
+
+
+def lower_simd(native) -> str:
+    """A SIMD path below the best one here (its Gram partials differ in the last bits)."""
+    from relex_kernels import _C
+    levels = ["scalar", "avx2", "avx512"]
+    best = levels.index(_C.best_simd_level())
+    if best == 0:
+        pytest.skip("only the portable SIMD path runs here")
+    return levels[best - 1]
+
+
+def files_of(d):
+    return {f: open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d))}
+
+
+# -- 4: the kernel identity ------------------------------------------------------------------
+def test_every_backend_names_its_kernel():
+    assert get_backend("reference").identity.startswith("reference/")
+    native = native_or_skip()
+    prev = native.set_simd(lower_simd(native))
+    try:
+        assert get_backend("cpu").identity == f"cpu/{lower_simd(native)}"
+    finally:
+        native.set_simd(prev)
+
+
+def test_resume_under_another_simd_path_starts_afresh(tmp, monkeypatch):
+    """A run killed on one SIMD path and resumed on another equals an uninterrupted run on the second."""
+    native = native_or_skip()
+    other = lower_simd(native)
+    monkeypatch.setenv("RELEX_JOURNAL_SYNC_SECONDS", "0")
+    base, ck = make_trajectory(tmp, {"a": (300, 301), "b": (200, 333)}, range(1, 6), dtype="F32")
+    out = os.path.join(tmp, "out")
+
+    def interrupt(point):  # the run stops after its first finished tensor (kept for a resume)
+        if point == "done":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(journal, "hook", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        extrapolate(base, ck, [20], out, backend="cpu")
+    monkeypatch.undo()
+    prev = native.set_simd(other)
+    try:
+        fit_a, fit_b = os.path.join(tmp, "a.fit"), os.path.join(tmp, "b.fit")
+        resumed = extrapolate(base, ck, [20], out, backend="cpu", save_fit=fit_a)
+        whole = extrapolate(base, ck, [20], os.path.join(tmp, "whole"), backend="cpu", save_fit=fit_b)
+    finally:
+        native.set_simd(prev)
+    assert resumed.report["resumed_tensors"] == 0
+    assert resumed.report["kernel"] == whole.report["kernel"] == f"cpu/{other}"
+    assert [t["singular_values"] for t in resumed.report["tensors"]] == \
+        [t["singular_values"] for t in whole.report["tensors"]]
+    assert open(fit_a, "rb").read() == open(fit_b, "rb").read()
+    assert files_of(resumed.outputs[0]) == files_of(whole.outputs[0])
+    rep = json.load(open(os.path.join(out, "relex_report.json")))
+    assert rep["kernel"] == f"cpu/{other}"
+
+
+def test_spmd_ranks_on_different_kernels_refuse(tmp):
+    """Two ranks whose Gram kernels differ stop before any work, naming each rank's kernel."""
+    import socket
+    native = native_or_skip()
+    other = lower_simd(native)
+    from relex_kernels import _C
+    base, ck = make_trajectory(tmp, {"w": (64, 64)}, range(1, 4))
+    out = os.path.join(tmp, "out")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    procs = []
+    for r, simd in enumerate([_C.best_simd_level(), other]):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RELEX_", "SLURM_"))}
+        env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RELEX_SIMD=simd,
+                   RELEX_DIST_TIMEOUT="60")
+        args = ["extrapolate", "--base", base, "--checkpoints", os.path.join(tmp, "run"), "--target-step", "9",
+                "--out", out, "--backend", "cpu", "-q"]
+        procs.append(subprocess.Popen([sys.executable, "-m", "relex_kernels", *args], stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env))
+    res = [(p.wait(timeout=120), p.stderr.read()) for p in procs]
+    for rc, err in res:
+        assert rc == 2 and "Traceback" not in err, err
+        assert f"rank 0: cpu/{_C.best_simd_level()}" in err and f"rank 1: cpu/{other}" in err, err
+    assert not os.path.exists(out) or os.listdir(out) == []
+
+
+def test_kernel_disagreement_message_names_every_rank():
+    from relex_kernels.engine.distributed import kernel_mismatch
+    assert kernel_mismatch(["cpu/avx2"] * 3) is None
+    msg = kernel_mismatch(["cpu/avx512", "cpu/avx2", "cpu/avx512"])
+    assert "ranks 0, 2: cpu/avx512" in msg and "rank 1: cpu/avx2" in msg
