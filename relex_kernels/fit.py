@@ -75,6 +75,10 @@ def validate(opts: FitOptions, steps: list[int]) -> None:
                          f"and must be >= 1; the window has {W}")
     if not opts.step_scale > 0:
         raise UsageError(f"--step-scale must be positive; got {opts.step_scale}")
+    if opts.step_scale != 1 and opts.mode != "extrapolate":
+        # a history step is not a label to scale: like the authors' script, refuse rather than fit at a wrong τ
+        raise UsageError(f"--step-scale {opts.step_scale:g} applies only to --mode extrapolate; --mode {opts.mode} "
+                         "reproduces a history step at its own index (leave --step-scale at 1)")
 
 
 def window(opts: FitOptions, T: int) -> int:

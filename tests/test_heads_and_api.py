@@ -14,6 +14,9 @@ import numpy as np
 import pytest
 
 import relex_kernels
+from relex_kernels.cli import main
+from relex_kernels.errors import UsageError
+from relex_kernels.fit import FitOptions
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -146,3 +149,52 @@ def test_tie_defaults_agree_with_transformers(model_type):
         warnings.simplefilter("ignore")
         want = transformers.CONFIG_MAPPING[model_type]().tie_word_embeddings
     assert default_tie({"model_type": model_type}) is want
+
+
+# -- 3. fit-reconstruct with a step scale: refused like the authors' script ---------------------
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A tiny safetensors trajectory (steps 2, 4, ..., 12), shared by the argument tests."""
+    root = str(tmp_path_factory.mktemp("small"))
+    rng = np.random.default_rng(0)
+    th0, v = rng.normal(size=(6, 5)).astype(np.float32), rng.normal(size=(6, 5)).astype(np.float32)
+    dirs = {}
+    for s in [0, 2, 4, 6, 8, 10, 12]:
+        d = os.path.join(root, "base" if s == 0 else f"run/step_{s}")
+        os.makedirs(d)
+        x = th0 + 1e-2 * s * v + 1e-3 * rng.normal(size=th0.shape).astype(np.float32)
+        save_file({"w": torch.from_numpy(x)}, os.path.join(d, "model.safetensors"), metadata={"format": "pt"})
+        dirs[s] = d
+    base = dirs.pop(0)
+    return root, base, dirs
+
+
+@pytest.mark.parametrize("mode", ["fit-reconstruct", "reconstruct"])
+def test_step_scale_outside_extrapolate_is_refused_by_the_api(small, tmp, mode):
+    root, base, ck = small
+    opts = FitOptions(mode=mode, time_axis="index", step_scale=2.0)
+    with pytest.raises(UsageError, match="--step-scale"):
+        relex_kernels.extrapolate(base, ck, [12], os.path.join(tmp, "out"), opts)
+    assert not os.path.exists(os.path.join(tmp, "out"))
+
+
+def test_step_scale_outside_extrapolate_is_refused_by_the_cli(small, tmp, capsys):
+    root, base, ck = small
+    out = os.path.join(tmp, "out")
+    rc = main(["extrapolate", "--base", base, "--checkpoints", os.path.join(root, "run"), "--target-step", "12",
+               "--mode", "fit-reconstruct", "--time-axis", "index", "--step-scale", "2", "--out", out, "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert len(err.splitlines()) == 1 and "--step-scale" in err and "Traceback" not in err, err
+    assert not os.path.exists(out)
+
+
+def test_fit_reconstruct_on_the_index_axis_fits_at_the_steps_index(small, tmp):
+    root, base, ck = small
+    res = relex_kernels.extrapolate(base, ck, [12], os.path.join(tmp, "out"),
+                                    FitOptions(mode="fit-reconstruct", time_axis="index"))
+    th0 = tensors(base)["w"].astype(np.float64)
+    M = np.stack([tensors(ck[s])["w"].astype(np.float64).ravel() - th0.ravel() for s in sorted(ck)])
+    U, S, Vh = np.linalg.svd(M, full_matrices=False)
+    chat = np.polyval(np.polyfit(np.arange(6.0), U[:, 0] * S[0], 1), 5.0)  # step 12 is index 5
+    assert_close(tensors(res.outputs[0])["w"], th0 + chat * Vh[0].reshape(th0.shape), th0)
