@@ -16,6 +16,7 @@ import threading
 import warnings
 
 from ..errors import RelexError
+from ..io.reader import raise_nofile_limit
 
 COMMANDS = ["extrapolate", "predict", "analyze", "backtest", "synth", "demo", "backends"]
 
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 2
+    # a run maps shards x checkpoints files: allow many descriptors (the reader keeps within any limit)
+    raise_nofile_limit()
     # with a file-size limit (ulimit -f), writing past it must be an EFBIG error we report, not a kill
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

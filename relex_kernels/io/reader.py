@@ -5,17 +5,28 @@ the mapped bytes. Pages that were touched count in the process RSS until they ar
 released, so the engine calls :meth:`SafetensorsFile.release` on every range it is
 done with (the pages stay in the page cache; only our mapping lets go of them).
 
+A run reads thousands of files (shards x checkpoints), and every map holds a file
+descriptor, so only the files in use stay mapped: a header is parsed once, at open,
+and the file is mapped on first use and unmapped again when it is among the least
+recently used past :func:`max_maps` (never while a view of it is alive). A file
+mapped again must be the one first opened (device, inode, size, mtime), so an input
+replaced during a run is an error, never a mix of two files.
+
 Every header field is checked before any byte of data is trusted (SPEC §5).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
+import resource
 import stat
 import struct
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from math import prod
 
@@ -26,6 +37,62 @@ from . import dtypes
 
 MAX_HEADER = 100 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
+#: the soft RLIMIT_NOFILE that :func:`raise_nofile_limit` asks for at most
+NOFILE_WANTED = 1 << 16
+
+
+def raise_nofile_limit() -> None:
+    """Raise the soft limit on open files toward the hard one (the usual 1024 is low for a run
+    over many shards); the map cache below keeps a run within whatever limit it gets."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = NOFILE_WANTED if hard == resource.RLIM_INFINITY else min(hard, NOFILE_WANTED)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    except (ValueError, OSError):
+        pass  # keep the limit we have
+
+
+def max_maps() -> int:
+    """How many input files stay mapped at once: a quarter of the descriptor limit, 16 to 1024."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = NOFILE_WANTED
+    return max(16, min(1024, soft // 4))
+
+
+class _MapCache:
+    """The mapped :class:`SafetensorsFile` s of this process, least recently used first.
+
+    Views are created under ``lock``, so a map is never closed between being handed out
+    and being viewed; a map with a live view refuses to close (``BufferError``) and is
+    skipped, so the cache may briefly hold more than :func:`max_maps` files in use.
+    """
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        self.files: OrderedDict[int, SafetensorsFile] = OrderedDict()
+
+    def used(self, f: SafetensorsFile) -> None:
+        self.files[id(f)] = f
+        self.files.move_to_end(id(f))
+
+    def discard(self, f: SafetensorsFile) -> None:
+        self.files.pop(id(f), None)
+
+    def evict(self, keep: int) -> int:
+        """Unmap idle files, oldest first, until at most ``keep`` stay mapped; how many were unmapped."""
+        n = 0
+        for key, f in list(self.files.items()):
+            if len(self.files) <= keep:
+                break
+            if f._unmap_idle():
+                del self.files[key]
+                n += 1
+        return n
+
+
+_MAPS = _MapCache()
 
 
 @dataclass(frozen=True)
@@ -103,7 +170,7 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
-        self._mm = None
+        self._mm = None  # mapped on first use (:meth:`_map`), unmapped when idle
         try:
             # O_NONBLOCK: a FIFO in place of a file must be an error, not a hang
             fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
@@ -115,6 +182,7 @@ class SafetensorsFile:
                 raise FormatError(f"{self.path}: is not a regular file")
             self.size = st.st_size
             self.mtime_ns = st.st_mtime_ns
+            self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             if self.size < 8:
                 raise FormatError(f"{self.path}: {self.size} bytes is too short for a safetensors file")
             n = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
@@ -131,7 +199,6 @@ class SafetensorsFile:
             rel, self.metadata = parse_header(raw, self.size - self.data_start, self.path)
             self.tensors = {k: TensorInfo(t.name, t.dtype, t.shape, t.begin + self.data_start, t.nbytes)
                             for k, t in rel.items()}
-            self._mm = mmap.mmap(fd, self.size, access=mmap.ACCESS_READ)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
         finally:
@@ -144,18 +211,58 @@ class SafetensorsFile:
         if not 0 <= start <= stop <= t.numel:  # never a byte of a neighbour, never past the file
             raise IndexError(f"{self.path}: elements [{start}, {stop}) outside tensor {name!r} of {t.numel}")
         isz = dtypes.itemsize(t.dtype)
-        return np.frombuffer(self._mm, dtype=dtypes.raw_numpy(t.dtype), count=stop - start,
-                             offset=t.begin + start * isz)
+        with _MAPS.lock:  # the view exists before any other thread may evict the map
+            return np.frombuffer(self._map(), dtype=dtypes.raw_numpy(t.dtype), count=stop - start,
+                                 offset=t.begin + start * isz)
 
-    def _advise(self, advice: int, begin: int, nbytes: int) -> None:
-        if nbytes <= 0 or self._mm is None:
+    def _map(self) -> mmap.mmap:
+        """The map of this file (under ``_MAPS.lock``): mapped again if it was unmapped."""
+        if self._mm is None:
+            _MAPS.evict(max_maps() - 1)
+            for again in (False, True):
+                try:
+                    self._mm = self._open_map()
+                    break
+                except OSError as e:
+                    # out of descriptors (other code holds some too): unmap every idle file, try once more
+                    if again or e.errno not in (errno.EMFILE, errno.ENFILE) or not _MAPS.evict(0):
+                        raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        _MAPS.used(self)
+        return self._mm
+
+    def _open_map(self) -> mmap.mmap:
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
+                raise FormatError(f"{self.path}: changed while this run was using it (another file, size or "
+                                  "modification time than when it was opened); run again once the inputs stay put")
+            return mmap.mmap(fd, self.size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+
+    def _unmap_idle(self) -> bool:
+        """Unmap unless a view of the map is alive (under ``_MAPS.lock``); whether it is unmapped."""
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:
+                return False  # in use
+            self._mm = None
+        return True
+
+    def _advise(self, advice: int, begin: int, nbytes: int, map_it: bool = False) -> None:
+        if nbytes <= 0:
             return
         lo = begin - begin % _PAGE
         hi = min(begin + nbytes, self.size)
-        try:
-            self._mm.madvise(advice, lo, hi - lo)
-        except (OSError, ValueError):
-            pass  # advice only: never fatal
+        with _MAPS.lock:
+            if self._mm is None and not map_it:
+                return  # not mapped: no page of ours to drop
+            try:
+                self._map().madvise(advice, lo, hi - lo)
+            except (OSError, ValueError):
+                pass  # advice only: never fatal
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Drop our mapping's pages of a tensor element range (they stay in the page cache).
@@ -174,15 +281,17 @@ class SafetensorsFile:
         t = self.tensors[name]
         isz = dtypes.itemsize(t.dtype)
         stop = t.numel if stop is None else stop
-        self._advise(mmap.MADV_WILLNEED, t.begin + start * isz, (stop - start) * isz)
+        self._advise(mmap.MADV_WILLNEED, t.begin + start * isz, (stop - start) * isz, map_it=True)
+
+    def unmap(self) -> None:
+        """Let go of the map and its descriptor now; the next use maps the file again."""
+        with _MAPS.lock:
+            _MAPS.discard(self)
+            if not self._unmap_idle():
+                self._mm = None  # a view is still alive; the map goes with it
 
     def close(self) -> None:
-        if self._mm is not None:
-            try:
-                self._mm.close()
-            except BufferError:
-                pass  # a view is still alive; the map goes with it
-            self._mm = None
+        self.unmap()
 
     def __enter__(self):
         return self
