@@ -117,3 +117,42 @@ def test_kernel_disagreement_message_names_every_rank():
     assert kernel_mismatch(["cpu/avx2"] * 3) is None
     msg = kernel_mismatch(["cpu/avx512", "cpu/avx2", "cpu/avx512"])
     assert "ranks 0, 2: cpu/avx512" in msg and "rank 1: cpu/avx2" in msg
+
+
+# -- 6: tensors that did not move ----------------------------------------------------------------
+def write_run(root, tensors, steps):
+    """base + run/step_S from {name: (dtype, [T+1 raw or fp32 arrays])}; returns (base, {step: dir})."""
+    from relex_kernels.io import dtypes, write_checkpoint
+
+    def ck(i):
+        return {n: (dt, x[i] if x[i].dtype == dtypes.raw_numpy(dt) else dtypes.from_float32(x[i], dt))
+                for n, (dt, x) in tensors.items()}
+
+    dirs = {}
+    for i, s in enumerate([0] + list(steps)):
+        d = os.path.join(root, "base" if i == 0 else os.path.join("run", f"step_{s}"))
+        os.makedirs(d)
+        write_checkpoint(d, ck(i))
+        dirs[s] = d
+    return dirs.pop(0), dirs
+
+
+def test_unchanged_tensors_are_reported_apart(tmp):
+    from relex_kernels.engine.report import format_summary
+    rng = np.random.default_rng(3)
+    steps = [1, 2, 3, 4]
+    th0, v = rng.normal(0, 1, 256).astype(np.float32), rng.normal(0, 1, 256).astype(np.float32)
+    moving = [th0 + np.float32(0.01 * s) * v + np.float32(1e-3) * rng.normal(0, 1, 256).astype(np.float32)
+              for s in [0] + steps]
+    norm = np.ones(64, np.float32)
+    tensors = {"w": ("BF16", moving), "u": ("F32", moving), "norm1": ("BF16", [norm] * 5),
+               "norm2": ("F32", [norm * 2] * 5)}
+    base, ck = write_run(tmp, tensors, steps)
+    res = extrapolate(base, ck, [10], os.path.join(tmp, "out"), FitOptions())
+    for key in ("summary", "summary_rank1"):
+        s = res.report[key]
+        assert s["tensors"] == 2 and s["unchanged"] == 2, s
+        assert s["min"] > 0.9 and s["count_ge_0.90"] == 2, s
+    text = format_summary(res.report["summary"], 1)
+    assert "over 2 tensors" in text and ">= 0.90: 2/2" in text and "2 tensors did not move" in text, text
+    assert "min 0.0000" not in text

@@ -51,11 +51,20 @@ def run_report(*, backend: str, kernel: str, options: dict, steps, targets, outp
     }
 
 
+def moved(entry: dict) -> bool:
+    """False for a tensor whose Gram is zero: every update stayed below one step of its dtype (typically
+    a norm). It has no direction, so its explained variance (0) says nothing about the fit."""
+    sv = entry.get("singular_values")
+    return sv is None or (len(sv) > 0 and sv[0] > 0)
+
+
 def summary(entries: list[dict], key: str = "explained_variance") -> dict:
-    ev = np.array([e[key] for e in entries], dtype=np.float64)
+    """Statistics of ``key`` over the tensors that moved (``tensors`` of them); ``unchanged``: how many did not."""
+    ev = np.array([e[key] for e in entries if moved(e)], dtype=np.float64)
+    still = len(entries) - int(ev.size)
     if ev.size == 0:
-        return {"tensors": 0}
-    out = {"tensors": int(ev.size), "mean": float(ev.mean()), "min": float(ev.min()),
+        return {"tensors": 0, "unchanged": still}
+    out = {"tensors": int(ev.size), "unchanged": still, "mean": float(ev.mean()), "min": float(ev.min()),
            "median": float(np.median(ev)), "max": float(ev.max())}
     for t in THRESHOLDS:
         out[f"count_ge_{t:.2f}"] = int((ev >= t).sum())
@@ -63,9 +72,11 @@ def summary(entries: list[dict], key: str = "explained_variance") -> dict:
 
 
 def format_summary(s: dict, rank: int) -> str:
+    still = s.get("unchanged", 0)
+    tail = f"{still} tensor{'s' * (still != 1)} did not move (zero Gram: every update below one step of the dtype)"
     if not s.get("tensors"):
-        return "no fitted tensors"
+        return tail if still else "no fitted tensors"
     head = f"explained variance of rank {rank} over {s['tensors']} tensors: "
     body = (f"mean {s['mean']:.4f}  min {s['min']:.4f}  median {s['median']:.4f}  max {s['max']:.4f}\n"
             + "  ".join(f">= {t:.2f}: {s[f'count_ge_{t:.2f}']}/{s['tensors']}" for t in THRESHOLDS))
-    return head + body
+    return head + body + (f"\n{tail}" if still else "")
