@@ -24,6 +24,10 @@ class UsageError(RelexError):
     """Options that make no sense together (rank too high, bad target, ...)."""
 
 
+class ArgumentError(UsageError):
+    """A Python API argument of the wrong type or value; the message names the argument."""
+
+
 class OutputError(RelexError):
     """The output cannot be written (exists, inside an input, disk full, locked)."""
 

@@ -7,6 +7,8 @@ module finds the rank-r temporal subspace and turns a target into the weights
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -39,6 +41,30 @@ class FitOptions:
     @property
     def poly_degree(self) -> int:
         return 1 if self.fit == "linear" else self.degree
+
+
+def is_int(x) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+#: what each :class:`FitOptions` field must hold (a bool is not an int here)
+OPTION_TYPES = {
+    "rank": ("an int", is_int), "fit": ("a str", lambda x: isinstance(x, str)), "degree": ("an int", is_int),
+    "window": ("an int or None", lambda x: x is None or is_int(x)),
+    "time_axis": ("a str", lambda x: isinstance(x, str)),
+    "step_scale": ("a finite number", lambda x: isinstance(x, numbers.Real) and not isinstance(x, bool)
+                   and math.isfinite(x)),
+    "mode": ("a str", lambda x: isinstance(x, str)), "fp16_deltas": ("a bool", lambda x: isinstance(x, bool)),
+}
+
+
+def wrong_option(opts: FitOptions) -> tuple[str, str] | None:
+    """(field, what it must be) of the first field of ``opts`` holding the wrong type, else None."""
+    for name, (want, ok) in OPTION_TYPES.items():
+        if not ok(getattr(opts, name)):
+            return name, want
+    return None
 
 
 @dataclass

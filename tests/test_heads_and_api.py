@@ -15,7 +15,7 @@ import pytest
 
 import relex_kernels
 from relex_kernels.cli import main
-from relex_kernels.errors import UsageError
+from relex_kernels.errors import ArgumentError, RelexError, UsageError
 from relex_kernels.fit import FitOptions
 
 torch = pytest.importorskip("torch")
@@ -198,3 +198,64 @@ def test_fit_reconstruct_on_the_index_axis_fits_at_the_steps_index(small, tmp):
     U, S, Vh = np.linalg.svd(M, full_matrices=False)
     chat = np.polyval(np.polyfit(np.arange(6.0), U[:, 0] * S[0], 1), 5.0)  # step 12 is index 5
     assert_close(tensors(res.outputs[0])["w"], th0 + chat * Vh[0].reshape(th0.shape), th0)
+
+
+# -- 9. the public API names a bad argument, before touching any file ---------------------------
+def _extrapolate_cases(base, ck, out):
+    good = dict(base=base, checkpoints=ck, targets=[30], out_dir=out)
+    return [
+        ("base", dict(good, base={"dir": base})),
+        ("base", dict(good, base=None)),
+        ("checkpoints", dict(good, checkpoints={str(s): d for s, d in ck.items()})),
+        ("checkpoints", dict(good, checkpoints=list(ck.values()))),
+        ("checkpoints[2]", dict(good, checkpoints={**ck, 2: 7})),
+        ("targets", dict(good, targets=30)),
+        ("targets", dict(good, targets=["30"])),
+        ("targets", dict(good, targets=[30.0])),
+        ("out_dir", dict(good, out_dir=5)),
+        ("opts", dict(good, opts={"rank": 1})),
+        ("opts: FitOptions.rank", dict(good, opts=FitOptions(rank="1"))),
+        ("opts: FitOptions.step_scale", dict(good, opts=FitOptions(step_scale="2"))),
+        ("opts: FitOptions.window", dict(good, opts=FitOptions(window=3.5))),
+        ("memory_budget", dict(good, memory_budget="4G")),
+        ("device_memory_budget", dict(good, device_memory_budget=-1)),
+        ("shard_bytes", dict(good, shard_bytes=None)),
+        ("backend", dict(good, backend=1)),
+        ("overwrite", dict(good, overwrite="yes")),
+        ("progress", dict(good, progress=None)),
+        ("resume", dict(good, resume=1)),
+        ("save_fit", dict(good, save_fit=3)),
+        ("run_dir", dict(good, run_dir=["run"])),
+    ]
+
+
+def test_extrapolate_names_each_bad_argument(small, tmp):
+    root, base, ck = small
+    out = os.path.join(tmp, "out")
+    for name, kw in _extrapolate_cases(base, ck, out):
+        with pytest.raises(ArgumentError) as ei:
+            relex_kernels.extrapolate(**kw)
+        assert isinstance(ei.value, UsageError) and isinstance(ei.value, RelexError)
+        assert str(ei.value).startswith(name), (name, str(ei.value))
+        assert len(str(ei.value).splitlines()) == 1
+        assert not os.path.exists(out), name
+
+
+def test_predict_names_each_bad_argument(small, tmp):
+    root, base, ck = small
+    fit = os.path.join(tmp, "run.fit")
+    relex_kernels.extrapolate(base, ck, [30], os.path.join(tmp, "first"), save_fit=fit)
+    out = os.path.join(tmp, "out")
+    good = dict(fit_path=fit, targets=[40], out_dir=out)
+    for name, kw in [("fit_path", dict(good, fit_path=None)), ("targets", dict(good, targets=40)),
+                     ("targets", dict(good, targets={40: 1})), ("out_dir", dict(good, out_dir=3)),
+                     ("memory_budget", dict(good, memory_budget=1.5)), ("overwrite", dict(good, overwrite=None)),
+                     ("backend", dict(good, backend=["reference"])), ("shard_bytes", dict(good, shard_bytes="5GB"))]:
+        with pytest.raises(ArgumentError) as ei:
+            relex_kernels.predict(**kw)
+        assert str(ei.value).startswith(name), (name, str(ei.value))
+        assert not os.path.exists(out), name
+    # the ordinary spellings still work: numpy ints, tuples, os.PathLike
+    import pathlib
+    res = relex_kernels.predict(pathlib.Path(fit), (np.int64(40),), pathlib.Path(out))
+    assert res.outputs and os.path.isdir(res.outputs[0])

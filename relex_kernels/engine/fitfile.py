@@ -98,10 +98,9 @@ def _check_meta(path: str, meta: dict) -> None:
     if not isinstance(opts, dict):
         raise TypeError("'options' is not an object")
     fo = FitOptions(**opts)
-    for k, typ in (("rank", int), ("degree", int), ("window", (int, type(None))), ("step_scale", (int, float)),
-                   ("fp16_deltas", bool), ("fit", str), ("mode", str), ("time_axis", str)):
-        if not isinstance(getattr(fo, k), typ) or (typ is int and isinstance(getattr(fo, k), bool)):
-            raise TypeError(f"option {k!r} has the wrong type")
+    bad = fitmath.wrong_option(fo)
+    if bad is not None:
+        raise TypeError(f"option {bad[0]!r} has the wrong type (must be {bad[1]})")
     try:
         fitmath.validate(fo, steps)
     except RelexError as e:

@@ -16,7 +16,7 @@ from .. import fit as fitmath
 from ..errors import InputError, OutputError, RelexError, UsageError
 from ..fit import Components, FitOptions
 from ..io.writer import DEFAULT_SHARD_BYTES
-from . import fitfile, journal, report
+from . import apicheck, fitfile, journal, report
 from .output import OutputSet, _inside
 from .gpu import close_streamer, make_streamer, resolve_backend
 from .trajectory import Trajectory
@@ -251,6 +251,11 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
                 progress: bool = False, run_dir: str | None = None, resume: bool = True,
                 device_memory_budget: int | None = None) -> RunResult:
     """Predict ``targets`` from ``base`` and the history ``checkpoints`` ({step: dir}) into ``out_dir/step_<S>``."""
+    base, checkpoints = apicheck.path("base", base), apicheck.checkpoints(checkpoints)
+    targets, out_dir, opts = apicheck.targets(targets), apicheck.path("out_dir", out_dir), apicheck.options(opts)
+    save_fit, run_dir = apicheck.path("save_fit", save_fit, True), apicheck.path("run_dir", run_dir, True)
+    apicheck.resources(memory_budget=memory_budget, backend=backend, overwrite=overwrite, shard_bytes=shard_bytes,
+                       progress=progress, resume=resume, device_memory_budget=device_memory_budget)
     if not targets:
         raise UsageError("give at least one --target-step")
     fitmath.validate(opts, sorted(checkpoints))
@@ -300,6 +305,10 @@ def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: i
             backend: str | None = None, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
             progress: bool = False, resume: bool = True, device_memory_budget: int | None = None) -> RunResult:
     """Write ``targets`` from a fit saved by :func:`extrapolate`: one pass, no Gram."""
+    fit_path, targets, out_dir = apicheck.path("fit_path", fit_path), apicheck.targets(targets), apicheck.path(
+        "out_dir", out_dir)
+    apicheck.resources(memory_budget=memory_budget, backend=backend, overwrite=overwrite, shard_bytes=shard_bytes,
+                       progress=progress, resume=resume, device_memory_budget=device_memory_budget)
     if not targets:
         raise UsageError("give at least one --target-step")
     meta, comps = fitfile.load(fit_path)
