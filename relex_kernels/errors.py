@@ -28,6 +28,10 @@ class ArgumentError(UsageError):
     """A Python API argument of the wrong type or value; the message names the argument."""
 
 
+class RelexWarning(UserWarning):
+    """A run that proceeds but is probably not what the user meant (the CLI prints it on one line)."""
+
+
 class OutputError(RelexError):
     """The output cannot be written (exists, inside an input, disk full, locked)."""
 

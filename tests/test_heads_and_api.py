@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 
 import relex_kernels
 from relex_kernels.cli import main
-from relex_kernels.errors import ArgumentError, RelexError, UsageError
+from relex_kernels.errors import ArgumentError, RelexError, RelexWarning, UsageError
 from relex_kernels.fit import FitOptions
 
 torch = pytest.importorskip("torch")
@@ -23,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 STEPS = [2, 4, 6, 8]
 TARGET = 20
@@ -259,3 +262,34 @@ def test_predict_names_each_bad_argument(small, tmp):
     import pathlib
     res = relex_kernels.predict(pathlib.Path(fit), (np.int64(40),), pathlib.Path(out))
     assert res.outputs and os.path.isdir(res.outputs[0])
+
+
+# -- 11. the base is also a history checkpoint ------------------------------------------------
+def test_base_that_is_a_history_checkpoint_warns_and_runs(small, tmp):
+    root, base, ck = small
+    with pytest.warns(RelexWarning, match="step 4"):
+        res = relex_kernels.extrapolate(ck[4], ck, [30], os.path.join(tmp, "out"))
+    assert os.path.isdir(res.outputs[0])
+    link = os.path.join(tmp, "link")  # the same directory through a symlink
+    os.symlink(ck[6], link)
+    with pytest.warns(RelexWarning, match="step 6"):
+        relex_kernels.extrapolate(link, ck, [30], os.path.join(tmp, "out2"))
+
+
+def test_base_that_is_a_history_checkpoint_warns_on_the_cli(small, tmp):
+    root, base, ck = small
+    out = os.path.join(tmp, "out")
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", "extrapolate", "--base", ck[4], "--checkpoints",
+                        os.path.join(root, "run"), "--target-step", "30", "--out", out, "-q"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stderr
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("relex extrapolate: warning: ") and "step 4" in err[0], r.stderr
+    assert os.path.isdir(os.path.join(out, "step_30"))
+
+
+def test_distinct_base_does_not_warn(small, tmp):
+    root, base, ck = small
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RelexWarning)
+        relex_kernels.extrapolate(base, ck, [30], os.path.join(tmp, "out"))

@@ -15,7 +15,7 @@ import sys
 import threading
 import warnings
 
-from ..errors import RelexError
+from ..errors import RelexError, RelexWarning
 from ..io.reader import raise_nofile_limit
 
 COMMANDS = ["extrapolate", "predict", "analyze", "backtest", "synth", "demo", "backends"]
@@ -45,6 +45,18 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+def _warning_printer(command: str, default):
+    """``warnings.showwarning`` that prints a RelexWarning as one 'relex COMMAND: warning: ...' line."""
+    default = getattr(default, "relex_default", default)  # main() run again in one process: no nesting
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, RelexWarning):
+            return default(message, category, filename, lineno, file, line)
+        print(f"relex {command}: warning: {' '.join(str(message).splitlines())}", file=file or sys.stderr)
+    show.relex_default = default
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     # numpy's floating-point warnings (inf - inf in a delta ...) would add lines to the one-line
     # error: non-finite values are the engine's to detect and report
     warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"relex_kernels(\.|$)")
+    warnings.showwarning = _warning_printer(args.command, warnings.showwarning)
     # SIGTERM takes the graceful path of Ctrl-C: the finished part is synced and recorded for a resume
     on_main = threading.current_thread() is threading.main_thread()  # (signal handlers live there)
     prev_term = signal.signal(signal.SIGTERM, _on_sigterm) if on_main else None

@@ -53,6 +53,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,7 +61,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..errors import InputError, RelexError, UsageError
+from ..errors import InputError, RelexError, RelexWarning, UsageError
 from ..io.writer import DEFAULT_SHARD_BYTES
 from ..ops import get_backend
 
@@ -170,6 +171,8 @@ def cli_rank_setup(args) -> None:
                          "run it as one process (or set RELEX_DISTRIBUTED=0)")
     if env.rank > 0 and hasattr(args, "quiet"):
         args.quiet = True
+    if env.rank > 0:  # every rank opens the same inputs: rank 0 alone says what is odd about them
+        warnings.filterwarnings("ignore", category=RelexWarning)
 
 
 # -- process group and the status protocol -----------------------------------------

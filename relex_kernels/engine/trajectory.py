@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from math import prod
 
-from ..errors import InputError
+from ..errors import InputError, RelexWarning
 from ..io import Checkpoint, dtypes
 from ..io.writer import TensorSpec
 from . import heads
@@ -85,6 +86,25 @@ def tied_head(base: Checkpoint, tie: bool) -> tuple[str, str] | None:
     return None
 
 
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def warn_base_in_history(base: Checkpoint, ckpts: list[Checkpoint]) -> None:
+    """A :class:`RelexWarning` when the base is also a history checkpoint (same directory or same files,
+    through links too): that step's delta is zero, which drags the fit towards the base."""
+    mine = {_identity(p) for p in [base.path] + [f.path for f in base.files]} - {None}
+    for ck in ckpts:
+        if mine & {_identity(p) for p in [ck.path] + [f.path for f in ck.files]}:
+            warnings.warn(f"the base {base.path} is also history checkpoint step {ck.step}: its delta is zero and "
+                          "bends the fit; give as --base the model the run started from (step 0)", RelexWarning,
+                          stacklevel=2)
+
+
 class Trajectory:
     """The opened inputs of a run. ``steps`` ascending; ``ckpts[i]`` is the checkpoint of ``steps[i]``."""
 
@@ -97,6 +117,7 @@ class Trajectory:
             self.base = Checkpoint(base_dir)
             for s in self.steps:
                 self.ckpts.append(Checkpoint(checkpoints[s], step=s))
+            warn_base_in_history(self.base, self.ckpts)
             self.config = read_config(self.base_dir)
             from .output import side_files
             side_files(self.base_dir, check=True)  # unreadable config/tokenizer files: fail before any work
