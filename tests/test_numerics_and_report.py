@@ -156,3 +156,71 @@ def test_unchanged_tensors_are_reported_apart(tmp):
     text = format_summary(res.report["summary"], 1)
     assert "over 2 tensors" in text and ">= 0.90: 2/2" in text and "2 tensors did not move" in text, text
     assert "min 0.0000" not in text
+
+
+# -- 7: F64 in fp64; FP8 refused -------------------------------------------------------------------
+def f64_backends():
+    names = ["reference"]
+    try:
+        names += ["cpu"] if get_backend("cpu") else []
+    except Exception:
+        pass
+    return names + ["device-double"]
+
+
+@pytest.fixture(params=f64_backends())
+def f64_backend(request, monkeypatch):
+    """Backend names; ``device-double``: the device pipeline on CPU (test_gpu's reference kernels)."""
+    if request.param != "device-double":
+        return request.param
+    pytest.importorskip("torch")
+    from test_gpu import RefKernels
+
+    from relex_kernels.ops import triton as tmod
+    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
+    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    return "triton"
+
+
+def test_f64_is_computed_in_fp64_and_an_unmoved_one_is_copied(tmp, f64_backend):
+    rng = np.random.default_rng(5)
+    steps = [1, 2, 3, 4]
+    th0 = rng.normal(0, 1, 3000)  # not representable in fp32
+    v, v2 = rng.normal(0, 1e-3, 3000), rng.normal(0, 1e-5, 3000)
+    hist = [th0 + s * v + s * s * v2 for s in steps]
+    still = rng.normal(0, 1, 500)
+    tensors = {"x": ("F64", [th0] + hist), "still": ("F64", [still] * 5),
+               "bf": ("BF16", [th0.astype(np.float32)] + [h.astype(np.float32) for h in hist])}
+    base, ck = write_run(tmp, tensors, steps)
+    res = extrapolate(base, ck, [8], os.path.join(tmp, "out"), backend=f64_backend)
+    from relex_kernels.io import Checkpoint
+    out = Checkpoint(res.outputs[0])
+    got = {n: np.array(out.tensors[n].file.view(n)) for n in ("x", "still")}
+    out.close()
+    assert got["still"].tobytes() == still.tobytes()
+    # the explicit rank-1 RELEX in fp64
+    M = np.stack(hist) - th0
+    U, S, Vh = np.linalg.svd(M, full_matrices=False)
+    c = U[:, 0] * S[0]
+    want = th0 + np.polyval(np.polyfit(steps, c, 1), 8) * Vh[0]
+    assert np.abs(got["x"] - want).max() <= 1e-12 * np.abs(want).max()
+
+
+def test_fp8_checkpoints_are_refused(tmp):
+    from relex_kernels.io import dtypes
+    rng = np.random.default_rng(6)
+    w = [rng.normal(0, 1, 64).astype(np.float32) for _ in range(4)]
+    q = [rng.integers(0, 255, 64).astype(np.uint8) for _ in range(4)]
+    scale = [np.full(4, 0.5 + i, np.float32) for i in range(4)]
+    tensors = {"w": ("BF16", w), "q_proj.weight": ("F8_E4M3", q), "k_proj.weight": ("F8_E5M2", q),
+               "q_proj.weight_scale": ("F32", scale)}
+    base, ck = write_run(tmp, tensors, [1, 2, 3])
+    out = os.path.join(tmp, "out")
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", "extrapolate", "--base", base, "--checkpoints",
+                        os.path.join(tmp, "run"), "--target-step", "9", "--out", out], capture_output=True,
+                       text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=120)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "FP8" in err and "q_proj.weight (F8_E4M3)" in err and "k_proj.weight (F8_E5M2)" in err, err
+    assert not os.path.exists(out)
+    assert dtypes.known("F8_E4M3")

@@ -204,7 +204,10 @@ class _Reader:
 
 
 class DeviceStreamer(Streamer):
-    """Runs the passes of a :class:`~.trajectory.Trajectory` on a device backend (module docstring)."""
+    """Runs the passes of a :class:`~.trajectory.Trajectory` on a device backend (module docstring).
+
+    F64 tensors are computed on the host in fp64 (:mod:`..ops.fp64`), as by :class:`Streamer`.
+    """
 
     def __init__(self, traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False, progress=None,
                  device_memory_budget: int | None = None, precision: str | None = None):
@@ -263,6 +266,8 @@ class DeviceStreamer(Streamer):
 
     def ranges(self, job: Job, n_outputs: int, with_history: bool = True):
         """(resident, ranges): resident when the whole trajectory of ``job`` fits the device budget."""
+        if job.dtype == "F64":  # computed on the host (the fp64 path of Streamer._ops)
+            return Streamer.ranges(self, job, n_outputs, with_history)
         n = job.numel
         row = (self.traj.T + 1) * dtypes.itemsize(job.dtype)
         if n * row <= self.resident_cap:
@@ -274,7 +279,7 @@ class DeviceStreamer(Streamer):
         """Group keys (name, pass, a, b): ``key``, then those the engine will ask for next."""
         yield key
         name, pas, _, a0 = key
-        jobs = [j for j in self.traj.jobs if j.kind == "fit"]
+        jobs = [j for j in self.traj.jobs if j.kind == "fit" and j.dtype != "F64"]
         idx = next(i for i, j in enumerate(jobs) if j.name == name)
         for i, job in enumerate(jobs[idx:]):
             resident, ranges = self.ranges(job, 1)
@@ -362,6 +367,8 @@ class DeviceStreamer(Streamer):
         """The Gram over ``ranges`` (two-level sum and journal points of :meth:`Streamer.gram`)."""
         torch, T = self.torch, self.traj.T
         self.res = None  # a previous tensor's device buffer goes back to the allocator
+        if job.dtype == "F64":
+            return Streamer.gram(self, job, ranges, resident, acc, on_range)
         self.grams_called = True
         f64 = dict(dtype=torch.float64, device=self.dev)
         with self._on(self.compute):
@@ -440,6 +447,8 @@ class DeviceStreamer(Streamer):
     def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers, also: str | None = None,
                 count_read: bool = True, on_range=None) -> None:
         """Write ``len(writers)`` outputs (see :meth:`Streamer.combine`); returns once they are in the maps."""
+        if job.dtype == "F64":
+            return Streamer.combine(self, job, ranges, resident, alphas, writers, also, count_read, on_range)
         torch, T, K = self.torch, self.traj.T, len(writers)
         self._outputs(K)
         tdt = self.kern_dtype(job.dtype)

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import dtypes
 from ..io.writer import ShardedWriter
-from ..ops import Backend, get_backend
+from ..ops import Backend, fp64, get_backend
 from ..ops.reference import GRAM_CHUNK, nonfinite_count
 from .trajectory import Job, Trajectory
 
@@ -44,6 +44,7 @@ class Streamer:
         self.traj = traj
         self.backend = backend
         self.reference = get_backend("reference")
+        self.fp64 = Backend("fp64", fp64)
         self.budget = max(memory_budget - KERNEL_SCRATCH, MIN_BUDGET)
         self.fp16_deltas = fp16_deltas
         self.progress = progress
@@ -86,6 +87,8 @@ class Streamer:
             self.progress.update(nbytes)
 
     def _ops(self, job: Job) -> Backend:
+        if job.dtype == "F64":  # every kernel computes in fp32: F64 tensors take the fp64 path
+            return self.fp64
         return self.backend if self.backend.supports(job.dtype) else self.reference
 
     # -- pass 1 ----------------------------------------------------------------------
@@ -176,8 +179,7 @@ class Streamer:
         is called once the outputs of each range ``[a, b)`` are written and synced.
         """
         T = self.traj.T
-        ops = self._ops(job)
-        alphas = np.ascontiguousarray(alphas, dtype=np.float32)
+        ops = self._ops(job)  # each converts the fp64 alphas (fp32 but for the fp64 path)
         for a, b in ranges:
             base, hist = self.views(job, a, b)
             outs = [w.view(job.name, a, b) for w in writers]

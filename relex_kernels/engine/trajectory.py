@@ -140,6 +140,13 @@ class Trajectory:
         # output order = the base's storage order (file, then offset): sequential reads
         order = {f.path: i for i, f in enumerate(base.files)}
         names = sorted(base.tensors, key=lambda n: (order[base.tensors[n].file.path], base.tensors[n].info.begin))
+        fp8 = [f"{n} ({base.tensors[n].info.dtype})" for n in names if base.tensors[n].info.dtype in dtypes.FP8]
+        if fp8:  # copying the values while extrapolating their scales would write an inconsistent model
+            more = f" and {len(fp8) - 5} more" if len(fp8) > 5 else ""
+            raise InputError(f"FP8 checkpoints are not supported: the base {base.path} holds "
+                             f"{', '.join(fp8[:5])}{more}; their values mean something only with their scales, "
+                             "and extrapolating the scales alone would write an inconsistent model: dequantise "
+                             "the checkpoints (to bf16) first")
         jobs = []
         for n in names:
             info = base.tensors[n].info

@@ -31,6 +31,9 @@ _TABLE = {
 #: dtypes the engine fits (SPEC §4: every floating-point tensor).
 FITTED = ("F32", "F16", "BF16", "F64")
 
+#: quantised floats: meaningful only with their scales (refused, see engine.trajectory)
+FP8 = ("F8_E4M3", "F8_E5M2")
+
 #: Codes shared with the native kernels (csrc/cpu/dtype.h). Keep in sync.
 DTYPE_CODES = {"F32": 0, "F16": 1, "BF16": 2, "F64": 3}
 

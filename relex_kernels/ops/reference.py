@@ -25,6 +25,9 @@ bit-reproducible for any thread count, and splitting a range at multiples of
 ``s_k = (((α_k0·d_0) + α_k1·d_1) + …)`` evaluated left to right in fp32, every product
 and sum rounded separately (no fused multiply-add), rounded to the output dtype
 (that of ``base``) to nearest even. Every backend must match this bit for bit.
+
+The engine computes F64 tensors in fp64 instead (:mod:`.fp64`); the F64 case of this
+contract is what the kernels' own F64 paths are tested against.
 """
 
 from __future__ import annotations
