@@ -224,3 +224,74 @@ def test_fp8_checkpoints_are_refused(tmp):
     assert "FP8" in err and "q_proj.weight (F8_E4M3)" in err and "k_proj.weight (F8_E5M2)" in err, err
     assert not os.path.exists(out)
     assert dtypes.known("F8_E4M3")
+
+
+# -- 8: components within the Gram's rounding error are dropped -----------------------------------
+def cpu_backends():
+    try:
+        return ["reference"] + (["cpu"] if get_backend("cpu").name == "cpu" else [])
+    except Exception:
+        return ["reference"]
+
+
+def rank1_run(tmp, dtype, n=300_000):
+    """θ_s = s·v exactly in ``dtype`` (v on a coarse grid): an exactly rank-1 trajectory."""
+    rng = np.random.default_rng(8)
+    steps = [1, 2, 3, 4, 5]
+    if dtype == "BF16":  # |round(4x)| <= ~20: 5 bits, times s <= 5: 8 bits, exact in bf16
+        v = (np.round(rng.normal(0, 1, n) * 4) / 2**10).astype(np.float32)
+    else:  # 2^-27 grid, |v| < 2^-3: 24 bits with s <= 5... kept below 2^-5 to stay exact
+        v = (np.round(np.clip(rng.normal(0, 4e-3, n), -2**-5, 2**-5) * 2**27) / 2**27).astype(np.float32)
+    rows = [np.zeros(n, np.float32)] + [np.float32(s) * v for s in steps]
+    return write_run(tmp, {"v": (dtype, rows)}, steps)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_exactly_rank1_trajectory_keeps_one_component(tmp, backend, dtype):
+    from relex_kernels.io import Checkpoint, dtypes
+    base, ck = rank1_run(tmp, dtype)
+    c = Checkpoint(ck[5])
+    v5 = dtypes.to_float32(np.array(c.tensors["v"].file.view("v")), dtype)
+    c.close()
+    for rank in (2, 3):
+        res = extrapolate(base, ck, [10], os.path.join(tmp, f"o{rank}"), FitOptions(rank=rank), backend=backend)
+        t = res.report["tensors"][0]
+        assert t["components"] == 1, t["singular_values"]
+        assert t["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+        c = Checkpoint(res.outputs[0])
+        got = dtypes.to_float32(np.array(c.tensors["v"].file.view("v")), dtype)
+        c.close()
+        want = dtypes.to_float32(dtypes.from_float32(2 * v5, dtype), dtype)
+        assert np.abs(got - want).max() <= 2 * np.abs(np.spacing(want)).max()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_small_real_second_component_is_kept(tmp, backend):
+    """s₂/s₁ ~ 5e-2: small, but far above the Gram's rounding error."""
+    from relex_kernels.fit import noise_floor
+    rng = np.random.default_rng(9)
+    n, steps = 300_000, [1, 2, 3, 4, 5]
+    v, w = rng.normal(0, 1e-2, n), rng.normal(0, 1e-2, n)
+    th0 = rng.normal(0, 0.5, n)
+    rows = [th0] + [th0 + s * v + 0.1 * (s - 3) ** 2 * w for s in steps]
+    base, ck = write_run(tmp, {"x": ("F32", [r.astype(np.float32) for r in rows])}, steps)
+    res = extrapolate(base, ck, [10], os.path.join(tmp, "o"), FitOptions(rank=2), backend=backend)
+    t = res.report["tensors"][0]
+    sv = np.array(t["singular_values"])
+    assert 0.01 < sv[1] / sv[0] < 0.1
+    assert sv[1] ** 2 > 50 * noise_floor(float((sv ** 2).sum()), n, "F32")  # well above the bound
+    assert t["components"] == 2
+
+
+def test_drop_rule_is_the_noise_floor():
+    from relex_kernels.fit import components, noise_floor
+    q = np.linalg.qr(np.random.default_rng(10).normal(size=(4, 4)))[0]
+    for n, dtype in [(7, "BF16"), (10**6, "F32"), (10**6, "F64")]:
+        floor = noise_floor(1.0 + 1e-6, n, dtype)  # trace ≈ 1
+        for factor, keep in [(0.5, 1), (2.0, 2)]:
+            lam2 = factor * floor
+            G = (1.0 - lam2) * np.outer(q[0], q[0]) + lam2 * np.outer(q[1], q[1])
+            assert components(G, 3, n, dtype).u.shape[1] == keep, (n, dtype, factor)
+    assert noise_floor(1.0, 10**6, "F32") == 256 * 2.0**-24  # full chunks: sqrt(65536)·u
+    assert components(np.zeros((3, 3)), 2).u.shape[1] == 0

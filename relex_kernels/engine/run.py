@@ -149,7 +149,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                     upto, acc = jr.grams.get(job.name, (0, None))
                     G = streamer.gram(job, journal.ranges_from(ranges, upto), resident, acc=acc,
                                       on_range=_gram_recorder(jr, job.name, ranges[-1][1]))
-                    comp = fitmath.components(G, opts.rank)
+                    comp = fitmath.components(G, opts.rank, job.numel, job.dtype)
                     jr.record_fit(job.name, comp)
                     journal.hook("fit")
                     fresh = upto == 0

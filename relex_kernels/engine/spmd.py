@@ -247,7 +247,7 @@ class RankRun:
             if self.comps is None:
                 G = st.gram(job, ranges, resident)
                 payload[self.slot[job.name]] = G
-                comp = fitmath.components(G, self.opts.rank)
+                comp = fitmath.components(G, self.opts.rank, job.numel, job.dtype)
             else:
                 comp = self.comps[job.name]
             st.combine(job, ranges, resident, fitmath.alphas(comp, self.W), self.writers,
@@ -295,7 +295,7 @@ class RankRun:
                     self.streamer._raise_nonfinite(job)
             else:
                 G = grams[s]
-            self.fits[job.name] = fitmath.components(G, self.opts.rank)
+            self.fits[job.name] = fitmath.components(G, self.opts.rank, job.numel, job.dtype)
 
     def _pass2(self) -> None:
         rank, st = self.env.rank, self.streamer
