@@ -11,7 +11,7 @@ Every figure is measured in one run, side by side, from a warm page cache:
 * engine   — ``relex_kernels.engine.extrapolate`` with each available CPU backend;
 * naive    — what a user would write: per tensor, stack the T fp32 deltas and call
              ``torch.linalg.svd``, fit the line, write the result;
-* authors  — the authors' two-stage scripts modelled from SPEC §6: write an fp16
+* authors  — the authors' two-stage scripts modelled from method §6: write an fp16
              delta file per tensor and step, then read them back for the Gram and
              again for the output.
 

@@ -1,4 +1,4 @@
-"""The T x T mathematics of RELEX (SPEC §2-3): tiny, fp64, no data access.
+"""The T x T mathematics of RELEX (method §2-3): tiny, fp64, no data access.
 
 From one tensor's Gram ``G = M Mᵀ`` (T x T, float64) and the history steps, this
 module finds the rank-r temporal subspace and turns a target into the weights
@@ -124,7 +124,7 @@ def validate_target(opts: FitOptions, steps: list[int], target: int) -> None:
 
 
 def noise_floor(trace: float, n: int | None = None, dtype: str | None = None) -> float:
-    """The eigenvalue up to which a component of a computed Gram is rounding error (SPEC §2).
+    """The eigenvalue up to which a component of a computed Gram is rounding error (method §2).
 
     The Gram of a tensor of ``n`` elements is a sum over chunks of m = min(n, GRAM_CHUNK)
     elements of partials Σ_k d_ik d_jk accumulated in fp32 (unit roundoff u = 2^-24; fp64
@@ -172,7 +172,7 @@ def _time_coords(opts: FitOptions, steps: list[int]) -> np.ndarray:
 
 
 def target_time(opts: FitOptions, steps: list[int], target: int) -> float:
-    """τ on the fit's time axis. Index axis: τ = (W−1) + round(L·scale) − x_{T−1} (SPEC §3)."""
+    """τ on the fit's time axis. Index axis: τ = (W−1) + round(L·scale) − x_{T−1} (method §3)."""
     if opts.time_axis == "index":
         W = window(opts, len(steps))
         # Python's round() is half-to-even, like the authors' numpy/torch round

@@ -2,7 +2,7 @@
 
 The diagnostics need, per tensor, the inner products of the deltas of *all* the
 checkpoints they look at: the history rows/columns give the fit, the later ones are
-what the fit is checked against (SPEC §2, "add it as an extra row/column of the
+what the fit is checked against (method §2, "add it as an extra row/column of the
 Gram"). This is pass 1 of the engine on a trajectory opened with every checkpoint:
 the same readers, the same op backends, the same memory budget — and no pass 2, so
 pages are released as soon as a tensor is done.

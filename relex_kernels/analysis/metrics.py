@@ -6,7 +6,7 @@ over the sorted steps; the first ``T`` rows are the history. No data is read her
 * Rank-1 coefficients: with ``u₁, s₁`` the top eigenpair of the history block and
   ``v₁ = M_hᵀ u₁ / s₁`` the direction, every checkpoint's coefficient is
   ``c_j = ⟨m_j, v₁⟩ = (G[j, :T] · u₁) / s₁``; on the history this is ``s₁ u_{j,1}``
-  (SPEC §2), later it is the projection on the history subspace.
+  (method §2), later it is the projection on the history subspace.
 * The "oracle" subspace takes ``u₁, s₁`` from the whole Gram instead, so a low
   out-of-sample R² with the history subspace but a high one with the oracle subspace
   means the direction drifts; low with both means the coefficient curves.
@@ -28,7 +28,7 @@ from .. import fit as fitmath
 from ..errors import UsageError
 from ..fit import FitOptions
 
-#: Relative rounding of a Gram entry (chunk partials accumulated in fp32, SPEC §2), used
+#: Relative rounding of a Gram entry (chunk partials accumulated in fp32, method §2), used
 #: to say below which size an error computed from Gram entries is noise: the error is
 #: the small difference of large terms, so its resolution is about sqrt(4·eps) ≈ 1.4e-3.
 #: Measured: exact straight lines in F32 (true error ~1e-7) score up to 4.7e-4

@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--history-steps", type=int, metavar="H",
                    help="use the checkpoints with step <= H (default: all found)")
     add_target_option(p)
-    f = p.add_argument_group("fit (SPEC §2-3)")
+    f = p.add_argument_group("fit (the mathematics: docs/method.md §2-3)")
     f.add_argument("--rank", type=int, default=1, help="temporal subspace rank r (default 1 = RELEX)")
     f.add_argument("--fit", choices=FITS, default="linear", help="coefficient fit (default linear)")
     f.add_argument("--degree", type=int, default=2, help="polynomial degree with --fit poly (default 2)")

@@ -1,4 +1,4 @@
-"""Whether a base's output head is tied to its input embedding (SPEC §4), without importing transformers.
+"""Whether a base's output head is tied to its input embedding (method §4), without importing transformers.
 
 ``tie_word_embeddings`` in ``config.json`` decides when present. Without it, transformers
 uses its config class's default, which differs by ``model_type``; a head counts as tied

@@ -2,7 +2,7 @@
 
 A *job* is one output tensor and what to do for it: ``fit`` (gram + combine), ``copy``
 (non-float tensors, copied from the base) or ``tied`` (a tied output head, written
-equal to the predicted embedding — SPEC §4).
+equal to the predicted embedding — method §4).
 """
 
 from __future__ import annotations

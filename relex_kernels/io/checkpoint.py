@@ -1,7 +1,7 @@
 """A checkpoint directory: one ``model.safetensors`` or an index plus its shards.
 
 :class:`Checkpoint` maps every tensor name to the :class:`SafetensorsFile` that holds
-it, after checking that the index and the shards agree (SPEC §5).
+it, after checking that the index and the shards agree (method §5).
 """
 
 from __future__ import annotations

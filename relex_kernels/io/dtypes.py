@@ -28,7 +28,7 @@ _TABLE = {
     "BOOL": (1, np.bool_),
 }
 
-#: dtypes the engine fits (SPEC §4: every floating-point tensor).
+#: dtypes the engine fits (method §4: every floating-point tensor).
 FITTED = ("F32", "F16", "BF16", "F64")
 
 #: quantised floats: meaningful only with their scales (refused, see engine.trajectory)

@@ -1,4 +1,4 @@
-"""Finding the checkpoints of a run directory (SPEC §5 layouts) or parsing ``STEP=PATH``."""
+"""Finding the checkpoints of a run directory (method §5 layouts) or parsing ``STEP=PATH``."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ recently used past :func:`max_maps` (never while a view of it is alive). A file
 mapped again must be the one first opened (device, inode, size, mtime), so an input
 replaced during a run is an error, never a mix of two files.
 
-Every header field is checked before any byte of data is trusted (SPEC §5).
+Every header field is checked before any byte of data is trusted (method §5).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ Inputs are raw 1-D views of one element range of one tensor, in its storage dtyp
 the memory maps: ``base`` (θ₀) and ``hist[i]`` (θ at history step i), all of the same
 length ``n``.
 
-Deltas (SPEC §2-3):
+Deltas (method §2-3):
 
 * default: ``d_i = fp32(h_i) - fp32(b)`` (one fp32 subtraction);
 * ``fp16_deltas``: ``d_i = fp32(fp16(fp16(h_i) - fp16(b)))``, the authors' fp16 delta

@@ -1,6 +1,6 @@
 """Where a synthetic run's checkpoints go, and the parsing of ``--steps`` / ``--shard-size``.
 
-Layouts (SPEC §5), relative to the run directory:
+Layouts (method §5), relative to the run directory:
 
 =============  ===========================================
 ``verl``       ``global_step_N/actor/huggingface/``

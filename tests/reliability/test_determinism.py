@@ -13,7 +13,7 @@ Promised (see README.md here):
 
 Not promised: ``extrapolate`` with different backends or SIMD paths may differ in the
 last bits, because the fp32 summation order inside a Gram chunk is each kernel's own
-(SPEC §2 fixes only the chunking and the fp64 order across chunks).
+(method §2 fixes only the chunking and the fp64 order across chunks).
 """
 
 from __future__ import annotations
