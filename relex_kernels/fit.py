@@ -149,19 +149,33 @@ def noise_floor(trace: float, n: int | None = None, dtype: str | None = None) ->
 def components(G: np.ndarray, rank: int, n: int | None = None, dtype: str | None = None) -> Components:
     """Top-``rank`` eigenpairs of the Gram of a tensor of ``n`` elements of ``dtype``; components
     within the Gram's rounding error are dropped (:func:`noise_floor`), the first never."""
-    G = np.asarray(G, dtype=np.float64)
-    G = 0.5 * (G + G.T)
-    lam, vec = np.linalg.eigh(G)
-    order = np.argsort(lam)[::-1]
-    lam = np.clip(lam[order], 0.0, None)
-    vec = vec[:, order]
-    s = np.sqrt(lam)
-    total = lam.sum()
-    keep = 0
-    if s[0] > 0:
-        keep = min(rank, 1 + int(np.count_nonzero(lam[1:] > noise_floor(float(np.trace(G)), n, dtype))))
-    ev = float(lam[:keep].sum() / total) if total > 0 else 0.0
-    return Components(u=vec[:, :keep].copy(), s=s[:keep].copy(), singular_values=s, explained_variance=ev)
+    return components_many(np.asarray(G, dtype=np.float64)[None], rank, [n], [dtype])[0]
+
+
+def components_many(Gs: np.ndarray, rank: int, ns, dtypes) -> list[Components]:
+    """:func:`components` of a stack of Grams (k, T, T), tensor ``i`` of ``ns[i]`` elements of ``dtypes[i]``.
+
+    One eigen-solve for the whole stack: an engine run over thousands of small tensors
+    would otherwise spend more time in numpy's per-call overhead than in its data. numpy
+    solves each matrix of the stack with the same LAPACK call as a lone one, so every
+    tensor gets the same bits as alone; the per-tensor scalars below use the same 1-D sums.
+    """
+    Gs = np.asarray(Gs, dtype=np.float64)
+    Gs = 0.5 * (Gs + Gs.swapaxes(-1, -2))
+    lam_all, vec_all = np.linalg.eigh(Gs)
+    out = []
+    for G, lam, vec, n, dtype in zip(Gs, lam_all, vec_all, ns, dtypes):
+        order = np.argsort(lam)[::-1]
+        lam = np.clip(lam[order], 0.0, None)
+        vec = vec[:, order]
+        s = np.sqrt(lam)
+        total = lam.sum()
+        keep = 0
+        if s[0] > 0:
+            keep = min(rank, 1 + int(np.count_nonzero(lam[1:] > noise_floor(float(np.trace(G)), n, dtype))))
+        ev = float(lam[:keep].sum() / total) if total > 0 else 0.0
+        out.append(Components(u=vec[:, :keep].copy(), s=s[:keep].copy(), singular_values=s, explained_variance=ev))
+    return out
 
 
 def _time_coords(opts: FitOptions, steps: list[int]) -> np.ndarray:

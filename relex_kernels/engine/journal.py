@@ -206,8 +206,10 @@ class Journal:
         j._append({"kind": "header", "version": VERSION, "key": key}, sync=True)
         return j
 
-    def _append(self, rec: dict, sync: bool = False) -> None:
-        line = (json.dumps(rec, separators=(",", ":")) + "\n").encode()
+    def _append(self, rec: dict | list[dict], sync: bool = False) -> None:
+        """Append a record, or several in one write (a kill leaves whole records and at most one torn)."""
+        recs = rec if isinstance(rec, list) else [rec]
+        line = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs).encode()
         try:
             if self._fh is None:
                 self._fh = open(self.path, "ab", buffering=0)
@@ -221,9 +223,14 @@ class Journal:
         self._append({"kind": "gram", "name": name, "upto": int(upto), "T": int(acc.shape[0]), "acc": _b64(acc)})
 
     def record_fit(self, name: str, comp: Components) -> None:
-        self.fits[name] = comp
-        self._append({"kind": "fit", "name": name, "u": _b64(comp.u), "u_shape": list(comp.u.shape),
-                      "sv": _b64(comp.singular_values), "ev": comp.explained_variance})
+        self.record_fits([name], [comp])
+
+    def record_fits(self, names: list[str], comps: list[Components]) -> None:
+        """The fits of a group of tensors, in one write."""
+        self.fits.update(zip(names, comps))
+        self._append([{"kind": "fit", "name": name, "u": _b64(comp.u), "u_shape": list(comp.u.shape),
+                       "sv": _b64(comp.singular_values), "ev": comp.explained_variance}
+                      for name, comp in zip(names, comps)])
 
     # Output records claim bytes on disk, so they are appended only after the outputs are
     # synced. Syncing after every tensor would make the run wait for the disk each time;
@@ -233,9 +240,9 @@ class Journal:
         self._pending.append({"kind": "written", "name": name, "upto": int(upto)})
         self._flush_pending()
 
-    def record_done(self, name: str) -> None:
-        self.done.add(name)
-        self._pending.append({"kind": "done", "name": name})
+    def record_done(self, *names: str) -> None:
+        self.done.update(names)
+        self._pending.extend({"kind": "done", "name": name} for name in names)
         self._flush_pending()
 
     def _flush_pending(self, force: bool = False) -> None:
@@ -248,8 +255,7 @@ class Journal:
             except OSError as e:
                 raise OutputError(f"cannot sync the outputs beside {self.path}: {e.strerror or e}") from None
         recs, self._pending = self._pending, []
-        for rec in recs:
-            self._append(rec)
+        self._append(recs)
         self._last_sync = time.monotonic()
 
     def flush(self) -> None:

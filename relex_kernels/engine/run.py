@@ -121,7 +121,10 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         entries = []
         jobs = traj.jobs
         reused = 0
+        skip = 0  # the jobs before this index ran in a group
         for idx, job in enumerate(jobs):
+            if idx < skip:
+                continue
             if job.name in jr.done and (job.kind != "fit" or comps is not None or job.name in jr.fits):
                 reused += 1  # finished by the interrupted run this one resumes
                 if job.kind == "fit":
@@ -138,6 +141,11 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
             if job.kind == "tied":
                 continue
             n_out = K * (2 if job.name == tied_source else 1)
+            group = _group(jobs, idx, streamer, jr, K, comps, tied_source)
+            if len(group) > 1:
+                skip = idx + len(group)
+                _run_group(group, streamer, jr, comps, opts, W, writers, targets, fits, entries)
+                continue
             resident, ranges = streamer.ranges(job, n_out)
             nxt = next((j for j in jobs[idx + 1:] if j.kind == "fit"), None)
             if nxt is not None and streamer.ranges(nxt, n_out)[0]:
@@ -185,6 +193,58 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         outs.abort(keep=isinstance(e, KeyboardInterrupt))
         raise
     return RunResult(done, rep, seconds, streamer.bytes_read, be.name, fits)
+
+
+#: most tensors in one group (``RELEX_GROUP_TENSORS``; 1 turns grouping off: tests compare the two)
+GROUP_MAX = int(os.environ.get("RELEX_GROUP_TENSORS", "1024"))
+
+
+def _group(jobs, idx: int, streamer, jr, n_out: int, comps, tied_source) -> list:
+    """The jobs from ``idx`` on that run as one group (:meth:`.Streamer.open_group`): consecutive
+    whole fit jobs the streamer can group, without journal state (a resumed tensor keeps the
+    per-tensor path, which knows where to restart), mapped together within the memory budget."""
+    group, size = [], 0
+    for job in jobs[idx:idx + GROUP_MAX]:
+        if (job.kind != "fit" or job.name == tied_source or job.name in jr.done or job.name in jr.written
+                or (comps is None and (job.name in jr.fits or job.name in jr.grams))
+                or not streamer.groupable(job, n_out)):
+            break
+        size += streamer.group_bytes(job, n_out)
+        if group and size > streamer.budget:
+            break
+        group.append(job)
+    return group
+
+
+def _run_group(group, streamer, jr, comps, opts, W, writers, targets, fits, entries) -> None:
+    """Fit and write a group of small tensors: the Grams, one eigen-solve for all, the weighted
+    sums, then the journal's records and the page releases once per group. Each tensor's bytes
+    are those of the per-tensor path; the journal points are passed once per tensor, so a
+    run killed inside a group resumes like one killed between tensors."""
+    names = [j.name for j in group]
+    rows, files = streamer.open_group(group)
+    if comps is None:
+        Gs = streamer.gram_group(group, rows)
+        for _ in group:
+            journal.hook("gram")
+        cs = fitmath.components_many(Gs, opts.rank, [j.numel for j in group], [j.dtype for j in group])
+        jr.record_fits(names, cs)
+        for _ in group:
+            journal.hook("fit")
+    else:
+        cs = [comps[n] for n in names]
+    for job, comp in zip(group, cs):
+        fits[job.name] = comp
+        entries.append(report.tensor_entry(job.name, job.dtype, job.shape, comp))
+    outs = streamer.combine_group(group, rows, [fitmath.alphas(c, W) for c in cs], writers,
+                                  count_read=comps is not None, on_job=lambda i: journal.hook("combine"))
+    streamer.release_group(files, outs)
+    for job in group:
+        if job.dtype == "F16":  # as in the per-tensor path
+            _check_f16_range(job, writers, targets)
+    jr.record_done(*names)
+    for _ in group:
+        journal.hook("done")
 
 
 def _check_f16_range(job, writers, targets, a: int = 0, b: int | None = None) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import dtypes
 from ..io.writer import ShardedWriter
-from ..ops import Backend, fp64, get_backend
+from ..ops import Backend, fp64, get_backend, native
 from ..ops.reference import GRAM_CHUNK, nonfinite_count
 from .trajectory import Job, Trajectory
 
@@ -197,6 +197,74 @@ class Streamer:
             if on_range is not None:
                 on_range(b)
 
+    # -- groups of small tensors -------------------------------------------------------
+    # A MoE model has thousands of small tensors; per tensor and per input file, a view, its
+    # validation, a release and a prefetch cost more than the tensor's bytes. A group of
+    # whole, resident tensors is mapped once (addresses into one buffer per file), each
+    # tensor's Gram and weighted sum run on the same native kernels with the same sums as
+    # alone (same bits), and the pages are released once per file span.
+    def groupable(self, job: Job, n_outputs: int) -> bool:
+        """Whether ``job`` may run in a group: a whole tensor within the budget and one Gram
+        block, on the native kernels (the device streamer, the reference and the fp64 path
+        keep the per-tensor passes)."""
+        return (type(self) is Streamer and self.backend.name == "cpu" and job.dtype != "F64"
+                and self.backend.supports(job.dtype) and job.numel <= GRAM_BLOCK and self.ranges(job, n_outputs)[0])
+
+    def group_bytes(self, job: Job, n_outputs: int) -> int:
+        """Mapped bytes ``job`` adds to a group (inputs and outputs stay mapped until the group ends)."""
+        return (self.traj.T + 1 + n_outputs) * job.nbytes
+
+    def open_group(self, jobs: list[Job]):
+        """Map the inputs of ``jobs``: per job the addresses of its T+1 versions, and per file
+        ``[file, buffer, address, lo, hi]`` (the buffer keeps the map; ``[lo, hi)`` the bytes used)."""
+        files: dict[int, list] = {}
+        rows = [[_address(files, loc.file, loc.info.begin, loc.info.nbytes) for loc in self._locs(job)]
+                for job in jobs]
+        for f, _, _, lo, hi in files.values():
+            f.prefetch_bytes(lo, hi)
+        return rows, files
+
+    def gram_group(self, jobs: list[Job], rows) -> np.ndarray:
+        """The Grams (k, T, T) of a group (:meth:`gram` of each whole tensor, bit for bit: one
+        block, summed from zero)."""
+        T = self.traj.T
+        Gs = np.zeros((len(jobs), T, T), dtype=np.float64)
+        addr, stride = Gs.ctypes.data, T * T * 8
+        threads = native.get_num_threads()
+        nbytes = 0
+        for i, (job, row) in enumerate(zip(jobs, rows)):
+            native.gram_at(row[0], row[1:], job.numel, job.dtype, addr + i * stride, self.fp16_deltas, threads)
+            nbytes += job.nbytes
+        self._tick((T + 1) * nbytes)
+        finite = np.isfinite(Gs).all(axis=(1, 2))
+        if not finite.all():
+            self._raise_nonfinite(jobs[int(np.argmin(finite))])
+        return Gs
+
+    def combine_group(self, jobs: list[Job], rows, alphas, writers: list[ShardedWriter], count_read: bool,
+                      on_job=None) -> dict:
+        """Write the outputs of a group (:meth:`combine` of each, bit for bit); returns the output
+        files' spans like :meth:`open_group`. ``count_read``: as for :meth:`combine`; ``on_job(i)``
+        after job ``i`` is written."""
+        threads = native.get_num_threads()
+        if count_read:
+            self._tick((self.traj.T + 1) * sum(job.nbytes for job in jobs))
+        outs: dict[int, list] = {}
+        for i, (job, row, A) in enumerate(zip(jobs, rows, alphas)):
+            if job.numel:
+                addrs = [_address(outs, *w.locate(job.name), job.nbytes) for w in writers]
+                native.combine_at(row[0], row[1:], job.numel, job.dtype, A, addrs, self.fp16_deltas, threads)
+            if on_job is not None:
+                on_job(i)
+        return outs
+
+    @staticmethod
+    def release_group(*spans: dict) -> None:
+        """Release the pages of every file span of a group (inputs and outputs), once per file."""
+        for files in spans:
+            for f, _, _, lo, hi in files.values():
+                f.release_bytes(lo, hi)
+
     def copy(self, job: Job, writers: list[ShardedWriter]) -> None:
         loc = self.traj.base.tensors[job.name]
         n = job.numel
@@ -219,3 +287,15 @@ class Streamer:
             return 0
         resident, _ = self.ranges(job, n_outputs)
         return (self.traj.T + 1) * job.nbytes * (1 if resident or not with_gram else 2)
+
+
+def _address(files: dict, f, b: int, nbytes: int) -> int:
+    """The address of byte ``b`` of ``f`` (a reader or writer file, mapped once per group);
+    ``files[id(f)]`` is ``[file, buffer, address, lo, hi]``, its span widened to ``[b, b + nbytes)``."""
+    e = files.get(id(f))
+    if e is None:
+        buf = f.buffer()
+        e = files[id(f)] = [f, buf, buf.ctypes.data, b, b + nbytes]
+    else:
+        e[3], e[4] = min(e[3], b), max(e[4], b + nbytes)
+    return e[2] + b

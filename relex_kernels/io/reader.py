@@ -111,11 +111,13 @@ class TensorInfo:
 
 
 def _no_duplicate_keys(pairs):
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise ValueError(f"duplicate key {k!r}")
-        out[k] = v
+    out = dict(pairs)  # called for every object of a header (thousands): the check is a length compare
+    if len(out) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise ValueError(f"duplicate key {k!r}")
+            seen.add(k)
     return out
 
 
@@ -214,6 +216,20 @@ class SafetensorsFile:
         with _MAPS.lock:  # the view exists before any other thread may evict the map
             return np.frombuffer(self._map(), dtype=dtypes.raw_numpy(t.dtype), count=stop - start,
                                  offset=t.begin + start * isz)
+
+    def buffer(self) -> np.ndarray:
+        """The whole mapped file as uint8, for the engine's grouped passes, which take the
+        addresses of many tensors (``TensorInfo.begin``) from it; the map stays while it lives."""
+        with _MAPS.lock:
+            return np.frombuffer(self._map(), dtype=np.uint8)
+
+    def release_bytes(self, begin: int, end: int) -> None:
+        """:meth:`release` of the file bytes ``[begin, end)`` (several tensors at once)."""
+        self._advise(mmap.MADV_DONTNEED, begin, end - begin)
+
+    def prefetch_bytes(self, begin: int, end: int) -> None:
+        """:meth:`prefetch` of the file bytes ``[begin, end)``."""
+        self._advise(mmap.MADV_WILLNEED, begin, end - begin, map_it=True)
 
     def _map(self) -> mmap.mmap:
         """The map of this file (under ``_MAPS.lock``): mapped again if it was unmapped."""

@@ -107,14 +107,22 @@ class _OutFile:
     def release(self, name: str, start: int, stop: int) -> None:
         isz = dtypes.itemsize(self.specs[name].dtype)
         b = self.offsets[name] + start * isz
+        self.release_bytes(b, b + (stop - start) * isz)
+
+    def release_bytes(self, b: int, end: int) -> None:
+        """:meth:`release` of the file bytes ``[b, end)`` (several tensors at once)."""
         lo = b - b % _PAGE
-        hi = min(b + (stop - start) * isz, self.size)
+        hi = min(end, self.size)
         if hi > lo:
             # Dropping a shared mapping's pages keeps their data: dirty pages stay in the
             # page cache. The fadvise starts their write-back now, in the background, so
             # the disk works while the next tensor computes (an msync here would wait for it).
             self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
             os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
+
+    def buffer(self) -> np.ndarray:
+        """The whole mapped file as writable uint8 (the engine's grouped passes take addresses from it)."""
+        return np.frombuffer(self._mm, dtype=np.uint8)
 
     def sync(self) -> None:
         """Make everything written so far durable (mapped or already released)."""
@@ -175,6 +183,11 @@ class ShardedWriter:
         f = self._where[name]
         stop = prod(f.specs[name].shape) if stop is None else stop
         f.release(name, start, stop)
+
+    def locate(self, name: str) -> tuple[_OutFile, int]:
+        """The file holding tensor ``name`` and the tensor's byte offset in it."""
+        f = self._where[name]
+        return f, f.offsets[name]
 
     def sync(self) -> None:
         """Make every byte written so far durable (the run journal's records follow this)."""

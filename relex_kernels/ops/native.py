@@ -213,6 +213,28 @@ def combine(base: np.ndarray, hist: Sequence[np.ndarray], alphas: np.ndarray, dt
             o[...] = d
 
 
+# Unchecked entry points for the engine's grouped passes (engine/streaming.py): a run over
+# thousands of small tensors would spend more time validating and taking the addresses of
+# numpy views than in the kernels. The engine takes the addresses from maps it validated
+# (reader/writer) and keeps alive for the call; the kernels and their sums are the same.
+
+
+def gram_at(base: int, hist: list[int], n: int, dtype: str, acc: int, fp16_deltas: bool, threads: int) -> None:
+    """:func:`gram` on addresses: ``n`` elements of ``dtype`` at each; ``acc`` a (T, T) float64 buffer."""
+    if n:
+        _lib().gram(base, hist, n, dtypes.DTYPE_CODES[dtype], acc, fp16_deltas, threads)
+
+
+def combine_at(base: int, hist: list[int], n: int, dtype: str, alphas: np.ndarray, outs: list[int],
+               fp16_deltas: bool, threads: int) -> None:
+    """:func:`combine` on addresses; ``outs``: unit-stride writable outputs of ``n`` elements."""
+    alphas = np.ascontiguousarray(alphas, dtype=np.float32)
+    if alphas.shape != (len(outs), len(hist)):  # cheap, and a wrong shape would read past the buffer
+        raise ValueError(f"alphas must have shape ({len(outs)}, {len(hist)}), got {alphas.shape}")
+    if n and outs:
+        _lib().combine(base, hist, n, dtypes.DTYPE_CODES[dtype], alphas.ctypes.data, outs, fp16_deltas, threads)
+
+
 def read_bandwidth_probe(buffers: Sequence[np.ndarray]) -> int:
     """Read every byte of equally sized 1-D buffers with the kernels' threads (benchmarks)."""
     lib = _lib()

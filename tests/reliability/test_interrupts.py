@@ -328,3 +328,32 @@ def test_resume_at_gram_block_boundary(tmp_path):
     assert output_bytes(os.path.join(out, "step_9")) == output_bytes(os.path.join(ref, "step_9"))
     rep = json.load(open(os.path.join(out, "relex_report.json")))
     assert rep["bytes_read"] < json.load(open(os.path.join(ref, "relex_report.json")))["bytes_read"]
+
+
+def test_killed_inside_tensor_groups_resumes_byte_identical(tmp_path):
+    """Many small tensors on the cpu backend run in groups (issue 10), which pass each journal
+    point once per tensor: killed at any of them, the resumed run (tensors of a group with a fit
+    record take the per-tensor path) writes the uninterrupted bytes and reuses finished groups."""
+    root = str(tmp_path)
+    shapes = {}
+    for k in range(4):  # four groups of 20, each ended by a copied tensor
+        shapes.update({f"layers.{k}.experts.{i}.weight": (4, 3 + i % 5) for i in range(20)})
+        shapes[f"layers.{k}.ids"] = (3,)
+    base, run, _ = small_run(root, shapes=shapes, steps=range(1, 6),
+                             extra_dtypes={f"layers.{k}.ids": "I64" for k in range(4)})
+
+    def cmd(out):
+        return ["extrapolate", "--base", base, "--checkpoints", run, "--out", out, "-q", "--shard-size", "2K",
+                "--backend", "cpu", "--target-step", "30"]
+
+    ref = os.path.join(root, "ref")
+    assert relex(*cmd(ref)).returncode == 0
+    want = output_bytes(os.path.join(ref, "step_30"))
+    for point, reused in (("gram:30", 20), ("fit:30", 20), ("combine:30", 20), ("done:30", 40)):
+        out = os.path.join(root, point.replace(":", "_"))
+        r = relex(*cmd(out), env=cli_env(RELEX_TEST_KILL=point, RELEX_JOURNAL_SYNC_SECONDS="0"))
+        assert r.returncode == -signal.SIGKILL, (point, r.stderr)
+        r = relex(*cmd(out))
+        assert r.returncode == 0, r.stderr
+        assert output_bytes(os.path.join(out, "step_30")) == want, point
+        assert json.load(open(os.path.join(out, "relex_report.json")))["resumed_tensors"] >= reused, point
