@@ -51,6 +51,49 @@ void combine(uintptr_t base, const std::vector<uintptr_t>& hist, size_t n, int d
     relex::combine(in, ptr<const float>(alphas), int(o.size()), o.data(), num_threads);
 }
 
+// Tables of many tensors (relex_kernels/ops/native.py gram_table / combine_table): `count`
+// rows of uint64 at address `table`: n, dtype code, acc (gram) or alphas (combine: K x T
+// float32), base, T history addresses, then (combine) K output addresses.
+struct Table {
+    std::vector<const void*> hist;
+    std::vector<Inputs> ins;
+    std::vector<uintptr_t> third;  // acc or alphas of each row
+    std::vector<void*> outs;
+};
+
+Table read_table(uintptr_t table, size_t count, int T, int K, bool fp16_deltas) {
+    const uint64_t* t = ptr<const uint64_t>(table);
+    const size_t cols = size_t(4 + T + K);
+    Table tb;
+    tb.hist.resize(count * size_t(T));
+    tb.ins.resize(count);
+    tb.third.resize(count);
+    tb.outs.resize(count * size_t(K));
+    for (size_t i = 0; i < count; ++i) {
+        const uint64_t* row = t + i * cols;
+        for (int j = 0; j < T; ++j) tb.hist[i * size_t(T) + size_t(j)] = ptr<const void>(uintptr_t(row[4 + j]));
+        for (int k = 0; k < K; ++k) tb.outs[i * size_t(K) + size_t(k)] = ptr<void>(uintptr_t(row[4 + T + k]));
+        tb.third[i] = uintptr_t(row[2]);
+        tb.ins[i] = Inputs{ptr<const void>(uintptr_t(row[3])), tb.hist.data() + i * size_t(T), T, int(row[1]),
+                           fp16_deltas, size_t(row[0])};
+    }
+    return tb;
+}
+
+void gram_table(uintptr_t table, size_t count, int T, bool fp16_deltas, int num_threads) {
+    Table tb = read_table(table, count, T, 0, fp16_deltas);
+    std::vector<double*> accs(count);
+    for (size_t i = 0; i < count; ++i) accs[i] = ptr<double>(tb.third[i]);
+    relex::gram_many(tb.ins.data(), accs.data(), count, num_threads);
+}
+
+void combine_table(uintptr_t table, size_t count, int T, int K, bool fp16_deltas, int num_threads) {
+    Table tb = read_table(table, count, T, K, fp16_deltas);
+    std::vector<const float*> alphas(count);
+    for (size_t i = 0; i < count; ++i) alphas[i] = ptr<const float>(tb.third[i]);
+    relex::combine_many(tb.ins.data(), alphas.data(), K, tb.outs.data(), count, num_threads);
+}
+
 uint64_t read_probe(const std::vector<uintptr_t>& bufs, size_t nbytes, int num_threads) {
     const std::vector<const void*> b = const_ptrs(bufs);
     return relex::read_probe(b.data(), int(b.size()), nbytes, num_threads);
@@ -101,6 +144,14 @@ PYBIND11_MODULE(_C, m) {
           py::call_guard<py::gil_scoped_release>(),
           "outs[k] (n raw elements each) = round(b + sum_i alphas[k, i] * d_i); alphas is the\n"
           "address of len(outs) x len(hist) float32, C order.");
+    m.def("gram_table", &gram_table, py::arg("table"), py::arg("count"), py::arg("T"), py::arg("fp16_deltas"),
+          py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+          "gram of `count` tensors: rows of uint64 (n, dtype, acc, base, hist[T]) at address `table`;\n"
+          "each acc gets the bits of its own gram call.");
+    m.def("combine_table", &combine_table, py::arg("table"), py::arg("count"), py::arg("T"), py::arg("K"),
+          py::arg("fp16_deltas"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+          "combine of `count` tensors: rows of uint64 (n, dtype, alphas, base, hist[T], outs[K]) at\n"
+          "address `table`; alphas of a row: K x T float32, C order.");
     m.def("read_probe", &read_probe, py::arg("bufs"), py::arg("nbytes"), py::arg("num_threads"),
           py::call_guard<py::gil_scoped_release>(),
           "Read nbytes of every buffer (a checksum is returned): the read-bandwidth bound.");

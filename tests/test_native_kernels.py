@@ -417,3 +417,41 @@ def test_missing_extension_is_reported_not_raised():
                        env={**os.environ, "RELEX_BACKEND": ""})
     assert r.returncode == 0, r.stderr
     assert "raised" in r.stdout and "pip install -e ." in r.stdout
+
+
+@pytest.mark.parametrize("threads_n", [1, 2, 3])
+@pytest.mark.parametrize("fp16", [False, True])
+def test_tables_of_many_tensors_equal_calls_of_their_own(simd, threads_n, fp16):
+    """gram_table / combine_table (the engine's groups): every tensor gets the bits of its own
+    gram / combine call, small ones (one thread each) and large ones (every thread) mixed,
+    whatever the thread count; an empty tensor is skipped."""
+    T, K = 5, 2
+    sizes = [1, 7, 300, 0, 2 * CHUNK + 5, 64, 3 * (1 << 16) + 1, 33]
+    dts = ["BF16", "F16", "F32", "BF16", "BF16", "F32", "F16", "BF16"]
+    data = [make(dt, T, n, seed=i) for i, (dt, n) in enumerate(zip(dts, sizes))]
+    alphas = np.random.default_rng(1).standard_normal((len(sizes), K, T)).astype(np.float32)
+    want_g, want_o = [], []
+    for (base, hist), dt, A in zip(data, dts, alphas):
+        g = np.zeros((T, T))
+        native.gram(base, hist, dt, g, fp16_deltas=fp16)
+        outs = [np.zeros_like(base) for _ in range(K)]
+        native.combine(base, hist, A, dt, outs, fp16_deltas=fp16)
+        want_g.append(g)
+        want_o.append(outs)
+    native.set_num_threads(threads_n)
+    try:
+        Gs = np.zeros((len(sizes), T, T))
+        outs = [[np.full_like(base, 7) for _ in range(K)] for base, _ in data]
+        codes = [dtypes.DTYPE_CODES[dt] for dt in dts]
+        gt = [[n, c, Gs[i].ctypes.data, base.ctypes.data] + [h.ctypes.data for h in hist]
+              for i, (n, c, (base, hist)) in enumerate(zip(sizes, codes, data))]
+        native.gram_table(np.array(gt, dtype=np.uint64), fp16)
+        ct = [[n, c, alphas[i].ctypes.data, base.ctypes.data] + [h.ctypes.data for h in hist]
+              + [o.ctypes.data for o in outs[i]] for i, (n, c, (base, hist)) in enumerate(zip(sizes, codes, data))]
+        native.combine_table(np.array(ct, dtype=np.uint64), T, K, fp16)
+    finally:
+        native.set_num_threads(None)
+    for i in range(len(sizes)):
+        assert np.array_equal(Gs[i], want_g[i]), i
+        for o, w in zip(outs[i], want_o[i]):
+            assert o.tobytes() == w.tobytes(), i

@@ -7,10 +7,6 @@
 
 namespace relex {
 
-namespace {
-constexpr size_t kCombineBlock = size_t(1) << 16;
-}
-
 void combine(const Inputs& in, const float* alphas, int K, void* const* outs, int nthreads) {
     const size_t n = in.n;
     check_inputs(in);

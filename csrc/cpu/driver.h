@@ -35,6 +35,9 @@ private:
     float* p_;
 };
 
+// Elements per combine block: the unit a thread of combine() works on.
+constexpr size_t kCombineBlock = size_t(1) << 16;
+
 inline size_t pad16(size_t n) { return (n + 15) / 16 * 16; }
 
 inline int thread_id() {

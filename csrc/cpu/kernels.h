@@ -68,5 +68,10 @@ std::string cpu_feature_list();      // the flags that were looked at, "avx2 fma
 void gram(const Inputs& in, double* acc, int nthreads);
 void combine(const Inputs& in, const float* alphas, int K, void* const* outs, int nthreads);
 uint64_t read_probe(const void* const* bufs, int nbuf, size_t nbytes, int nthreads);
+// many.cpp: gram()/combine() of `count` tensors in one call (tensor i: ins[i], accs[i] or
+// alphas[i] and outs[i*K .. i*K+K)), each with the bits of its own call
+void gram_many(const Inputs* ins, double* const* accs, size_t count, int nthreads);
+void combine_many(const Inputs* ins, const float* const* alphas, int K, void* const* outs, size_t count,
+                  int nthreads);
 
 }  // namespace relex

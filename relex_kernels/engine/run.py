@@ -237,7 +237,9 @@ def _run_group(group, streamer, jr, comps, opts, W, writers, targets, fits, entr
         fits[job.name] = comp
         entries.append(report.tensor_entry(job.name, job.dtype, job.shape, comp))
     outs = streamer.combine_group(group, rows, [fitmath.alphas(c, W) for c in cs], writers,
-                                  count_read=comps is not None, on_job=lambda i: journal.hook("combine"))
+                                  count_read=comps is not None)
+    for _ in group:
+        journal.hook("combine")
     streamer.release_group(files, outs)
     for job in group:
         if job.dtype == "F16":  # as in the per-tensor path

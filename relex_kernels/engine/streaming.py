@@ -226,36 +226,35 @@ class Streamer:
 
     def gram_group(self, jobs: list[Job], rows) -> np.ndarray:
         """The Grams (k, T, T) of a group (:meth:`gram` of each whole tensor, bit for bit: one
-        block, summed from zero)."""
-        T = self.traj.T
-        Gs = np.zeros((len(jobs), T, T), dtype=np.float64)
-        addr, stride = Gs.ctypes.data, T * T * 8
-        threads = native.get_num_threads()
-        nbytes = 0
-        for i, (job, row) in enumerate(zip(jobs, rows)):
-            native.gram_at(row[0], row[1:], job.numel, job.dtype, addr + i * stride, self.fp16_deltas, threads)
-            nbytes += job.nbytes
-        self._tick((T + 1) * nbytes)
+        block, summed from zero), in one native call."""
+        T, k = self.traj.T, len(jobs)
+        Gs = np.zeros((k, T, T), dtype=np.float64)
+        table = np.empty((k, T + 4), dtype=np.uint64)
+        table[:, :2] = [(job.numel, dtypes.DTYPE_CODES[job.dtype]) for job in jobs]
+        table[:, 2] = Gs.ctypes.data + np.arange(k, dtype=np.uint64) * (T * T * 8)
+        table[:, 3:] = rows
+        native.gram_table(table, self.fp16_deltas)
+        self._tick((T + 1) * sum(job.nbytes for job in jobs))
         finite = np.isfinite(Gs).all(axis=(1, 2))
         if not finite.all():
             self._raise_nonfinite(jobs[int(np.argmin(finite))])
         return Gs
 
-    def combine_group(self, jobs: list[Job], rows, alphas, writers: list[ShardedWriter], count_read: bool,
-                      on_job=None) -> dict:
-        """Write the outputs of a group (:meth:`combine` of each, bit for bit); returns the output
-        files' spans like :meth:`open_group`. ``count_read``: as for :meth:`combine`; ``on_job(i)``
-        after job ``i`` is written."""
-        threads = native.get_num_threads()
+    def combine_group(self, jobs: list[Job], rows, alphas, writers: list[ShardedWriter], count_read: bool) -> dict:
+        """Write the outputs of a group (:meth:`combine` of each, bit for bit) in one native call;
+        returns the output files' spans like :meth:`open_group`. ``count_read``: as for :meth:`combine`."""
+        T, K, k = self.traj.T, len(writers), len(jobs)
         if count_read:
-            self._tick((self.traj.T + 1) * sum(job.nbytes for job in jobs))
+            self._tick((T + 1) * sum(job.nbytes for job in jobs))
+        A = np.ascontiguousarray(np.stack(alphas), dtype=np.float32)  # (k, K, T), as combine converts them
         outs: dict[int, list] = {}
-        for i, (job, row, A) in enumerate(zip(jobs, rows, alphas)):
-            if job.numel:
-                addrs = [_address(outs, *w.locate(job.name), job.nbytes) for w in writers]
-                native.combine_at(row[0], row[1:], job.numel, job.dtype, A, addrs, self.fp16_deltas, threads)
-            if on_job is not None:
-                on_job(i)
+        table = np.zeros((k, T + K + 4), dtype=np.uint64)
+        table[:, :2] = [(job.numel, dtypes.DTYPE_CODES[job.dtype]) for job in jobs]
+        table[:, 2] = A.ctypes.data + np.arange(k, dtype=np.uint64) * (K * T * 4)
+        table[:, 3:T + 4] = rows
+        table[:, T + 4:] = [[_address(outs, *w.locate(job.name), job.nbytes) for w in writers] if job.numel
+                            else [0] * K for job in jobs]  # an empty tensor has no place to write
+        native.combine_table(table, T, K, self.fp16_deltas)
         return outs
 
     @staticmethod

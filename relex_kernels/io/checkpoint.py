@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 from ..errors import FormatError, InputError
@@ -86,7 +87,10 @@ class Checkpoint:
             if name not in f.tensors:
                 raise InputError(f"{index}: tensor {name!r} is mapped to {shard}, which does not hold it")
             self.tensors[name] = Located(f, f.tensors[name])
+        mapped = Counter(wm.values())
         for shard, f in shards.items():
+            if len(f.tensors) == mapped[shard]:  # every tensor of the shard is mapped to it (checked above)
+                continue
             extra = sorted(set(f.tensors) - {n for n, s in wm.items() if s == shard})
             if extra:
                 raise InputError(f"{f.path}: holds tensor {extra[0]!r} that the index does not map to it")

@@ -121,11 +121,12 @@ def _no_duplicate_keys(pairs):
     return out
 
 
-def parse_header(raw: bytes, data_size: int, path: str) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+def parse_header(raw: bytes, data_size: int, path: str, offset: int = 0) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Validate a header's JSON bytes against a data buffer of ``data_size`` bytes.
 
-    Returns ``(tensors, metadata)`` with offsets relative to the data buffer. Raises
-    :class:`FormatError` naming ``path`` for any inconsistency.
+    Returns ``(tensors, metadata)`` with offsets relative to the data buffer, plus ``offset``
+    (the buffer's place in the file). Raises :class:`FormatError` naming ``path`` for any
+    inconsistency.
     """
     try:
         text = raw.decode("utf-8")
@@ -140,31 +141,41 @@ def parse_header(raw: bytes, data_size: int, path: str) -> tuple[dict[str, Tenso
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise FormatError(f"{path}: __metadata__ must map strings to strings")
     tensors: dict[str, TensorInfo] = {}
+    # A MoE header holds thousands of entries of a few (dtype, shape) kinds: each kind is checked
+    # once. The key is the shape's repr, which tells JSON's types apart (1, 1.0, True, "1").
+    kinds: dict[tuple[str, str], tuple[tuple[int, ...], int]] = {}
     for name, e in obj.items():
-        where = f"{path}: tensor {name!r}"
-        if not isinstance(e, dict):
-            raise FormatError(f"{where}: entry is not an object")
+        if type(e) is not dict:
+            raise FormatError(f"{path}: tensor {name!r}: entry is not an object")
         dt, shape, offs = e.get("dtype"), e.get("shape"), e.get("data_offsets")
-        if not isinstance(dt, str) or not dtypes.known(dt):
-            raise FormatError(f"{where}: unknown dtype {dt!r}")
-        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-            raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(type(o) is int for o in offs)):
-            raise FormatError(f"{where}: data_offsets {offs!r} is not a pair of integers")
+        kind = kinds.get((dt, repr(shape))) if type(dt) is str else None
+        if kind is None:
+            kind = _check_kind(dt, shape, f"{path}: tensor {name!r}")
+            kinds[(dt, repr(shape))] = kind
+        if type(offs) is not list or len(offs) != 2 or type(offs[0]) is not int or type(offs[1]) is not int:
+            raise FormatError(f"{path}: tensor {name!r}: data_offsets {offs!r} is not a pair of integers")
         b, end = offs
         if not 0 <= b <= end <= data_size:
-            raise FormatError(f"{where}: data_offsets [{b}, {end}] lie outside the data buffer "
+            raise FormatError(f"{path}: tensor {name!r}: data_offsets [{b}, {end}] lie outside the data buffer "
                               f"of {data_size} bytes (file truncated?)")
-        want = prod(shape) * dtypes.itemsize(dt)
-        if end - b != want:
-            raise FormatError(f"{where}: holds {end - b} bytes but shape {shape} x {dt} needs {want}")
-        tensors[name] = TensorInfo(name, dt, tuple(shape), b, end - b)
+        if end - b != kind[1]:
+            raise FormatError(f"{path}: tensor {name!r}: holds {end - b} bytes but shape {shape} x {dt} needs "
+                              f"{kind[1]}")
+        tensors[name] = TensorInfo(name, dt, kind[0], b + offset, end - b)
     spans = sorted((t.begin, t.begin + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer")
     return tensors, meta
+
+
+def _check_kind(dt, shape, where: str) -> tuple[tuple[int, ...], int]:
+    """(shape, bytes) of a valid header dtype and shape; FormatError naming ``where`` otherwise."""
+    if not isinstance(dt, str) or not dtypes.known(dt):
+        raise FormatError(f"{where}: unknown dtype {dt!r}")
+    if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+        raise FormatError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+    return tuple(shape), prod(shape) * dtypes.itemsize(dt)
 
 
 class SafetensorsFile:
@@ -198,9 +209,7 @@ class SafetensorsFile:
                 raise FormatError(f"{self.path}: short read of the header")
             self.header_sha256 = hashlib.sha256(raw).hexdigest()
             self.data_start = 8 + n
-            rel, self.metadata = parse_header(raw, self.size - self.data_start, self.path)
-            self.tensors = {k: TensorInfo(t.name, t.dtype, t.shape, t.begin + self.data_start, t.nbytes)
-                            for k, t in rel.items()}
+            self.tensors, self.metadata = parse_header(raw, self.size - self.data_start, self.path, self.data_start)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
         finally:

@@ -214,25 +214,29 @@ def combine(base: np.ndarray, hist: Sequence[np.ndarray], alphas: np.ndarray, dt
 
 
 # Unchecked entry points for the engine's grouped passes (engine/streaming.py): a run over
-# thousands of small tensors would spend more time validating and taking the addresses of
-# numpy views than in the kernels. The engine takes the addresses from maps it validated
-# (reader/writer) and keeps alive for the call; the kernels and their sums are the same.
+# thousands of small tensors would spend more time validating numpy views, taking their
+# addresses and entering the kernels' thread team than in the kernels. The engine takes the
+# addresses from maps it validated (reader/writer) and keeps alive for the call; each
+# tensor's sums are those of its own gram / combine call.
 
 
-def gram_at(base: int, hist: list[int], n: int, dtype: str, acc: int, fp16_deltas: bool, threads: int) -> None:
-    """:func:`gram` on addresses: ``n`` elements of ``dtype`` at each; ``acc`` a (T, T) float64 buffer."""
-    if n:
-        _lib().gram(base, hist, n, dtypes.DTYPE_CODES[dtype], acc, fp16_deltas, threads)
+def gram_table(table: np.ndarray, fp16_deltas: bool) -> None:
+    """:func:`gram` of many tensors: ``table`` (k, T + 4) uint64, a row per tensor: n, dtype code
+    (``dtypes.DTYPE_CODES``), address of its (T, T) float64 acc, base address, T history addresses."""
+    table = np.ascontiguousarray(table, dtype=np.uint64)
+    if table.ndim != 2 or table.shape[1] < 4:
+        raise ValueError(f"gram table must have shape (k, T + 4), got {table.shape}")
+    _lib().gram_table(table.ctypes.data, table.shape[0], table.shape[1] - 4, bool(fp16_deltas), get_num_threads())
 
 
-def combine_at(base: int, hist: list[int], n: int, dtype: str, alphas: np.ndarray, outs: list[int],
-               fp16_deltas: bool, threads: int) -> None:
-    """:func:`combine` on addresses; ``outs``: unit-stride writable outputs of ``n`` elements."""
-    alphas = np.ascontiguousarray(alphas, dtype=np.float32)
-    if alphas.shape != (len(outs), len(hist)):  # cheap, and a wrong shape would read past the buffer
-        raise ValueError(f"alphas must have shape ({len(outs)}, {len(hist)}), got {alphas.shape}")
-    if n and outs:
-        _lib().combine(base, hist, n, dtypes.DTYPE_CODES[dtype], alphas.ctypes.data, outs, fp16_deltas, threads)
+def combine_table(table: np.ndarray, T: int, K: int, fp16_deltas: bool) -> None:
+    """:func:`combine` of many tensors: ``table`` (k, T + K + 4) uint64, a row per tensor: n,
+    dtype code, address of its (K, T) float32 alphas, base address, T history addresses, K
+    output addresses (unit stride, writable)."""
+    table = np.ascontiguousarray(table, dtype=np.uint64)
+    if table.ndim != 2 or table.shape[1] != T + K + 4:
+        raise ValueError(f"combine table must have shape (k, {T + K + 4}), got {table.shape}")
+    _lib().combine_table(table.ctypes.data, table.shape[0], T, K, bool(fp16_deltas), get_num_threads())
 
 
 def read_bandwidth_probe(buffers: Sequence[np.ndarray]) -> int:
