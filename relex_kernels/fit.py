@@ -163,18 +163,24 @@ def components_many(Gs: np.ndarray, rank: int, ns, dtypes) -> list[Components]:
     Gs = np.asarray(Gs, dtype=np.float64)
     Gs = 0.5 * (Gs + Gs.swapaxes(-1, -2))
     lam_all, vec_all = np.linalg.eigh(Gs)
+    # Elementwise steps and sorts over the stack; every sum runs over contiguous rows, which
+    # numpy adds in the same (pairwise) order as a row alone.
+    order = np.argsort(lam_all, axis=-1)[:, ::-1]
+    lam = np.clip(np.take_along_axis(lam_all, order, -1), 0.0, None)
+    vec = np.take_along_axis(vec_all, order[:, None, :], -1)
+    s = np.sqrt(lam)
+    total = lam.sum(axis=-1)
+    trace = np.ascontiguousarray(np.diagonal(Gs, 0, 1, 2)).sum(axis=-1)
+    floors = np.array([noise_floor(1.0, n, dt) for n, dt in zip(ns, dtypes)]) * trace  # (sqrt(m)·u)·trace
+    keep = np.where(s[:, 0] > 0, np.minimum(rank, 1 + np.count_nonzero(lam[:, 1:] > floors[:, None], axis=1)), 0)
     out = []
-    for G, lam, vec, n, dtype in zip(Gs, lam_all, vec_all, ns, dtypes):
-        order = np.argsort(lam)[::-1]
-        lam = np.clip(lam[order], 0.0, None)
-        vec = vec[:, order]
-        s = np.sqrt(lam)
-        total = lam.sum()
-        keep = 0
-        if s[0] > 0:
-            keep = min(rank, 1 + int(np.count_nonzero(lam[1:] > noise_floor(float(np.trace(G)), n, dtype))))
-        ev = float(lam[:keep].sum() / total) if total > 0 else 0.0
-        out.append(Components(u=vec[:, :keep].copy(), s=s[:keep].copy(), singular_values=s, explained_variance=ev))
+    for i, r in enumerate(keep.tolist()):
+        if total[i] > 0:  # keep 1 (rank 1, the usual): the sum of lam[:1] is lam[0]
+            ev = float(lam[i, 0] / total[i]) if r == 1 else float(lam[i, :r].sum() / total[i])
+        else:
+            ev = 0.0
+        out.append(Components(u=vec[i, :, :r].copy(), s=s[i, :r].copy(), singular_values=s[i].copy(),
+                              explained_variance=ev))
     return out
 
 

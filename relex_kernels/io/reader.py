@@ -178,6 +178,24 @@ def _check_kind(dt, shape, where: str) -> tuple[tuple[int, ...], int]:
     return tuple(shape), prod(shape) * dtypes.itemsize(dt)
 
 
+#: headers parsed and found valid, by (sha256, data size, data start): the checkpoints of a run
+#: repeat each shard's header byte for byte, and a MoE header of thousands of entries takes a
+#: millisecond to parse. The same bytes over the same buffer size validate the same way.
+_HEADERS: OrderedDict[tuple[str, int, int], tuple[dict[str, TensorInfo], dict[str, str]]] = OrderedDict()
+_HEADERS_KEPT = 64
+
+
+def _parsed_header(raw: bytes, sha256: str, data_size: int, path: str, offset: int):
+    """:func:`parse_header`, or a copy of its result for the same header bytes parsed before."""
+    key = (sha256, data_size, offset)
+    hit = _HEADERS.get(key)
+    if hit is None:
+        hit = _HEADERS[key] = parse_header(raw, data_size, path, offset)
+        while len(_HEADERS) > _HEADERS_KEPT:
+            _HEADERS.popitem(last=False)
+    return dict(hit[0]), dict(hit[1])  # TensorInfo is frozen: shared; the dicts are each file's own
+
+
 class SafetensorsFile:
     """One ``.safetensors`` file, validated and mapped read-only."""
 
@@ -209,7 +227,8 @@ class SafetensorsFile:
                 raise FormatError(f"{self.path}: short read of the header")
             self.header_sha256 = hashlib.sha256(raw).hexdigest()
             self.data_start = 8 + n
-            self.tensors, self.metadata = parse_header(raw, self.size - self.data_start, self.path, self.data_start)
+            self.tensors, self.metadata = _parsed_header(raw, self.header_sha256, self.size - self.data_start,
+                                                         self.path, self.data_start)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
         finally:
