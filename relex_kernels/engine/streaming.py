@@ -217,11 +217,24 @@ class Streamer:
     def open_group(self, jobs: list[Job]):
         """Map the inputs of ``jobs``: per job the addresses of its T+1 versions, and per file
         ``[file, buffer, address, lo, hi]`` (the buffer keeps the map; ``[lo, hi)`` the bytes used)."""
-        files: dict[int, list] = {}
-        rows = [[_address(files, loc.file, loc.info.begin, loc.info.nbytes) for loc in self._locs(job)]
-                for job in jobs]
-        for f, _, _, lo, hi in files.values():
-            f.prefetch_bytes(lo, hi)
+        # with numpy over all k x (T+1) places at once: a MoE group has tens of thousands
+        versions = [self.traj.base.tensors, *(ck.tensors for ck in self.traj.ckpts)]
+        locs = [v[job.name] for job in jobs for v in versions]
+        fobjs = list({id(loc.file): loc.file for loc in locs}.values())
+        index = {id(f): i for i, f in enumerate(fobjs)}
+        fi = np.fromiter((index[id(loc.file)] for loc in locs), np.int64, len(locs))
+        begin = np.fromiter((loc.info.begin for loc in locs), np.int64, len(locs))
+        end = begin + np.repeat([job.nbytes for job in jobs], len(versions))
+        bufs = [f.buffer() for f in fobjs]
+        base = np.array([b.ctypes.data for b in bufs], dtype=np.int64)
+        lo = np.full(len(fobjs), np.iinfo(np.int64).max)
+        hi = np.zeros(len(fobjs), dtype=np.int64)
+        np.minimum.at(lo, fi, begin)
+        np.maximum.at(hi, fi, end)
+        files = {id(f): [f, buf, int(a), int(l), int(h)] for f, buf, a, l, h in zip(fobjs, bufs, base, lo, hi)}
+        for f, _, _, l, h in files.values():
+            f.prefetch_bytes(l, h)
+        rows = (base[fi] + begin).reshape(len(jobs), len(versions))
         return rows, files
 
     def gram_group(self, jobs: list[Job], rows) -> np.ndarray:
