@@ -126,6 +126,11 @@ def _unb64(s: str, shape) -> np.ndarray:
     return a.reshape(shape)
 
 
+#: one encoder for every record (json.dumps with separators builds a new one per call: thousands of
+#: records in a MoE run)
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 class Journal:
     """Append-only record of finished work; the parsed state is in the attributes."""
 
@@ -209,7 +214,7 @@ class Journal:
     def _append(self, rec: dict | list[dict], sync: bool = False) -> None:
         """Append a record, or several in one write (a kill leaves whole records and at most one torn)."""
         recs = rec if isinstance(rec, list) else [rec]
-        line = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs).encode()
+        line = "".join(_ENCODER.encode(r) + "\n" for r in recs).encode()
         try:
             if self._fh is None:
                 self._fh = open(self.path, "ab", buffering=0)
