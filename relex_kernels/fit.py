@@ -174,13 +174,17 @@ def components_many(Gs: np.ndarray, rank: int, ns, dtypes) -> list[Components]:
     floors = np.array([noise_floor(1.0, n, dt) for n, dt in zip(ns, dtypes)]) * trace  # (sqrt(m)·u)·trace
     keep = np.where(s[:, 0] > 0, np.minimum(rank, 1 + np.count_nonzero(lam[:, 1:] > floors[:, None], axis=1)), 0)
     out = []
-    for i, r in enumerate(keep.tolist()):
-        if total[i] > 0:  # keep 1 (rank 1, the usual): the sum of lam[:1] is lam[0]
-            ev = float(lam[i, 0] / total[i]) if r == 1 else float(lam[i, :r].sum() / total[i])
+    # one copy of the kept columns for the stack when every tensor keeps as many (the usual);
+    # each tensor's arrays are contiguous rows of it
+    same = keep.size and bool((keep == keep[0]).all())
+    U, S = (vec[:, :, :keep[0]].copy(), s[:, :keep[0]].copy()) if same else (None, None)
+    for i, (r, tot, l0) in enumerate(zip(keep.tolist(), total.tolist(), lam[:, 0].tolist())):
+        if tot > 0:  # keep 1 (rank 1, the usual): the sum of lam[:1] is lam[0]
+            ev = l0 / tot if r == 1 else float(lam[i, :r].sum() / tot)
         else:
             ev = 0.0
-        out.append(Components(u=vec[i, :, :r].copy(), s=s[i, :r].copy(), singular_values=s[i].copy(),
-                              explained_variance=ev))
+        out.append(Components(u=U[i] if same else vec[i, :, :r].copy(), s=S[i] if same else s[i, :r].copy(),
+                              singular_values=s[i], explained_variance=ev))
     return out
 
 

@@ -20,7 +20,7 @@ def tensor_entry(name: str, dtype: str, shape, comp: Components) -> dict:
         "components": int(comp.u.shape[1]),
         "explained_variance": comp.explained_variance,
         "explained_variance_rank1": float(lam[0] / total) if total > 0 else 0.0,
-        "singular_values": [float(x) for x in sv],
+        "singular_values": sv.tolist(),  # Python floats, like float(x) of each
     }
 
 

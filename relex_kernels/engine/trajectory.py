@@ -156,14 +156,14 @@ class Trajectory:
                 jobs.append(Job(n, info.dtype, info.shape, "fit"))
             else:
                 jobs.append(Job(n, info.dtype, info.shape, "copy"))
+        fitted = [(job, base.tensors[job.name].info) for job in jobs if job.kind == "fit"]
         for ck in self.ckpts:
-            for job in jobs:
-                if job.kind != "fit":
-                    continue
+            for job, want in fitted:
                 loc = ck.tensors.get(job.name)
                 if loc is None:
                     raise InputError(f"checkpoint step {ck.step} lacks tensor {job.name} ({ck.path})")
-                if loc.info.dtype != job.dtype or loc.info.shape != job.shape:
+                # (a header repeated across checkpoints shares its entries: the same object, nothing to compare)
+                if loc.info is not want and (loc.info.dtype != job.dtype or loc.info.shape != job.shape):
                     raise InputError(f"checkpoint step {ck.step} tensor {job.name} is {loc.info.dtype} "
                                      f"{list(loc.info.shape)} but the base has {job.dtype} {list(job.shape)} "
                                      f"({loc.file.path})")
