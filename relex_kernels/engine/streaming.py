@@ -232,8 +232,12 @@ class Streamer:
         np.minimum.at(lo, fi, begin)
         np.maximum.at(hi, fi, end)
         files = {id(f): [f, buf, int(a), int(l), int(h)] for f, buf, a, l, h in zip(fobjs, bufs, base, lo, hi)}
-        for f, _, _, l, h in files.values():
-            f.prefetch_bytes(l, h)
+        # read ahead a file's span unless it is mostly other tensors (a checkpoint stored in
+        # another order than the base): that would read bytes no one asked for
+        used = np.bincount(fi, weights=end - begin, minlength=len(fobjs))
+        for (f, _, _, l, h), u in zip(files.values(), used.tolist()):
+            if h - l <= 2 * u + (1 << 20):
+                f.prefetch_bytes(l, h)
         rows = (base[fi] + begin).reshape(len(jobs), len(versions))
         return rows, files
 
