@@ -195,8 +195,14 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     return RunResult(done, rep, seconds, streamer.bytes_read, be.name, fits)
 
 
-#: most tensors in one group (``RELEX_GROUP_TENSORS``; 1 turns grouping off: tests compare the two)
-GROUP_MAX = int(os.environ.get("RELEX_GROUP_TENSORS", "1024"))
+def _group_max() -> int:
+    """Most tensors in one group: ``RELEX_GROUP_TENSORS`` (1 turns grouping off: tests compare the
+    two), else 1024; a value that is not a positive integer is ignored."""
+    env = os.environ.get("RELEX_GROUP_TENSORS", "").strip()
+    return int(env) if env.isdigit() and int(env) > 0 else 1024
+
+
+GROUP_MAX = _group_max()
 
 
 def _group(jobs, idx: int, streamer, jr, n_out: int, comps, tied_source) -> list:
