@@ -15,6 +15,7 @@ import numpy as np
 from .. import fit as fitmath
 from ..errors import InputError, OutputError, RelexError, UsageError
 from ..fit import Components, FitOptions
+from ..io.reader import max_maps
 from ..io.writer import DEFAULT_SHARD_BYTES
 from . import apicheck, fitfile, journal, report
 from .output import OutputSet, _inside
@@ -209,15 +210,20 @@ def _group(jobs, idx: int, streamer, jr, n_out: int, comps, tied_source) -> list
     """The jobs from ``idx`` on that run as one group (:meth:`.Streamer.open_group`): consecutive
     whole fit jobs the streamer can group, without journal state (a resumed tensor keeps the
     per-tensor path, which knows where to restart), mapped together within the memory budget."""
-    group, size = [], 0
+    group, size, files = [], 0, set()
+    # a group keeps every input file it touches mapped (a descriptor each) until it ends:
+    # at most half the map cache, so that thousands of shards stay under the fd limit
+    max_files = max(1, max_maps() // 2)
     for job in jobs[idx:idx + GROUP_MAX]:
         if (job.kind != "fit" or job.name == tied_source or job.name in jr.done or job.name in jr.written
                 or (comps is None and (job.name in jr.fits or job.name in jr.grams))
                 or not streamer.groupable(job, n_out)):
             break
         size += streamer.group_bytes(job, n_out)
-        if group and size > streamer.budget:
+        more = files.union(id(loc.file) for loc in streamer._locs(job))
+        if group and (size > streamer.budget or len(more) > max_files):
             break
+        files = more
         group.append(job)
     return group
 
