@@ -218,3 +218,30 @@ def test_many_small_tensors_grouped_equal_per_tensor_and_reference(tmp, monkeypa
             got, want = out_fp32(x, name), out_fp32(y, name)
             tol = ulp(want, dtype) * 1.01 + 1e-5 * np.abs(want - load_fp32(base, name)).max()
             assert np.all(np.abs(got - want) <= tol), name
+
+
+def test_groups_stay_within_their_byte_and_file_caps(tmp, monkeypatch):
+    """A group's mapped bytes stay under run.GROUP_BYTES whatever the memory budget (a dense
+    model's groups must not hold the whole default budget in RSS), and its input files under
+    half the map cache; the output equals one run without grouping."""
+    from relex_kernels.engine import run, streaming
+    shapes = {n: MANY[n] for n in list(MANY)[:200]}
+    base, ck = make_trajectory(tmp, shapes, range(1, 5), shard_bytes=1500)
+    seen = []
+    real = run._run_group
+
+    def spy(group, streamer, *a, **k):
+        files = {id(loc.file) for job in group for loc in streamer._locs(job)}
+        seen.append((sum(streamer.group_bytes(j, 1) for j in group), len(group), len(files)))
+        return real(group, streamer, *a, **k)
+
+    monkeypatch.setattr(run, "_run_group", spy)
+    monkeypatch.setattr(run, "GROUP_BYTES", 4000)
+    monkeypatch.setattr(run, "max_maps", lambda: 16)
+    a = extrapolate(base, ck, [9], os.path.join(tmp, "a"), backend="cpu", memory_budget=1 << 30)
+    assert seen and max(g for _, g, _ in seen) > 1  # grouping happened
+    assert all(b <= 4000 or g == 1 for b, g, _ in seen)
+    assert all(f <= 8 or g == 1 for _, g, f in seen)
+    monkeypatch.setattr(run, "GROUP_MAX", 1)
+    b = extrapolate(base, ck, [9], os.path.join(tmp, "b"), backend="cpu")
+    assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])
