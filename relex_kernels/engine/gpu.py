@@ -209,6 +209,8 @@ class DeviceStreamer(Streamer):
     F64 tensors are computed on the host in fp64 (:mod:`..ops.fp64`), as by :class:`Streamer`.
     """
 
+    groups = False  # the device pipeline reads ahead by its own plan: no host groups
+
     def __init__(self, traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False, progress=None,
                  device_memory_budget: int | None = None, precision: str | None = None):
         super().__init__(traj, backend, memory_budget, fp16_deltas, progress)

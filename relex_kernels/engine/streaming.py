@@ -39,6 +39,10 @@ GRAM_BLOCK = 1 << 23
 class Streamer:
     """Runs the passes of :class:`Job` s of one :class:`Trajectory` with one op backend."""
 
+    #: whether whole small tensors may run as groups on the native kernels (:meth:`groupable`);
+    #: the device pipeline has passes of its own
+    groups = True
+
     def __init__(self, traj: Trajectory, backend: Backend, memory_budget: int, fp16_deltas: bool = False,
                  progress=None):
         self.traj = traj
@@ -207,8 +211,8 @@ class Streamer:
         """Whether ``job`` may run in a group: a whole tensor within the budget and one Gram
         block, on the native kernels (the device streamer, the reference and the fp64 path
         keep the per-tensor passes)."""
-        return (type(self) is Streamer and self.backend.name == "cpu" and job.dtype != "F64"
-                and self.backend.supports(job.dtype) and job.numel <= GRAM_BLOCK and self.ranges(job, n_outputs)[0])
+        return (self.groups and self.backend.name == "cpu" and self._ops(job) is self.backend
+                and job.numel <= GRAM_BLOCK and self.ranges(job, n_outputs)[0])
 
     def group_bytes(self, job: Job, n_outputs: int) -> int:
         """Mapped bytes ``job`` adds to a group (inputs and outputs stay mapped until the group ends)."""
