@@ -6,7 +6,7 @@ see :mod:`relex_kernels.engine`), the op layer :mod:`relex_kernels.ops` (``gram`
 mathematics). Importing this package never needs a compiler output, a GPU or Triton.
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 from .errors import RelexError  # noqa: E402
 from .engine import extrapolate, predict  # noqa: E402

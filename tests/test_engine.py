@@ -100,13 +100,13 @@ def test_several_targets_equal_separate_runs_and_predict_equals_extrapolate(tmp)
 
 
 def test_chunked_equals_resident(tmp, monkeypatch):
-    from relex_kernels.engine import streaming
+    from relex_kernels.engine import plan
     shapes = {"big": (300_001,), "small": (5, 5)}
     base, ck = make_trajectory(tmp, shapes, range(1, 6))
     a = extrapolate(base, ck, [30], os.path.join(tmp, "a"), memory_budget=1 << 34)
     # 300k elements x (6 inputs + 1 output) x 2 B = 4.2 MB: a 1 MB budget forces 5 chunks, read twice
-    monkeypatch.setattr(streaming, "KERNEL_SCRATCH", 0)
-    monkeypatch.setattr(streaming, "MIN_BUDGET", 0)
+    monkeypatch.setattr(plan, "KERNEL_SCRATCH", 0)
+    monkeypatch.setattr(plan, "MIN_BUDGET", 0)
     b = extrapolate(base, ck, [30], os.path.join(tmp, "b"), memory_budget=1 << 20)
     assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])
     assert b.bytes_read > 1.9 * a.bytes_read - 1000
@@ -181,10 +181,10 @@ MANY.update({"layers.2.ids": (6,), "layers.4.empty.weight": (0, 4)})
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 def test_many_small_tensors_grouped_equal_per_tensor_and_reference(tmp, monkeypatch, dtype):
-    """Grouped passes (run.GROUP_MAX) write the bytes of the per-tensor path, for any memory
+    """Grouped passes (plan.GROUP_MAX) write the bytes of the per-tensor path, for any memory
     budget (groups cut by bytes) and thread count, extrapolating and predicting; the reference
     backend agrees within an ulp of the output dtype."""
-    from relex_kernels.engine import run, streaming
+    from relex_kernels.engine import plan
     from relex_kernels.ops import native
     names = list(MANY)
     shapes = {n: MANY[n] for n in names[:120] + names[-2:] + names[120:-2]}  # file order: ids, empty mid-way
@@ -194,14 +194,14 @@ def test_many_small_tensors_grouped_equal_per_tensor_and_reference(tmp, monkeypa
     kw = dict(opts=FitOptions(rank=2), shard_bytes=5000, backend="cpu")
     a = extrapolate(base, ck, [12, 20], os.path.join(tmp, "a"), save_fit=fit, **kw)
     assert len(os.listdir(a.outputs[0])) > 4  # several output shards
-    monkeypatch.setattr(run, "GROUP_MAX", 1)
+    monkeypatch.setattr(plan, "GROUP_MAX", 1)
     b = extrapolate(base, ck, [12, 20], os.path.join(tmp, "b"), **kw)
     c = predict(fit, [12, 20], os.path.join(tmp, "c"), backend="cpu", shard_bytes=5000)
-    monkeypatch.setattr(run, "GROUP_MAX", 1024)
+    monkeypatch.setattr(plan, "GROUP_MAX", 1024)
     d = predict(fit, [12, 20], os.path.join(tmp, "d"), backend="cpu", shard_bytes=5000)
     # a budget of a few KB: groups of a few tensors each
-    monkeypatch.setattr(streaming, "KERNEL_SCRATCH", 0)
-    monkeypatch.setattr(streaming, "MIN_BUDGET", 0)
+    monkeypatch.setattr(plan, "KERNEL_SCRATCH", 0)
+    monkeypatch.setattr(plan, "MIN_BUDGET", 0)
     native.set_num_threads(1)
     try:
         e = extrapolate(base, ck, [12, 20], os.path.join(tmp, "e"), memory_budget=3000, **kw)
@@ -221,27 +221,28 @@ def test_many_small_tensors_grouped_equal_per_tensor_and_reference(tmp, monkeypa
 
 
 def test_groups_stay_within_their_byte_and_file_caps(tmp, monkeypatch):
-    """A group's mapped bytes stay under run.GROUP_BYTES whatever the memory budget (a dense
+    """A group's mapped bytes stay under plan.GROUP_BYTES whatever the memory budget (a dense
     model's groups must not hold the whole default budget in RSS), and its input files under
     half the map cache; the output equals one run without grouping."""
-    from relex_kernels.engine import run, streaming
+    from relex_kernels.engine import executor, plan
     shapes = {n: MANY[n] for n in list(MANY)[:200]}
     base, ck = make_trajectory(tmp, shapes, range(1, 5), shard_bytes=1500)
     seen = []
-    real = run._run_group
+    real = executor.Executor._group
 
-    def spy(group, streamer, *a, **k):
+    def spy(self, item, *a, **k):
+        group, streamer = item.jobs, self.st
         files = {id(loc.file) for job in group for loc in streamer._locs(job)}
-        seen.append((sum(streamer.group_bytes(j, 1) for j in group), len(group), len(files)))
-        return real(group, streamer, *a, **k)
+        seen.append((sum((streamer.traj.T + 2) * j.nbytes for j in group), len(group), len(files)))
+        return real(self, item, *a, **k)
 
-    monkeypatch.setattr(run, "_run_group", spy)
-    monkeypatch.setattr(run, "GROUP_BYTES", 4000)
-    monkeypatch.setattr(run, "max_maps", lambda: 16)
+    monkeypatch.setattr(executor.Executor, "_group", spy)
+    monkeypatch.setattr(plan, "GROUP_BYTES", 4000)
+    monkeypatch.setattr(plan, "max_maps", lambda: 16)
     a = extrapolate(base, ck, [9], os.path.join(tmp, "a"), backend="cpu", memory_budget=1 << 30)
     assert seen and max(g for _, g, _ in seen) > 1  # grouping happened
     assert all(b <= 4000 or g == 1 for b, g, _ in seen)
     assert all(f <= 8 or g == 1 for _, g, f in seen)
-    monkeypatch.setattr(run, "GROUP_MAX", 1)
+    monkeypatch.setattr(plan, "GROUP_MAX", 1)
     b = extrapolate(base, ck, [9], os.path.join(tmp, "b"), backend="cpu")
     assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])

@@ -30,7 +30,7 @@ from relex_kernels.engine.streaming import GRAM_BLOCK  # noqa: E402
 from relex_kernels.engine.trajectory import Trajectory  # noqa: E402
 from relex_kernels.fit import FitOptions  # noqa: E402
 from relex_kernels.io import Checkpoint, dtypes  # noqa: E402
-from relex_kernels.ops import get_backend, reference  # noqa: E402
+from relex_kernels.ops import get_backend, reference, resolve_backend  # noqa: E402
 from relex_kernels.ops.reference import GRAM_CHUNK  # noqa: E402
 
 STEPS = [2, 4, 6, 8]
@@ -202,8 +202,8 @@ def test_device_budget_too_small_is_a_usage_error(tmp, device_backend):
 def test_auto_prefers_a_device_backend_only_with_a_gpu(monkeypatch):
     from relex_kernels.ops import cuda as cmod
     monkeypatch.setattr(cmod, "gpu_present", lambda: False)
-    assert gpu.resolve_backend("auto").name in ("cpu", "reference")
-    assert gpu.resolve_backend("reference").name == "reference"
+    assert resolve_backend("auto").name in ("cpu", "reference")
+    assert resolve_backend("reference").name == "reference"
 
 
 def test_backends_report_says_why_no_gpu():
@@ -321,3 +321,36 @@ def test_cuda_power_iteration_matches_eigh(cuda_kernels, T, rank):
     lam_r, U_r = eigh_top(G, rank)
     assert (torch.abs(lam - lam_r) <= 1e-9 * lam_r[:, :1]).all()
     assert torch.abs(U[:, :, 0] - U_r[:, :, 0]).max().item() <= 1e-7
+
+
+@pytest.mark.parametrize("mode", ["extrapolate", "predict"])
+def test_reader_follows_the_plan_without_restarts(tmp, device_backend, mode, monkeypatch):
+    """Read-ahead goes along the run's plan (DeviceStreamer.follow): the reader thread starts once
+    and every group the passes ask for is the next one it read, streamed and resident tensors
+    alike, with a Gram pass (extrapolate) or without (predict)."""
+    name, _ = device_backend
+    base, ck = _traj(tmp)
+    fit = os.path.join(tmp, "fit.relexfit")
+    if mode == "predict":
+        extrapolate(base, ck, [20], os.path.join(tmp, "first"), backend="reference", save_fit=fit)
+    starts, taken = [], []
+    real_start, real_take = gpu._Reader._start, gpu._Reader.take
+
+    def start(self, key):
+        starts.append(key)
+        return real_start(self, key)
+
+    def take(self, key):
+        taken.append(key)
+        return real_take(self, key)
+
+    monkeypatch.setattr(gpu._Reader, "_start", start)
+    monkeypatch.setattr(gpu._Reader, "take", take)
+    if mode == "predict":
+        predict(fit, [20], os.path.join(tmp, "o"), backend=name, **SMALL)
+    else:
+        extrapolate(base, ck, [20], os.path.join(tmp, "o"), backend=name, **SMALL)
+    assert len(starts) == 1 and len(taken) > 3
+    passes = {k[1] for k in taken}
+    assert passes == ({2} if mode == "predict" else {1, 2})
+    assert any(k[0] == "big" and k[1] == 2 for k in taken)  # the streamed tensor is read again

@@ -1,4 +1,4 @@
-"""The progress bar (engine.run.progress_bar): decimal units like the summary, and a usable
+"""The progress bar (engine.executor.progress_bar): decimal units like the summary, and a usable
 width when the terminal reports 0 columns (a serial console, some CI pseudo-terminals)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import termios
 import time
 
-from relex_kernels.engine.run import progress_bar
+from relex_kernels.engine.executor import progress_bar
 
 
 def _render_on_pty(monkeypatch, cols: int, total: int, done: int) -> str:

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..engine.run import default_memory_budget, progress_bar
+from ..engine import plan
+from ..engine.executor import Executor, progress_bar
+from ..engine.plan import default_memory_budget
 from ..engine.streaming import Streamer
 from ..engine.trajectory import Trajectory
 from ..errors import UsageError
@@ -66,17 +68,11 @@ def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int
     bar = None
     try:
         streamer = Streamer(traj, be, budget)
-        jobs = [j for j in traj.jobs if j.kind == "fit"]
-        bar = progress_bar(sum((traj.T + 1) * j.nbytes for j in jobs), progress, desc)
-        streamer.progress = bar
+        work = plan.diagnostics(traj, streamer.policy)  # gram-only items: no pass 2, pages released at once
+        bar = streamer.progress = progress_bar(work.read_bytes(traj.T), progress, desc)
         out = []
-        for idx, job in enumerate(jobs):
-            _, ranges = streamer.ranges(job, 0)
-            if idx + 1 < len(jobs) and streamer.ranges(jobs[idx + 1], 0)[0]:
-                streamer.prefetch(jobs[idx + 1])  # read-ahead while this tensor computes
-            # resident=False: no pass 2 follows, so every range's pages go back at once
-            G = streamer.gram(job, ranges, resident=False)
-            out.append(TensorGram(job.name, job.dtype, job.shape, job.numel, G))
+        Executor(streamer, None, on_gram=lambda it, G: out.append(
+            TensorGram(it.job.name, it.job.dtype, it.job.shape, it.job.numel, G))).run(work.items)
         if bar is not None:
             bar.close()
             bar = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..engine.gpu import resolve_backend
+from ..ops import resolve_backend
 from ..ops import availability
 
 NAME = "backends"

@@ -2,7 +2,9 @@
 
 ``torchrun --nproc-per-node N -m relex_kernels extrapolate ...`` (or ``srun`` with one
 task per rank) runs the same command in N processes; :func:`active` sees the
-launcher's environment and ``run._execute`` hands the run to :func:`execute`:
+launcher's environment and ``run._execute`` hands the run to :func:`.spmd.execute`
+(this module: the launcher's environment, the process group and its status
+all-reduce; :mod:`.spmd`: one rank's part of the run, over the one :mod:`.plan`):
 
 1. every rank opens the inputs (headers only) and computes the same byte-balanced
    :mod:`.partition` plan; rank 0 reserves the output (lock, partial directories,
@@ -50,24 +52,15 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InputError, RelexError, RelexWarning, UsageError
-from ..io.writer import DEFAULT_SHARD_BYTES
-from ..ops import get_backend
-
-if TYPE_CHECKING:
-    from .run import RunResult
-    from .trajectory import Trajectory
 
 DEFAULT_TIMEOUT_S = 1800
 #: how long the ranks may take to find each other at the start
@@ -317,64 +310,3 @@ def _test_hook(rank: int, point: str) -> None:
             signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGTERM])
             threading.Event().wait()
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@contextmanager
-def _sigterm_raises():
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise _Terminated()
-
-    prev = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, prev)
-
-
-def _backend(name):
-    """The op backend one process would pick (``auto`` takes a GPU backend where the device engine is present).
-
-    Ranks run the host-array ops of a device backend through the CPU streamer (one GPU
-    per rank, ``LOCAL_RANK``); the overlapped device pipeline is not used across ranks yet.
-    """
-    try:
-        from .gpu import resolve_backend
-    except ImportError:  # no device engine in this build
-        return get_backend(name)
-    return resolve_backend(name)
-
-
-# -- the run -----------------------------------------------------------------------
-def execute(traj: Trajectory, opts, targets: list[int], out_dir: str, *, comps=None, memory_budget=None,
-            backend=None, overwrite=False, shard_bytes=DEFAULT_SHARD_BYTES, progress=False, input_dirs=(),
-            extra_report=None, resume=True, key_extra=None, before_commit=None) -> RunResult:
-    """``run._execute`` as one rank of an SPMD run (same arguments; see the module docstring).
-
-    Rank 0 returns the outputs and the full report; other ranks return no outputs.
-    """
-    env = detect()
-    if env is None:
-        raise UsageError("not a distributed run (no RANK/WORLD_SIZE or srun step in the environment)")
-    be = _backend(backend)
-    group = Group(env, be.name)
-    from .spmd import RankRun  # the run itself
-
-    run = RankRun(group, env, traj, opts, list(targets), out_dir, be, comps, memory_budget, overwrite,
-               shard_bytes, progress, list(input_dirs), extra_report, key_extra, before_commit)
-    try:
-        with _sigterm_raises():
-            return run.go()
-    except (_Terminated, KeyboardInterrupt) as e:
-        # the partial outputs are gone (run.go cleaned up); a collective may still be pending in
-        # torch's threads, which would hold the interpreter's exit until it times out: leave now
-        what = "terminated (SIGTERM; another rank probably failed)" if isinstance(e, _Terminated) else "interrupted"
-        sys.stderr.write(f"relex: error: rank {env.rank}: {what}; no output was completed\n")
-        sys.stderr.flush()
-        sys.stdout.flush()
-        os._exit(143 if isinstance(e, _Terminated) else 130)
-    finally:
-        group.close()

@@ -1,15 +1,17 @@
 """The overlapped disk -> pinned host -> device pipeline of the device backends (triton, cuda).
 
-:class:`DeviceStreamer` is a drop-in for :class:`~.streaming.Streamer` (same ``ranges``,
-``gram``, ``combine``, ``copy``; same two-level Gram sum and ``on_range`` journal
-points), so :mod:`.run` keeps its journal, resume and output logic unchanged.
+:class:`DeviceStreamer` is a drop-in for :class:`~.streaming.Streamer` (same ``gram``,
+``combine``, ``copy``; the same :class:`~.gramsum.GramSum` and ``on_range`` journal
+points; the device range rule of :class:`~.plan.Policy`), so the one
+:class:`~.executor.Executor` runs it with the journal, resume and output logic of
+every run.
 
 Data path, per *group* of elements (a power-of-two number of GRAM_CHUNKs that divides
 GRAM_BLOCK, so groups never straddle a Gram block):
 
 * a reader thread copies the group's T+1 rows from the memory-mapped inputs into a
   pinned buffer (large sequential reads, rows in parallel), releasing the mapped
-  pages at once; it reads ahead in the order the engine will ask (the jobs' order),
+  pages at once; it reads ahead along the run's plan (:meth:`DeviceStreamer.follow`),
   bounded by the pinned pool — through tensor boundaries and while the device computes;
 * the H2D copy runs on its own stream into a device stage slot (ring of
   ``N_STAGE``) or, for a tensor whose whole trajectory fits the device budget, into
@@ -36,37 +38,22 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import BackendError, UsageError
+from ..errors import UsageError
 from ..io import dtypes
-from ..ops import Backend, get_backend
+from ..ops import DEVICE_BACKENDS, Backend
 from ..ops.cuda import gram_precision
 from ..ops.reference import GRAM_CHUNK
-from .streaming import GRAM_BLOCK, KERNEL_SCRATCH, MIN_BUDGET, Streamer
+from .gramsum import GRAM_BLOCK, GramSum
+from .plan import KERNEL_SCRATCH, MIN_BUDGET, Policy
+from .streaming import Streamer
 from .trajectory import Job
 
-DEVICE_BACKENDS = ("cuda", "triton")
 N_PINNED = 3  # pinned input buffers: one being filled, one in flight, one ahead
 N_STAGE = 2  # device stage slots of streamed tensors
 N_OUT = 3  # pinned output buffers (and 2 device output slots)
 MAX_STAGE = 256 << 20
 #: bytes per read task: rows are read in pieces so that all reader threads stay busy
 READ_PIECE = 16 << 20
-#: journal points of streamed tensors: at least this many input bytes per range
-RANGE_BYTES = 1 << 30
-
-
-def resolve_backend(name: str | None) -> Backend:
-    """``get_backend`` that lets ``auto`` take a device backend when a GPU is present."""
-    name = name or os.environ.get("RELEX_BACKEND") or "auto"
-    if name == "auto":
-        from ..ops.cuda import gpu_present
-        if gpu_present():  # cheap: no torch import on machines without an NVIDIA GPU
-            for cand in DEVICE_BACKENDS:
-                try:
-                    return get_backend(cand)
-                except BackendError:
-                    pass
-    return get_backend(name)
 
 
 def stage_bytes(T: int, memory_budget: int) -> int:
@@ -209,8 +196,6 @@ class DeviceStreamer(Streamer):
     F64 tensors are computed on the host in fp64 (:mod:`..ops.fp64`), as by :class:`Streamer`.
     """
 
-    groups = False  # the device pipeline reads ahead by its own plan: no host groups
-
     def __init__(self, traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False, progress=None,
                  device_memory_budget: int | None = None, precision: str | None = None):
         super().__init__(traj, backend, memory_budget, fp16_deltas, progress)
@@ -235,6 +220,8 @@ class DeviceStreamer(Streamer):
         if self.resident_cap < 0:
             raise UsageError(f"--device-memory-budget {self.device_budget / 2**20:.0f} MiB is below the "
                              f"{fixed / 2**20:.0f} MiB the pipeline needs for T={T}")
+        self.policy = Policy(T, memory_budget, self.resident_cap)
+        self.keys: list = []  # the group keys of the plan being run, in order (follow)
         if self.cuda:
             self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.dev) for _ in range(3))
         else:
@@ -247,7 +234,6 @@ class DeviceStreamer(Streamer):
         self.pool = _Pool(torch, N_PINNED, self.stage, self.cuda)
         self.reader = _Reader(self, self.pool, self.rows)
         self.res = None  # (job name, device buffer, end of the covered prefix) of the resident tensor
-        self.grams_called = False
         self.closed = False
         self.out_pool = self.out_slots = None
         self.scratch = None
@@ -266,34 +252,28 @@ class DeviceStreamer(Streamer):
             yield a, c
             a = c
 
-    def ranges(self, job: Job, n_outputs: int, with_history: bool = True):
-        """(resident, ranges): resident when the whole trajectory of ``job`` fits the device budget."""
-        if job.dtype == "F64":  # computed on the host (the fp64 path of Streamer._ops)
-            return Streamer.ranges(self, job, n_outputs, with_history)
-        n = job.numel
-        row = (self.traj.T + 1) * dtypes.itemsize(job.dtype)
-        if n * row <= self.resident_cap:
-            return True, [(0, n)]
-        step = GRAM_BLOCK * max(1, RANGE_BYTES // (GRAM_BLOCK * row))
-        return False, [(a, min(n, a + step)) for a in range(0, n, step)]
+    def follow(self, items) -> None:
+        """Read ahead along ``items`` (a :mod:`.plan`): the group keys (name, pass, a, b) each item
+        will ask for, in order. A pass-2 read is planned unless pass 1 leaves the tensor on the device."""
+        keys = []
+        for it in items:
+            if it.reused or it.kind not in ("fit", "gram", "combine") or it.job.dtype == "F64":
+                continue
+            job = it.job
+            if it.needs_gram:
+                keys += [(job.name, 1, ga, gb) for a, b in it.gram_ranges for ga, gb in self.groups(job, a, b)]
+            if it.combine_ranges and (it.kind == "combine" or it.reread or not it.needs_gram):
+                keys += [(job.name, 2, ga, gb) for a, b in it.combine_ranges for ga, gb in self.groups(job, a, b)]
+        self.keys = keys
 
     def _plan_from(self, key):
-        """Group keys (name, pass, a, b): ``key``, then those the engine will ask for next."""
+        """Group keys: ``key``, then those the plan asks for after it."""
         yield key
-        name, pas, _, a0 = key
-        jobs = [j for j in self.traj.jobs if j.kind == "fit" and j.dtype != "F64"]
-        idx = next(i for i, j in enumerate(jobs) if j.name == name)
-        for i, job in enumerate(jobs[idx:]):
-            resident, ranges = self.ranges(job, 1)
-            # a run from a saved fit (predict) never calls gram: pass 2 only
-            passes = ((1,) if resident else (1, 2)) if self.grams_called else (2,)
-            if i == 0:  # a resumed resident tensor can be asked for pass 2 reads
-                passes = (pas,) + tuple(p for p in passes if p > pas)
-            for p in passes:
-                start = a0 if (i == 0 and p == pas) else 0
-                for a, b in ranges:
-                    for ga, gb in self.groups(job, max(a, start), b):
-                        yield job.name, p, ga, gb
+        try:
+            i = self.keys.index(key)
+        except ValueError:
+            return  # asked out of the plan (a caller driving the passes itself): no read-ahead
+        yield from self.keys[i + 1:]
 
     # -- data movement -----------------------------------------------------------------
     def _job(self, name: str) -> Job:
@@ -366,30 +346,22 @@ class DeviceStreamer(Streamer):
 
     # -- pass 1 ----------------------------------------------------------------------
     def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None) -> np.ndarray:
-        """The Gram over ``ranges`` (two-level sum and journal points of :meth:`Streamer.gram`)."""
+        """The Gram over ``ranges`` (the sum and journal points of :meth:`Streamer.gram`)."""
         torch, T = self.torch, self.traj.T
         self.res = None  # a previous tensor's device buffer goes back to the allocator
         if job.dtype == "F64":
             return Streamer.gram(self, job, ranges, resident, acc, on_range)
-        self.grams_called = True
         f64 = dict(dtype=torch.float64, device=self.dev)
         with self._on(self.compute):
-            total = torch.zeros((T, T), **f64)
-            blk = None
-            if acc is not None:
-                start = ranges[0][0] if ranges else 0
-                if start % GRAM_BLOCK == 0:
-                    total = torch.from_numpy(np.array(acc, dtype=np.float64)).to(self.dev)
-                elif start < GRAM_BLOCK:
-                    blk = torch.from_numpy(np.array(acc, dtype=np.float64)).to(self.dev)
-                else:
-                    raise ValueError(f"cannot resume the Gram of {job.name} inside block {start // GRAM_BLOCK}")
+            dev_acc = None if acc is None else torch.from_numpy(np.array(acc, dtype=np.float64)).to(self.dev)
+            gs = GramSum(job.numel, lambda: torch.zeros((T, T), **f64), ranges[0][0] if ranges else 0, dev_acc,
+                         job.name)
             if resident and ranges and ranges[0][0] == 0:
                 isz = dtypes.itemsize(job.dtype)
                 self.res = [job.name, torch.empty((T + 1) * job.numel * isz, dtype=torch.uint8, device=self.dev), 0]
             scratch = self._scratch(T, self.group_len(job))
             for a, b in ranges:
-                for ga, gb in self.groups(job, a, b):
+                for ga, gb in self.groups(job, a, b):  # a group never straddles a block: one piece
                     if self.res is not None:
                         dst = self.res[1][(T + 1) * ga * dtypes.itemsize(job.dtype):]
                         self._upload(job, 1, ga, gb, dst)
@@ -397,19 +369,13 @@ class DeviceStreamer(Streamer):
                         self.res[2] = gb
                     else:
                         s, x = self._stage(job, 1, ga, gb)
-                    if blk is None:
-                        blk = torch.zeros((T, T), **f64)
-                    self.kern.gram(x, gb - ga, T, job.dtype, blk, scratch, self.fp16_deltas, self.precision)
+                    for _, _, blk in gs.pieces(ga, gb):
+                        self.kern.gram(x, gb - ga, T, job.dtype, blk, scratch, self.fp16_deltas, self.precision)
                     if s is not None:
                         self._release_slot(s)
-                    if gb % GRAM_BLOCK == 0 or gb == job.numel:
-                        total += blk
-                        blk = None
-                if on_range is not None and (blk is None or b < GRAM_BLOCK):
-                    on_range(b, (total if blk is None else blk).cpu().numpy())
-            if blk is not None:
-                total += blk
-            G = total.cpu().numpy()
+                if on_range is not None and gs.resumable(b):
+                    on_range(b, gs.state().cpu().numpy())
+            G = gs.result().cpu().numpy()
         if not np.isfinite(G).all():
             self.res = None
             self._raise_nonfinite(job)

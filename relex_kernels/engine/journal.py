@@ -50,6 +50,7 @@ import time
 
 import numpy as np
 
+from .._version import __version__
 from ..errors import OutputError
 from ..fit import Components
 
@@ -94,9 +95,8 @@ def run_key(fingerprint, options: dict, targets: list[int], kernel: str, shard_b
             extra: dict | None = None) -> str:
     """Hash of everything the bytes of the outputs depend on; ``kernel``: :attr:`~..ops.Backend.identity`
     (a run resumed on another SIMD path, Gram precision or device would mix two kernels' Grams)."""
-    import relex_kernels
     doc = {
-        "version": VERSION, "package": relex_kernels.__version__, "inputs": fingerprint, "options": options,
+        "version": VERSION, "package": __version__, "inputs": fingerprint, "options": options,
         "targets": list(targets), "kernel": kernel, "shard_bytes": int(shard_bytes),
         "jobs": [[j.name, j.dtype, list(j.shape), j.kind] for j in jobs], "extra": extra or {},
     }

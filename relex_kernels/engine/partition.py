@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 
 from ..io import dtypes
-from .streaming import GRAM_BLOCK
+from .gramsum import GRAM_BLOCK
 from .trajectory import Job
 
 

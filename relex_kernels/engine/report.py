@@ -1,10 +1,24 @@
-"""The per-tensor report (explained variance, singular values) and its printed summary."""
+"""What a run returns and reports: :class:`RunResult`, ``relex_report.json`` (per-tensor explained
+variance, singular values) and its printed summary."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
+from .._version import __version__
 from ..fit import Components
+
+
+@dataclass
+class RunResult:
+    outputs: list[str]
+    report: dict
+    seconds: float
+    bytes_read: int
+    backend: str
+    fits: dict[str, Components] = field(default_factory=dict, repr=False)
 
 THRESHOLDS = (0.90, 0.95, 0.99)
 
@@ -30,8 +44,6 @@ def run_report(*, backend: str, kernel: str, options: dict, steps, targets, outp
 
     ``kernel``: :attr:`~relex_kernels.ops.Backend.identity`, which the output bits depend on.
     """
-    from .. import __version__
-
     return {
         "relex_kernels": __version__,
         "backend": backend,

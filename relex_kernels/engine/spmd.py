@@ -1,5 +1,8 @@
-"""One rank's part of an SPMD run: the phases of :func:`.distributed.execute`.
+"""One rank's part of an SPMD run (:mod:`.distributed` has the protocol): :func:`execute`.
 
+The rank runs its items of the one :mod:`.plan` (``world`` > 1: its whole tensors, then
+a ``gram`` item per Gram block of its pieces of split tensors, and their ``combine``
+items after the all-reduce) with the same :class:`.executor.Executor` as one process.
 Each phase catches its own error and reports it at the next status all-reduce
 (:meth:`.distributed.Group.status`), so every rank leaves at the same point with the
 same message, and rank 0 removes the partial outputs.
@@ -8,19 +11,28 @@ same message, and rank 0 removes the partial outputs.
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
 import time
+from contextlib import contextmanager
 
 import numpy as np
 
 from .. import fit as fitmath
 from ..errors import UsageError
 from ..io import dtypes
-from ..io.writer import ShardedWriter
-from . import journal, partition, report
-from .distributed import DistributedError, _test_hook, kernel_mismatch
+from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from ..ops import resolve_backend
+from . import journal, plan, report
+from .distributed import DistributedError, Group, _Terminated, _test_hook, detect, kernel_mismatch
+from .executor import Executor, progress_bar
+from .gramsum import GRAM_BLOCK, sum_blocks
 from .output import STATE_NAME, OutputSet, target_dir_name
-from .run import RunResult, _check_f16_range, default_memory_budget, progress_bar
-from .streaming import GRAM_BLOCK, Streamer
+from .plan import default_memory_budget
+from .report import RunResult
+from .streaming import Streamer
+from .trajectory import Trajectory
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -83,6 +95,53 @@ def _rewrite(edges: list[tuple[str, int, bytes]]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextmanager
+def _sigterm_raises():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    prev = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def execute(traj: Trajectory, opts, targets: list[int], out_dir: str, *, comps=None, memory_budget=None,
+            backend=None, overwrite=False, shard_bytes=DEFAULT_SHARD_BYTES, progress=False, input_dirs=(),
+            extra_report=None, resume=True, key_extra=None, before_commit=None) -> RunResult:
+    """``run._execute`` as one rank of an SPMD run (same arguments; see :mod:`.distributed`).
+
+    Rank 0 returns the outputs and the full report; other ranks return no outputs. Ranks run
+    the host-array ops of a device backend through the host streamer (one GPU per rank,
+    ``LOCAL_RANK``); the overlapped device pipeline is not used across ranks yet.
+    """
+    env = detect()
+    if env is None:
+        raise UsageError("not a distributed run (no RANK/WORLD_SIZE or srun step in the environment)")
+    be = resolve_backend(backend)
+    group = Group(env, be.name)
+    run = RankRun(group, env, traj, opts, list(targets), out_dir, be, comps, memory_budget, overwrite,
+                  shard_bytes, progress, list(input_dirs), extra_report, key_extra, before_commit)
+    try:
+        with _sigterm_raises():
+            return run.go()
+    except (_Terminated, KeyboardInterrupt) as e:
+        # the partial outputs are gone (run.go cleaned up); a collective may still be pending in
+        # torch's threads, which would hold the interpreter's exit until it times out: leave now
+        what = "terminated (SIGTERM; another rank probably failed)" if isinstance(e, _Terminated) else "interrupted"
+        sys.stderr.write(f"relex: error: rank {env.rank}: {what}; no output was completed\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(143 if isinstance(e, _Terminated) else 130)
+    finally:
+        group.close()
 
 
 class RankRun:
@@ -173,23 +232,15 @@ class RankRun:
         if len(set(targets)) != len(targets):
             raise UsageError(f"target steps repeat: {targets}")
         self.W = np.stack([fitmath.weights(opts, traj.steps, t) for t in targets])
-        K = len(targets)
         self.tied = traj.tied
-        self.plan = partition.plan(traj.jobs, traj.T, K, self.env.world, traj.tied[1] if traj.tied else None)
+        self.streamer = Streamer(traj, self.be, self.budget, fp16_deltas=self.opts.fp16_deltas)
+        self.plan = plan.build(traj, self.streamer.policy, len(targets), fitted=self.comps is not None,
+                               groupable=self.streamer.groupable, world=self.env.world, rank=rank)
+        self.slots = self.plan.slots
         self.kernel = self.be.identity
         key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, self.kernel, self.shard_bytes,
                               traj.jobs, self.key_extra)
-        self.digest = self.plan.digest(key)
-        # slots of the pass-1 all-reduce: each whole fitted tensor's Gram, then each block of a split one
-        self.slot: dict[str, int] = {}
-        n = 0
-        for job in traj.jobs:
-            if job.kind != "fit":
-                continue
-            self.slot[job.name] = n
-            split = any(p.split for p in self.plan.pieces if p.job is job)
-            n += 0 if self.comps is not None else (-(-job.numel // GRAM_BLOCK) if split else 1)
-        self.slots = n
+        self.digest = self.plan.split.digest(key)
         specs = [j.spec for j in traj.jobs]
         if rank == 0:
             self.outs = OutputSet(self.out_dir, targets, list(traj.input_dirs()) + self.input_dirs, self.overwrite,
@@ -204,93 +255,44 @@ class RankRun:
             self.writers.append(ShardedWriter(part, self.specs, self.shard_bytes,
                                               metadata={"relex_target_step": str(t)}, reuse=True))
 
-    def _n_out(self, job) -> int:
-        return len(self.targets) * (2 if self.tied and job.name == self.tied[1] else 1)
-
-    def _piece_ranges(self, p) -> tuple[bool, list[tuple[int, int]]]:
-        resident, ranges = self.streamer.ranges(p.job, self._n_out(p.job))
-        if resident:
-            return True, [(p.a, p.b)]
-        return False, [(max(a, p.a), min(b, p.b)) for a, b in ranges if a < p.b and b > p.a]
-
     def _pass1(self) -> np.ndarray:
-        rank, traj, T = self.env.rank, self.traj, self.traj.T
+        """This rank's whole tensors exactly as one process does them, and the Gram block sums of
+        its pieces of split tensors: each Gram in its slot of the all-reduce payload."""
+        rank, T = self.env.rank, self.traj.T
         if rank > 0:
             self._open_writers()
-        self.streamer = st = Streamer(traj, self.be, self.budget, fp16_deltas=self.opts.fp16_deltas)
-        mine = self.plan.of(rank)
-        self.mine = mine
-        # pieces of split tensors whose pages stay mapped from pass 1 to pass 2 (read once),
-        # as far as the budget allows; the whole tensors before them release theirs as they go
-        self.kept, held = set(), 0
-        for p in mine:
-            need = (p.b - p.a) * (T + 1 + self._n_out(p.job)) * dtypes.itemsize(p.job.dtype)
-            if p.split and self.comps is None and held + need <= st.budget:
-                self.kept.add((p.job.name, p.a))
-                held += need
-        self.bar = progress_bar(sum((T + 1) * (p.b - p.a) * dtypes.itemsize(p.job.dtype)
-                                 * (2 if p.split and (p.job.name, p.a) not in self.kept else 1) for p in mine),
-                             self.progress and rank == 0)
-        st.progress = self.bar
         payload = np.zeros((self.slots, T, T))
-        self.fits: dict = {}
-        whole = [p for p in mine if not p.split]
-        for i, p in enumerate(whole):  # exactly as one process does them
-            job = p.job
-            if job.kind == "copy":
-                st.copy(job, self.writers)
-                continue
-            resident, ranges = st.ranges(job, self._n_out(job))
-            nxt = next((q.job for q in whole[i + 1:] if q.job.kind == "fit"), None)
-            if nxt is not None and st.ranges(nxt, self._n_out(nxt))[0]:
-                st.prefetch(nxt)
-            if self.comps is None:
-                G = st.gram(job, ranges, resident)
-                payload[self.slot[job.name]] = G
-                comp = fitmath.components(G, self.opts.rank, job.numel, job.dtype)
+
+        def on_gram(item, G):
+            if item.kind == "group":
+                for job, g in zip(item.jobs, G):
+                    payload[self.plan.slot[job.name]] = g
             else:
-                comp = self.comps[job.name]
-            st.combine(job, ranges, resident, fitmath.alphas(comp, self.W), self.writers,
-                       also=self._also(job), count_read=not (resident and self.comps is None))
-            self._check_f16(job, 0, job.numel)
-            _test_hook(rank, "work")
-        for p in mine:  # pass 1 of the pieces of split tensors: one Gram sum per block
-            if not p.split or self.comps is not None:
-                continue
-            keep = (p.job.name, p.a) in self.kept
-            ranges = [(p.a, p.b)] if keep else self._piece_ranges(p)[1]
-            for blk in p.blocks:
-                lo, hi = blk * GRAM_BLOCK, min(p.job.numel, (blk + 1) * GRAM_BLOCK)
-                sub = [(max(a, lo), min(b, hi)) for a, b in ranges if a < hi and b > lo]
-                payload[self.slot[p.job.name] + blk] = st.gram(p.job, sub, resident=keep)
-            _test_hook(rank, "work")
+                payload[item.slot] = G
+
+        self.bar = self.streamer.progress = progress_bar(self.plan.read_bytes(T), self.progress and rank == 0)
+        self.ex = Executor(self.streamer, self.opts, self.W, self.writers, self.targets, comps=self.comps,
+                           on_gram=on_gram, after_item=lambda item: _test_hook(rank, "work"))
+        self.ex.run(self.plan.items)
         return payload.reshape(-1)
-
-    def _check_f16(self, job, a: int, b: int) -> None:
-        """run._check_f16_range on this rank's elements."""
-        if job.dtype == "F16":
-            _check_f16_range(job, self.writers, self.targets, a, b)
-
-    def _also(self, job):
-        return self.tied[0] if self.tied and job.name == self.tied[1] else None
 
     def _fits(self, summed: np.ndarray) -> None:
         """Every rank: the Grams of split tensors (block sums in block order); rank 0: every fit."""
         traj, T, rank = self.traj, self.traj.T, self.env.rank
         grams = summed.reshape(self.slots, T, T) if self.slots else None
-        split = {j.name for j in self.plan.split_jobs()}
-        mine_split = {p.job.name for p in self.mine if p.split}
+        split = {j.name for j in self.plan.split.split_jobs()}
+        mine_split = {it.job.name for it in self.plan.after}
+        self.fits = self.ex.fits
         for job in traj.jobs:
             if job.kind != "fit" or (rank != 0 and job.name not in mine_split):
                 continue
             if self.comps is not None:
                 self.fits[job.name] = self.comps[job.name]
                 continue
-            s = self.slot[job.name]
+            s = self.plan.slot[job.name]
             if job.name in split:
-                G = np.zeros((T, T))
-                for b in range(-(-job.numel // GRAM_BLOCK)):
-                    G += grams[s + b]  # the order of Streamer.gram: bit-identical to one process
+                # the order of Streamer.gram: bit-identical to one process
+                G = sum_blocks((grams[s + b] for b in range(-(-job.numel // GRAM_BLOCK))), lambda: np.zeros((T, T)))
                 if not np.isfinite(G).all():  # finite block sums, infinite total: name the input
                     self.streamer._raise_nonfinite(job)
             else:
@@ -298,20 +300,14 @@ class RankRun:
             self.fits[job.name] = fitmath.components(G, self.opts.rank, job.numel, job.dtype)
 
     def _pass2(self) -> None:
-        rank, st = self.env.rank, self.streamer
+        rank = self.env.rank
         _test_hook(rank, "pass2")
-        for p in self.mine:
-            if not p.split:
-                continue
-            keep = (p.job.name, p.a) in self.kept
-            ranges = [(p.a, p.b)] if keep else self._piece_ranges(p)[1]
-            st.combine(p.job, ranges, keep, fitmath.alphas(self.fits[p.job.name], self.W), self.writers,
-                       also=self._also(p.job), count_read=not keep)
-            self._check_f16(p.job, p.a, p.b)
+        self.ex.after_item = None
+        self.ex.run(self.plan.after)
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        spans = _spans(self.mine, self.writers, self.tied)
+        spans = _spans(self.plan.split.of(rank), self.writers, self.tied)
         if rank == 0:  # the headers rank 0 wrote share their last page with the first tensor
             for w in self.writers:
                 for f in w.files:
@@ -333,9 +329,9 @@ class RankRun:
         distributed = {
             "world_size": self.env.world, "rank": self.env.rank, "launcher": self.env.launcher,
             "process_group": self.g.backend, "bytes_read_by_rank": self.read_by_rank,
-            "planned_bytes_by_rank": self.plan.cost,
-            "split_tensors": {j.name: [[p.a, p.b, p.rank] for p in self.plan.pieces if p.job is j]
-                              for j in self.plan.split_jobs()},
+            "planned_bytes_by_rank": self.plan.split.cost,
+            "split_tensors": {j.name: [[p.a, p.b, p.rank] for p in self.plan.split.pieces if p.job is j]
+                              for j in self.plan.split.split_jobs()},
         }
         return report.run_report(
             backend=self.be.name, kernel=self.kernel, options=self.opts.to_dict(), steps=traj.steps,

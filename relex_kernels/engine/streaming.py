@@ -9,11 +9,9 @@ of ``GRAM_CHUNK``, so the Gram is the same bit for bit) whose pages are released
 after each use, and the inputs are read twice. Mapped pages are released as soon as
 a range is done, so the RSS stays within the budget whatever the model size.
 
-The Gram of a tensor is summed in two levels: within each ``GRAM_BLOCK`` of
-elements the chunk partials are added in fp64 from zero, in chunk order (the op
-contract of :mod:`..ops.reference`), and the block sums are added to the total in
-block order. A tensor cut at block boundaries — into memory-budget ranges, or into
-pieces on several ranks (:mod:`.distributed`) — therefore sums to the same bits.
+The Gram of a tensor is summed in two levels (:mod:`.gramsum`), so a tensor cut at
+block boundaries — into memory-budget ranges, or into pieces on several ranks — sums
+to the same bits.
 """
 
 from __future__ import annotations
@@ -24,32 +22,25 @@ from ..errors import InputError
 from ..io import dtypes
 from ..io.writer import ShardedWriter
 from ..ops import Backend, fp64, get_backend, native
-from ..ops.reference import GRAM_CHUNK, nonfinite_count
+from ..ops.reference import nonfinite_count
+from .gramsum import GRAM_BLOCK, GramSum
+from .plan import Policy
 from .trajectory import Job, Trajectory
 
-#: working memory of the kernels besides the mapped pages (fp32 tiles, reference temporaries)
-KERNEL_SCRATCH = 64 << 20
-#: the smallest working budget for mapped pages: a few GRAM_CHUNKs of a large-T tensor
-MIN_BUDGET = 16 << 20
-#: elements per Gram block (128 GRAM_CHUNKs): the unit of the two-level sum, and the
-#: granularity at which a tensor is split across ranks. Part of the output's definition.
-GRAM_BLOCK = 1 << 23
+__all__ = ["GRAM_BLOCK", "Streamer"]
 
 
 class Streamer:
     """Runs the passes of :class:`Job` s of one :class:`Trajectory` with one op backend."""
 
-    #: whether whole small tensors may run as groups on the native kernels (:meth:`groupable`);
-    #: the device pipeline has passes of its own
-    groups = True
-
     def __init__(self, traj: Trajectory, backend: Backend, memory_budget: int, fp16_deltas: bool = False,
-                 progress=None):
+                 progress=None, policy: Policy | None = None):
         self.traj = traj
         self.backend = backend
         self.reference = get_backend("reference")
         self.fp64 = Backend("fp64", fp64)
-        self.budget = max(memory_budget - KERNEL_SCRATCH, MIN_BUDGET)
+        self.policy = policy or Policy(traj.T, memory_budget)
+        self.budget = self.policy.budget
         self.fp16_deltas = fp16_deltas
         self.progress = progress
         self.bytes_read = 0
@@ -61,16 +52,8 @@ class Streamer:
             yield ck.tensors[job.name]
 
     def ranges(self, job: Job, n_outputs: int, with_history: bool = True) -> tuple[bool, list[tuple[int, int]]]:
-        """(resident, ranges): ``resident`` when the whole tensor fits the budget at once."""
-        isz = dtypes.itemsize(job.dtype)
-        per_elem = ((self.traj.T if with_history else 0) + 1) * isz + n_outputs * isz
-        n = job.numel
-        if n * per_elem <= self.budget:
-            return True, [(0, n)]
-        step = max(GRAM_CHUNK, (self.budget // per_elem) // GRAM_CHUNK * GRAM_CHUNK)
-        # ranges that end on block boundaries, so the journal can record the Gram there
-        step = step // GRAM_BLOCK * GRAM_BLOCK or GRAM_CHUNK << ((step // GRAM_CHUNK).bit_length() - 1)
-        return False, [(a, min(n, a + step)) for a in range(0, n, step)]
+        """(resident, ranges) of ``job``: :meth:`.plan.Policy.ranges`."""
+        return self.policy.ranges(job, n_outputs, with_history)
 
     def views(self, job: Job, a: int, b: int):
         locs = list(self._locs(job))
@@ -99,44 +82,27 @@ class Streamer:
     def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None) -> np.ndarray:
         """The Gram over ``ranges``, added to ``acc`` (a resumed partial sum) when given.
 
-        Two-level sum (``GRAM_BLOCK``, module docstring). ``on_range(b, acc)`` is called
+        Two-level sum (:class:`.gramsum.GramSum`). ``on_range(b, acc)`` is called
         after each range ``[a, b)`` that ends where ``acc`` alone is the whole state — at
         a block boundary or inside block 0 — so a run resumed from it (the journal) sums
         the same bits. Ranges that start inside a block must start inside block 0.
         """
         T = self.traj.T
-        total = np.zeros((T, T), dtype=np.float64)
-        blk = None  # the open block's sum
-        if acc is not None:
-            start = ranges[0][0] if ranges else 0
-            if start % GRAM_BLOCK == 0:
-                total = acc.copy()
-            elif start < GRAM_BLOCK:
-                blk = acc.copy()  # the total before block 0 is zero
-            else:
-                raise ValueError(f"cannot resume the Gram of {job.name} inside block {start // GRAM_BLOCK}")
+        gs = GramSum(job.numel, lambda: np.zeros((T, T), dtype=np.float64), ranges[0][0] if ranges else 0,
+                     None if acc is None else acc.copy(), job.name)
         ops = self._ops(job)
         for a, b in ranges:
             base, hist = self.views(job, a, b)
-            c0 = a
-            while c0 < b:  # the range's pieces within one block each
-                c1 = min(b, (c0 // GRAM_BLOCK + 1) * GRAM_BLOCK)
-                if blk is None:
-                    blk = np.zeros((T, T), dtype=np.float64)
+            for c0, c1, blk in gs.pieces(a, b):
                 ops.gram(base[c0 - a:c1 - a], [h[c0 - a:c1 - a] for h in hist], job.dtype, blk,
                          fp16_deltas=self.fp16_deltas)
-                if c1 % GRAM_BLOCK == 0 or c1 == job.numel:
-                    total += blk
-                    blk = None
-                c0 = c1
             del base, hist
             if not resident:
                 self.release(job, a, b)
             self._tick((T + 1) * (b - a) * dtypes.itemsize(job.dtype))
-            if on_range is not None and (blk is None or b < GRAM_BLOCK):
-                on_range(b, total if blk is None else blk)
-        if blk is not None:  # the ranges end inside a block (a caller asking for part of a tensor)
-            total += blk
+            if on_range is not None and gs.resumable(b):
+                on_range(b, gs.state())
+        total = gs.result()
         if not np.isfinite(total).all():
             self._raise_nonfinite(job)
         return total
@@ -207,16 +173,10 @@ class Streamer:
     # whole, resident tensors is mapped once (addresses into one buffer per file), each
     # tensor's Gram and weighted sum run on the same native kernels with the same sums as
     # alone (same bits), and the pages are released once per file span.
-    def groupable(self, job: Job, n_outputs: int) -> bool:
-        """Whether ``job`` may run in a group: a whole tensor within the budget and one Gram
-        block, on the native kernels (the device streamer, the reference and the fp64 path
-        keep the per-tensor passes)."""
-        return (self.groups and self.backend.name == "cpu" and self._ops(job) is self.backend
-                and job.numel <= GRAM_BLOCK and self.ranges(job, n_outputs)[0])
-
-    def group_bytes(self, job: Job, n_outputs: int) -> int:
-        """Mapped bytes ``job`` adds to a group (inputs and outputs stay mapped until the group ends)."""
-        return (self.traj.T + 1 + n_outputs) * job.nbytes
+    def groupable(self, job: Job) -> bool:
+        """Whether ``job`` may run in a group (:func:`.plan.build` checks its size): on the native
+        kernels only (the reference and the fp64 path keep the per-tensor passes)."""
+        return self.backend.name == "cpu" and self._ops(job) is self.backend
 
     def open_group(self, jobs: list[Job]):
         """Map the inputs of ``jobs``: per job the addresses of its T+1 versions, and per file
@@ -298,15 +258,6 @@ class Streamer:
             del src
             loc.file.release(job.name, a, b)
             self._tick((b - a) * dtypes.itemsize(job.dtype))
-
-    def read_bytes(self, job: Job, n_outputs: int, with_gram: bool = True) -> int:
-        """Bytes this job reads (for the progress bar's total); ``with_gram=False``: pass 2 only."""
-        if job.kind == "copy":
-            return job.nbytes
-        if job.kind == "tied":
-            return 0
-        resident, _ = self.ranges(job, n_outputs)
-        return (self.traj.T + 1) * job.nbytes * (1 if resident or not with_gram else 2)
 
 
 def _address(files: dict, f, b: int, nbytes: int) -> int:

@@ -5,9 +5,12 @@ docstring for the exact contract) plus ``available() -> (bool, reason)``,
 ``supports(dtype) -> bool`` and ``identity() -> str`` (:attr:`Backend.identity`).
 Backends are imported lazily so that a missing compiler output, GPU or Triton never breaks ``import relex_kernels``.
 
-Choice: ``auto`` (default, or the ``RELEX_BACKEND`` environment variable) takes the
-fastest available backend and silently falls back; a backend named explicitly that
-is not available is a :class:`~relex_kernels.errors.BackendError` that says why.
+Choice (:func:`resolve_backend`, the one dispatcher of every run): ``auto`` (default, or
+the ``RELEX_BACKEND`` environment variable) takes a device backend when an NVIDIA GPU is
+present, else the fastest available CPU backend, and silently falls back; a backend
+named explicitly that is not available is a :class:`~relex_kernels.errors.BackendError`
+that says why. Device backends (``cuda``, ``triton``) also expose
+``device_kernels()``, the packed-block ops the device pipeline (``engine/gpu.py``) runs.
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from . import reference
 
 #: name -> module (relative to this package), fastest first for ``auto`` on a CPU.
 _CPU_BACKENDS = {"cpu": ".native", "reference": ".reference"}
-#: device backends run whole passes themselves (engine/gpu.py); listed for reporting
+#: device backends: the device pipeline (engine/gpu.py) runs their ``device_kernels()``
 _DEVICE_BACKENDS = {"cuda": ".cuda", "triton": ".triton"}
+DEVICE_BACKENDS = tuple(_DEVICE_BACKENDS)
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 
 
@@ -87,3 +91,18 @@ def get_backend(name: str | None = None) -> Backend:
     if mod is None:
         raise BackendError(f"backend {name!r} is not available: {why}")
     return Backend(name, mod)
+
+
+def resolve_backend(name: str | None = None) -> Backend:
+    """The backend a run uses: :func:`get_backend`, except that ``auto`` takes a device backend
+    when an NVIDIA GPU is present (a cheap look: no torch import on machines without one)."""
+    name = name or os.environ.get("RELEX_BACKEND") or "auto"
+    if name == "auto":
+        from .cuda import gpu_present
+        if gpu_present():
+            for cand in DEVICE_BACKENDS:
+                try:
+                    return get_backend(cand)
+                except BackendError:
+                    pass
+    return get_backend(name)

@@ -107,6 +107,11 @@ def test_writer_beyond_4GB_sparse(tmp_path, monkeypatch):
         ck.close()
 
 
+def journal_state():
+    from relex_kernels.engine.plan import NO_JOURNAL
+    return NO_JOURNAL
+
+
 class _Traj:
     def __init__(self, T):
         self.T = T
@@ -116,6 +121,7 @@ class _Traj:
 @pytest.mark.parametrize("budget", [1 << 20, 3 << 30, 1 << 40])
 def test_range_planning_beyond_int32(dtype, n, budget):
     from relex_kernels.engine import journal
+    from relex_kernels.engine.plan import Policy, fit_item
     from relex_kernels.engine.streaming import GRAM_BLOCK, Streamer
     from relex_kernels.engine.trajectory import Job
     from relex_kernels.ops import get_backend
@@ -124,13 +130,15 @@ def test_range_planning_beyond_int32(dtype, n, budget):
     assert job.nbytes == n * dtypes.itemsize(dtype)
     s = Streamer(_Traj(75), get_backend("reference"), budget)
     resident, ranges = s.ranges(job, 2)
+    assert (resident, ranges) == Policy(75, budget).ranges(job, 2)
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(type(a) is int and type(b) is int for a, b in ranges)
     assert all(b0 == a1 for (_, b0), (a1, _) in zip(ranges, ranges[1:]))
     for a, b in ranges[:-1]:
         assert b % GRAM_CHUNK == 0 and (b % GRAM_BLOCK == 0 or GRAM_BLOCK % (b - a) == 0)
     assert resident == (len(ranges) == 1)
-    assert s.read_bytes(job, 2) == 76 * job.nbytes * (1 if resident else 2)
+    item = fit_item(job, s.policy, 2, False, journal_state(), None)
+    assert item.read_bytes(75) == 76 * job.nbytes * (1 if resident else 2)
     mid = ranges[len(ranges) // 2][0] + GRAM_CHUNK if len(ranges) > 1 else 2**31 + GRAM_CHUNK
     rest = journal.ranges_from(ranges, mid)
     assert rest[0][0] == mid and rest[-1][1] == n and sum(b - a for a, b in rest) == n - mid
