@@ -57,7 +57,7 @@ def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int
 
     Tensors that are not fitted (integer tensors, a head tied to the embedding) are
     skipped. Reads each input byte once; memory stays within ``memory_budget``
-    (default: a quarter of RAM) plus the N x N Grams.
+    (default: 1 GiB, or a quarter of RAM if less) plus the N x N Grams.
     """
     if not checkpoints:
         raise UsageError("no checkpoints to analyse")

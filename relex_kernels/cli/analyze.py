@@ -45,7 +45,7 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
 def add_resources(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("resources")
     g.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
-                   help="bound on mapped input pages (e.g. 2G, 512M; default: a quarter of RAM, "
+                   help="bound on mapped input pages (e.g. 2G, 512M; default: 1 GiB or a quarter of RAM if less, "
                         f"{default_memory_budget() / 2**30:.1f} GiB here)")
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="compute backend for the Gram (default: $RELEX_BACKEND or auto)")

@@ -18,7 +18,7 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
                    help="start afresh even if OUT_DIR holds the finished part of an interrupted run of this "
                         "same command (by default it is reused: see tests/reliability/README.md)")
     g.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
-                   help="bound on mapped input/output pages (e.g. 2G, 512M; default: a quarter of RAM, "
+                   help="bound on mapped input/output pages (e.g. 2G, 512M; default: 1 GiB or a quarter of RAM if less, "
                         f"{default_memory_budget() / 2**30:.1f} GiB here). Tensors whose whole trajectory fits "
                         "are read once; larger ones are chunked and read twice")
     g.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",

@@ -35,7 +35,7 @@ the other workers) or Ctrl-C removes the partial outputs and ends the process at
 every rank reported its part written and synced. Distributed runs do not resume:
 they start afresh (``resume`` is ignored).
 
-Memory: ``--memory-budget`` is per rank; by default a quarter of the node's RAM shared
+Memory: ``--memory-budget`` is per rank; by default 1 GiB (a quarter of the node's RAM if less) shared
 by the ranks on the node (``LOCAL_WORLD_SIZE``). Every rank maps the input headers
 and reads only its own byte ranges, so inputs belong on a filesystem all nodes share.
 

@@ -58,12 +58,25 @@ GROUP_BYTES = 256 << 20
 
 
 # -- budgets ----------------------------------------------------------------------------
+#: the default memory budget at most (below: a quarter of RAM)
+DEFAULT_BUDGET_CAP = 1 << 30
+
+
 def default_memory_budget() -> int:
-    """A quarter of the machine's RAM."""
+    """A quarter of the machine's RAM, at most ``DEFAULT_BUDGET_CAP`` (1 GiB).
+
+    Chosen by measurement (``benchmarks/bench_e2e.py --budgets``): on the 220m run (T = 16,
+    7.5 GB) a quarter of RAM (6 GB: the 1.1 GB embedding trajectory resident, read once),
+    1 GiB and 512 MiB (the embedding read twice) ran equally fast within the machine's
+    noise, at 1168, 909 and 336 MiB of peak RSS. A tensor read twice is read from storage
+    once whenever its trajectory fits the page cache (pass 2 follows pass 1 at once, and
+    released pages stay cached), so a larger budget buys little but memory.
+    """
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return 4 << 30
+        return DEFAULT_BUDGET_CAP
+    return min(ram // 4, DEFAULT_BUDGET_CAP)
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 1000**2, "MIB": 1 << 20,

@@ -68,6 +68,13 @@ class Streamer:
         for loc in self._locs(job):
             loc.file.prefetch(job.name, a, b)
 
+    def _read_ahead(self, job: Job, ranges, i: int, resident: bool) -> None:
+        """Before range ``i`` of a tensor cut into ranges, start the storage reads of range ``i+1``
+        (page-cache read-ahead, asynchronous): on a cold cache they overlap this range's kernels.
+        A resident tensor was read ahead whole, while the tensor before it computed."""
+        if not resident and i + 1 < len(ranges):
+            self.prefetch(job, *ranges[i + 1])
+
     def _tick(self, nbytes: int) -> None:
         self.bytes_read += nbytes
         if self.progress is not None:
@@ -91,7 +98,8 @@ class Streamer:
         gs = GramSum(job.numel, lambda: np.zeros((T, T), dtype=np.float64), ranges[0][0] if ranges else 0,
                      None if acc is None else acc.copy(), job.name)
         ops = self._ops(job)
-        for a, b in ranges:
+        for i, (a, b) in enumerate(ranges):
+            self._read_ahead(job, ranges, i, resident)
             base, hist = self.views(job, a, b)
             for c0, c1, blk in gs.pieces(a, b):
                 ops.gram(base[c0 - a:c1 - a], [h[c0 - a:c1 - a] for h in hist], job.dtype, blk,
@@ -150,7 +158,9 @@ class Streamer:
         """
         T = self.traj.T
         ops = self._ops(job)  # each converts the fp64 alphas (fp32 but for the fp64 path)
-        for a, b in ranges:
+        for i, (a, b) in enumerate(ranges):
+            if count_read:
+                self._read_ahead(job, ranges, i, resident)
             base, hist = self.views(job, a, b)
             outs = [w.view(job.name, a, b) for w in writers]
             ops.combine(base, hist, alphas, job.dtype, outs, fp16_deltas=self.fp16_deltas)
