@@ -16,7 +16,9 @@ Every figure is measured in one run, side by side, from a warm page cache:
              delta file per tensor and step, then read them back for the Gram and
              again for the output.
 
-Each contender runs in its own subprocess so its peak RSS (VmHWM) is its own.
+Each contender runs in its own subprocess so its peak RSS (VmHWM) is its own. ``--avx2``
+adds the AVX2 path (``RELEX_SIMD=avx2``), its x-bound taken against the same machine's
+GEMM restricted to AVX2 (``MKL_ENABLE_INSTRUCTIONS=AVX2``).
 Medians of ``--runs`` runs (engine) and of ``--baseline-runs`` (slow baselines).
 Results: ``benchmarks/results/e2e_cpu.json`` and ``.md``.
 """
@@ -165,6 +167,24 @@ def read_bandwidth(files: list[str], repeats: int = 3) -> float:
     return statistics.median(rates)
 
 
+GEMM_CHILD = CHILD_PRELUDE + r"""
+import statistics, torch
+a = torch.randn(2048, 2048)
+torch.mm(a, a)
+ts = []
+for _ in range(5):
+    t0 = time.perf_counter()
+    torch.mm(a, a)
+    ts.append(time.perf_counter() - t0)
+print(json.dumps({"flops": 2 * 2048**3 / statistics.median(ts)}))
+"""
+
+
+def gemm_rate_avx2() -> float:
+    """The fp32 GEMM rate of the same machine restricted to AVX2 (MKL's switch, read at load)."""
+    return child(GEMM_CHILD, {}, env={"MKL_ENABLE_INSTRUCTIONS": "AVX2"})["flops"]
+
+
 def gemm_rate() -> float:
     import torch
     a = torch.randn(2048, 2048)
@@ -210,7 +230,7 @@ def params_of(syn) -> int:
 
 
 def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: list[str], bw: float, gemm: float,
-            budgets=()):
+            budgets=(), gemm_avx2: float | None = None):
     files = traj_files(syn)
     warm(files)
     T = len(syn.checkpoints)
@@ -227,17 +247,25 @@ def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: 
     arg = {"base": syn.base_dir, "ck": {str(k): v for k, v in syn.checkpoints.items()}, "target": target,
            "out": os.path.join(work, "out")}
     try:
-        for be, budget in [(b, None) for b in backends] + [(backends[-1], x) for x in budgets]:
-            rs = [child(ENGINE, dict(arg, backend=be, budget=budget)) for _ in range(runs)]
+        contenders = [(b, None, None) for b in backends] + [(backends[-1], x, None) for x in budgets]
+        if gemm_avx2 is not None:  # the AVX2 path, against the same machine's AVX2 GEMM
+            contenders.append(("cpu", None, "avx2"))
+            row["bound_avx2_seconds"] = max(nbytes / bw, flops / gemm_avx2)
+        for be, budget, simd in contenders:
+            rs = [child(ENGINE, dict(arg, backend=be, budget=budget), env={"RELEX_SIMD": simd} if simd else None)
+                  for _ in range(runs)]
+            b = row["bound_avx2_seconds"] if simd else bound
             if budget is not None:
                 be = f"{be}, --memory-budget {budget >> 20}M"
+            if simd:
+                be = f"{be}, RELEX_SIMD={simd}"
             sec = statistics.median(r["seconds"] for r in rs)
             row[f"engine_{be}"] = {"seconds": sec, "runs": [r["seconds"] for r in rs],
                                    "input_GBps": rs[0]["bytes_read"] / sec / 1e9,
                                    "bytes_read": rs[0]["bytes_read"],
-                                   "peak_rss": max(r["peak_rss"] for r in rs), "x_bound": sec / bound}
+                                   "peak_rss": max(r["peak_rss"] for r in rs), "x_bound": sec / b}
             print(f"  engine[{be}]: {sec:.2f} s  {row[f'engine_{be}']['input_GBps']:.2f} GB/s  "
-                  f"peak {row[f'engine_{be}']['peak_rss'] / 2**20:.0f} MiB  ({sec / bound:.2f}x the bound)",
+                  f"peak {row[f'engine_{be}']['peak_rss'] / 2**20:.0f} MiB  ({sec / b:.2f}x the bound)",
                   flush=True)
         for name in baselines:
             rs = []
@@ -266,6 +294,8 @@ def main() -> None:
     ap.add_argument("--baselines", default="naive,authors", help="comma list: naive, authors, or none")
     ap.add_argument("--backends", default=None, help="comma list (default: reference and, if built, cpu)")
     ap.add_argument("--budgets", default="", help="comma list of extra --memory-budget runs (e.g. 512M)")
+    ap.add_argument("--avx2", action="store_true",
+                    help="also run the AVX2 path (RELEX_SIMD=avx2) against an AVX2 GEMM bound")
     ap.add_argument("--scaling", action="store_true", help="also time vs model size and vs T (engine only)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "relex-bench"))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "e2e_cpu"))
@@ -279,13 +309,16 @@ def main() -> None:
     syn, label = ensure_traj(a.cache, a.size, a.steps)
     bw = read_bandwidth(traj_files(syn))
     gemm = gemm_rate()
-    print(f"{machine()}: read bandwidth {bw / 1e9:.2f} GB/s (mmap, warm cache), fp32 GEMM {gemm / 1e9:.0f} GFLOP/s")
+    gemm_avx2 = gemm_rate_avx2() if a.avx2 else None
+    print(f"{machine()}: read bandwidth {bw / 1e9:.2f} GB/s (mmap, warm cache), fp32 GEMM {gemm / 1e9:.0f} GFLOP/s"
+          + (f" (AVX2 only: {gemm_avx2 / 1e9:.0f})" if gemm_avx2 else ""))
     res = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "read_bandwidth": bw, "gemm_flops": gemm,
-           "runs": a.runs, "baseline_runs": a.baseline_runs}
+           "gemm_flops_avx2": gemm_avx2, "runs": a.runs, "baseline_runs": a.baseline_runs}
     print(f"{label}, T={a.steps}:")
     from relex_kernels.engine import parse_size
     budgets = [parse_size(x) for x in a.budgets.split(",") if x]
-    res["main"] = dict(measure(syn, a.runs, baselines, a.baseline_runs, backends, bw, gemm, budgets), size=label)
+    res["main"] = dict(measure(syn, a.runs, baselines, a.baseline_runs, backends, bw, gemm, budgets, gemm_avx2),
+                       size=label)
     if not a.keep:
         shutil.rmtree(syn.out_dir)
     if a.scaling:
@@ -324,6 +357,9 @@ def to_markdown(res: dict) -> str:
              "|---|---|---|---|---|---|",
              f"| bound: max(read at {res['read_bandwidth'] / gb:.1f} GB/s, Gram at GEMM rate) | "
              f"{m['bound_seconds']:.2f} | {m['input_bytes'] / m['bound_seconds'] / gb:.2f} | | | 1.00 |"]
+    if m.get("bound_avx2_seconds"):
+        lines.append(f"| bound for the AVX2 path (AVX2 GEMM {res['gemm_flops_avx2'] / gb:.0f} GFLOP/s) | "
+                     f"{m['bound_avx2_seconds']:.2f} | {m['input_bytes'] / m['bound_avx2_seconds'] / gb:.2f} | | | 1.00 |")
     for k, v in m.items():
         if k.startswith("engine_"):
             lines.append(f"| relex (backend {k[7:]}) | {v['seconds']:.2f} | {v['input_GBps']:.2f} | "

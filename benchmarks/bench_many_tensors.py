@@ -100,7 +100,7 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     per_tensor_ms = (med["many"] - med["dense"]) / (n_many - n_dense) * 1e3
     res = {"machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(), "simd": info.get("simd"),
-                       "threads": info.get("threads")},
+                       "threads": native.get_num_threads() if info else None},
            "T": args.T, "tensors": {"many": n_many, "dense": n_dense}, "input_bytes": nbytes,
            "runs": times, "median_s": med, "ratio": med["many"] / med["dense"],
            "per_tensor_overhead_ms": per_tensor_ms,
@@ -108,7 +108,7 @@ def main() -> None:
     Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=1))
     md = [f"# Many tensors vs dense, same bytes ({nbytes / 1e9:.2f} GB of input, T = {args.T})", "",
           f"Machine: {res['machine']['cpu']}, {os.cpu_count()} logical CPUs, SIMD path `{info.get('simd')}`, "
-          f"{info.get('threads')} threads. Whole `relex extrapolate` command (process start included), warm "
+          f"{res['machine']['threads']} threads. Whole `relex extrapolate` command (process start included), warm "
           f"page cache, medians of {args.runs} interleaved runs.", "",
           "| trajectory | tensors | median s | runs |", "|---|---|---|---|",
           f"| many (MoE-like) | {n_many} | {med['many']:.2f} | {', '.join(f'{x:.2f}' for x in times['many'])} |",

@@ -25,7 +25,7 @@ torch = pytest.importorskip("torch")
 
 from relex_kernels.engine import extrapolate, predict  # noqa: E402
 from relex_kernels.engine import gpu  # noqa: E402
-from relex_kernels.engine.journal import ranges_from  # noqa: E402
+from relex_kernels.engine.plan import ranges_from  # noqa: E402
 from relex_kernels.engine.streaming import GRAM_BLOCK  # noqa: E402
 from relex_kernels.engine.trajectory import Trajectory  # noqa: E402
 from relex_kernels.fit import FitOptions  # noqa: E402

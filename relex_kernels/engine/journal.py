@@ -111,12 +111,6 @@ def file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-# -- ranges ----------------------------------------------------------------------------
-def ranges_from(ranges: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
-    """The part of ``ranges`` at or after element ``start`` (a straddling range is cut)."""
-    return [(max(a, start), b) for a, b in ranges if b > start]
-
-
 def _b64(a: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(a, dtype="<f8").tobytes()).decode()
 

@@ -197,8 +197,9 @@ class _NoJournal:
 NO_JOURNAL = _NoJournal()
 
 
-def _trim(ranges: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
-    """The part of ``ranges`` from element ``start`` on."""
+def ranges_from(ranges: list[tuple[int, int]], start: int) -> list[tuple[int, int]]:
+    """The part of ``ranges`` at or after element ``start`` (a straddling range is cut): where a
+    resumed tensor continues (the journal's position)."""
     return [(max(a, start), b) for a, b in ranges if b > start]
 
 
@@ -252,8 +253,8 @@ def fit_item(job: Job, policy: Policy, n_out: int, fitted: bool, journal, also: 
     needs_gram = not fitted and job.name not in journal.fits
     gram_from = journal.grams.get(job.name, (0, None))[0] if needs_gram else 0
     return Item("fit", [job], resident=resident, ranges=ranges, reused=reused, also=also, whole=resident,
-                needs_gram=needs_gram, gram_ranges=_trim(ranges, gram_from) if needs_gram else [],
-                combine_ranges=_trim(ranges, journal.written.get(job.name, 0)), gram_from=gram_from,
+                needs_gram=needs_gram, gram_ranges=ranges_from(ranges, gram_from) if needs_gram else [],
+                combine_ranges=ranges_from(ranges, journal.written.get(job.name, 0)), gram_from=gram_from,
                 # pass 2 reads anew unless pass 1 just read the whole tensor and kept it mapped
                 reread=not (needs_gram and gram_from == 0 and resident))
 

@@ -13,7 +13,8 @@ from ..errors import InputError, OutputError, RelexError, UsageError
 from ..fit import FitOptions
 from ..io.writer import DEFAULT_SHARD_BYTES
 from ..ops import resolve_backend
-from . import apicheck, fitfile, journal, plan, report
+from ..io import fitfile
+from . import apicheck, journal, plan, report
 from .executor import Executor, progress_bar
 from .gpu import close_streamer, make_streamer
 from .output import OutputSet, _inside

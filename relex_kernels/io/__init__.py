@@ -1,4 +1,4 @@
-"""Readers and writers: safetensors files, checkpoint directories, trajectory layouts."""
+"""Readers and writers: safetensors files, checkpoint directories, trajectory layouts, saved fits."""
 
 from .checkpoint import Checkpoint
 from .reader import SafetensorsFile, TensorInfo

@@ -166,7 +166,7 @@ def test_gram_across_backends_is_close_not_promised_equal(traj):
     """Documented non-promise: extrapolate on reference vs cpu agrees to fit precision only."""
     import numpy as np
 
-    from relex_kernels.engine import fitfile
+    from relex_kernels.io import fitfile
     fa, fb = os.path.join(traj["root"], "gref.fit"), os.path.join(traj["root"], "gcpu.fit")
     run(traj, "--backend", "reference", fit=fa)
     run(traj, "--backend", "cpu", fit=fb)

@@ -120,8 +120,7 @@ class _Traj:
 @pytest.mark.parametrize("dtype,n", [("BF16", BIG), ("F32", 2**33 + 7), ("F16", HUGE)])
 @pytest.mark.parametrize("budget", [1 << 20, 3 << 30, 1 << 40])
 def test_range_planning_beyond_int32(dtype, n, budget):
-    from relex_kernels.engine import journal
-    from relex_kernels.engine.plan import Policy, fit_item
+    from relex_kernels.engine.plan import Policy, fit_item, ranges_from
     from relex_kernels.engine.streaming import GRAM_BLOCK, Streamer
     from relex_kernels.engine.trajectory import Job
     from relex_kernels.ops import get_backend
@@ -140,7 +139,7 @@ def test_range_planning_beyond_int32(dtype, n, budget):
     item = fit_item(job, s.policy, 2, False, journal_state(), None)
     assert item.read_bytes(75) == 76 * job.nbytes * (1 if resident else 2)
     mid = ranges[len(ranges) // 2][0] + GRAM_CHUNK if len(ranges) > 1 else 2**31 + GRAM_CHUNK
-    rest = journal.ranges_from(ranges, mid)
+    rest = ranges_from(ranges, mid)
     assert rest[0][0] == mid and rest[-1][1] == n and sum(b - a for a, b in rest) == n - mid
 
 

@@ -16,8 +16,8 @@ import numpy as np
 
 from ..errors import FormatError, InputError, RelexError
 from ..fit import Components, FitOptions
-from ..io.reader import SafetensorsFile
-from ..io.writer import ShardedWriter, TensorSpec
+from .reader import SafetensorsFile
+from .writer import ShardedWriter, TensorSpec
 
 FIT_VERSION = 1
 _KEY = "relex_fit"
