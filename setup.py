@@ -86,12 +86,13 @@ setup(
     version="0.1.0",
     description="Streaming RELEX extrapolation of RLVR checkpoints with fused CPU/GPU kernels",
     packages=find_packages(include=["relex_kernels", "relex_kernels.*"]),
+    package_data={"relex_kernels": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=["numpy>=1.24", "tqdm>=4.60"],
     extras_require={
         # triton: its kernels run under TRITON_INTERPRET=1 in the CPU tests
-        "test": ["pytest>=7", "pytest-benchmark", "hypothesis", "safetensors", "torch", "transformers", "triton",
-                 "matplotlib"],
+        "test": ["pytest>=7", "pytest-benchmark", "hypothesis", "safetensors", "torch", "transformers", "accelerate",
+                 "triton", "matplotlib"],
     },
     ext_modules=[cpu_extension()],
     cmdclass={"build_ext": with_cuda(BuildExt)},

@@ -28,6 +28,22 @@ class ArgumentError(UsageError):
     """A Python API argument of the wrong type or value; the message names the argument."""
 
 
+class ShapeError(ArgumentError):
+    """Tensors that must have one shape (a tensor's versions, an ``out`` buffer) do not."""
+
+
+class DTypeError(ArgumentError):
+    """A tensor of a dtype the operation does not take, or versions of one tensor in different dtypes."""
+
+
+class DeviceError(ArgumentError):
+    """Tensors on different devices, or on a device no available backend runs on."""
+
+
+class NonFiniteError(InputError):
+    """NaN or Inf in an input (or deltas whose squares overflow the fp32 Gram)."""
+
+
 class RelexWarning(UserWarning):
     """A run that proceeds but is probably not what the user meant (the CLI prints it on one line)."""
 

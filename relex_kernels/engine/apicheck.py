@@ -25,8 +25,10 @@ def path(name: str, v, optional: bool = False) -> str | None:
         return None
     p = os.fspath(v) if isinstance(v, (str, os.PathLike)) else None
     if not isinstance(p, str) or not p:
+        hint = ("; for state dicts in memory use relex_kernels.extrapolate_state_dict"
+                if isinstance(v, Mapping) or hasattr(v, "get_tensor") else "")
         raise ArgumentError(f"{name} must be a path (str or os.PathLike){' or None' if optional else ''}; "
-                            f"got {_got(v)}")
+                            f"got {_got(v)}{hint}")
     return p
 
 
@@ -34,6 +36,9 @@ def checkpoints(v) -> dict[int, str]:
     """``{step (int): checkpoint directory}``."""
     if not isinstance(v, Mapping):
         raise ArgumentError(f"checkpoints must be a dict {{step (int): checkpoint directory}}; got {_got(v)}")
+    if any(isinstance(d, Mapping) or hasattr(d, "get_tensor") for d in v.values()):
+        raise ArgumentError("checkpoints must map steps to checkpoint directories; for state dicts in memory "
+                            "use relex_kernels.extrapolate_state_dict")
     out = {}
     for k, d in v.items():
         if not is_int(k):
@@ -43,16 +48,21 @@ def checkpoints(v) -> dict[int, str]:
     return out
 
 
-def targets(v) -> list[int]:
-    """A list (any iterable but a string or dict) of int target steps."""
+def steps(name: str, v) -> list[int]:
+    """A list (any iterable but a string or dict) of int steps; ``name`` says which."""
     if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, Iterable):
         hint = f" (e.g. [{v}])" if is_int(v) else ""
-        raise ArgumentError(f"targets must be a list of int steps{hint}; got {_got(v)}")
+        raise ArgumentError(f"{name} must be a list of int steps{hint}; got {_got(v)}")
     items = list(v)
     for t in items:
         if not is_int(t):
-            raise ArgumentError(f"targets: step {t!r} is a {type(t).__name__}; target steps are ints")
+            raise ArgumentError(f"{name}: step {t!r} is a {type(t).__name__}; steps are ints")
     return [int(t) for t in items]
+
+
+def targets(v) -> list[int]:
+    """A list (any iterable but a string or dict) of int target steps."""
+    return steps("targets", v)
 
 
 def flag(name: str, v) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..errors import ArgumentError
 from ..io import dtypes
 from .reference import GRAM_CHUNK
 
@@ -155,14 +156,18 @@ class CudaKernels:
     def gram(self, x, n: int, T: int, dtype: str, acc, part, fp16_deltas: bool = False,
              precision: str | None = None) -> None:
         """``acc`` (T x T float64) ``+=`` the Gram of block ``x`` (chunk contract); ``part``: fp32 scratch."""
-        assert x.stride(1) == 1 and acc.is_contiguous() and part.numel() >= self.scratch_numel(T, n)
+        if not (x.stride(1) == 1 and acc.is_contiguous() and part.numel() >= self.scratch_numel(T, n)):
+            raise ArgumentError("gram: x needs unit column stride, acc must be contiguous, part must hold "
+                                f"scratch_numel(T, n) = {self.scratch_numel(T, n)} floats")
         self._m.gram(x.data_ptr(), x.stride(0), n, T, dtypes.DTYPE_CODES[dtype], bool(fp16_deltas), acc.data_ptr(),
                      part.data_ptr(), PRECISION_CODES[precision or "auto"], self._stream())
 
     def combine(self, x, n: int, T: int, dtype: str, alphas, out, fp16_deltas: bool = False) -> None:
         """``out[k, :n]`` = the weighted sums of block ``x`` with ``alphas`` (K, T) float32."""
         K = alphas.shape[0]
-        assert x.stride(1) == 1 and out.stride(1) == 1 and alphas.is_contiguous() and out.shape[0] == K
+        if not (x.stride(1) == 1 and out.stride(1) == 1 and alphas.is_contiguous() and out.shape[0] == K):
+            raise ArgumentError(f"combine: x and out need unit column stride, alphas must be contiguous, out must "
+                                f"have K = {K} rows")
         self._m.combine(x.data_ptr(), x.stride(0), n, T, dtypes.DTYPE_CODES[dtype], bool(fp16_deltas),
                         alphas.data_ptr(), K, out.data_ptr(), out.stride(0), self._stream())
 

@@ -10,6 +10,7 @@ dtype is bit-exact to :func:`relex_kernels.io.dtypes.from_float32`.
 import triton
 import triton.language as tl
 
+from ...errors import ArgumentError
 from ._common import delta, load_f32, store_rounded
 
 
@@ -45,8 +46,11 @@ def combine_block(x, n: int, T: int, dtype_code: int, alphas, out, fp16_deltas: 
     if n <= 0:
         return
     K = alphas.shape[0]
-    assert x.stride(1) == 1 and x.shape[0] == T + 1 and alphas.shape == (K, T) and alphas.is_contiguous()
-    assert out.stride(1) == 1 and out.shape[0] == K
+    if not (x.stride(1) == 1 and x.shape[0] == T + 1 and alphas.shape == (K, T) and alphas.is_contiguous()):
+        raise ArgumentError(f"combine: x must be (T+1 = {T + 1}, >= n) with unit column stride, alphas a "
+                            f"contiguous ({K}, {T})")
+    if not (out.stride(1) == 1 and out.shape[0] == K):
+        raise ArgumentError(f"combine: out must have K = {K} rows and unit column stride")
     kp = max(1, triton.next_power_of_2(K))
     block = max(128, 1024 // kp)
     _combine[(triton.cdiv(n, block),)](x, x.stride(0), n, T, alphas, K, out, out.stride(0), DT=dtype_code,

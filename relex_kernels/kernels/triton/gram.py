@@ -20,6 +20,7 @@ Two kernels, no atomics:
 import triton
 import triton.language as tl
 
+from ...errors import ArgumentError
 from ._common import delta, load_f32
 
 GRAM_CHUNK = 1 << 16  # must equal ops.reference.GRAM_CHUNK
@@ -122,8 +123,10 @@ def gram_block(x, n: int, T: int, dtype_code: int, acc, part, fp16_deltas: bool 
     """
     if n <= 0:
         return
-    assert x.stride(1) == 1 and x.shape[0] == T + 1 and acc.is_contiguous()
-    assert part.numel() >= partials_numel(T, n) and partials_numel(T, n) < 2**31
+    if not (x.stride(1) == 1 and x.shape[0] == T + 1 and acc.is_contiguous()):
+        raise ArgumentError(f"gram: x must be (T+1 = {T + 1}, >= n) with unit column stride, acc contiguous")
+    if not (part.numel() >= partials_numel(T, n) and partials_numel(T, n) < 2**31):
+        raise ArgumentError(f"gram: part must hold partials_numel(T, n) = {partials_numel(T, n)} (< 2**31) floats")
     cfg = tile_config(T)
     prec = resolve_precision(T, precision)
     n_chunks = triton.cdiv(n, GRAM_CHUNK)
