@@ -19,11 +19,14 @@ Predict the checkpoint(s) of later training steps from the base model and the fi
 checkpoints of an RLVR run (RELEX: per tensor, the top singular direction of the
 deltas and a straight-line fit of the position along it against the step).
 
-Inputs are read straight from the safetensors files through memory maps, in two
-streaming passes and bounded memory; nothing is written but the outputs.
+Inputs are read straight from the checkpoint files through memory maps (safetensors
+directories, or verl FSDP actor directories of model_world_size_W_rank_R.pt files, read
+in place: no merge step), in two streaming passes and bounded memory; nothing is
+written but the outputs.
 
 Checkpoints: --checkpoints RUN_DIR finds {LAYOUT_HELP};
-or give --checkpoint STEP=PATH for each one.
+or give --checkpoint STEP=PATH for each one. Directories of steps after
+--history-steps are not opened (a live run may still be writing them).
 
 example:
   relex extrapolate --base Qwen3-8B-Base --checkpoints runs/grpo --history-steps 75 \\
@@ -40,6 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help="one checkpoint directory and its step (repeatable)")
     g.add_argument("--history-steps", type=int, metavar="H",
                    help="use the checkpoints with step <= H (default: all found)")
+    g.add_argument("--prefer", choices=("shards", "hf"), default="shards",
+                   help="a verl step with both FSDP rank files (actor/) and a Hugging Face export "
+                        "(actor/huggingface/): read the rank files (default: the training weights) or the export")
     add_target_option(p)
     f = p.add_argument_group("fit (the mathematics: docs/method.md §2-3)")
     f.add_argument("--rank", type=int, default=1, help="temporal subspace rank r (default 1 = RELEX)")
@@ -55,6 +61,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--mode", choices=MODES, default="extrapolate",
                    help="extrapolate (default); reconstruct / fit-reconstruct a history step (Finding 1 check)")
     f.add_argument("--save-fit", metavar="FILE", help="also save the fit (a few KB per tensor) for 'relex predict'")
+    p.add_argument("--out-dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="dtype of the predicted float tensors (default: each tensor's dtype in the base; "
+                        "checkpoints in another float dtype, e.g. fp32 masters, are computed in the wider one)")
     add_output_options(p)
 
 
@@ -63,7 +72,7 @@ def run(args) -> int:
         found = parse_explicit(args.explicit)
         run_dir = None
     else:
-        found = discover(args.checkpoints)
+        found = discover(args.checkpoints, prefer=args.prefer, max_step=args.history_steps)
         run_dir = args.checkpoints
     hist = select_history(found, args.history_steps)
     if len(hist) < 2:
@@ -78,7 +87,7 @@ def run(args) -> int:
                       device_memory_budget=args.device_memory_budget,
                       backend=args.backend, overwrite=args.overwrite, save_fit=args.save_fit,
                       shard_bytes=args.shard_size, progress=not args.quiet and sys.stderr.isatty(),
-                      run_dir=run_dir, resume=args.resume)
+                      run_dir=run_dir, resume=args.resume, out_dtype=args.out_dtype)
     print_result(res, args.quiet, opts.rank)
     return 0
 

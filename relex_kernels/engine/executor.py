@@ -51,7 +51,7 @@ def check_f16_range(job, writers, targets, a: int = 0, b: int | None = None) -> 
     their range.) Reads back the outputs of elements ``[a, b)`` just written, still in
     the page cache; the SPMD engine checks each rank's own elements.
     """
-    if job.dtype != "F16":  # the one fitted dtype whose range a prediction can leave
+    if job.out_dtype != "F16":  # the one fitted dtype whose range a prediction can leave
         return
     b = job.numel if b is None else b
     for w, t in zip(writers, targets):

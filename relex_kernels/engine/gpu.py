@@ -193,7 +193,8 @@ class _Reader:
 class DeviceStreamer(Streamer):
     """Runs the passes of a :class:`~.trajectory.Trajectory` on a device backend (module docstring).
 
-    F64 tensors are computed on the host in fp64 (:mod:`..ops.fp64`), as by :class:`Streamer`.
+    F64 tensors are computed on the host in fp64 (:mod:`..ops.fp64`), as by :class:`Streamer`, and
+    so are tensors whose versions or output differ in dtype (fp32 masters beside a bf16 base).
     """
 
     def __init__(self, traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False, progress=None,
@@ -257,9 +258,10 @@ class DeviceStreamer(Streamer):
         will ask for, in order. A pass-2 read is planned unless pass 1 leaves the tensor on the device."""
         keys = []
         for it in items:
-            if it.reused or it.kind not in ("fit", "gram", "combine") or it.job.dtype == "F64":
-                continue
             job = it.job
+            if (it.reused or it.kind not in ("fit", "gram", "combine") or job.dtype == "F64" or job.mixed
+                    or job.out_dtype != job.dtype):
+                continue
             if it.needs_gram:
                 keys += [(job.name, 1, ga, gb) for a, b in it.gram_ranges for ga, gb in self.groups(job, a, b)]
             if it.combine_ranges and (it.kind == "combine" or it.reread or not it.needs_gram):
@@ -349,7 +351,7 @@ class DeviceStreamer(Streamer):
         """The Gram over ``ranges`` (the sum and journal points of :meth:`Streamer.gram`)."""
         torch, T = self.torch, self.traj.T
         self.res = None  # a previous tensor's device buffer goes back to the allocator
-        if job.dtype == "F64":
+        if job.dtype == "F64" or job.mixed or job.out_dtype != job.dtype:  # on the host (module docstring)
             return Streamer.gram(self, job, ranges, resident, acc, on_range)
         f64 = dict(dtype=torch.float64, device=self.dev)
         with self._on(self.compute):
@@ -415,7 +417,7 @@ class DeviceStreamer(Streamer):
     def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers, also: str | None = None,
                 count_read: bool = True, on_range=None) -> None:
         """Write ``len(writers)`` outputs (see :meth:`Streamer.combine`); returns once they are in the maps."""
-        if job.dtype == "F64":
+        if job.dtype == "F64" or job.mixed or job.out_dtype != job.dtype:
             return Streamer.combine(self, job, ranges, resident, alphas, writers, also, count_read, on_range)
         torch, T, K = self.torch, self.traj.T, len(writers)
         self._outputs(K)

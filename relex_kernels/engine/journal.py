@@ -98,7 +98,7 @@ def run_key(fingerprint, options: dict, targets: list[int], kernel: str, shard_b
     doc = {
         "version": VERSION, "package": __version__, "inputs": fingerprint, "options": options,
         "targets": list(targets), "kernel": kernel, "shard_bytes": int(shard_bytes),
-        "jobs": [[j.name, j.dtype, list(j.shape), j.kind] for j in jobs], "extra": extra or {},
+        "jobs": [[j.name, j.dtype, list(j.shape), j.kind, j.out_dtype] for j in jobs], "extra": extra or {},
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -115,7 +115,7 @@ class Policy:
     def ranges(self, job: Job, n_outputs: int, with_history: bool = True) -> tuple[bool, list[tuple[int, int]]]:
         """(resident, ranges) of ``job`` when it writes ``n_outputs`` outputs."""
         isz, n = dtypes.itemsize(job.dtype), job.numel
-        if self.device_cap is not None and job.dtype != "F64":
+        if self.device_cap is not None and job.dtype != "F64" and not job.mixed and job.out_dtype == job.dtype:
             row = (self.T + 1) * isz
             if n * row <= self.device_cap:
                 return True, [(0, n)]
@@ -278,8 +278,11 @@ def _group(jobs: list[Job], traj: Trajectory, policy: Policy, n_out, fitted: boo
                 or job.numel > GRAM_BLOCK or not policy.ranges(job, n_out(job))[0]
                 or not groupable(job)):
             break
+        locs = [v.tensors[name].file for v in versions]
+        if not all(f.groupable for f in locs):  # a tensor assembled from rank files has no one address
+            break
         size += (traj.T + 1 + n_out(job)) * job.nbytes
-        more = files.union(id(v.tensors[name].file) for v in versions)
+        more = files.union(id(f) for f in locs)
         if group and (size > min(policy.budget, GROUP_BYTES) or len(more) > max_files):
             break
         files = more

@@ -20,7 +20,7 @@ from .gpu import close_streamer, make_streamer
 from .output import OutputSet, _inside
 from .plan import default_memory_budget, parse_size
 from .report import RunResult
-from .trajectory import Trajectory
+from .trajectory import OUT_DTYPES, Trajectory
 
 __all__ = ["RunResult", "default_memory_budget", "extrapolate", "parse_size", "predict"]
 
@@ -106,12 +106,27 @@ def _finish_committed(outs: OutputSet, backend: str, t0: float, comps, before_co
     return RunResult(done, rep, time.perf_counter() - t0, 0, backend, fits)
 
 
+def _out_dtype(name: str | None) -> str | None:
+    """``--out-dtype`` (bf16, fp16, fp32) as a dtype name; None keeps each tensor's base dtype."""
+    if name is None:
+        return None
+    if name not in OUT_DTYPES:
+        raise UsageError(f"out_dtype must be one of {', '.join(OUT_DTYPES)} or None, got {name!r}")
+    return OUT_DTYPES[name]
+
+
 def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_dir: str,
                 opts: FitOptions = FitOptions(), *, memory_budget: int | None = None, backend: str | None = None,
                 overwrite: bool = False, save_fit: str | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
                 progress: bool = False, run_dir: str | None = None, resume: bool = True,
-                device_memory_budget: int | None = None) -> RunResult:
-    """Predict ``targets`` from ``base`` and the history ``checkpoints`` ({step: dir}) into ``out_dir/step_<S>``."""
+                device_memory_budget: int | None = None, out_dtype: str | None = None) -> RunResult:
+    """Predict ``targets`` from ``base`` and the history ``checkpoints`` ({step: dir}) into ``out_dir/step_<S>``.
+
+    Checkpoints may store a tensor in another float dtype than the base (fp32 master weights
+    beside a bf16 base): it is computed in the widest, each version read exactly, and written
+    in the base's dtype, or in ``out_dtype`` (``"bf16"``, ``"fp16"``, ``"fp32"``) for every
+    fitted tensor.
+    """
     base, checkpoints = apicheck.path("base", base), apicheck.checkpoints(checkpoints)
     targets, out_dir, opts = apicheck.targets(targets), apicheck.path("out_dir", out_dir), apicheck.options(opts)
     save_fit, run_dir = apicheck.path("save_fit", save_fit, True), apicheck.path("run_dir", run_dir, True)
@@ -119,13 +134,14 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
                        progress=progress, resume=resume, device_memory_budget=device_memory_budget)
     if not targets:
         raise UsageError("give at least one --target-step")
+    out_dt = _out_dtype(out_dtype)
     fitmath.validate(opts, sorted(checkpoints))
     if save_fit is not None:
         if os.path.isdir(save_fit):
             raise OutputError(f"--save-fit {save_fit} is a directory; give a file name")
         if not os.path.isdir(os.path.dirname(os.path.abspath(save_fit))):
             raise OutputError(f"--save-fit: directory of {save_fit} does not exist")
-    traj = Trajectory(base, checkpoints)
+    traj = Trajectory(base, checkpoints, out_dtype=out_dt)
     try:
         inputs = traj.input_dirs() + ([run_dir] if run_dir else [])
         if save_fit is not None and any(_inside(save_fit, d) for d in inputs):
@@ -137,7 +153,7 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
         def write_fit(fits):  # before the outputs are renamed into place: all of it succeeds or none
             meta = {"options": opts.to_dict(), "steps": traj.steps, "base": traj.base.path,
                     "checkpoints": {str(ck.step): ck.path for ck in traj.ckpts},
-                    "fingerprint": traj.fingerprint(),
+                    "fingerprint": traj.fingerprint(), "out_dtype": out_dtype,
                     "fitted": [j.name for j in traj.jobs if j.kind == "fit"]}
             try:
                 fitfile.save(save_fit, meta, fits)
@@ -150,7 +166,8 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
                             overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
                             input_dirs=[run_dir] if run_dir else (), resume=resume,
                             before_commit=write_fit if save_fit is not None else None,
-                            device_memory_budget=device_memory_budget)
+                            device_memory_budget=device_memory_budget,
+                            extra_report={"out_dtype": out_dtype or "base"})
         except BaseException:
             for p in saved:  # the outputs did not appear, so neither does their fit
                 try:
@@ -164,8 +181,10 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
 
 def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: int | None = None,
             backend: str | None = None, overwrite: bool = False, shard_bytes: int = DEFAULT_SHARD_BYTES,
-            progress: bool = False, resume: bool = True, device_memory_budget: int | None = None) -> RunResult:
-    """Write ``targets`` from a fit saved by :func:`extrapolate`: one pass, no Gram."""
+            progress: bool = False, resume: bool = True, device_memory_budget: int | None = None,
+            out_dtype: str | None = None) -> RunResult:
+    """Write ``targets`` from a fit saved by :func:`extrapolate`: one pass, no Gram (``out_dtype``:
+    as for :func:`extrapolate`; by default the one the fit was made with)."""
     fit_path, targets, out_dir = apicheck.path("fit_path", fit_path), apicheck.targets(targets), apicheck.path(
         "out_dir", out_dir)
     apicheck.resources(memory_budget=memory_budget, backend=backend, overwrite=overwrite, shard_bytes=shard_bytes,
@@ -175,8 +194,10 @@ def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: i
     meta, comps = fitfile.load(fit_path)
     opts = FitOptions(**meta["options"])
     ckpts = {int(s): p for s, p in meta["checkpoints"].items()}
+    out_dtype = out_dtype if out_dtype is not None else meta.get("out_dtype")
+    out_dt = _out_dtype(out_dtype)
     try:
-        traj = Trajectory(meta["base"], ckpts)
+        traj = Trajectory(meta["base"], ckpts, out_dtype=out_dt)
     except RelexError as e:  # say which fit these inputs come from
         raise type(e)(f"fit {fit_path}: its inputs are no longer valid: {e}") from None
     try:
@@ -186,7 +207,8 @@ def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: i
             raise InputError(f"fit {fit_path} does not cover the same tensors as the checkpoints")
         return _execute(traj, opts, list(targets), out_dir, comps=comps, memory_budget=memory_budget,
                         backend=backend, overwrite=overwrite, shard_bytes=shard_bytes, progress=progress,
-                        extra_report={"fit": os.path.abspath(fit_path)}, resume=resume,
+                        extra_report={"fit": os.path.abspath(fit_path), "out_dtype": out_dtype or "base"},
+                        resume=resume,
                         key_extra={"fit": journal.file_sha256(fit_path)}, device_memory_budget=device_memory_budget)
     finally:
         traj.close()

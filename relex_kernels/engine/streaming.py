@@ -57,8 +57,10 @@ class Streamer:
 
     def views(self, job: Job, a: int, b: int):
         locs = list(self._locs(job))
-        base = locs[0].file.view(job.name, a, b)
-        return base, [loc.file.view(job.name, a, b) for loc in locs[1:]]
+        rows = [loc.file.view(job.name, a, b) for loc in locs]
+        if job.mixed:  # versions stored in other dtypes: read exactly into the computed one
+            rows = [_widen(r, loc.info.dtype, job.dtype) for r, loc in zip(rows, locs)]
+        return rows[0], rows[1:]
 
     def release(self, job: Job, a: int, b: int) -> None:
         for loc in self._locs(job):
@@ -122,7 +124,7 @@ class Streamer:
         for label, loc in labelled:
             n = job.numel
             step = 1 << 24
-            bad = sum(nonfinite_count(loc.file.view(job.name, a, min(n, a + step)), job.dtype)
+            bad = sum(nonfinite_count(loc.file.view(job.name, a, min(n, a + step)), loc.info.dtype)
                       for a in range(0, n, step))
             loc.file.release(job.name)
             if bad:
@@ -135,8 +137,8 @@ class Streamer:
             n, step, big = job.numel, 1 << 24, 0.0
             for a in range(0, n, step):
                 b = min(n, a + step)
-                d = (dtypes.to_float32(loc.file.view(job.name, a, b), job.dtype).astype(np.float64)
-                     - dtypes.to_float32(base.file.view(job.name, a, b), job.dtype))
+                d = (dtypes.to_float32(loc.file.view(job.name, a, b), loc.info.dtype).astype(np.float64)
+                     - dtypes.to_float32(base.file.view(job.name, a, b), base.info.dtype))
                 big = max(big, float(np.abs(d).max(initial=0.0)))
             loc.file.release(job.name)
             if big >= worst[0]:
@@ -163,7 +165,13 @@ class Streamer:
                 self._read_ahead(job, ranges, i, resident)
             base, hist = self.views(job, a, b)
             outs = [w.view(job.name, a, b) for w in writers]
-            ops.combine(base, hist, alphas, job.dtype, outs, fp16_deltas=self.fp16_deltas)
+            if job.out_dtype == job.dtype:
+                ops.combine(base, hist, alphas, job.dtype, outs, fp16_deltas=self.fp16_deltas)
+            else:  # computed in job.dtype, rounded to the output's dtype to nearest even
+                wide = [np.empty(b - a, dtype=dtypes.raw_numpy(job.dtype)) for _ in writers]
+                ops.combine(base, hist, alphas, job.dtype, wide, fp16_deltas=self.fp16_deltas)
+                for o, x in zip(outs, wide):
+                    dtypes.from_float32(x.astype(np.float32, copy=False), job.out_dtype, out=o)
             if also is not None:
                 for w, o in zip(writers, outs):
                     w.view(also, a, b)[...] = o
@@ -185,8 +193,10 @@ class Streamer:
     # alone (same bits), and the pages are released once per file span.
     def groupable(self, job: Job) -> bool:
         """Whether ``job`` may run in a group (:func:`.plan.build` checks its size): on the native
-        kernels only (the reference and the fp64 path keep the per-tensor passes)."""
-        return self.backend.name == "cpu" and self._ops(job) is self.backend
+        kernels only (the reference and the fp64 path keep the per-tensor passes), stored and
+        written in the dtype it is computed in."""
+        return (self.backend.name == "cpu" and self._ops(job) is self.backend and not job.mixed
+                and job.out_dtype == job.dtype)
 
     def open_group(self, jobs: list[Job]):
         """Map the inputs of ``jobs``: per job the addresses of its T+1 versions, and per file
@@ -280,3 +290,11 @@ def _address(files: dict, f, b: int, nbytes: int) -> int:
     else:
         e[3], e[4] = min(e[3], b), max(e[4], b + nbytes)
     return e[2] + b
+
+
+def _widen(raw: np.ndarray, stored: str, dtype: str) -> np.ndarray:
+    """Raw elements stored as ``stored`` as raw elements of the wider ``dtype`` (exact)."""
+    if stored == dtype:
+        return raw
+    x = raw if stored == "F64" else dtypes.to_float32(raw, stored)
+    return x.astype(dtypes.raw_numpy(dtype), copy=False)

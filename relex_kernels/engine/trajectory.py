@@ -24,11 +24,21 @@ HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
 
 @dataclass(frozen=True)
 class Job:
+    """One tensor of the output. ``dtype``: what the kernels compute on — the stored dtype, or for
+    a tensor whose versions differ (fp32 masters, bf16 base) the widest of them, every version
+    read into it exactly (``mixed``); ``out``: the output's dtype when it is not ``dtype``."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]
     kind: str  # "fit" | "copy" | "tied"
     source: str | None = None  # for "tied": the embedding it equals
+    out: str | None = None
+    mixed: bool = False
+
+    @property
+    def out_dtype(self) -> str:
+        return self.out or self.dtype
 
     @property
     def numel(self) -> int:
@@ -40,7 +50,20 @@ class Job:
 
     @property
     def spec(self) -> TensorSpec:
-        return TensorSpec(self.name, self.dtype, self.shape)
+        return TensorSpec(self.name, self.out_dtype, self.shape)
+
+
+#: widening order of the fitted dtypes: a mixed tensor is computed in the widest of its versions'
+_WIDTH = {"BF16": 0, "F16": 0, "F32": 1, "F64": 2}
+OUT_DTYPES = {"bf16": "BF16", "fp16": "F16", "fp32": "F32"}
+
+
+def compute_dtype(stored: set[str]) -> str:
+    """The dtype a tensor stored in ``stored`` dtypes is computed in: the widest; fp16 with bf16 -> fp32."""
+    if len(stored) == 1:
+        return next(iter(stored))
+    top = max(stored, key=_WIDTH.__getitem__)
+    return "F32" if _WIDTH[top] == 0 else top
 
 
 def read_config(base_dir: str) -> dict:
@@ -108,8 +131,10 @@ def warn_base_in_history(base: Checkpoint, ckpts: list[Checkpoint]) -> None:
 class Trajectory:
     """The opened inputs of a run. ``steps`` ascending; ``ckpts[i]`` is the checkpoint of ``steps[i]``."""
 
-    def __init__(self, base_dir: str, checkpoints: dict[int, str]):
+    def __init__(self, base_dir: str, checkpoints: dict[int, str], out_dtype: str | None = None):
+        """``out_dtype``: the fitted tensors' output dtype (``BF16``, ``F16``, ``F32``); None: the base's."""
         self.base_dir = os.path.abspath(base_dir)
+        self.out_dtype = out_dtype
         self.steps = sorted(checkpoints)
         self.base: Checkpoint | None = None
         self.ckpts: list[Checkpoint] = []
@@ -157,21 +182,37 @@ class Trajectory:
             else:
                 jobs.append(Job(n, info.dtype, info.shape, "copy"))
         fitted = [(job, base.tensors[job.name].info) for job in jobs if job.kind == "fit"]
+        stored = {job.name: {job.dtype} for job, _ in fitted}
         for ck in self.ckpts:
             for job, want in fitted:
                 loc = ck.tensors.get(job.name)
                 if loc is None:
                     raise InputError(f"checkpoint step {ck.step} lacks tensor {job.name} ({ck.path})")
                 # (a header repeated across checkpoints shares its entries: the same object, nothing to compare)
-                if loc.info is not want and (loc.info.dtype != job.dtype or loc.info.shape != job.shape):
+                if loc.info is want:
+                    continue
+                if loc.info.shape != job.shape or not dtypes.is_fitted(loc.info.dtype):
                     raise InputError(f"checkpoint step {ck.step} tensor {job.name} is {loc.info.dtype} "
                                      f"{list(loc.info.shape)} but the base has {job.dtype} {list(job.shape)} "
                                      f"({loc.file.path})")
+                stored[job.name].add(loc.info.dtype)
             extra = sorted(set(ck.tensors) - set(base.tensors) - self.ignored)
             if extra:
                 raise InputError(f"checkpoint step {ck.step} has tensor {extra[0]} that the base does not "
                                  f"({ck.tensors[extra[0]].file.path})")
-        return jobs
+        # versions in several float dtypes (fp32 masters beside a bf16 base): computed in the widest,
+        # each read exactly from its own values; written in the base's dtype or --out-dtype
+        out = []
+        for job in jobs:
+            if job.kind == "fit":
+                comp = compute_dtype(stored[job.name])
+                want = self.out_dtype or job.dtype
+                job = Job(job.name, comp, job.shape, "fit", out=want if want != comp else None,
+                          mixed=len(stored[job.name]) > 1)
+            elif job.kind == "tied" and self.out_dtype and self.out_dtype != job.dtype:
+                job = Job(job.name, job.dtype, job.shape, "tied", source=job.source, out=self.out_dtype)
+            out.append(job)
+        return out
 
     def files(self):
         yield from self.base.files

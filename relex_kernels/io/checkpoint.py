@@ -1,7 +1,9 @@
-"""A checkpoint directory: one ``model.safetensors`` or an index plus its shards.
+"""A checkpoint directory: one ``model.safetensors``, an index plus its shards, or verl FSDP rank files.
 
-:class:`Checkpoint` maps every tensor name to the :class:`SafetensorsFile` that holds
-it, after checking that the index and the shards agree (method §5).
+:class:`Checkpoint` maps every tensor name to the file that holds it — a
+:class:`SafetensorsFile` (after checking that the index and the shards agree, method §5),
+or for a verl FSDP actor directory (``model_world_size_{W}_rank_{R}.pt``) the
+:class:`~.fsdp.ShardedTensors` that assembles each tensor from its rank files.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections import Counter
 from typing import NamedTuple
 
 from ..errors import FormatError, InputError
+from .fsdp import ShardedTensors, holds_rank_files
 from .reader import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -19,7 +22,7 @@ SINGLE_NAME = "model.safetensors"
 
 
 class Located(NamedTuple):  # a tuple: a MoE checkpoint holds tens of thousands, made at every open
-    file: SafetensorsFile
+    file: SafetensorsFile  # or ShardedTensors: anything with view / release / prefetch by element range
     info: TensorInfo
 
 
@@ -34,9 +37,12 @@ class Checkpoint:
         self.files: list[SafetensorsFile] = []
         self.tensors: dict[str, Located] = {}
         index = os.path.join(self.path, INDEX_NAME)
+        self.format = "safetensors"
         try:
             if os.path.isfile(index):
                 self._open_index(index)
+            elif holds_rank_files(self.path):
+                self._open_fsdp()
             else:
                 self._open_single()
         except BaseException:
@@ -45,6 +51,13 @@ class Checkpoint:
 
     def _label(self) -> str:
         return "base checkpoint" if self.step is None else f"checkpoint step {self.step}"
+
+    def _open_fsdp(self) -> None:
+        st = ShardedTensors(self.path, self._label())
+        self.format = f"verl-fsdp (world size {st.world})"
+        self.files.extend(st.files)
+        for name, info in st.tensors.items():
+            self.tensors[name] = Located(st, info)
 
     def _open_single(self) -> None:
         single = os.path.join(self.path, SINGLE_NAME)
@@ -55,6 +68,9 @@ class Checkpoint:
                 raise InputError(f"{self._label()}: cannot list {self.path} ({e.strerror})") from None
             cands = sorted(f for f in names if f.endswith(".safetensors"))
             if len(cands) != 1:
+                if any(n.endswith("_model_states.pt") for n in names):
+                    raise InputError(f"{self._label()}: {self.path} is a DeepSpeed ZeRO checkpoint, which relex does "
+                                     "not read: export Hugging Face weights first (DeepSpeed's zero_to_fp32.py)")
                 raise InputError(f"{self._label()}: {self.path} has no {SINGLE_NAME} or {INDEX_NAME}"
                                  + (f" (found {len(cands)} .safetensors files and no index)" if cands else ""))
             single = os.path.join(self.path, cands[0])

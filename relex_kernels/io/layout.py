@@ -5,17 +5,22 @@ from __future__ import annotations
 import os
 import re
 
-from ..errors import InputError, UsageError
-from .checkpoint import INDEX_NAME
+import warnings
 
-#: directory-name patterns, and for each the sub-paths tried in order
+from ..errors import InputError, RelexWarning, UsageError
+from .checkpoint import INDEX_NAME
+from .fsdp import holds_rank_files
+
+#: directory-name patterns, and for each the sub-paths tried in order (verl: the FSDP rank
+#: files of actor/ first — the training weights, fp32 by default — then the HF export)
 _PATTERNS = [
-    (re.compile(r"^global_step_(\d+)$"), ("actor/huggingface", "huggingface", ".")),
+    (re.compile(r"^global_step_(\d+)$"), ("actor", "actor/huggingface", "huggingface", ".")),
     (re.compile(r"^checkpoint-(\d+)$"), (".",)),
     (re.compile(r"^step_(\d+)$"), (".",)),
 ]
-LAYOUT_HELP = ("global_step_N/actor/huggingface, global_step_N/huggingface, global_step_N, "
-               "checkpoint-N, step_N")
+LAYOUT_HELP = ("global_step_N/actor (verl FSDP rank files), global_step_N/actor/huggingface, "
+               "global_step_N/huggingface, global_step_N, checkpoint-N, step_N")
+PREFER = ("shards", "hf")
 
 
 def holds_weights(path: str) -> bool:
@@ -23,14 +28,33 @@ def holds_weights(path: str) -> bool:
         names = os.listdir(path)
     except OSError:
         return False
-    return INDEX_NAME in names or any(n.endswith(".safetensors") for n in names)
+    return (INDEX_NAME in names or any(n.endswith(".safetensors") for n in names)
+            or holds_rank_files(path))
 
 
-def discover(run_dir: str) -> dict[int, str]:
-    """``{step: checkpoint_dir}`` for every recognised checkpoint directly under ``run_dir``."""
+def is_deepspeed(path: str) -> bool:
+    """A DeepSpeed checkpoint directory (ZeRO partitions / model states), not weights relex reads."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(n.endswith("_model_states.pt") or (n.startswith("zero_") and n.endswith("optim_states.pt"))
+               for n in names)
+
+
+def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) -> dict[int, str]:
+    """``{step: checkpoint_dir}`` for every recognised checkpoint directly under ``run_dir``.
+
+    ``prefer``: where a verl step holds both FSDP rank files (``actor/``) and an HF export
+    (``actor/huggingface/``), ``shards`` (default: the training weights themselves) or ``hf``.
+    ``max_step``: directories of later steps are not looked into (a live run may be writing them).
+    """
+    if prefer not in PREFER:
+        raise UsageError(f"--prefer must be one of {', '.join(PREFER)}, got {prefer!r}")
     if not os.path.isdir(run_dir):
         raise InputError(f"run directory {run_dir} does not exist or is not a directory")
     found: dict[int, str] = {}
+    both: list[int] = []
     for entry in sorted(os.listdir(run_dir)):
         full = os.path.join(run_dir, entry)
         if not os.path.isdir(full):
@@ -40,18 +64,38 @@ def discover(run_dir: str) -> dict[int, str]:
             if not m:
                 continue
             step = int(m.group(1))
-            for sub in subs:
-                cand = os.path.normpath(os.path.join(full, sub))
-                if holds_weights(cand):
-                    if step in found:
-                        raise InputError(f"duplicate step {step} in {run_dir}: {found[step]} and {cand}")
-                    found[step] = cand
-                    break
-            else:
+            if max_step is not None and step > max_step:
+                break
+            cands = [os.path.normpath(os.path.join(full, sub)) for sub in subs]
+            have = [c for c in cands if holds_weights(c)]
+            if not have:
+                if is_deepspeed(full):
+                    raise InputError(f"{full} is a DeepSpeed ZeRO checkpoint (*_model_states.pt / ZeRO partitions), "
+                                     "which relex does not read: export Hugging Face weights first (DeepSpeed's "
+                                     "zero_to_fp32.py, or save_pretrained from the trainer) and point relex at them")
                 raise InputError(f"{full} looks like the checkpoint of step {step} but holds no "
-                                 f"safetensors weights (looked in {', '.join(subs)})")
+                                 f"weights (looked in {', '.join(subs)})")
+            shards = [c for c in have if holds_rank_files(c)]
+            exports = [c for c in have if c not in shards]
+            pick = (shards or exports)[0] if prefer == "shards" else (exports or shards)[0]
+            if shards and exports:
+                both.append(step)
+            if step in found:
+                raise InputError(f"duplicate step {step} in {run_dir}: {found[step]} and {pick}")
+            found[step] = pick
     if not found:
+        ds = [e for e in sorted(os.listdir(run_dir)) if is_deepspeed(os.path.join(run_dir, e))]
+        if ds:
+            raise InputError(f"{os.path.join(run_dir, ds[0])} is a DeepSpeed ZeRO checkpoint, which relex does not "
+                             "read: export Hugging Face weights first (DeepSpeed's zero_to_fp32.py, or "
+                             "save_pretrained from the trainer) and point relex at them")
         raise InputError(f"no checkpoints found in {run_dir} (looked for {LAYOUT_HELP})")
+    if both:
+        which = ("the FSDP rank files of actor/ (the training weights, at training precision); "
+                 "--prefer hf reads the huggingface/ exports") if prefer == "shards" else \
+            "the huggingface/ exports (--prefer hf); without it, the FSDP rank files of actor/"
+        warnings.warn(f"steps {both[0]}..{both[-1]} hold both FSDP rank files and a Hugging Face export: reading "
+                      f"{which}", RelexWarning, stacklevel=2)
     return found
 
 

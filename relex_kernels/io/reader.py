@@ -196,10 +196,20 @@ def _parsed_header(raw: bytes, sha256: str, data_size: int, path: str, offset: i
     return dict(hit[0]), dict(hit[1])  # TensorInfo is frozen: shared; the dicts are each file's own
 
 
-class SafetensorsFile:
-    """One ``.safetensors`` file, validated and mapped read-only."""
+class MappedFile:
+    """A validated input file mapped read-only, whose tensors (``tensors``: name -> :class:`TensorInfo`,
+    ``begin`` an absolute file offset) are contiguous byte ranges: views, page releases and
+    read-ahead by tensor element range, through the process-wide map cache. Subclasses
+    parse a format (:class:`SafetensorsFile`; ``torch.save`` zips in :mod:`.torchzip`) and set
+    ``path``, ``size``, ``mtime_ns``, ``_identity``, ``header_sha256``, ``tensors``, ``metadata``.
+    """
 
-    def __init__(self, path: str | os.PathLike):
+    _mm = None
+    #: every tensor is one contiguous byte range of this file (the engine's grouped passes take addresses)
+    groupable = True
+
+    def _stat_open(self, path) -> int:
+        """Open ``path`` read-only (a regular file, not a FIFO) and record its identity; returns the fd."""
         self.path = os.fspath(path)
         self._mm = None  # mapped on first use (:meth:`_map`), unmapped when idle
         try:
@@ -211,28 +221,13 @@ class SafetensorsFile:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise FormatError(f"{self.path}: is not a regular file")
-            self.size = st.st_size
-            self.mtime_ns = st.st_mtime_ns
-            self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-            if self.size < 8:
-                raise FormatError(f"{self.path}: {self.size} bytes is too short for a safetensors file")
-            n = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
-            if n > MAX_HEADER:
-                raise FormatError(f"{self.path}: header length {n} exceeds the 100 MB limit")
-            if 8 + n > self.size:
-                raise FormatError(f"{self.path}: header length {n} runs past the end of the "
-                                  f"{self.size}-byte file (truncated?)")
-            raw = os.pread(fd, n, 8)
-            if len(raw) != n:
-                raise FormatError(f"{self.path}: short read of the header")
-            self.header_sha256 = hashlib.sha256(raw).hexdigest()
-            self.data_start = 8 + n
-            self.tensors, self.metadata = _parsed_header(raw, self.header_sha256, self.size - self.data_start,
-                                                         self.path, self.data_start)
-        except OSError as e:
-            raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
+        self.size = st.st_size
+        self.mtime_ns = st.st_mtime_ns
+        self._identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        return fd
 
     def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Zero-copy 1-D view of elements ``[start, stop)`` of tensor ``name`` (raw dtype)."""
@@ -342,3 +337,30 @@ class SafetensorsFile:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class SafetensorsFile(MappedFile):
+    """One ``.safetensors`` file, validated and mapped read-only."""
+
+    def __init__(self, path: str | os.PathLike):
+        fd = self._stat_open(path)
+        try:
+            if self.size < 8:
+                raise FormatError(f"{self.path}: {self.size} bytes is too short for a safetensors file")
+            n = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
+            if n > MAX_HEADER:
+                raise FormatError(f"{self.path}: header length {n} exceeds the 100 MB limit")
+            if 8 + n > self.size:
+                raise FormatError(f"{self.path}: header length {n} runs past the end of the "
+                                  f"{self.size}-byte file (truncated?)")
+            raw = os.pread(fd, n, 8)
+            if len(raw) != n:
+                raise FormatError(f"{self.path}: short read of the header")
+            self.header_sha256 = hashlib.sha256(raw).hexdigest()
+            self.data_start = 8 + n
+            self.tensors, self.metadata = _parsed_header(raw, self.header_sha256, self.size - self.data_start,
+                                                         self.path, self.data_start)
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
+        finally:
+            os.close(fd)

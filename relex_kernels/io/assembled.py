@@ -1,0 +1,60 @@
+"""Tensors assembled from pieces in several files (FSDP rank files, DCP chunks), read by element range.
+
+:class:`AssembledTensors` has the reading interface of :class:`~.reader.MappedFile` (``view``,
+``release``, ``prefetch`` by tensor element range) over ``segments``: per tensor, the flat
+element ranges ``[s0, s1)`` that each piece (a contiguous tensor ``local`` of a mapped file)
+holds. A range inside one piece is a zero-copy view; a range across pieces is gathered into a
+new array (a few chunks per tensor), so a kernel sees the values of the whole tensor, bit for
+bit. There is no one address per tensor, so the engine's grouped passes leave these tensors
+alone (``groupable`` False).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import dtypes
+from .reader import MappedFile, TensorInfo
+
+
+class AssembledTensors:
+    groupable = False
+    path: str
+    files: list[MappedFile]
+    tensors: dict[str, TensorInfo]
+    #: name -> [(s0, s1, file, local name)], in element order, covering [0, numel)
+    segments: dict[str, list[tuple[int, int, MappedFile, str]]]
+
+    def _pieces(self, name: str, a: int, b: int):
+        for s0, s1, f, local in self.segments[name]:
+            lo, hi = max(a, s0), min(b, s1)
+            if lo < hi:
+                yield lo, hi, s0, f, local
+
+    def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        t = self.tensors[name]
+        stop = t.numel if stop is None else stop
+        if not 0 <= start <= stop <= t.numel:
+            raise IndexError(f"{self.path}: elements [{start}, {stop}) outside tensor {name!r} of {t.numel}")
+        pieces = list(self._pieces(name, start, stop))
+        if len(pieces) == 1 and pieces[0][0] == start and pieces[0][1] == stop:
+            lo, hi, s0, f, local = pieces[0]
+            return f.view(local, lo - s0, hi - s0)
+        out = np.empty(stop - start, dtype=dtypes.raw_numpy(t.dtype))  # a range across pieces (or empty)
+        for lo, hi, s0, f, local in pieces:
+            out[lo - start:hi - start] = f.view(local, lo - s0, hi - s0)
+        return out
+
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        stop = self.tensors[name].numel if stop is None else stop
+        for lo, hi, s0, f, local in self._pieces(name, start, stop):
+            f.release(local, lo - s0, hi - s0)
+
+    def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        stop = self.tensors[name].numel if stop is None else stop
+        for lo, hi, s0, f, local in self._pieces(name, start, stop):
+            f.prefetch(local, lo - s0, hi - s0)
+
+    def close(self) -> None:
+        for f in self.files:
+            f.close()

@@ -1,0 +1,139 @@
+"""verl FSDP actor checkpoints read in place: ``model_world_size_{W}_rank_{R}.pt``, no merge step.
+
+verl saves, per rank, ``torch.save(model.state_dict())`` of the FSDP model: DTensors whose
+local tensors are that rank's row block (``Shard(0)``: rank k holds rows
+``[k·c, k·c + len_k)``, ``c = ceil(N / W)``, the last ranks shorter or empty) or a full copy
+(``Replicate``), in the training precision (fp32 master weights by default). A tensor split
+over W rank files is one tensor here: :class:`ShardedTensors` serves element ranges of it,
+zero-copy when the range lies in one rank's block and gathered into a new array when it
+spans two (a few chunks per tensor), so the engine's Gram is that of the gathered tensor,
+bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from math import prod
+
+from ..errors import FormatError, InputError
+from . import dtypes
+from .assembled import AssembledTensors
+from .reader import TensorInfo
+from .torchzip import ShardRef, TorchZipFile
+
+RANK_FILE = re.compile(r"^model_world_size_(\d+)_rank_(\d+)\.pt$")
+
+
+def rank_files(path: str) -> dict[int, tuple[int, str]]:
+    """``{rank: (world size, file)}`` of the verl model rank files in directory ``path``."""
+    out = {}
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return {}
+    for n in names:
+        m = RANK_FILE.match(n)
+        if m:
+            out[int(m.group(2))] = (int(m.group(1)), os.path.join(path, n))
+    return out
+
+
+def holds_rank_files(path: str) -> bool:
+    return bool(rank_files(path))
+
+
+class ShardedTensors(AssembledTensors):
+    """The tensors of one verl FSDP checkpoint directory, each assembled from its rank files."""
+
+    def __init__(self, path: str, label: str):
+        self.path = path
+        found = rank_files(path)
+        worlds = {w for w, _ in found.values()}
+        if len(worlds) != 1:
+            raise InputError(f"{label}: {path} holds rank files of several world sizes {sorted(worlds)}")
+        W = worlds.pop()
+        missing = sorted(set(range(W)) - set(found))
+        if missing or len(found) != W:
+            raise InputError(f"{label}: {path} lacks the model rank file(s) of rank {missing or sorted(found)} "
+                             f"(world size {W}: model_world_size_{W}_rank_0.pt .. rank_{W - 1}.pt)")
+        cfg = os.path.join(path, "fsdp_config.json")
+        if os.path.isfile(cfg):
+            try:
+                with open(cfg) as fh:
+                    cw = json.load(fh).get("world_size")
+            except (OSError, ValueError, AttributeError) as e:
+                raise FormatError(f"{cfg}: cannot read ({e})") from None
+            if cw is not None and cw != W:
+                raise InputError(f"{label}: {cfg} says world_size {cw} but the rank files are of world size {W}")
+        self.world = W
+        self.files: list[TorchZipFile] = []
+        try:
+            for r in range(W):
+                self.files.append(TorchZipFile(found[r][1]))
+            self.tensors: dict[str, TensorInfo] = {}
+            self.segments: dict[str, list[tuple[int, int, TorchZipFile, str]]] = {}
+            self._assemble(label)
+        except BaseException:
+            self.close()
+            raise
+
+    def _assemble(self, label: str) -> None:
+        first = self.files[0]
+        names = list(first.tensors)
+        for f in self.files[1:]:
+            if list(f.tensors) != names:
+                extra = sorted(set(f.tensors) ^ set(names))
+                raise InputError(f"{label}: rank files disagree on the tensors ({f.path} vs {first.path}: "
+                                 f"{extra[:3]})")
+        for name in names:
+            refs = [f.shards.get(name) for f in self.files]
+            infos = [f.tensors[name] for f in self.files]
+            dt = infos[0].dtype
+            if any(i.dtype != dt for i in infos):
+                raise InputError(f"{label}: tensor {name} has different dtypes across rank files "
+                                 f"({sorted({i.dtype for i in infos})})")
+            if refs[0] is None:  # a plain tensor: every rank holds it whole
+                self.tensors[name] = TensorInfo(name, dt, infos[0].shape, -1, infos[0].nbytes)
+                self.segments[name] = [(0, prod(infos[0].shape), self.files[0], name)]
+                continue
+            self._sharded(label, name, refs, infos)
+
+    def _sharded(self, label: str, name: str, refs: list[ShardRef | None], infos: list[TensorInfo]) -> None:
+        r0 = refs[0]
+        if any(r is None or r.shape != r0.shape or r.placements != r0.placements for r in refs):
+            raise InputError(f"{label}: tensor {name} is described differently by the rank files "
+                             "(global shape or placements differ)")
+        shape, dt = r0.shape, infos[0].dtype
+        n = prod(shape)
+        places = [p for p in r0.placements if p != ("replicate",)]
+        if not places:  # replicated: rank 0's copy
+            if infos[0].shape != shape:
+                raise InputError(f"{label}: replicated tensor {name} has local shape {infos[0].shape}, not {shape}")
+            self.tensors[name] = TensorInfo(name, dt, shape, -1, n * dtypes.itemsize(dt))
+            self.segments[name] = [(0, n, self.files[0], name)]
+            return
+        if len(r0.placements) != 1 or places[0][0] != "shard":
+            raise InputError(f"{label}: tensor {name} has placements {r0.placements}; relex reads 1-D FSDP meshes "
+                             "(Shard or Replicate); merge HSDP checkpoints with verl's model merger first")
+        dim = places[0][1]
+        if dim != 0:
+            raise InputError(f"{label}: tensor {name} is sharded along dim {dim}; relex reads row-sharded (Shard(0)) "
+                             "FSDP tensors — merge this checkpoint with verl's model merger first")
+        W = self.world
+        N = shape[0]
+        row = prod(shape[1:])
+        c = -(-N // W)
+        segs = []
+        for k, info in enumerate(infos):
+            rows = max(0, min(c, N - k * c))
+            if info.shape != (rows, *shape[1:]):
+                raise InputError(f"{label}: tensor {name} rank {k} holds shape {info.shape}; Shard(0) of {shape} "
+                                 f"over {W} ranks gives {(rows, *shape[1:])} ({self.files[k].path})")
+            if rows:
+                segs.append((k * c * row, (k * c + rows) * row, self.files[k], name))
+        self.tensors[name] = TensorInfo(name, dt, shape, -1, n * dtypes.itemsize(dt))
+        self.segments[name] = segs
+
+

@@ -1,0 +1,263 @@
+"""verl FSDP actor checkpoints (rank files written by FSDP2 over gloo, saved as verl saves them)
+read in place: outputs bit-identical to the same trajectory stored as safetensors, and bad
+inputs refused with one line, nothing run, nothing left."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+fsdpgen = pytest.importorskip("fsdpgen")
+
+from relex_kernels import extrapolate  # noqa: E402
+from relex_kernels.errors import FormatError, InputError  # noqa: E402
+from relex_kernels.io.checkpoint import Checkpoint  # noqa: E402
+from relex_kernels.io.torchzip import TorchZipFile  # noqa: E402
+
+STEPS = [10, 20, 30]
+WORLD = {10: 3, 20: 2, 30: 3}  # rank counts may differ between saves
+SHAPES = {"model.embed_tokens.weight": (50, 16), "model.layers.0.mlp.up_proj.weight": (37, 16),
+          "model.layers.0.input_layernorm.weight": (16,), "model.norm.weight": (16,)}
+CONFIG = {"model_type": "qwen2", "tie_word_embeddings": True}
+
+
+def _values(seed: int) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    th0 = {n: torch.randn(s, generator=g) * 0.5 for n, s in SHAPES.items()}
+    v = {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+    out = [th0]
+    for s in STEPS:
+        out.append({n: th0[n] + 1e-3 * s * v[n] + 1e-5 * torch.randn(SHAPES[n], generator=g) for n in SHAPES})
+    return out
+
+
+def _hf_dir(d: str, sd: dict) -> str:
+    os.makedirs(d, exist_ok=True)
+    safetensors_torch.save_file({k: t.contiguous() for k, t in sd.items()}, os.path.join(d, "model.safetensors"))
+    with open(os.path.join(d, "config.json"), "w") as fh:
+        json.dump(CONFIG, fh)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """base (fp32 safetensors), a verl run dir of FSDP rank files, and the same steps as safetensors."""
+    root = str(tmp_path_factory.mktemp("verl"))
+    vals = _values(0)
+    base = _hf_dir(os.path.join(root, "base"), vals[0])
+    hf = {s: _hf_dir(os.path.join(root, "hf", f"step_{s}"), vals[i + 1]) for i, s in enumerate(STEPS)}
+    for i, s in enumerate(STEPS):
+        actor = os.path.join(root, "run", f"global_step_{s}", "actor")
+        fsdpgen.save_fsdp(actor, vals[i + 1], WORLD[s])
+        os.makedirs(os.path.join(actor, "huggingface"))
+        with open(os.path.join(actor, "huggingface", "config.json"), "w") as fh:
+            json.dump(CONFIG, fh)  # verl's default save_contents: config and tokenizer, no weights
+    return root, base, hf, vals
+
+
+def _bytes(out_dir: str) -> dict[str, bytes]:
+    ck = Checkpoint(out_dir)
+    try:
+        return {n: bytes(np.asarray(loc.file.view(n)).view(np.uint8)) for n, loc in ck.tensors.items()}
+    finally:
+        ck.close()
+
+
+def test_rank_files_equal_the_gathered_tensors(run):
+    root, _, _, vals = run
+    for i, s in enumerate(STEPS):
+        ck = Checkpoint(os.path.join(root, "run", f"global_step_{s}", "actor"), step=s)
+        try:
+            assert ck.format == f"verl-fsdp (world size {WORLD[s]})"
+            for n, shape in SHAPES.items():
+                loc = ck.tensors[n]
+                assert loc.info.shape == shape and loc.info.dtype == "F32"
+                n_el = int(np.prod(shape))
+                for a, b in [(0, n_el), (3, min(n_el, 40)), (n_el // 3 - 1, n_el // 3 + 2)]:  # across blocks too
+                    want = vals[i + 1][n].reshape(-1).numpy()[a:b]
+                    assert np.array_equal(loc.file.view(n, a, b), want), (n, a, b)
+        finally:
+            ck.close()
+
+
+def test_extrapolate_from_a_verl_run_equals_safetensors_inputs(run, tmp_path):
+    """`relex extrapolate --checkpoints RUN` over rank files: the bytes of the same run as safetensors."""
+    root, base, hf, _ = run
+    ref = extrapolate(base, hf, [60, 90], str(tmp_path / "ref"))
+    out = str(tmp_path / "verl")
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", "extrapolate", "--base", base, "--checkpoints",
+                        os.path.join(root, "run"), "--target-step", "60", "--target-step", "90", "--out", out, "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for t, o in zip([60, 90], ref.outputs):
+        assert _bytes(os.path.join(out, f"step_{t}")) == _bytes(o)
+
+
+def test_shards_preferred_over_an_export_and_prefer_hf(run, tmp_path):
+    """A step with rank files and a safetensors export: the rank files by default (one warning
+    line says so), the export with --prefer hf."""
+    root, base, hf, vals = run
+    rd = str(tmp_path / "run")
+    shutil.copytree(os.path.join(root, "run"), rd)
+    for i, s in enumerate(STEPS):  # an export that differs from the shards (bf16, as an HF export is)
+        export = {n: t.to(torch.bfloat16).float() for n, t in vals[i + 1].items()}
+        _hf_dir(os.path.join(rd, f"global_step_{s}", "actor", "huggingface"), export)
+    cmd = [sys.executable, "-m", "relex_kernels", "extrapolate", "--base", base, "--checkpoints", rd,
+           "--target-step", "60", "-q"]
+    a = subprocess.run(cmd + ["--out", str(tmp_path / "a")], capture_output=True, text=True)
+    b = subprocess.run(cmd + ["--out", str(tmp_path / "b"), "--prefer", "hf"], capture_output=True, text=True)
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert "FSDP rank files of actor/" in a.stderr and len(a.stderr.strip().splitlines()) == 1
+    ref = extrapolate(base, hf, [60], str(tmp_path / "ref"))
+    assert _bytes(str(tmp_path / "a" / "step_60")) == _bytes(ref.outputs[0])
+    assert _bytes(str(tmp_path / "b" / "step_60")) != _bytes(ref.outputs[0])
+
+
+def test_a_live_run_is_read_up_to_the_history(run, tmp_path):
+    """A later step still being written (config, no weights) is not opened with --history-steps."""
+    root, base, hf, _ = run
+    rd = str(tmp_path / "run")
+    shutil.copytree(os.path.join(root, "run"), rd)
+    os.makedirs(os.path.join(rd, "global_step_40", "actor", "huggingface"))
+    with open(os.path.join(rd, "global_step_40", "actor", "huggingface", "config.json"), "w") as fh:
+        fh.write("{}")
+    with open(os.path.join(rd, "global_step_40", "actor", "model_world_size_3_rank_0.pt"), "wb") as fh:
+        fh.write(b"PK")  # half written
+    cmd = [sys.executable, "-m", "relex_kernels", "extrapolate", "--base", base, "--checkpoints", rd,
+           "--target-step", "60", "-q", "--out"]
+    ok = subprocess.run(cmd + [str(tmp_path / "a"), "--history-steps", "30"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    bad = subprocess.run(cmd + [str(tmp_path / "b")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "global_step_40" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _actor(run, tmp_path, step=10) -> str:
+    root = run[0]
+    d = str(tmp_path / "actor")
+    shutil.copytree(os.path.join(root, "run", f"global_step_{step}", "actor"), d)
+    return d
+
+
+def _zip_with_pickle(path: str, payload: bytes) -> None:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", payload)
+        z.writestr("archive/byteorder", "little")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, (f"touch {_Evil.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["missing rank", "config world size", "truncated", "hostile pickle",
+                                  "dtype differs", "shapes do not tile", "not a state dict", "deepspeed"])
+def test_bad_fsdp_inputs_are_refused_with_one_line(run, tmp_path, kind):
+    root, base, hf, _ = run
+    d = _actor(run, tmp_path)
+    marker = str(tmp_path / "pwned")
+    expect = InputError
+    if kind == "missing rank":
+        os.unlink(os.path.join(d, "model_world_size_3_rank_1.pt"))
+        words = "rank [1]"
+    elif kind == "config world size":
+        with open(os.path.join(d, "fsdp_config.json"), "w") as fh:
+            json.dump({"FSDP_version": 2, "world_size": 4}, fh)
+        words = "world_size 4"
+    elif kind == "truncated":
+        p = os.path.join(d, "model_world_size_3_rank_2.pt")
+        with open(p, "r+b") as fh:
+            fh.truncate(os.path.getsize(p) // 2)
+        expect, words = FormatError, "rank_2.pt"
+    elif kind == "hostile pickle":
+        _Evil.marker = marker
+        _zip_with_pickle(os.path.join(d, "model_world_size_3_rank_0.pt"), pickle.dumps({"w": _Evil()}, protocol=2))
+        expect, words = FormatError, "is not allowed"
+    elif kind == "dtype differs":
+        vals = _values(0)[1]
+        fsdpgen.save_fsdp(str(tmp_path / "half"), {n: t.half() for n, t in vals.items()}, 3)
+        shutil.copy(str(tmp_path / "half" / "model_world_size_3_rank_1.pt"), d)
+        words = "different dtypes"
+    elif kind == "shapes do not tile":
+        vals = _values(0)[1]
+        vals["model.layers.0.mlp.up_proj.weight"] = torch.zeros(38, 16)
+        fsdpgen.save_fsdp(str(tmp_path / "other"), vals, 3)
+        shutil.copy(str(tmp_path / "other" / "model_world_size_3_rank_2.pt"), d)
+        words = "described differently"
+    elif kind == "not a state dict":
+        torch.save([torch.zeros(3)], os.path.join(d, "model_world_size_3_rank_0.pt"))
+        expect, words = FormatError, "not a state dict"
+    else:  # a DeepSpeed directory given as a checkpoint
+        shutil.rmtree(d)
+        os.makedirs(d)
+        torch.save({}, os.path.join(d, "mp_rank_00_model_states.pt"))
+        words = "DeepSpeed"
+    before = {p: os.path.getmtime(os.path.join(d, p)) for p in os.listdir(d)}
+    with pytest.raises(expect, match=None) as e:
+        extrapolate(base, {10: d, 20: hf[20], 30: hf[30]}, [60], str(tmp_path / "out"))
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not os.path.exists(marker)  # nothing from the checkpoint ran
+    assert not os.path.exists(tmp_path / "out" / "step_60")
+    assert {p: os.path.getmtime(os.path.join(d, p)) for p in os.listdir(d)} == before  # inputs unchanged
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", "extrapolate", "--base", base, "--checkpoint",
+                        f"10={d}", "--checkpoint", f"20={hf[20]}", "--target-step", "60", "--out",
+                        str(tmp_path / "cli")], capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not os.path.exists(marker)
+
+
+def test_a_plain_torch_save_state_dict_is_mapped_not_loaded(tmp_path):
+    """pytorch_model.bin-style files: tensors mapped from the archive, torch.load never called."""
+    sd = {"a": torch.randn(5, 3), "b": torch.arange(4, dtype=torch.int64), "c": torch.randn(7).to(torch.bfloat16)}
+    p = str(tmp_path / "m.pt")
+    torch.save(sd, p)
+    f = TorchZipFile(p)
+    try:
+        for n, t in sd.items():
+            raw = np.asarray(f.view(n))
+            want = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+            assert np.array_equal(raw.view(want.dtype).reshape(t.shape), want), n
+    finally:
+        f.close()
+
+
+def test_fp32_masters_with_a_bf16_base(run, tmp_path):
+    """The verl case: fp32 rank files, the bf16 model the run started from. Deltas are taken in
+    fp32 from each side's own values: the run equals the same trajectory with the base widened
+    to fp32 (bit for bit with --out-dtype fp32; rounded to nearest even by default, bf16 like the
+    base), and an explicit fp64 SVD reference built from the torch values."""
+    from relex_kernels.io import dtypes
+    root, _, hf, vals = run
+    base16 = {n: t.to(torch.bfloat16) for n, t in vals[0].items()}
+    base = _hf_dir(str(tmp_path / "base_bf16"), base16)
+    wide = _hf_dir(str(tmp_path / "base_wide"), {n: t.float() for n, t in base16.items()})
+    ckpts = {s: os.path.join(root, "run", f"global_step_{s}", "actor") for s in STEPS}
+    a = extrapolate(base, ckpts, [60], str(tmp_path / "a"))
+    b = extrapolate(base, ckpts, [60], str(tmp_path / "b"), out_dtype="fp32")
+    c = extrapolate(wide, hf, [60], str(tmp_path / "c"))
+    assert a.report["out_dtype"] == "base" and b.report["out_dtype"] == "fp32"
+    A, B, C = _bytes(a.outputs[0]), _bytes(b.outputs[0]), _bytes(c.outputs[0])
+    assert B == C
+    for n in SHAPES:
+        f32 = np.frombuffer(C[n], np.float32)
+        assert A[n] == dtypes.from_float32(f32, "BF16").tobytes(), n
+        # explicit reference: fp64 deltas of the torch values, SVD, a line through the coefficients
+        th0 = base16[n].double().reshape(-1).numpy()
+        M = np.stack([vals[i + 1][n].double().reshape(-1).numpy() - th0 for i in range(len(STEPS))])
+        U, S, Vh = np.linalg.svd(M, full_matrices=False)
+        coef = U[:, 0] * S[0]
+        want = th0 + np.polyval(np.polyfit(STEPS, coef, 1), 60) * Vh[0]
+        got = f32.astype(np.float64)
+        assert np.abs(got - want).max() <= 1e-5 * (np.abs(want).max() + 1), n
+    with open(os.path.join(a.outputs[0], "model.safetensors"), "rb") as fh:
+        head = fh.read(8 + int.from_bytes(fh.read(8), "little"))
+    assert b'"BF16"' in head and b'"F32"' not in head
