@@ -40,7 +40,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str) -> None:
+def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str, fmt: str = "verl") -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -52,6 +52,11 @@ def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str) -> N
             for n, p in model.named_parameters():
                 p.copy_(values[n])
         fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        if fmt == "dcp":  # as accelerate's sharded FSDP save does: the model under a "model" key
+            import torch.distributed.checkpoint as dcp
+            dcp.save({"model": model.state_dict(), "step": 7}, checkpoint_id=out_dir)
+            dist.barrier()
+            return
         torch.save(model.state_dict(), os.path.join(out_dir, f"model_world_size_{world}_rank_{rank}.pt"))
         torch.save({"state": {}, "param_groups": []}, os.path.join(out_dir, f"optim_world_size_{world}_rank_{rank}.pt"))
         torch.save({"lr_scheduler": None}, os.path.join(out_dir, f"extra_state_world_size_{world}_rank_{rank}.pt"))
@@ -63,13 +68,22 @@ def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str) -> N
         dist.destroy_process_group()
 
 
-def save_fsdp(out_dir: str, values: dict[str, torch.Tensor], world: int) -> str:
-    """Write ``values`` as a verl FSDP actor directory ``out_dir`` of ``world`` rank files."""
+def save_fsdp(out_dir: str, values: dict[str, torch.Tensor], world: int, fmt: str = "verl") -> str:
+    """Write ``values`` as a verl FSDP actor directory ``out_dir`` of ``world`` rank files, or with
+    ``fmt="dcp"`` as a torch.distributed.checkpoint directory of the FSDP2-sharded model."""
     os.makedirs(out_dir, exist_ok=True)
-    values_path = os.path.join(out_dir, ".values.pt")
+    values_path = os.path.join(os.path.dirname(os.path.abspath(out_dir)), f".{os.path.basename(out_dir)}.values.pt")
     torch.save(values, values_path)
     try:
-        mp.spawn(_rank, args=(world, _free_port(), values_path, out_dir), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, _free_port(), values_path, out_dir, fmt), nprocs=world, join=True)
     finally:
         os.unlink(values_path)
+    return out_dir
+
+
+def save_dcp_single(out_dir: str, values: dict[str, torch.Tensor]) -> str:
+    """One process, no process group: ``torch.distributed.checkpoint.save`` of a plain state dict
+    (model under "model", an optimizer state and a step beside it, as training loops save)."""
+    import torch.distributed.checkpoint as dcp
+    dcp.save({"model": dict(values), "optimizer": {"state": {"0": torch.zeros(3)}}, "step": 3}, checkpoint_id=out_dir)
     return out_dir

@@ -261,3 +261,57 @@ def test_fp32_masters_with_a_bf16_base(run, tmp_path):
     with open(os.path.join(a.outputs[0], "model.safetensors"), "rb") as fh:
         head = fh.read(8 + int.from_bytes(fh.read(8), "little"))
     assert b'"BF16"' in head and b'"F32"' not in head
+
+
+def test_dcp_checkpoints_equal_safetensors_inputs(run, tmp_path):
+    """torch.distributed.checkpoint directories — FSDP2-sharded over 2 gloo ranks, and one process
+    saving a plain state dict — under accelerate's "model." prefix, with optimizer state and a
+    step beside the weights: read in place, the bytes of the same run as safetensors."""
+    import warnings
+    _, base, hf, vals = run
+    ck = {10: fsdpgen.save_fsdp(str(tmp_path / "dcp10"), vals[1], 2, fmt="dcp")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it saves in a single process
+        for i, s in enumerate(STEPS[1:], 2):
+            ck[s] = fsdpgen.save_dcp_single(str(tmp_path / f"dcp{s}"), vals[i])
+    c = Checkpoint(ck[10], step=10)
+    try:
+        assert c.format == "torch.distributed.checkpoint"
+        assert all(k.startswith("model.") for k in c.tensors)  # as stored, before alignment
+    finally:
+        c.close()
+    ref = extrapolate(base, hf, [60], str(tmp_path / "ref"))
+    got = extrapolate(base, ck, [60], str(tmp_path / "got"))
+    assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])
+
+
+@pytest.mark.parametrize("kind", ["damaged metadata", "chunk past its file", "missing chunk file", "hostile metadata"])
+def test_bad_dcp_inputs_are_refused_with_one_line(run, tmp_path, kind):
+    import warnings
+    _, base, hf, vals = run
+    d = str(tmp_path / "dcp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fsdpgen.save_dcp_single(d, vals[1])
+    marker = str(tmp_path / "pwned")
+    if kind == "damaged metadata":
+        with open(os.path.join(d, ".metadata"), "r+b") as fh:
+            fh.truncate(100)
+        expect, words = FormatError, ".metadata"
+    elif kind == "chunk past its file":
+        p = os.path.join(d, "__0_0.distcp")
+        with open(p, "r+b") as fh:
+            fh.truncate(os.path.getsize(p) // 3)  # (the optimizer's chunks at the end are never read)
+        expect, words = FormatError, "past the end"
+    elif kind == "missing chunk file":
+        os.unlink(os.path.join(d, "__0_0.distcp"))
+        expect, words = InputError, "missing"
+    else:
+        _Evil.marker = marker
+        with open(os.path.join(d, ".metadata"), "wb") as fh:
+            pickle.dump(_Evil(), fh, protocol=2)
+        expect, words = FormatError, "is not allowed"
+    with pytest.raises(expect) as e:
+        extrapolate(base, {10: d, 20: hf[20], 30: hf[30]}, [60], str(tmp_path / "out"))
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not os.path.exists(marker) and not os.path.exists(tmp_path / "out" / "step_60")

@@ -142,6 +142,7 @@ class Trajectory:
             self.base = Checkpoint(base_dir)
             for s in self.steps:
                 self.ckpts.append(Checkpoint(checkpoints[s], step=s))
+                self.ckpts[-1].align(self.base.tensors)  # DCP: the base's names, without the state dict's prefix
             warn_base_in_history(self.base, self.ckpts)
             self.config = read_config(self.base_dir)
             from .output import side_files

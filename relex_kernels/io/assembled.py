@@ -25,14 +25,17 @@ class AssembledTensors:
     #: name -> [(s0, s1, file, local name)], in element order, covering [0, numel)
     segments: dict[str, list[tuple[int, int, MappedFile, str]]]
 
+    #: names a checkpoint is read under (the base's) -> the names stored here (DCP prefixes)
+    alias: dict[str, str] = {}
+
     def _pieces(self, name: str, a: int, b: int):
-        for s0, s1, f, local in self.segments[name]:
+        for s0, s1, f, local in self.segments[self.alias.get(name, name)]:
             lo, hi = max(a, s0), min(b, s1)
             if lo < hi:
                 yield lo, hi, s0, f, local
 
     def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        t = self.tensors[name]
+        t = self.tensors[self.alias.get(name, name)]
         stop = t.numel if stop is None else stop
         if not 0 <= start <= stop <= t.numel:
             raise IndexError(f"{self.path}: elements [{start}, {stop}) outside tensor {name!r} of {t.numel}")
@@ -46,12 +49,12 @@ class AssembledTensors:
         return out
 
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
-        stop = self.tensors[name].numel if stop is None else stop
+        stop = self.tensors[self.alias.get(name, name)].numel if stop is None else stop
         for lo, hi, s0, f, local in self._pieces(name, start, stop):
             f.release(local, lo - s0, hi - s0)
 
     def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
-        stop = self.tensors[name].numel if stop is None else stop
+        stop = self.tensors[self.alias.get(name, name)].numel if stop is None else stop
         for lo, hi, s0, f, local in self._pieces(name, start, stop):
             f.prefetch(local, lo - s0, hi - s0)
 

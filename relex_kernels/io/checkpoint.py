@@ -2,8 +2,9 @@
 
 :class:`Checkpoint` maps every tensor name to the file that holds it — a
 :class:`SafetensorsFile` (after checking that the index and the shards agree, method §5),
-or for a verl FSDP actor directory (``model_world_size_{W}_rank_{R}.pt``) the
-:class:`~.fsdp.ShardedTensors` that assembles each tensor from its rank files.
+for a verl FSDP actor directory (``model_world_size_{W}_rank_{R}.pt``) the
+:class:`~.fsdp.ShardedTensors` that assembles each tensor from its rank files, or for a
+``torch.distributed.checkpoint`` directory (``.metadata``) the :class:`~.dcp.DcpTensors`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections import Counter
 from typing import NamedTuple
 
 from ..errors import FormatError, InputError
+from .dcp import DcpTensors, is_dcp
 from .fsdp import ShardedTensors, holds_rank_files
 from .reader import SafetensorsFile, TensorInfo
 
@@ -43,6 +45,8 @@ class Checkpoint:
                 self._open_index(index)
             elif holds_rank_files(self.path):
                 self._open_fsdp()
+            elif is_dcp(self.path):
+                self._open_dcp()
             else:
                 self._open_single()
         except BaseException:
@@ -58,6 +62,23 @@ class Checkpoint:
         self.files.extend(st.files)
         for name, info in st.tensors.items():
             self.tensors[name] = Located(st, info)
+
+    def _open_dcp(self) -> None:
+        st = DcpTensors(self.path, self._label())
+        self.format = "torch.distributed.checkpoint"
+        self._dcp = st
+        self.files.extend(st.files)
+        for name, info in st.tensors.items():
+            self.tensors[name] = Located(st, info)
+
+    def align(self, names) -> None:
+        """Read a DCP checkpoint's tensors under ``names`` (the base's), dropping the prefix its state
+        dict nested them under (``model.`` for accelerate); other formats store the names as they are."""
+        st = getattr(self, "_dcp", None)
+        if st is None:
+            return
+        st.alias = st.aligned(names)
+        self.tensors = {b: Located(st, st.tensors[s]) for b, s in st.alias.items()}
 
     def _open_single(self) -> None:
         single = os.path.join(self.path, SINGLE_NAME)

@@ -9,6 +9,7 @@ import warnings
 
 from ..errors import InputError, RelexWarning, UsageError
 from .checkpoint import INDEX_NAME
+from .dcp import is_dcp
 from .fsdp import holds_rank_files
 
 #: directory-name patterns, and for each the sub-paths tried in order (verl: the FSDP rank
@@ -19,7 +20,7 @@ _PATTERNS = [
     (re.compile(r"^step_(\d+)$"), (".",)),
 ]
 LAYOUT_HELP = ("global_step_N/actor (verl FSDP rank files), global_step_N/actor/huggingface, "
-               "global_step_N/huggingface, global_step_N, checkpoint-N, step_N")
+               "global_step_N/huggingface, global_step_N, checkpoint-N, step_N (each may be a DCP directory)")
 PREFER = ("shards", "hf")
 
 
@@ -29,7 +30,7 @@ def holds_weights(path: str) -> bool:
     except OSError:
         return False
     return (INDEX_NAME in names or any(n.endswith(".safetensors") for n in names)
-            or holds_rank_files(path))
+            or holds_rank_files(path) or is_dcp(path))
 
 
 def is_deepspeed(path: str) -> bool:
