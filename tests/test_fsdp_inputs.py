@@ -315,3 +315,31 @@ def test_bad_dcp_inputs_are_refused_with_one_line(run, tmp_path, kind):
         extrapolate(base, {10: d, 20: hf[20], 30: hf[30]}, [60], str(tmp_path / "out"))
     assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
     assert not os.path.exists(marker) and not os.path.exists(tmp_path / "out" / "step_60")
+
+
+def test_rank_boundaries_inside_chunks_keep_the_bits(tmp_path, monkeypatch):
+    """A tensor of several Gram chunks whose rank blocks end mid-chunk, read in small copy pieces
+    (COPY_BYTES shrunk) and under a budget that cuts it into ranges: the bytes of the same
+    trajectory as safetensors, fp32 and with a bf16 base."""
+    from relex_kernels.engine import plan, streaming
+    g = torch.Generator().manual_seed(9)
+    shape = (700, 512)  # 358400 elements: 5.5 chunks; W=3 -> blocks of 234 rows end inside chunks 1 and 3
+    th0 = torch.randn(shape, generator=g)
+    v = torch.randn(shape, generator=g)
+    steps = [1, 2, 3]
+    vals = [{"w": th0 + 1e-2 * s * v + 1e-4 * torch.randn(shape, generator=g)} for s in steps]
+    hf = {s: _hf_dir(str(tmp_path / f"hf{s}"), vals[i]) for i, s in enumerate(steps)}
+    fs = {s: fsdpgen.save_fsdp(str(tmp_path / f"fs{s}"), vals[i], 3) for i, s in enumerate(steps[:2])}
+    fs[3] = hf[3]
+    base32 = _hf_dir(str(tmp_path / "b32"), {"w": th0})
+    base16 = _hf_dir(str(tmp_path / "b16"), {"w": th0.to(torch.bfloat16)})
+    wide = _hf_dir(str(tmp_path / "bw"), {"w": th0.to(torch.bfloat16).float()})
+    monkeypatch.setattr(streaming, "COPY_BYTES", 1)  # one chunk per kernel call where copies are needed
+    ref = extrapolate(base32, hf, [9], str(tmp_path / "ref"))
+    got = extrapolate(base32, fs, [9], str(tmp_path / "got"))
+    assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])
+    ref16 = extrapolate(wide, hf, [9], str(tmp_path / "ref16"), out_dtype="fp32")
+    monkeypatch.setattr(plan, "KERNEL_SCRATCH", 0)
+    monkeypatch.setattr(plan, "MIN_BUDGET", 0)
+    got16 = extrapolate(base16, fs, [9], str(tmp_path / "got16"), out_dtype="fp32", memory_budget=3 << 20)
+    assert _bytes(got16.outputs[0]) == _bytes(ref16.outputs[0])

@@ -22,12 +22,15 @@ from ..errors import InputError
 from ..io import dtypes
 from ..io.writer import ShardedWriter
 from ..ops import Backend, fp64, get_backend, native
-from ..ops.reference import nonfinite_count
+from ..ops.reference import GRAM_CHUNK, nonfinite_count
 from .gramsum import GRAM_BLOCK, GramSum
 from .plan import Policy
 from .trajectory import Job, Trajectory
 
 __all__ = ["GRAM_BLOCK", "Streamer"]
+
+#: bytes of copies (widened or gathered versions) per kernel call at most (:meth:`Streamer._subranges`)
+COPY_BYTES = 32 << 20
 
 
 class Streamer:
@@ -54,6 +57,28 @@ class Streamer:
     def ranges(self, job: Job, n_outputs: int, with_history: bool = True) -> tuple[bool, list[tuple[int, int]]]:
         """(resident, ranges) of ``job``: :meth:`.plan.Policy.ranges`."""
         return self.policy.ranges(job, n_outputs, with_history)
+
+    def _subranges(self, job: Job, a: int, b: int) -> list[tuple[int, int]]:
+        """``[a, b)`` in the pieces the kernels take one at a time. Whole, unless a version must be
+        copied to be read (another dtype, or a tensor assembled from several files): then pieces of
+        at most ``COPY_BYTES`` of copies, and the one chunk around each place where a version
+        passes from one file to the next apart (the only range gathered from two files). Every
+        piece starts on a ``GRAM_CHUNK`` edge, so the Gram's chunks, and bits, are unchanged."""
+        locs = list(self._locs(job))
+        assembled = [loc for loc in locs if not loc.file.groupable]
+        if not job.mixed and not assembled:
+            return [(a, b)]
+        C = GRAM_CHUNK
+        step = max(1, COPY_BYTES // ((self.traj.T + 1) * 8 * C)) * C
+        points = set(range(a, b, step)) | {b}
+        for loc in assembled:
+            for s0, s1, _, _ in loc.file.segments[loc.file.alias.get(job.name, job.name)]:
+                for x in (s0, s1):
+                    if a < x < b:
+                        k = x // C * C
+                        points |= {max(a, k), min(b, k + C)}
+        pts = sorted(points)
+        return list(zip(pts, pts[1:])) or [(a, b)]
 
     def views(self, job: Job, a: int, b: int):
         locs = list(self._locs(job))
@@ -102,11 +127,12 @@ class Streamer:
         ops = self._ops(job)
         for i, (a, b) in enumerate(ranges):
             self._read_ahead(job, ranges, i, resident)
-            base, hist = self.views(job, a, b)
-            for c0, c1, blk in gs.pieces(a, b):
-                ops.gram(base[c0 - a:c1 - a], [h[c0 - a:c1 - a] for h in hist], job.dtype, blk,
-                         fp16_deltas=self.fp16_deltas)
-            del base, hist
+            for p0, p1 in self._subranges(job, a, b):
+                base, hist = self.views(job, p0, p1)
+                for c0, c1, blk in gs.pieces(p0, p1):
+                    ops.gram(base[c0 - p0:c1 - p0], [h[c0 - p0:c1 - p0] for h in hist], job.dtype, blk,
+                             fp16_deltas=self.fp16_deltas)
+                del base, hist
             if not resident:
                 self.release(job, a, b)
             self._tick((T + 1) * (b - a) * dtypes.itemsize(job.dtype))
@@ -163,20 +189,21 @@ class Streamer:
         for i, (a, b) in enumerate(ranges):
             if count_read:
                 self._read_ahead(job, ranges, i, resident)
-            base, hist = self.views(job, a, b)
-            outs = [w.view(job.name, a, b) for w in writers]
-            if job.out_dtype == job.dtype:
-                ops.combine(base, hist, alphas, job.dtype, outs, fp16_deltas=self.fp16_deltas)
-            else:  # computed in job.dtype, rounded to the output's dtype to nearest even
-                wide = [np.empty(b - a, dtype=dtypes.raw_numpy(job.dtype)) for _ in writers]
-                ops.combine(base, hist, alphas, job.dtype, wide, fp16_deltas=self.fp16_deltas)
-                for o, x in zip(outs, wide):
-                    dtypes.from_float32(x.astype(np.float32, copy=False), job.out_dtype, out=o)
-            if also is not None:
-                for w, o in zip(writers, outs):
-                    w.view(also, a, b)[...] = o
-                    w.release(also, a, b)
-            del base, hist, outs
+            for p0, p1 in self._subranges(job, a, b):
+                base, hist = self.views(job, p0, p1)
+                outs = [w.view(job.name, p0, p1) for w in writers]
+                if job.out_dtype == job.dtype:
+                    ops.combine(base, hist, alphas, job.dtype, outs, fp16_deltas=self.fp16_deltas)
+                else:  # computed in job.dtype, rounded to the output's dtype to nearest even
+                    wide = [np.empty(p1 - p0, dtype=dtypes.raw_numpy(job.dtype)) for _ in writers]
+                    ops.combine(base, hist, alphas, job.dtype, wide, fp16_deltas=self.fp16_deltas)
+                    for o, x in zip(outs, wide):
+                        dtypes.from_float32(x.astype(np.float32, copy=False), job.out_dtype, out=o)
+                if also is not None:
+                    for w, o in zip(writers, outs):
+                        w.view(also, p0, p1)[...] = o
+                        w.release(also, p0, p1)
+                del base, hist, outs
             self.release(job, a, b)
             for w in writers:
                 w.release(job.name, a, b)
