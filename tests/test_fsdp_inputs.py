@@ -343,3 +343,18 @@ def test_rank_boundaries_inside_chunks_keep_the_bits(tmp_path, monkeypatch):
     monkeypatch.setattr(plan, "MIN_BUDGET", 0)
     got16 = extrapolate(base16, fs, [9], str(tmp_path / "got16"), out_dtype="fp32", memory_budget=3 << 20)
     assert _bytes(got16.outputs[0]) == _bytes(ref16.outputs[0])
+
+
+def test_a_killed_run_over_rank_files_resumes_to_the_same_bytes(run, tmp_path):
+    root, base, hf, _ = run
+    cmd = [sys.executable, "-m", "relex_kernels", "extrapolate", "--base", base, "--checkpoints",
+           os.path.join(root, "run"), "--target-step", "60", "-q", "--out", str(tmp_path / "o")]
+    env = dict(os.environ, RELEX_TEST_KILL="done:2", RELEX_GROUP_TENSORS="1", RELEX_JOURNAL_SYNC_SECONDS="0")
+    killed = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert killed.returncode == -9, killed.stderr
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    with open(tmp_path / "o" / "relex_report.json") as fh:
+        assert json.load(fh)["resumed_tensors"] >= 1
+    ref = extrapolate(base, hf, [60], str(tmp_path / "ref"))
+    assert _bytes(str(tmp_path / "o" / "step_60")) == _bytes(ref.outputs[0])
