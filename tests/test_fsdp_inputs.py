@@ -358,3 +358,34 @@ def test_a_killed_run_over_rank_files_resumes_to_the_same_bytes(run, tmp_path):
         assert json.load(fh)["resumed_tensors"] >= 1
     ref = extrapolate(base, hf, [60], str(tmp_path / "ref"))
     assert _bytes(str(tmp_path / "o" / "step_60")) == _bytes(ref.outputs[0])
+
+
+@pytest.mark.parametrize("layout,world", [("verl-fsdp", 2), ("dcp", 1)])
+def test_relex_synth_writes_trainer_layouts_with_torch(tmp_path, layout, world):
+    """`relex synth --layout verl-fsdp|dcp` (torch's own writers; fp32 masters beside a bf16 base):
+    the checkpoints hold the values of the same synthetic run written as fp32 safetensors, and
+    `relex extrapolate --checkpoints` reads the run."""
+    from relex_kernels.synth import synthesize
+    kw = dict(size="tiny", steps=range(1, 4), seed=3)
+    ref = synthesize(str(tmp_path / "ref"), layout="step", dtype="F32", **kw)
+    got = synthesize(str(tmp_path / "got"), layout=layout, dtype="BF16", master_dtype="F32", world_size=world, **kw)
+    assert got.info["master_dtype"] == "F32"
+    for s in got.steps:
+        a, b = Checkpoint(got.checkpoints[s], step=s), Checkpoint(ref.checkpoints[s], step=s)
+        try:
+            a.align(b.tensors)
+            assert a.tensors.keys() == b.tensors.keys()
+            for n in b.tensors:
+                assert np.array_equal(a.tensors[n].file.view(n), b.tensors[n].file.view(n)), (s, n)
+        finally:
+            a.close()
+            b.close()
+    base = Checkpoint(got.base_dir)
+    try:
+        assert {loc.info.dtype for loc in base.tensors.values()} == {"BF16"}
+    finally:
+        base.close()
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", "extrapolate", "--base", got.base_dir, "--checkpoints",
+                        got.run_dir, "--target-step", "12", "--out", str(tmp_path / "o"), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

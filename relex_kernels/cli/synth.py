@@ -29,13 +29,17 @@ sizes: tiny (0.36M params), small (16M), 220m (Qwen3 hidden 1024 x 12 layers, vo
 (Qwen2.5-Math-1.5B shape; use --arch qwen2).
 
 layouts: verl = global_step_N/actor/huggingface, verl-hf = global_step_N/huggingface,
-verl-flat = global_step_N, hf = checkpoint-N, step = step_N.
+verl-flat = global_step_N, hf = checkpoint-N, step = step_N; verl-fsdp = global_step_N/actor
+holding verl's FSDP rank files and dcp = step_N as torch.distributed.checkpoint directories,
+both written by torch's own writers (needs torch; --world-size W ranks, --master-dtype F32
+for fp32 master weights beside a bf16 base).
 
 examples:
   relex synth runs/tiny
   relex synth runs/bench --size 220m --steps 1-16
   relex synth runs/every5 --size small --every 5 --num 16 --truth 800 --layout hf
   relex synth runs/exact --noise 0 --dtype F32 --steps 1-8
+  relex synth runs/verl --layout verl-fsdp --world-size 4 --master-dtype F32 --steps 1-8
 """
 
 
@@ -74,6 +78,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--layout", choices=list(LAYOUTS), default="verl", help="run directory layout (default verl)")
     g.add_argument("--dtype", choices=STORAGE_DTYPES, default="BF16", help="storage dtype (default BF16)")
+    g.add_argument("--world-size", type=int, default=2, metavar="W",
+                   help="ranks of the verl-fsdp / dcp layouts (FSDP2 over a CPU gloo group; default 2)")
+    g.add_argument("--master-dtype", choices=STORAGE_DTYPES, default=None,
+                   help="verl-fsdp / dcp: dtype of the run's checkpoints (e.g. F32: fp32 master weights "
+                        "beside a --dtype BF16 base, as verl saves them; default --dtype)")
     g.add_argument("--shard-size", default=None, metavar="SIZE",
                    help="shard the safetensors files at SIZE (e.g. 200M, 2GB; default one file up to 5GB)")
     g.add_argument("--threads", type=int, default=None, help="generator threads (default: up to 2)")
@@ -103,7 +112,8 @@ def run(args) -> int:
                    layout=args.layout, noise=args.noise, drift=args.drift, curvature=args.curvature,
                    curvature_dir=args.curvature_dir, spread=args.spread, dtype=args.dtype, shard_bytes=shard,
                    tie=args.tie, store_tied_head=args.store_tied_head, truth_steps=truth,
-                   overwrite=args.overwrite, quiet=args.quiet, threads=args.threads)
+                   overwrite=args.overwrite, quiet=args.quiet, threads=args.threads, world_size=args.world_size,
+                   master_dtype=args.master_dtype)
     if not args.quiet:
         i = r.info
         dt = time.perf_counter() - t0

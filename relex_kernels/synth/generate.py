@@ -155,8 +155,14 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
                curvature_dir: str = "orth", spread: float = 0.5, dtype: str = "BF16",
                shard_bytes: int | None = None, tie: bool | None = None, store_tied_head: bool = False,
                truth_steps=(), overwrite: bool = False, quiet: bool = True,
-               threads: int | None = None) -> SynthRun:
-    """Generate a synthetic RLVR run; see :mod:`relex_kernels.synth` for every parameter."""
+               threads: int | None = None, world_size: int = 2, master_dtype: str | None = None) -> SynthRun:
+    """Generate a synthetic RLVR run; see :mod:`relex_kernels.synth` for every parameter.
+
+    ``layout`` ``verl-fsdp`` / ``dcp``: the run's checkpoints are written by torch's own writers
+    (FSDP2 over ``world_size`` gloo ranks; needs torch) in ``master_dtype`` (default ``dtype``),
+    the base and the truth checkpoints in ``dtype`` as safetensors — fp32 masters beside a bf16
+    base, as verl leaves them, with ``master_dtype="F32"``.
+    """
     shape = configs.resolve_shape(arch, size, tie)
     steps = layouts.check_steps(steps)
     truth_steps = sorted({int(s) for s in truth_steps})
@@ -165,6 +171,13 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
     if dtype not in STORAGE_DTYPES:
         raise UsageError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, got {dtype!r}")
     layouts.checkpoint_relpath(layout, 1)
+    torch_layout = layout in layouts.TORCH_LAYOUTS
+    if master_dtype is not None and (not torch_layout or master_dtype not in STORAGE_DTYPES):
+        raise UsageError(f"master dtype is for the {'/'.join(layouts.TORCH_LAYOUTS)} layouts and one of "
+                         f"{', '.join(STORAGE_DTYPES)}; got {master_dtype!r} with layout {layout!r}")
+    if torch_layout and (not isinstance(world_size, int) or world_size < 1):
+        raise UsageError(f"world size must be a positive integer, got {world_size!r}")
+    gen_dtype = master_dtype or dtype  # torch layouts: everything generated at the masters' precision
     if shard_bytes is not None and shard_bytes < 1:
         raise UsageError("shard_bytes must be positive")
     threads = max(1, min(2, os.cpu_count() or 1)) if threads is None else int(threads)
@@ -173,10 +186,11 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
     defs = configs.tensor_defs(arch, shape, store_tied_head)
     gen_steps = sorted(set(steps) | set(truth_steps))
     plans = plan_tensors(defs, params, gen_steps[-1])
-    specs = [TensorSpec(d.name, dtype, d.shape) for d in defs]
+    specs = [TensorSpec(d.name, gen_dtype, d.shape) for d in defs]
     ckpt_bytes = sum(s.nbytes for s in specs)
     outputs = {0: "base"}
-    outputs.update({s: os.path.join("run", layouts.checkpoint_relpath(layout, s)) for s in steps})
+    finals = {s: os.path.join("run", layouts.checkpoint_relpath(layout, s)) for s in steps}
+    outputs.update({s: os.path.join(".stage", f"step_{s}") if torch_layout else finals[s] for s in steps})
     outputs.update({s: os.path.join("truth", layouts.TRUTH_LAYOUT.format(step=s))
                     for s in truth_steps if s not in outputs})
     total = ckpt_bytes * len(outputs)
@@ -190,7 +204,7 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
         os.makedirs(os.path.join(tmp, "run"))
         for s, rel in outputs.items():
             d = os.path.join(tmp, rel)
-            _write_side_files(d, arch, shape, dtype)
+            _write_side_files(d, arch, shape, gen_dtype)
             if layout == "hf" and rel.startswith("run"):
                 _dump(os.path.join(d, "trainer_state.json"), {"global_step": s, "epoch": None, "log_history": []})
         if layout.startswith("verl"):
@@ -201,15 +215,20 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
         for s in order:
             writers.append(ShardedWriter(os.path.join(tmp, outputs[s]), specs,
                                          shard_bytes or DEFAULT_SHARD_BYTES, {"relex_synth_step": str(s)}))
-        _fill(writers, plans, params, gen_steps, dtype, threads, quiet, total)
+        _fill(writers, plans, params, gen_steps, gen_dtype, threads, quiet, total)
         for w in writers:
             w.close(sync=True)
         writers = []
+        if torch_layout:
+            _to_torch_layout(tmp, outputs, finals, steps, truth_steps, layout, world_size, dtype, gen_dtype, arch,
+                             shape)
+            outputs.update(finals)
         info = {
             "format": "relex-synth", "version": 1, "arch": arch, "size": size, "shape": asdict(shape),
             "num_params": configs.param_count(defs), "seed": params.seed, "drift": params.drift,
             "noise": params.noise, "curvature": params.curvature, "curvature_dir": params.curvature_dir,
             "spread": params.spread, "dtype": dtype, "layout": layout, "steps": steps,
+            "master_dtype": gen_dtype if torch_layout else None, "world_size": world_size if torch_layout else None,
             "truth_steps": truth_steps, "shard_bytes": shard_bytes, "tie": shape.tie,
             "store_tied_head": store_tied_head, "exact": params.noise == 0,
             "exact_up_to_step": exact_horizon(gen_steps[-1]) if params.noise == 0 else None,
@@ -227,6 +246,55 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return SynthRun.load(final)
+
+
+def _to_torch_layout(tmp: str, outputs: dict, finals: dict, steps, truth_steps, layout: str, world: int,
+                     dtype: str, gen_dtype: str, arch: str, shape) -> None:
+    """Rewrite the staged run checkpoints with torch's writers (:mod:`.torch_writers`), and the base
+    and truth checkpoints in ``dtype`` when the masters were generated in another one."""
+    from ..io import Checkpoint
+    from ..io.dtypes import from_float32, to_float32
+    from ..io.writer import write_checkpoint
+    from .torch_writers import _torch, save_dcp, save_verl_fsdp
+    torch = _torch()
+    bits = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+
+    def load(d: str) -> dict:
+        ck = Checkpoint(d)
+        try:
+            out = {}
+            for n, loc in ck.tensors.items():
+                raw = np.array(loc.file.view(n)).reshape(loc.info.shape)
+                t = torch.from_numpy(raw.view(np.int16) if raw.dtype.itemsize == 2 else raw)
+                out[n] = t.view(bits[loc.info.dtype])
+            return out
+        finally:
+            ck.close()
+
+    for s in steps:
+        src, dst = os.path.join(tmp, outputs[s]), os.path.join(tmp, finals[s])
+        values = load(src)
+        if layout == "verl-fsdp":
+            save_verl_fsdp(dst, values, world)
+            _write_side_files(os.path.join(dst, "huggingface"), arch, shape, dtype)  # config, tokenizer
+        else:
+            save_dcp(dst, values, world)
+        shutil.rmtree(src)
+    shutil.rmtree(os.path.join(tmp, ".stage"), ignore_errors=True)
+    if gen_dtype != dtype:  # the base (and the truth) as the run started from it: rounded from the masters
+        for s in [0] + list(truth_steps):
+            d = os.path.join(tmp, outputs[s])
+            ck = Checkpoint(d)
+            try:
+                tensors = {n: (dtype, from_float32(to_float32(np.array(loc.file.view(n)), loc.info.dtype), dtype)
+                               .reshape(loc.info.shape)) for n, loc in ck.tensors.items()}
+            finally:
+                ck.close()
+            for f in os.listdir(d):
+                if f.endswith(".safetensors") or f.endswith(".index.json"):
+                    os.unlink(os.path.join(d, f))
+            write_checkpoint(d, tensors)
+            _write_side_files(d, arch, shape, dtype)
 
 
 def round_into(x: np.ndarray, dtype: str, out: np.ndarray, tmp: np.ndarray) -> None:

@@ -8,6 +8,8 @@ Layouts (method §5), relative to the run directory:
 ``verl-flat``  ``global_step_N/``
 ``hf``         ``checkpoint-N/`` (HF Trainer)
 ``step``       ``step_N/`` (hub-branch downloads)
+``verl-fsdp``  ``global_step_N/actor/``: verl's FSDP rank files (:mod:`.torch_writers`)
+``dcp``        ``step_N/``: ``torch.distributed.checkpoint`` directories (:mod:`.torch_writers`)
 =============  ===========================================
 
 verl layouts also get ``latest_checkpointed_iteration.txt`` in the run directory and
@@ -26,7 +28,11 @@ LAYOUTS = {
     "verl-flat": "global_step_{step}",
     "hf": "checkpoint-{step}",
     "step": "step_{step}",
+    "verl-fsdp": "global_step_{step}/actor",
+    "dcp": "step_{step}",
 }
+#: layouts written by torch's own writers from a staged safetensors copy (need torch)
+TORCH_LAYOUTS = ("verl-fsdp", "dcp")
 
 #: Far-later "ground truth" checkpoints (``truth_steps``) go to OUT/truth/<this>.
 TRUTH_LAYOUT = "step_{step}"

@@ -1,0 +1,122 @@
+"""Checkpoints in trainers' own formats, written by torch's own writers (needs torch).
+
+* :func:`save_verl_fsdp` — a verl FSDP actor directory: each rank of a CPU ``gloo`` process
+  group builds a module with the given parameters, shards it with FSDP2 (``fully_shard`` over a
+  1-D device mesh) and does what verl's ``FSDPCheckpointManager.save_checkpoint`` does:
+  ``torch.save(model.state_dict())`` to ``model_world_size_{W}_rank_{R}.pt`` (DTensors,
+  ``Shard(0)`` row blocks, uneven where a dimension does not divide by W), an optimizer and an
+  extra-state file beside it, and ``fsdp_config.json`` from rank 0;
+* :func:`save_dcp` — ``torch.distributed.checkpoint.save`` of the FSDP2-sharded model under a
+  ``"model"`` key (accelerate's sharded FSDP layout), over ``world`` gloo ranks, or from one
+  process without a process group when ``world`` is 1.
+
+``relex synth --layout verl-fsdp|dcp`` and the tests use them, so the readers are tested on
+files torch wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+
+from ..errors import UsageError
+
+
+def _torch():
+    try:
+        import torch
+        import torch.distributed  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"this layout is written by torch's own writers: install torch ({e})") from None
+    return torch
+
+
+def build_module(values: dict):
+    """A module tree whose ``named_parameters`` are exactly ``values``' names and shapes."""
+    torch = _torch()
+    root = torch.nn.Module()
+    for name, v in values.items():
+        *path, leaf = name.split(".")
+        m = root
+        for p in path:
+            if not hasattr(m, p):
+                m.add_module(p, torch.nn.Module())
+            m = getattr(m, p)
+        m.register_parameter(leaf, torch.nn.Parameter(torch.empty(v.shape, dtype=v.dtype), requires_grad=False))
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str, fmt: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        values = torch.load(values_path)
+        model = build_module(values)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(values[n])
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        if fmt == "dcp":
+            import torch.distributed.checkpoint as dcp
+            dcp.save({"model": model.state_dict(), "step": 0}, checkpoint_id=out_dir)
+        else:
+            torch.save(model.state_dict(), os.path.join(out_dir, f"model_world_size_{world}_rank_{rank}.pt"))
+            torch.save({"state": {}, "param_groups": []},
+                       os.path.join(out_dir, f"optim_world_size_{world}_rank_{rank}.pt"))
+            torch.save({"lr_scheduler": None}, os.path.join(out_dir, f"extra_state_world_size_{world}_rank_{rank}.pt"))
+            if rank == 0:
+                with open(os.path.join(out_dir, "fsdp_config.json"), "w") as fh:
+                    json.dump({"FSDP_version": 2, "world_size": world}, fh, indent=4)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(out_dir: str, values: dict, world: int, fmt: str) -> str:
+    torch = _torch()
+    import torch.multiprocessing as mp
+    if world < 1:
+        raise UsageError(f"world size must be >= 1, got {world}")
+    os.makedirs(out_dir, exist_ok=True)
+    fd, values_path = tempfile.mkstemp(prefix=".relex-values-", suffix=".pt",
+                                       dir=os.path.dirname(os.path.abspath(out_dir)))
+    os.close(fd)
+    try:
+        torch.save(values, values_path)
+        mp.spawn(_rank, args=(world, _free_port(), values_path, out_dir, fmt), nprocs=world, join=True)
+    finally:
+        os.unlink(values_path)
+    return out_dir
+
+
+def save_verl_fsdp(out_dir: str, values: dict, world: int) -> str:
+    """Write ``values`` ({name: tensor}) as a verl FSDP actor directory of ``world`` rank files."""
+    return _spawn(out_dir, values, world, "verl")
+
+
+def save_dcp(out_dir: str, values: dict, world: int = 1) -> str:
+    """Write ``values`` as a DCP directory: FSDP2-sharded over ``world`` gloo ranks, or (1) from one
+    process saving the plain state dict, with an optimizer state and a step beside the model."""
+    if world > 1:
+        return _spawn(out_dir, values, world, "dcp")
+    torch = _torch()
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it saves without a process group
+        dcp.save({"model": dict(values), "optimizer": {"state": {"0": torch.zeros(3)}}, "step": 0},
+                 checkpoint_id=out_dir)
+    return out_dir
