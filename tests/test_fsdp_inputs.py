@@ -79,6 +79,9 @@ def test_rank_files_equal_the_gathered_tensors(run):
         ck = Checkpoint(os.path.join(root, "run", f"global_step_{s}", "actor"), step=s)
         try:
             assert ck.format == f"verl-fsdp (world size {WORLD[s]})"
+            # verl's FSDP2 placement: Shard(1) when only dim 1 divides by W (37 x 16 over 2 ranks)
+            sharded_cols = set(ck.tensors["model.norm.weight"].file.columns)
+            assert sharded_cols == ({"model.layers.0.mlp.up_proj.weight"} if WORLD[s] == 2 else set()), sharded_cols
             for n, shape in SHAPES.items():
                 loc = ck.tensors[n]
                 assert loc.info.shape == shape and loc.info.dtype == "F32"

@@ -17,6 +17,8 @@ import os
 import re
 from math import prod
 
+import numpy as np
+
 from ..errors import FormatError, InputError
 from . import dtypes
 from .assembled import AssembledTensors
@@ -74,6 +76,7 @@ class ShardedTensors(AssembledTensors):
                 self.files.append(TorchZipFile(found[r][1]))
             self.tensors: dict[str, TensorInfo] = {}
             self.segments: dict[str, list[tuple[int, int, TorchZipFile, str]]] = {}
+            self.columns: dict[str, tuple] = {}  # tensors sharded along a later dimension
             self._assemble(label)
         except BaseException:
             self.close()
@@ -100,6 +103,66 @@ class ShardedTensors(AssembledTensors):
                 continue
             self._sharded(label, name, refs, infos)
 
+    def _column_sharded(self, label: str, name: str, shape: tuple, dt: str, dim: int,
+                        infos: list[TensorInfo]) -> None:
+        """``Shard(dim)``, dim > 0 (verl's FSDP2 picks it when only a later dimension divides by W):
+        rank k holds the slices ``[k·c, k·c + len_k)`` of dimension ``dim``; a flat element range
+        is gathered from every rank (:meth:`view`), in pieces the engine bounds."""
+        if not 0 < dim < len(shape):
+            raise InputError(f"{label}: tensor {name} is sharded along dim {dim} of a {len(shape)}-d tensor")
+        W, D = self.world, shape[dim]
+        c = -(-D // W)
+        parts = []
+        for k, info in enumerate(infos):
+            n_k = max(0, min(c, D - k * c))
+            want = (*shape[:dim], n_k, *shape[dim + 1:])
+            if info.shape != want:
+                raise InputError(f"{label}: tensor {name} rank {k} holds shape {info.shape}; Shard({dim}) of {shape} "
+                                 f"over {W} ranks gives {want} ({self.files[k].path})")
+            if n_k:
+                parts.append((k * c, n_k, self.files[k]))
+        outer, inner = prod(shape[:dim]), prod(shape[dim + 1:])
+        n = prod(shape)
+        self.columns[name] = (outer, D, inner, parts)
+        self.tensors[name] = TensorInfo(name, dt, shape, -1, n * dtypes.itemsize(dt))
+        self.segments[name] = [(0, n, None, name)]  # one piece: the engine copies it in bounded pieces
+
+    def _rows(self, name: str, a: int, b: int):
+        outer, D, inner, parts = self.columns[name]
+        o0, o1 = a // (D * inner), -(-b // (D * inner))
+        return o0, o1, outer, D, inner, parts
+
+    def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        if name not in self.columns:
+            return super().view(name, start, stop)
+        t = self.tensors[name]
+        stop = t.numel if stop is None else stop
+        if not 0 <= start <= stop <= t.numel:
+            raise IndexError(f"{self.path}: elements [{start}, {stop}) outside tensor {name!r} of {t.numel}")
+        o0, o1, _, D, inner, parts = self._rows(name, start, stop)
+        block = np.empty((o1 - o0, D, inner), dtype=dtypes.raw_numpy(t.dtype))
+        for j0, n_k, f in parts:
+            local = f.view(name, o0 * n_k * inner, o1 * n_k * inner).reshape(o1 - o0, n_k, inner)
+            block[:, j0:j0 + n_k, :] = local
+        lo = o0 * D * inner
+        return block.reshape(-1)[start - lo:stop - lo]
+
+    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        if name not in self.columns:
+            return super().release(name, start, stop)
+        stop = self.tensors[name].numel if stop is None else stop
+        o0, o1, _, _, inner, parts = self._rows(name, start, stop)
+        for _, n_k, f in parts:
+            f.release(name, o0 * n_k * inner, o1 * n_k * inner)
+
+    def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
+        if name not in self.columns:
+            return super().prefetch(name, start, stop)
+        stop = self.tensors[name].numel if stop is None else stop
+        o0, o1, _, _, inner, parts = self._rows(name, start, stop)
+        for _, n_k, f in parts:
+            f.prefetch(name, o0 * n_k * inner, o1 * n_k * inner)
+
     def _sharded(self, label: str, name: str, refs: list[ShardRef | None], infos: list[TensorInfo]) -> None:
         r0 = refs[0]
         if any(r is None or r.shape != r0.shape or r.placements != r0.placements for r in refs):
@@ -119,8 +182,7 @@ class ShardedTensors(AssembledTensors):
                              "(Shard or Replicate); merge HSDP checkpoints with verl's model merger first")
         dim = places[0][1]
         if dim != 0:
-            raise InputError(f"{label}: tensor {name} is sharded along dim {dim}; relex reads row-sharded (Shard(0)) "
-                             "FSDP tensors — merge this checkpoint with verl's model merger first")
+            return self._column_sharded(label, name, shape, dt, dim, infos)
         W = self.world
         N = shape[0]
         row = prod(shape[1:])

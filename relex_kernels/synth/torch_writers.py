@@ -2,10 +2,11 @@
 
 * :func:`save_verl_fsdp` — a verl FSDP actor directory: each rank of a CPU ``gloo`` process
   group builds a module with the given parameters, shards it with FSDP2 (``fully_shard`` over a
-  1-D device mesh) and does what verl's ``FSDPCheckpointManager.save_checkpoint`` does:
-  ``torch.save(model.state_dict())`` to ``model_world_size_{W}_rank_{R}.pt`` (DTensors,
-  ``Shard(0)`` row blocks, uneven where a dimension does not divide by W), an optimizer and an
-  extra-state file beside it, and ``fsdp_config.json`` from rank 0;
+  1-D device mesh, with verl's placement rule: ``Shard(i)`` on the first dimension that divides
+  by W, else ``Shard(0)``) and does what verl's ``FSDPCheckpointManager.save_checkpoint`` does:
+  ``torch.save(model.state_dict())`` to ``model_world_size_{W}_rank_{R}.pt`` (DTensors, row
+  blocks uneven where dimension 0 does not divide by W), an optimizer and an extra-state file
+  beside it, and ``fsdp_config.json`` from rank 0;
 * :func:`save_dcp` — ``torch.distributed.checkpoint.save`` of the FSDP2-sharded model under a
   ``"model"`` key (accelerate's sharded FSDP layout), over ``world`` gloo ranks, or from one
   process without a process group when ``world`` is 1.
@@ -67,7 +68,14 @@ def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str, fmt:
         with torch.no_grad():
             for n, p in model.named_parameters():
                 p.copy_(values[n])
-        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        if fmt == "dcp":
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+        else:  # verl's FSDP2 actor: the first dimension that divides by W, else rows (fsdp_workers.py)
+            from torch.distributed.tensor import Shard
+
+            def verl_placement(param):
+                return next((Shard(i) for i, d in enumerate(param.shape) if d % world == 0), Shard(0))
+            fully_shard(model, mesh=init_device_mesh("cpu", (world,)), shard_placement_fn=verl_placement)
         if fmt == "dcp":
             import torch.distributed.checkpoint as dcp
             dcp.save({"model": model.state_dict(), "step": 0}, checkpoint_id=out_dir)
