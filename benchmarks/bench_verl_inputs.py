@@ -6,7 +6,9 @@ One synthetic fp32 trajectory (a drifting line plus noise), stored three ways si
 
 * ``safetensors`` — fp32 ``model.safetensors`` per checkpoint (safetensors' own writer);
 * ``rank files``  — verl's FSDP actor layout, ``model_world_size_W_rank_R.pt``, written by
-                    FSDP2 (``fully_shard``) over a CPU gloo group and ``torch.save``, as verl does;
+                    FSDP2 (``fully_shard``) over a CPU gloo group and ``torch.save``, as verl does
+                    (verl's placement: rows where dimension 0 divides by W, else the first
+                    dimension that does — ``--rows`` picks shapes sharded one way or the other);
 * ``merge first`` — what a verl user does today: per checkpoint, load every rank file
                     (``torch.load``), concatenate the shards, cast to bf16 and write a Hugging
                     Face directory (verl's model merger), then run relex on the merged copies.
@@ -50,7 +52,9 @@ if a.get("merge"):
     for s, d in ck.items():
         files = sorted(f for f in os.listdir(d) if f.startswith("model_world_size_"))
         parts = [torch.load(os.path.join(d, f), weights_only=False) for f in files]
-        sd = {k: torch.cat([p[k]._local_tensor for p in parts], 0).to(torch.bfloat16).contiguous() for k in parts[0]}
+        # verl's model merger: concatenate along each tensor's shard dimension, cast to bf16
+        sd = {k: torch.cat([p[k]._local_tensor for p in parts], parts[0][k].placements[0].dim)
+              .to(torch.bfloat16).contiguous() for k in parts[0]}
         out = os.path.join(a["tmp"], f"step_{s}")
         os.makedirs(out)
         save_file(sd, os.path.join(out, "model.safetensors"))
@@ -75,14 +79,15 @@ def child(arg: dict) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def make(work: str, params: float, steps: int, world: int):
+def make(work: str, params: float, steps: int, world: int, rows_divisible: bool = True):
     import torch
     from safetensors.torch import save_file
 
     import fsdpgen
     n_tensors = 12
-    rows = max(world + 1, int(params / n_tensors / 1024))
-    shapes = {f"model.layers.{i}.mlp.weight": (rows + i % 3, 1024) for i in range(n_tensors)}  # uneven blocks
+    rows = max(world + 1, int(params / n_tensors / 1024)) // world * world
+    # rows divisible by W: Shard(0) row blocks (real models' usual case); else Shard(1) column slices
+    shapes = {f"model.layers.{i}.mlp.weight": (rows + (0 if rows_divisible else 1), 1024) for i in range(n_tensors)}
     g = torch.Generator().manual_seed(0)
     th0 = {n: torch.randn(s, generator=g) * 0.02 for n, s in shapes.items()}
     v = {n: torch.randn(s, generator=g) * 1e-5 for n, s in shapes.items()}
@@ -110,16 +115,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--world", type=int, default=4)
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--rows", choices=("divisible", "odd"), default="divisible",
+                    help="dimension 0 of the tensors divisible by W (Shard(0) row blocks, default) or not "
+                         "(verl then shards dimension 1)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "verl_inputs_cpu"))
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="relex-verl-bench-")
     try:
-        base, st, rk, n = make(work, a.params, a.steps, a.world)
+        base, st, rk, n = make(work, a.params, a.steps, a.world, a.rows == "divisible")
         target = 4 * a.steps
         common = {"base": base, "target": target}
         cases = {
             "safetensors (fp32)": dict(common, ck={str(k): v for k, v in st.items()}, out=os.path.join(work, "o1")),
-            f"rank files (fp32, W={a.world})": dict(common, ck={str(k): v for k, v in rk.items()},
+            f"rank files (fp32, W={a.world}, {'Shard(0)' if a.rows == 'divisible' else 'Shard(1)'})": dict(common, ck={str(k): v for k, v in rk.items()},
                                                     out=os.path.join(work, "o2")),
             "merge to bf16 HF, then relex": dict(common, ck={str(k): v for k, v in rk.items()},
                                                  out=os.path.join(work, "o3"), merge=True),
@@ -140,7 +148,7 @@ def main() -> None:
         ratio = rows[ks[0]]["seconds"] / rows[ks[1]]["seconds"]
         from relex_kernels.ops import get_backend
         out = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "kernel": get_backend(None).identity,
-               "params": n, "steps": a.steps, "world": a.world, "runs": a.runs, "history_input_bytes": input_bytes,
+               "params": n, "steps": a.steps, "world": a.world, "row_layout": a.rows, "runs": a.runs, "history_input_bytes": input_bytes,
                "rows": rows, "rank_files_rate_vs_safetensors": ratio}
         os.makedirs(os.path.dirname(a.out), exist_ok=True)
         with open(a.out + ".json", "w") as fh:
@@ -153,7 +161,7 @@ def main() -> None:
             md.append(f"| {k} | {r['seconds']:.2f} | {r['peak_rss'] / 2**20:.0f} | {r['temp_bytes'] / 1e9:.2f} |")
         md += ["", f"Reading rank files runs at **{ratio:.2f}x** the speed of reading the same bytes as safetensors.",
                "", f"Command: `python benchmarks/bench_verl_inputs.py --params {a.params:g} --steps {a.steps} "
-               f"--world {a.world} --runs {a.runs}`"]
+               f"--world {a.world} --runs {a.runs} --rows {a.rows}`"]
         with open(a.out + ".md", "w") as fh:
             fh.write("\n".join(md) + "\n")
         print("\n".join(md))
