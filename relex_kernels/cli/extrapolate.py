@@ -19,10 +19,12 @@ Predict the checkpoint(s) of later training steps from the base model and the fi
 checkpoints of an RLVR run (RELEX: per tensor, the top singular direction of the
 deltas and a straight-line fit of the position along it against the step).
 
-Inputs are read straight from the checkpoint files through memory maps (safetensors
-directories, or verl FSDP actor directories of model_world_size_W_rank_R.pt files, read
-in place: no merge step), in two streaming passes and bounded memory; nothing is
-written but the outputs.
+Inputs are read straight from the checkpoint files through memory maps, in two
+streaming passes and bounded memory; nothing is written but the outputs. A checkpoint
+is a safetensors directory, a verl FSDP actor directory (model_world_size_W_rank_R.pt:
+the fp32 master weights, read in place, no merge step) or a torch.distributed.checkpoint
+directory (.metadata + .distcp). Checkpoints in another float dtype than the base are
+computed in the wider dtype and written in the base's (see --out-dtype).
 
 Checkpoints: --checkpoints RUN_DIR finds {LAYOUT_HELP};
 or give --checkpoint STEP=PATH for each one. Directories of steps after
