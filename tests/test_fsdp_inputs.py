@@ -392,3 +392,26 @@ def test_relex_synth_writes_trainer_layouts_with_torch(tmp_path, layout, world):
                         got.run_dir, "--target-step", "12", "--out", str(tmp_path / "o"), "-q"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_analyze_compare_export_shows_both_explained_variances(run, tmp_path):
+    """`relex analyze --compare-export` on a verl run with rank files and bf16 exports: both
+    analyses and a side-by-side table; the export's rounding lowers the rank-1 share."""
+    root, base, _, vals = run
+    rd = str(tmp_path / "run")
+    shutil.copytree(os.path.join(root, "run"), rd)
+    for i, s in enumerate(STEPS):
+        export = {n: t.to(torch.bfloat16).float() for n, t in vals[i + 1].items()}
+        _hf_dir(os.path.join(rd, f"global_step_{s}", "actor", "huggingface"), export)
+    out = str(tmp_path / "rep")
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", "analyze", rd, "--base", base, "--compare-export",
+                        "--out", out, "--no-figures"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    with open(os.path.join(out, "compare.json")) as fh:
+        doc = json.load(fh)
+    assert doc["steps"] == STEPS and len(doc["tensors"]) == len(SHAPES)
+    assert all(t["dtype_shards"] == "F32" and t["ev1_export"] is not None for t in doc["tensors"])
+    s, e = doc["summary_ev1"]["shards"], doc["summary_ev1"]["export"]
+    assert s["mean"] > e["mean"], (s, e)
+    assert os.path.isfile(os.path.join(out, "shards", "report.json")) and os.path.isfile(os.path.join(out, "compare.md"))
+    assert "rank files" in r.stdout and "export" in r.stdout

@@ -85,11 +85,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which checkpoints after H to score (default all; fewer make the pass cheaper)")
     f.add_argument("--rank-max", type=int, default=5, metavar="K", help="explained variance of ranks 1..K (default 5)")
     f.add_argument("--window", type=int, metavar="W", help="fit the line on the last W history points (default all)")
+    f.add_argument("--compare-export", action="store_true",
+                   help="a verl run whose steps hold both FSDP rank files (the fp32 training weights) and a "
+                        "Hugging Face export: analyse both and report their explained variances side by side "
+                        "(REPORT_DIR/shards, REPORT_DIR/export, REPORT_DIR/compare.md)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for report.json, report.md and PNGs")
     add_resources(p)
 
 
 def run(args) -> int:
+    if args.compare_export:
+        return compare_export(args)
     found = found_checkpoints(args)
     later = parse_steps(args.later_steps, "--later-steps")
     if later is not None:
@@ -107,6 +113,64 @@ def run(args) -> int:
     if not args.quiet:
         print_summary(res.report)
     print(res.files[1])
+    return 0
+
+
+LABELS = {"shards": "rank files", "export": "HF export"}
+
+
+def compare_export(args) -> int:
+    """``--compare-export``: the same analysis over the rank files and over the exports, side by side."""
+    import json
+    import os
+    import warnings
+
+    from ..errors import RelexWarning
+    if not args.run:
+        raise UsageError("--compare-export needs the run directory RUN (it finds both kinds of checkpoint there)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RelexWarning)  # "both exist" is the point here
+        shards, export = discover(args.run, prefer="shards"), discover(args.run, prefer="hf")
+    both = sorted(s for s in shards if s in export and shards[s] != export[s])
+    if len(both) < 2:
+        raise UsageError(f"--compare-export: {args.run} has {len(both)} step(s) holding both FSDP rank files and a "
+                         "Hugging Face export (verl writes the export when checkpoint.save_contents has hf_model)")
+    reps = {}
+    for label, found in (("shards", shards), ("export", export)):
+        sel = {s: found[s] for s in both}
+        res = analyze(args.base, sel, os.path.join(args.out, label), history_steps=args.history_steps,
+                      rank_max=args.rank_max, window=args.window, memory_budget=args.memory_budget,
+                      backend=args.backend, figures=not args.no_figures, overwrite=args.overwrite,
+                      progress=not args.quiet and sys.stderr.isatty())
+        reps[label] = res.report
+    by = {label: {e["name"]: e for e in rep["tensors"]} for label, rep in reps.items()}
+    rows = []
+    for name, e in by["shards"].items():
+        x = by["export"].get(name)
+        rows.append({"name": name, "dtype_shards": e["dtype"], "dtype_export": x["dtype"] if x else None,
+                     "ev1_shards": e["explained_variance"][0], "ev1_export": x["explained_variance"][0] if x else None})
+    doc = {"steps": both, "summary_ev1": {k: r["summary_ev1"] for k, r in reps.items()}, "tensors": rows}
+    with open(os.path.join(args.out, "compare.json"), "w") as fh:
+        json.dump(doc, fh, indent=1)
+    md = ["# Explained variance: FSDP rank files vs Hugging Face export", "",
+          f"Steps {both[0]}..{both[-1]} ({len(both)} checkpoints), base {args.base}.", "",
+          "| inputs | tensors | mean EV1 | median EV1 | min EV1 |", "|---|---|---|---|---|"]
+    for k, r in reps.items():
+        sm = r["summary_ev1"]
+        if sm.get("tensors"):
+            md.append(f"| {LABELS[k]} | {sm['tensors']} | {sm['mean']:.4f} | {sm['median']:.4f} | {sm['min']:.4f} |")
+    md += ["", "| tensor | EV1 rank files | EV1 export |", "|---|---|---|"]
+    md += [f"| {r['name']} | {r['ev1_shards']:.4f} | " + (f"{r['ev1_export']:.4f} |" if r["ev1_export"] is not None
+                                                         else "- |") for r in rows]
+    with open(os.path.join(args.out, "compare.md"), "w") as fh:
+        fh.write("\n".join(md) + "\n")
+    if not args.quiet:
+        for k, r in reps.items():
+            sm = r["summary_ev1"]
+            if sm.get("tensors"):
+                print(f"{LABELS[k]:10s} rank-1 explained variance over {sm['tensors']} tensors: mean {sm['mean']:.4f}  "
+                      f"median {sm['median']:.4f}  min {sm['min']:.4f}")
+    print(os.path.join(args.out, "compare.md"))
     return 0
 
 
