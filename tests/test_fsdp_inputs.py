@@ -415,3 +415,24 @@ def test_analyze_compare_export_shows_both_explained_variances(run, tmp_path):
     assert s["mean"] > e["mean"], (s, e)
     assert os.path.isfile(os.path.join(out, "shards", "report.json")) and os.path.isfile(os.path.join(out, "compare.md"))
     assert "rank files" in r.stdout and "export" in r.stdout
+
+
+def test_hsdp_rank_files_read_from_the_first_replica(run, tmp_path):
+    """verl with fsdp_size < world: a (2, 2) ("ddp", "fsdp") mesh, placements (Replicate, Shard):
+    the first replica's ranks hold every shard; the run equals its safetensors copy."""
+    from relex_kernels.synth.torch_writers import save_verl_fsdp
+    _, base, hf, vals = run
+    ck = {10: save_verl_fsdp(str(tmp_path / "hsdp"), vals[1], 4, replicas=2), 20: hf[20], 30: hf[30]}
+    c = Checkpoint(ck[10], step=10)
+    try:
+        f = c.tensors["model.norm.weight"].file
+        assert c.format == "verl-fsdp (world size 4)"
+        for n in SHAPES:
+            assert np.array_equal(c.tensors[n].file.view(n), vals[1][n].reshape(-1).numpy()), n
+        assert {seg[2].path for segs in f.segments.values() for seg in segs if seg[2] is not None} <= \
+            {os.path.join(ck[10], f"model_world_size_4_rank_{r}.pt") for r in (0, 1)}
+    finally:
+        c.close()
+    ref = extrapolate(base, hf, [60], str(tmp_path / "ref"))
+    got = extrapolate(base, ck, [60], str(tmp_path / "got"))
+    assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])

@@ -2,8 +2,10 @@
 
 verl saves, per rank, ``torch.save(model.state_dict())`` of the FSDP model: DTensors whose
 local tensors are that rank's row block (``Shard(0)``: rank k holds rows
-``[k·c, k·c + len_k)``, ``c = ceil(N / W)``, the last ranks shorter or empty) or a full copy
-(``Replicate``), in the training precision (fp32 master weights by default). A tensor split
+``[k·c, k·c + len_k)``, ``c = ceil(N / W)``, the last ranks shorter or empty), its slice of a
+later dimension (``Shard(d)``, verl's FSDP2 placement when only that dimension divides by W)
+or a full copy (``Replicate``), in the training precision (fp32 master weights by default).
+On an HSDP mesh (``(Replicate, Shard)``) the first replica's ranks hold every shard. A tensor split
 over W rank files is one tensor here: :class:`ShardedTensors` serves element ranges of it,
 zero-copy when the range lies in one rank's block and gathered into a new array when it
 spans two (a few chunks per tensor), so the engine's Gram is that of the gathered tensor,
@@ -104,13 +106,13 @@ class ShardedTensors(AssembledTensors):
             self._sharded(label, name, refs, infos)
 
     def _column_sharded(self, label: str, name: str, shape: tuple, dt: str, dim: int,
-                        infos: list[TensorInfo]) -> None:
+                        infos: list[TensorInfo], files: list[TorchZipFile]) -> None:
         """``Shard(dim)``, dim > 0 (verl's FSDP2 picks it when only a later dimension divides by W):
         rank k holds the slices ``[k·c, k·c + len_k)`` of dimension ``dim``; a flat element range
         is gathered from every rank (:meth:`view`), in pieces the engine bounds."""
         if not 0 < dim < len(shape):
             raise InputError(f"{label}: tensor {name} is sharded along dim {dim} of a {len(shape)}-d tensor")
-        W, D = self.world, shape[dim]
+        W, D = len(files), shape[dim]
         c = -(-D // W)
         parts = []
         for k, info in enumerate(infos):
@@ -118,9 +120,9 @@ class ShardedTensors(AssembledTensors):
             want = (*shape[:dim], n_k, *shape[dim + 1:])
             if info.shape != want:
                 raise InputError(f"{label}: tensor {name} rank {k} holds shape {info.shape}; Shard({dim}) of {shape} "
-                                 f"over {W} ranks gives {want} ({self.files[k].path})")
+                                 f"over {W} ranks gives {want} ({files[k].path})")
             if n_k:
-                parts.append((k * c, n_k, self.files[k]))
+                parts.append((k * c, n_k, files[k]))
         outer, inner = prod(shape[:dim]), prod(shape[dim + 1:])
         n = prod(shape)
         self.columns[name] = (outer, D, inner, parts)
@@ -177,13 +179,25 @@ class ShardedTensors(AssembledTensors):
             self.tensors[name] = TensorInfo(name, dt, shape, -1, n * dtypes.itemsize(dt))
             self.segments[name] = [(0, n, self.files[0], name)]
             return
-        if len(r0.placements) != 1 or places[0][0] != "shard":
-            raise InputError(f"{label}: tensor {name} has placements {r0.placements}; relex reads 1-D FSDP meshes "
-                             "(Shard or Replicate); merge HSDP checkpoints with verl's model merger first")
+        files = self.files
+        if len(r0.placements) == 2 and r0.placements[0] == ("replicate",) and places[0][0] == "shard":
+            # HSDP (verl's ("ddp", "fsdp") mesh): the ranks of the first replica hold every shard
+            if any(r.coord is None or len(r.coord) != 2 for r in refs):
+                raise InputError(f"{label}: tensor {name} is on a 2-D mesh whose rank coordinates are not recorded; "
+                                 "merge this checkpoint with verl's model merger first")
+            first = sorted((r.coord[1], k) for k, r in enumerate(refs) if r.coord[0] == 0)
+            if [c for c, _ in first] != list(range(len(first))):
+                raise InputError(f"{label}: tensor {name}: the first replica's ranks do not cover its shards")
+            infos = [infos[k] for _, k in first]
+            files = [self.files[k] for _, k in first]
+        elif len(r0.placements) != 1 or places[0][0] != "shard":
+            raise InputError(f"{label}: tensor {name} has placements {r0.placements}; relex reads FSDP meshes "
+                             "(Shard or Replicate, and HSDP's (Replicate, Shard)); merge this checkpoint with "
+                             "verl's model merger first")
         dim = places[0][1]
         if dim != 0:
-            return self._column_sharded(label, name, shape, dt, dim, infos)
-        W = self.world
+            return self._column_sharded(label, name, shape, dt, dim, infos, files)
+        W = len(files)
         N = shape[0]
         row = prod(shape[1:])
         c = -(-N // W)
@@ -192,9 +206,9 @@ class ShardedTensors(AssembledTensors):
             rows = max(0, min(c, N - k * c))
             if info.shape != (rows, *shape[1:]):
                 raise InputError(f"{label}: tensor {name} rank {k} holds shape {info.shape}; Shard(0) of {shape} "
-                                 f"over {W} ranks gives {(rows, *shape[1:])} ({self.files[k].path})")
+                                 f"over {W} ranks gives {(rows, *shape[1:])} ({files[k].path})")
             if rows:
-                segs.append((k * c * row, (k * c + rows) * row, self.files[k], name))
+                segs.append((k * c * row, (k * c + rows) * row, files[k], name))
         self.tensors[name] = TensorInfo(name, dt, shape, -1, n * dtypes.itemsize(dt))
         self.segments[name] = segs
 

@@ -96,6 +96,7 @@ class ShardRef:
     local: TensorRef | None = None
     placements: tuple = ()
     mesh_shape: tuple[int, ...] = ()
+    coord: tuple[int, ...] | None = None  # this rank's coordinate on each mesh dimension, when recorded
 
     def __setstate__(self, state):
         slots = state[1] if isinstance(state, tuple) and len(state) == 2 else state
@@ -108,6 +109,9 @@ class ShardRef:
         self.placements = tuple(_placement(p) for p in spec.state.get("placements", ()))
         mesh = spec.state.get("mesh")
         self.mesh_shape = _mesh_shape(mesh)
+        coord = mesh.state.get("_coordinate_on_dim") if isinstance(mesh, Recorded) else None
+        if isinstance(coord, (tuple, list)) and all(isinstance(c, int) for c in coord):
+            self.coord = tuple(coord)
 
 
 def _placement(p) -> tuple:

@@ -55,7 +55,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str, fmt: str) -> None:
+def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str, fmt: str, replicas: int = 1) -> None:
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -70,12 +70,16 @@ def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str, fmt:
                 p.copy_(values[n])
         if fmt == "dcp":
             fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-        else:  # verl's FSDP2 actor: the first dimension that divides by W, else rows (fsdp_workers.py)
+        else:  # verl's FSDP2 actor: the first dimension that divides by the shard count, else rows
             from torch.distributed.tensor import Shard
+            shards = world // replicas
 
             def verl_placement(param):
-                return next((Shard(i) for i, d in enumerate(param.shape) if d % world == 0), Shard(0))
-            fully_shard(model, mesh=init_device_mesh("cpu", (world,)), shard_placement_fn=verl_placement)
+                return next((Shard(i) for i, d in enumerate(param.shape) if d % shards == 0), Shard(0))
+            # HSDP (replicas > 1): verl's ("ddp", "fsdp") mesh, each replica holding every shard
+            mesh = init_device_mesh("cpu", (world,)) if replicas == 1 else \
+                init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("ddp", "fsdp"))
+            fully_shard(model, mesh=mesh, shard_placement_fn=verl_placement)
         if fmt == "dcp":
             import torch.distributed.checkpoint as dcp
             dcp.save({"model": model.state_dict(), "step": 0}, checkpoint_id=out_dir)
@@ -92,7 +96,7 @@ def _rank(rank: int, world: int, port: int, values_path: str, out_dir: str, fmt:
         dist.destroy_process_group()
 
 
-def _spawn(out_dir: str, values: dict, world: int, fmt: str) -> str:
+def _spawn(out_dir: str, values: dict, world: int, fmt: str, replicas: int = 1) -> str:
     torch = _torch()
     import torch.multiprocessing as mp
     if world < 1:
@@ -103,15 +107,18 @@ def _spawn(out_dir: str, values: dict, world: int, fmt: str) -> str:
     os.close(fd)
     try:
         torch.save(values, values_path)
-        mp.spawn(_rank, args=(world, _free_port(), values_path, out_dir, fmt), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, _free_port(), values_path, out_dir, fmt, replicas), nprocs=world, join=True)
     finally:
         os.unlink(values_path)
     return out_dir
 
 
-def save_verl_fsdp(out_dir: str, values: dict, world: int) -> str:
-    """Write ``values`` ({name: tensor}) as a verl FSDP actor directory of ``world`` rank files."""
-    return _spawn(out_dir, values, world, "verl")
+def save_verl_fsdp(out_dir: str, values: dict, world: int, replicas: int = 1) -> str:
+    """Write ``values`` ({name: tensor}) as a verl FSDP actor directory of ``world`` rank files;
+    ``replicas`` > 1: HSDP, a (replicas, world / replicas) mesh as verl builds with ``fsdp_size``."""
+    if replicas < 1 or world % replicas:
+        raise UsageError(f"replicas must divide the world size {world}, got {replicas}")
+    return _spawn(out_dir, values, world, "verl", replicas)
 
 
 def save_dcp(out_dir: str, values: dict, world: int = 1) -> str:
