@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..engine.gramsum import GramSum
-from ..errors import ArgumentError, BackendError, DeviceError, NonFiniteError, ShapeError
+from ..errors import ArgumentError, DeviceError, NonFiniteError, ShapeError
 from ..ops import DEVICE_BACKENDS, fp64, get_backend, native, reference, resolve_backend
 from ..ops.reference import GRAM_CHUNK
 from ._tensors import DTYPE_NAMES, check_versions, empty_outputs, raw
@@ -259,14 +259,3 @@ def combine(base, history, alphas, out=None, *, fp16_deltas: bool = False, backe
         raise NonFiniteError(f"the prediction leaves the F16 range (|x| > 65504) at {bad} of {out.numel()} "
                              "elements; predict a nearer step, or compute in bf16 or fp32")
     return out
-
-
-def available_backend(device: torch.device | str = "cpu") -> str:
-    """The backend :func:`gram` and :func:`combine` use for tensors on ``device`` by default."""
-    dev = torch.device(device)
-    if dev.type == "cpu":
-        return get_backend(None).name
-    try:
-        return resolve_backend(None).name
-    except BackendError as e:
-        return f"none ({e})"

@@ -259,8 +259,7 @@ class DeviceStreamer(Streamer):
         keys = []
         for it in items:
             job = it.job
-            if (it.reused or it.kind not in ("fit", "gram", "combine") or job.dtype == "F64" or job.mixed
-                    or job.out_dtype != job.dtype):
+            if it.reused or it.kind not in ("fit", "gram", "combine") or job.on_host:
                 continue
             if it.needs_gram:
                 keys += [(job.name, 1, ga, gb) for a, b in it.gram_ranges for ga, gb in self.groups(job, a, b)]
@@ -351,7 +350,7 @@ class DeviceStreamer(Streamer):
         """The Gram over ``ranges`` (the sum and journal points of :meth:`Streamer.gram`)."""
         torch, T = self.torch, self.traj.T
         self.res = None  # a previous tensor's device buffer goes back to the allocator
-        if job.dtype == "F64" or job.mixed or job.out_dtype != job.dtype:  # on the host (module docstring)
+        if job.on_host:  # (module docstring)
             return Streamer.gram(self, job, ranges, resident, acc, on_range)
         f64 = dict(dtype=torch.float64, device=self.dev)
         with self._on(self.compute):
@@ -417,7 +416,7 @@ class DeviceStreamer(Streamer):
     def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers, also: str | None = None,
                 count_read: bool = True, on_range=None) -> None:
         """Write ``len(writers)`` outputs (see :meth:`Streamer.combine`); returns once they are in the maps."""
-        if job.dtype == "F64" or job.mixed or job.out_dtype != job.dtype:
+        if job.on_host:
             return Streamer.combine(self, job, ranges, resident, alphas, writers, also, count_read, on_range)
         torch, T, K = self.torch, self.traj.T, len(writers)
         self._outputs(K)

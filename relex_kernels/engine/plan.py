@@ -115,7 +115,7 @@ class Policy:
     def ranges(self, job: Job, n_outputs: int, with_history: bool = True) -> tuple[bool, list[tuple[int, int]]]:
         """(resident, ranges) of ``job`` when it writes ``n_outputs`` outputs."""
         isz, n = dtypes.itemsize(job.dtype), job.numel
-        if self.device_cap is not None and job.dtype != "F64" and not job.mixed and job.out_dtype == job.dtype:
+        if self.device_cap is not None and not job.on_host:
             row = (self.T + 1) * isz
             if n * row <= self.device_cap:
                 return True, [(0, n)]

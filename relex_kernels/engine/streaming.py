@@ -222,8 +222,7 @@ class Streamer:
         """Whether ``job`` may run in a group (:func:`.plan.build` checks its size): on the native
         kernels only (the reference and the fp64 path keep the per-tensor passes), stored and
         written in the dtype it is computed in."""
-        return (self.backend.name == "cpu" and self._ops(job) is self.backend and not job.mixed
-                and job.out_dtype == job.dtype)
+        return self.backend.name == "cpu" and self._ops(job) is self.backend and not job.on_host
 
     def open_group(self, jobs: list[Job]):
         """Map the inputs of ``jobs``: per job the addresses of its T+1 versions, and per file

@@ -41,6 +41,12 @@ class Job:
         return self.out or self.dtype
 
     @property
+    def on_host(self) -> bool:
+        """Computed on the host whatever the backend: in fp64 (F64), or from versions / to an output
+        in another dtype (the device kernels take one storage dtype in and out)."""
+        return self.dtype == "F64" or self.mixed or self.out_dtype != self.dtype
+
+    @property
     def numel(self) -> int:
         return prod(self.shape)
 

@@ -48,15 +48,20 @@ class AssembledTensors:
             out[lo - start:hi - start] = f.view(local, lo - s0, hi - s0)
         return out
 
+    def _local_ranges(self, name: str, a: int, b: int):
+        """(file, local name, lo, hi): the element ranges of the files that hold ``[a, b)`` of ``name``."""
+        for lo, hi, s0, f, local in self._pieces(name, a, b):
+            yield f, local, lo - s0, hi - s0
+
     def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
         stop = self.tensors[self.alias.get(name, name)].numel if stop is None else stop
-        for lo, hi, s0, f, local in self._pieces(name, start, stop):
-            f.release(local, lo - s0, hi - s0)
+        for f, local, lo, hi in self._local_ranges(name, start, stop):
+            f.release(local, lo, hi)
 
     def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
         stop = self.tensors[self.alias.get(name, name)].numel if stop is None else stop
-        for lo, hi, s0, f, local in self._pieces(name, start, stop):
-            f.prefetch(local, lo - s0, hi - s0)
+        for f, local, lo, hi in self._local_ranges(name, start, stop):
+            f.prefetch(local, lo, hi)
 
     def close(self) -> None:
         for f in self.files:

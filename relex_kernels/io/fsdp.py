@@ -149,21 +149,13 @@ class ShardedTensors(AssembledTensors):
         lo = o0 * D * inner
         return block.reshape(-1)[start - lo:stop - lo]
 
-    def release(self, name: str, start: int = 0, stop: int | None = None) -> None:
+    def _local_ranges(self, name: str, a: int, b: int):
         if name not in self.columns:
-            return super().release(name, start, stop)
-        stop = self.tensors[name].numel if stop is None else stop
-        o0, o1, _, _, inner, parts = self._rows(name, start, stop)
+            yield from super()._local_ranges(name, a, b)
+            return
+        o0, o1, _, _, inner, parts = self._rows(name, a, b)  # whole outer rows of every rank's slice
         for _, n_k, f in parts:
-            f.release(name, o0 * n_k * inner, o1 * n_k * inner)
-
-    def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
-        if name not in self.columns:
-            return super().prefetch(name, start, stop)
-        stop = self.tensors[name].numel if stop is None else stop
-        o0, o1, _, _, inner, parts = self._rows(name, start, stop)
-        for _, n_k, f in parts:
-            f.prefetch(name, o0 * n_k * inner, o1 * n_k * inner)
+            yield f, name, o0 * n_k * inner, o1 * n_k * inner
 
     def _sharded(self, label: str, name: str, refs: list[ShardRef | None], infos: list[TensorInfo]) -> None:
         r0 = refs[0]

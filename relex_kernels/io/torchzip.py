@@ -95,7 +95,6 @@ class ShardRef:
     dtype: str
     local: TensorRef | None = None
     placements: tuple = ()
-    mesh_shape: tuple[int, ...] = ()
     coord: tuple[int, ...] | None = None  # this rank's coordinate on each mesh dimension, when recorded
 
     def __setstate__(self, state):
@@ -108,7 +107,6 @@ class ShardRef:
             raise pickle.UnpicklingError("a DTensor without a local tensor and spec")
         self.placements = tuple(_placement(p) for p in spec.state.get("placements", ()))
         mesh = spec.state.get("mesh")
-        self.mesh_shape = _mesh_shape(mesh)
         coord = mesh.state.get("_coordinate_on_dim") if isinstance(mesh, Recorded) else None
         if isinstance(coord, (tuple, list)) and all(isinstance(c, int) for c in coord):
             self.coord = tuple(coord)
@@ -125,21 +123,6 @@ def _placement(p) -> tuple:
             return ("replicate",)
         return ("other", name)
     return ("other", type(p).__name__)
-
-
-def _mesh_shape(mesh) -> tuple[int, ...]:
-    """The device mesh's shape from its recorded state (a rank tensor, or a layout's sizes)."""
-    if not isinstance(mesh, Recorded):
-        return ()
-    m = mesh.state.get("mesh")
-    if isinstance(m, TensorRef):
-        return tuple(m.size)
-    layout = mesh.state.get("_layout")
-    if isinstance(layout, Recorded):
-        sizes = layout.state.get("shape", layout.state.get("sizes", layout.args[0] if layout.args else ()))
-        if isinstance(sizes, tuple):
-            return tuple(int(x) for x in sizes)
-    return ()
 
 
 def _rebuild_tensor(storage, offset, size, stride, *rest):
