@@ -90,9 +90,10 @@ setup(
     python_requires=">=3.10",
     install_requires=["numpy>=1.24", "tqdm>=4.60"],
     extras_require={
-        # triton: its kernels run under TRITON_INTERPRET=1 in the CPU tests
+        # triton: its kernels run under TRITON_INTERPRET=1 in the CPU tests; trl: the miniature of
+        # benchmarks/real_rl (GRPO with TRL, tests/test_real_rl.py)
         "test": ["pytest>=7", "pytest-benchmark", "hypothesis", "safetensors", "torch", "transformers", "accelerate",
-                 "triton", "matplotlib"],
+                 "triton", "matplotlib", "trl"],
     },
     ext_modules=[cpu_extension()],
     cmdclass={"build_ext": with_cuda(BuildExt)},
