@@ -43,7 +43,8 @@ if [ -z "${RELEX_CHECK_BENCH_ONLY:-}" ]; then
   python -m relex_kernels backends 2>&1 | tee -a "$LOG"
 
   say "GPU tests"
-  timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
+  # RELEX_CUDA_SYNC=1: a kernel error is raised at the launch that caused it, naming the kernel
+  RELEX_CUDA_SYNC=1 timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
       -k "not interpreter_suite and not interpreted" -rs 2>&1 | tail -40 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { say "GPU TESTS FAILED"; status=1; }
 fi

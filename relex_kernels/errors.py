@@ -54,3 +54,7 @@ class OutputError(RelexError):
 
 class BackendError(RelexError):
     """A compute backend was requested explicitly and is not available."""
+
+
+class DeviceMemoryError(BackendError):
+    """The device ran out of memory for the pipeline's buffers (lower --device-memory-budget)."""

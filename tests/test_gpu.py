@@ -354,3 +354,169 @@ def test_reader_follows_the_plan_without_restarts(tmp, device_backend, mode, mon
     passes = {k[1] for k in taken}
     assert passes == ({2} if mode == "predict" else {1, 2})
     assert any(k[0] == "big" and k[1] == 2 for k in taken)  # the streamed tensor is read again
+
+
+# -- the pipeline's stream and event ordering, with asynchronous stand-ins (tests/fakestreams.py) --
+
+@pytest.fixture
+def async_streams(monkeypatch):
+    """The device pipeline on the CPU (reference kernels) with asynchronous copy streams:
+    host→device and device→host copies run on worker threads after random delays of up to
+    2 ms, so every buffer handed on before its copy is done shows up as wrong bytes."""
+    import itertools
+
+    from fakestreams import AsyncStream, EngineThreadStream
+    from relex_kernels.ops import triton as tmod
+    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
+    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    made, seeds = [], itertools.count()
+
+    def host_streams():
+        h2d, d2h = AsyncStream("h2d", next(seeds), 0.002), AsyncStream("d2h", next(seeds), 0.002)
+        made.extend([h2d, d2h])
+        return h2d, EngineThreadStream(), d2h
+
+    monkeypatch.setattr(gpu.DeviceStreamer, "_host_streams", staticmethod(host_streams))
+    yield made
+    for s in made:
+        s.stop()
+
+
+@pytest.mark.parametrize("budgets", ["resident", "streamed"])
+def test_pipeline_with_asynchronous_copies_matches_reference(tmp, async_streams, budgets, monkeypatch):
+    """Bit-identical outputs with copies that land late: the pinned input buffers, stage slots,
+    output slots and pinned output buffers are reused only after their events."""
+    monkeypatch.setattr(gpu, "READ_PIECE", 1000)
+    base, ck = _traj(tmp)
+    fo = FitOptions(rank=2)
+    fit = os.path.join(tmp, "fit.relexfit")
+    kw = SMALL if budgets == "streamed" else {}
+    ref = extrapolate(base, ck, [20, 40], os.path.join(tmp, "ref"), fo, backend="reference")
+    got = extrapolate(base, ck, [20, 40], os.path.join(tmp, "got"), fo, backend="triton", save_fit=fit, **kw)
+    for r, g in zip(ref.outputs, got.outputs):
+        assert_same(r, g, True)
+    p = predict(fit, [50], os.path.join(tmp, "pred"), backend="triton", **kw)
+    pr = predict(fit, [50], os.path.join(tmp, "pred_ref"), backend="reference")
+    assert_same(pr.outputs[0], p.outputs[0], True)
+    assert all(s.ops > 0 for s in async_streams) and not any(s.errors for s in async_streams)
+
+
+def _differs_from_reference(tmp, **kw) -> bool:
+    base, ck = _traj(tmp)
+    ref = extrapolate(base, ck, [20], os.path.join(tmp, "ref"), backend="reference")
+    try:
+        got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton", **kw)
+    except Exception:  # noqa: BLE001 - garbage read as data may be non-finite: caught, also a detection
+        return True
+    a, b = _outputs(ref.outputs[0]), _outputs(got.outputs[0])
+    return any(not np.array_equal(a[n].view(np.uint8), b[n].view(np.uint8)) for n in a)
+
+
+@pytest.mark.parametrize("mutation", ["compute-ignores-uploads", "writer-ignores-downloads",
+                                      "reader-refills-during-upload"])
+def test_asynchronous_stand_ins_catch_a_missing_wait(tmp, async_streams, mutation, monkeypatch):
+    """The check above can fail: drop one wait from the pipeline and the outputs go wrong."""
+    monkeypatch.setattr(gpu, "READ_PIECE", 1000)
+    if mutation == "compute-ignores-uploads":
+        from fakestreams import EngineThreadStream
+        monkeypatch.setattr(EngineThreadStream, "wait_event", lambda self, ev: None)
+    elif mutation == "reader-refills-during-upload":
+        real_put = gpu._Pool.put
+        monkeypatch.setattr(gpu._Pool, "put", lambda self, item, ev=None: real_put(self, item, None))
+    else:
+        real = gpu.DeviceStreamer._write
+        monkeypatch.setattr(gpu.DeviceStreamer, "_write",
+                            lambda self, job, a, b, buf, ev, writers, also: real(self, job, a, b, buf, None,
+                                                                               writers, also))
+    assert _differs_from_reference(tmp, **SMALL)
+
+
+def test_read_ahead_of_a_device_resident_tensor_stays_within_the_host_budget(tmp, monkeypatch):
+    """On a device, "resident" means the trajectory fits device memory, which can be far larger
+    than host RAM: the host read-ahead of the next tensor asks for at most the memory budget."""
+    from relex_kernels.ops import triton as tmod
+    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
+    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    n = 4 * GRAM_BLOCK
+    base, ck = make_trajectory(tmp, {"x": (n,)}, [1, 2, 3], dtype="BF16")
+    traj = Trajectory(base, ck)
+    budget = 16 << 20
+    try:
+        st = gpu.make_streamer(traj, get_backend("triton"), budget, device_memory_budget=1 << 33)
+        job = traj.jobs[0]
+        assert st.ranges(job, 1)[0]  # resident on the device
+        assert 4 * n * 2 > st.budget  # but its versions exceed the host budget
+        asked = []
+        for loc in st._locs(job):
+            monkeypatch.setattr(loc.file, "prefetch", lambda name, a, b: asked.append(b - a))
+        st.prefetch(job)
+        assert len(asked) == 4 and 0 < sum(asked) * 2 <= st.budget
+        gpu.close_streamer(st)
+    finally:
+        traj.close()
+
+
+def test_device_out_of_memory_is_a_clear_error(tmp, monkeypatch):
+    """A device allocation that fails names what it was for and what to do, exit status 2."""
+    from relex_kernels.errors import DeviceMemoryError
+    from relex_kernels.ops import triton as tmod
+    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
+    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    base, ck = _traj(tmp)
+    real_empty = torch.empty
+
+    def empty(*a, device=None, **kw):
+        if device is not None and kw.get("dtype") is torch.float32:  # the Gram kernel's scratch
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_empty(*a, device=device, **kw) if device is not None else real_empty(*a, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    with pytest.raises(DeviceMemoryError, match=r"scratch .*--device-memory-budget.*Tried to allocate"):
+        extrapolate(base, ck, [20], os.path.join(tmp, "o"), backend="triton")
+    assert not os.path.exists(os.path.join(tmp, "o", "step_20"))
+
+
+def test_report_names_the_gram_precision_that_ran(tmp, monkeypatch):
+    """``auto`` resolves per T and per device backend: the report records the resolved one."""
+    from relex_kernels.ops import triton as tmod
+    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
+    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    seen = []
+
+    def precision(self, T, precision):
+        seen.append((T, precision))
+        return "tf32x3" if T >= 4 else "ieee"
+
+    monkeypatch.setattr(RefKernels, "precision", precision)
+    base, ck = _traj(tmp)
+    got = extrapolate(base, ck, [20], os.path.join(tmp, "o"), backend="triton")
+    assert got.report["gram_precision"] == "tf32x3" and seen == [(len(STEPS), "auto")]
+    host = extrapolate(base, ck, [20], os.path.join(tmp, "h"), backend="reference")
+    assert host.report["gram_precision"] == "ieee"
+
+
+def test_relex_cuda_sync_raises_at_the_launch_that_failed(monkeypatch):
+    """RELEX_CUDA_SYNC=1 waits after each launch and names the kernel whose error it caught;
+    off (the default), or for a tensor not on a CUDA device, it does nothing."""
+    from relex_kernels.errors import BackendError
+    from relex_kernels.ops.cuda import sync_after_launch
+    calls = []
+
+    class FakeCuda:
+        @staticmethod
+        def synchronize(device):
+            calls.append(device)
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+    class FakeTorch:
+        cuda = FakeCuda
+
+    dev = torch.device("cuda", 1)
+    monkeypatch.delenv("RELEX_CUDA_SYNC", raising=False)
+    sync_after_launch(FakeTorch, dev, "CUDA gram")
+    monkeypatch.setenv("RELEX_CUDA_SYNC", "1")
+    sync_after_launch(FakeTorch, torch.device("cpu"), "Triton gram")
+    assert calls == []
+    with pytest.raises(BackendError, match=r"the CUDA gram kernel failed on cuda:1: CUDA error: an illegal memory"):
+        sync_after_launch(FakeTorch, dev, "CUDA gram")
+    assert calls == [dev]

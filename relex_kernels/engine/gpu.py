@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import DeviceMemoryError, UsageError
 from ..io import dtypes
 from ..ops import DEVICE_BACKENDS, Backend
 from ..ops.cuda import gram_precision
@@ -85,7 +85,19 @@ def close_streamer(streamer) -> None:
 
 
 class _NoStream:
-    """Stream and event stand-ins on the CPU, where every copy is synchronous."""
+    """Stream and event stand-ins on the CPU, where every copy is synchronous.
+
+    The interface the pipeline needs of a host stand-in: ``submit(fn)`` runs an operation in
+    stream order, ``wait_event``/``synchronize``, ``event()`` makes an event (``record(stream)``,
+    ``synchronize()``), ``asynchronous`` says whether copies may still be running when
+    ``submit`` returns. Tests put asynchronous ones in (worker threads, random delays) to check
+    the event and slot ordering the CUDA streams rely on.
+    """
+
+    asynchronous = False
+
+    def submit(self, fn) -> None:
+        fn()
 
     def wait_event(self, ev) -> None:
         pass
@@ -95,6 +107,9 @@ class _NoStream:
 
     def synchronize(self) -> None:
         pass
+
+    def event(self):
+        return self
 
 
 class _Pool:
@@ -226,13 +241,15 @@ class DeviceStreamer(Streamer):
         if self.cuda:
             self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.dev) for _ in range(3))
         else:
-            self.h2d = self.compute = self.d2h = _NoStream()
-        self.slots = [torch.empty(self.stage, dtype=torch.uint8, device=self.dev) for _ in range(N_STAGE)]
+            self.h2d, self.compute, self.d2h = self._host_streams()
+        # copies may still run when issued: buffers go back to their pools with an event to wait on
+        self.async_copies = self.cuda or self.h2d.asynchronous or self.d2h.asynchronous
+        self.slots = [self._device_empty(self.stage, torch.uint8, "a stage slot") for _ in range(N_STAGE)]
         self.slot_free = [None] * N_STAGE
         self.next_slot = 0
         self.rows = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="relex-read")
         self.writes = ThreadPoolExecutor(2, thread_name_prefix="relex-write")
-        self.pool = _Pool(torch, N_PINNED, self.stage, self.cuda)
+        self.pool = _Pool(torch, N_PINNED, self.stage, self.cuda)  # pinned when there is a device
         self.reader = _Reader(self, self.pool, self.rows)
         self.res = None  # (job name, device buffer, end of the covered prefix) of the resident tensor
         self.closed = False
@@ -297,22 +314,52 @@ class DeviceStreamer(Streamer):
         for f in [self.rows.submit(piece, *t) for t in tasks]:
             f.result()
 
+    def _device_empty(self, numel: int, dtype, what: str):
+        """``torch.empty`` on the device; running out of device memory is a clear error, not a raw
+        ``torch.OutOfMemoryError`` from deep inside the pipeline."""
+        try:
+            return self.torch.empty(numel, dtype=dtype, device=self.dev)
+        except self.torch.OutOfMemoryError as e:
+            nbytes = numel * self.torch.empty((), dtype=dtype).element_size()
+            raise DeviceMemoryError(
+                f"{self.dev} ran out of memory allocating {nbytes / 2**20:.0f} MiB for {what} "
+                f"(device budget {self.device_budget / 2**20:.0f} MiB): lower --device-memory-budget, "
+                f"free the device, or use another one ({str(e).splitlines()[0] if str(e) else 'out of memory'})"
+            ) from None
+
+    def gram_precision(self) -> str:
+        """The device Gram's product precision at this T, resolved: ``auto`` picks 3xTF32 above a
+        T that differs between the CUDA and Triton kernels, so the report names what ran."""
+        return self.kern.precision(self.traj.T, self.precision)
+
+    @staticmethod
+    def _host_streams():
+        """(h2d, compute, d2h) without a device: synchronous stand-ins (tests swap in asynchronous ones)."""
+        return _NoStream(), _NoStream(), _NoStream()
+
     def _event(self):
-        return self.torch.cuda.Event() if self.cuda else _NoStream()
+        return self.torch.cuda.Event() if self.cuda else self.compute.event()
 
     def _on(self, stream):
         import contextlib
         return self.torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
+
+    def _copy(self, stream, dst, src) -> None:
+        """``dst[:] = src`` in ``stream``'s order (returns before the copy is done)."""
+        if self.cuda:
+            with self.torch.cuda.stream(stream):
+                dst.copy_(src, non_blocking=True)
+        else:
+            stream.submit(lambda: dst.copy_(src))
 
     def _upload(self, job: Job, pas: int, a: int, b: int, dst):
         """Group [a, b) of ``job`` into device bytes ``dst``; the compute stream waits for it."""
         nbytes = (self.traj.T + 1) * (b - a) * dtypes.itemsize(job.dtype)
         buf = self.reader.take((job.name, pas, a, b))
         ev = self._event()
-        with self._on(self.h2d):
-            dst[:nbytes].copy_(buf[0][:nbytes], non_blocking=True)
-            ev.record(self.h2d)
-        self.pool.put(buf, ev if self.cuda else None)
+        self._copy(self.h2d, dst[:nbytes], buf[0][:nbytes])
+        ev.record(self.h2d)
+        self.pool.put(buf, ev if self.async_copies else None)  # the reader refills it after the copy
         self.compute.wait_event(ev)
         self._tick(nbytes)
 
@@ -359,7 +406,8 @@ class DeviceStreamer(Streamer):
                          job.name)
             if resident and ranges and ranges[0][0] == 0:
                 isz = dtypes.itemsize(job.dtype)
-                self.res = [job.name, torch.empty((T + 1) * job.numel * isz, dtype=torch.uint8, device=self.dev), 0]
+                self.res = [job.name, self._device_empty((T + 1) * job.numel * isz, torch.uint8,
+                                                         f"the resident trajectory of {job.name}"), 0]
             scratch = self._scratch(T, self.group_len(job))
             for a, b in ranges:
                 for ga, gb in self.groups(job, a, b):  # a group never straddles a block: one piece
@@ -385,7 +433,7 @@ class DeviceStreamer(Streamer):
     def _scratch(self, T: int, g: int):
         need = self.kern.scratch_numel(T, g)
         if self.scratch is None or self.scratch.numel() < need:
-            self.scratch = self.torch.empty(need, dtype=self.torch.float32, device=self.dev)
+            self.scratch = self._device_empty(need, self.torch.float32, "the Gram kernel's scratch")
         return self.scratch
 
     # -- pass 2 ----------------------------------------------------------------------
@@ -395,7 +443,7 @@ class DeviceStreamer(Streamer):
             return
         self.out_bytes = nbytes
         self.out_pool = _Pool(self.torch, N_OUT, nbytes, self.cuda)
-        self.out_slots = [self.torch.empty(nbytes, dtype=self.torch.uint8, device=self.dev) for _ in range(2)]
+        self.out_slots = [self._device_empty(nbytes, self.torch.uint8, "an output slot") for _ in range(2)]
         self.out_free = [None, None]
         self.next_out = 0
 
@@ -444,12 +492,11 @@ class DeviceStreamer(Streamer):
                     pbuf = self.out_pool.get()
                     copied = self._event()
                     self.d2h.wait_event(done)
-                    with self._on(self.d2h):
-                        pbuf[0][:K * m * isz].copy_(self.out_slots[o][:K * m * isz], non_blocking=True)
-                        copied.record(self.d2h)
+                    self._copy(self.d2h, pbuf[0][:K * m * isz], self.out_slots[o][:K * m * isz])
+                    copied.record(self.d2h)
                     self.out_free[o] = copied
-                    pending.append(self.writes.submit(self._write, job, ga, gb, pbuf, copied if self.cuda else None,
-                                                      writers, also))
+                    pending.append(self.writes.submit(self._write, job, ga, gb, pbuf,
+                                                      copied if self.async_copies else None, writers, also))
                 for f in pending:
                     f.result()
                 if on_range is not None:
@@ -466,4 +513,7 @@ class DeviceStreamer(Streamer):
         self.writes.shutdown(wait=True)
         if self.cuda:
             self.torch.cuda.synchronize(self.dev)
+        else:
+            for stream in (self.h2d, self.compute, self.d2h):
+                stream.synchronize()
         self.res = self.slots = self.out_slots = self.scratch = None

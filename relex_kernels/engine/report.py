@@ -39,15 +39,19 @@ def tensor_entry(name: str, dtype: str, shape, comp: Components) -> dict:
 
 
 def run_report(*, backend: str, kernel: str, options: dict, steps, targets, outputs: dict, seconds: float, bytes_read: int,
-               memory_budget: int, entries: list[dict], resumed: int = 0, **extra) -> dict:
+               memory_budget: int, entries: list[dict], resumed: int = 0, gram_precision: str = "ieee",
+               **extra) -> dict:
     """``relex_report.json`` of a whole run (one process or SPMD; ``extra``: more top-level fields).
 
-    ``kernel``: :attr:`~relex_kernels.ops.Backend.identity`, which the output bits depend on.
+    ``kernel``: :attr:`~relex_kernels.ops.Backend.identity`, which the output bits depend on;
+    ``gram_precision``: the products of the Gram as they ran at this T (``ieee`` fp32, or on a
+    device ``tf32x3`` / ``tf32`` when ``auto`` or ``RELEX_GRAM_PRECISION`` chose them).
     """
     return {
         "relex_kernels": __version__,
         "backend": backend,
         "kernel": kernel,
+        "gram_precision": gram_precision,
         "options": options,
         "history_steps": list(steps),
         "targets": list(targets),

@@ -70,7 +70,8 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
             bar.close()
             bar = None
         seconds = time.perf_counter() - t0
-        rep = report.run_report(backend=be.name, kernel=be.identity, options=opts.to_dict(), steps=steps,
+        rep = report.run_report(backend=be.name, kernel=be.identity, gram_precision=streamer.gram_precision(),
+                                options=opts.to_dict(), steps=steps,
                                 targets=targets, outputs={str(t): outs.final(t) for t in targets}, seconds=seconds,
                                 bytes_read=streamer.bytes_read, memory_budget=budget, entries=ex.entries,
                                 resumed=ex.reused, **(extra_report or {}))

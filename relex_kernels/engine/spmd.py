@@ -334,7 +334,8 @@ class RankRun:
                               for j in self.plan.split.split_jobs()},
         }
         return report.run_report(
-            backend=self.be.name, kernel=self.kernel, options=self.opts.to_dict(), steps=traj.steps,
+            backend=self.be.name, kernel=self.kernel, gram_precision=self.streamer.gram_precision(),
+            options=self.opts.to_dict(), steps=traj.steps,
             targets=self.targets,
             outputs={str(t): os.path.join(self.out_dir, target_dir_name(t)) for t in self.targets},
             seconds=time.perf_counter() - self.t0, bytes_read=sum(self.read_by_rank), memory_budget=self.budget,

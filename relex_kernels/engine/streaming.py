@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import dtypes
 from ..io.writer import ShardedWriter
-from ..ops import Backend, fp64, get_backend, native
+from ..ops import DEVICE_BACKENDS, Backend, fp64, get_backend, native
 from ..ops.reference import GRAM_CHUNK, nonfinite_count
 from .gramsum import GRAM_BLOCK, GramSum
 from .plan import Policy
@@ -47,6 +47,15 @@ class Streamer:
         self.fp16_deltas = fp16_deltas
         self.progress = progress
         self.bytes_read = 0
+
+    def gram_precision(self) -> str:
+        """How the Gram's products are computed (``relex_report.json``): the host kernels multiply
+        and add chunk partials in fp32 (fp64 for F64 tensors) and sum the partials in fp64; a
+        device backend's host-array ops (SPMD ranks) run its kernels at their precision for T."""
+        if self.backend.name in DEVICE_BACKENDS:
+            from ..ops.cuda import gram_precision
+            return self.backend.module.device_kernels().precision(self.traj.T, gram_precision())
+        return "ieee"
 
     # -- ranges and pages ------------------------------------------------------------
     def _locs(self, job: Job):
@@ -92,6 +101,11 @@ class Streamer:
             loc.file.release(job.name, a, b)
 
     def prefetch(self, job: Job, a: int = 0, b: int | None = None) -> None:
+        """Page-cache read-ahead of elements [a, b) of every version, at most the memory budget's
+        worth: a tensor resident on a device can be far larger than host RAM (an 8B embedding at
+        T = 100 is 124 GB), and asking for all of it would evict what is being read now."""
+        b = job.numel if b is None else b
+        b = min(b, a + max(1, self.budget // ((self.traj.T + 1) * dtypes.itemsize(job.dtype))))
         for loc in self._locs(job):
             loc.file.prefetch(job.name, a, b)
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import ArgumentError
+from ..errors import ArgumentError, BackendError
 from ..io import dtypes
 from .reference import GRAM_CHUNK
 
@@ -30,6 +30,18 @@ _OP_GROUP = 64 * GRAM_CHUNK
 def gram_precision() -> str:
     """The Gram precision asked for: ``$RELEX_GRAM_PRECISION``, else auto (the kernels resolve it per T)."""
     return os.environ.get("RELEX_GRAM_PRECISION") or "auto"
+
+
+def sync_after_launch(torch, device, what: str) -> None:
+    """``RELEX_CUDA_SYNC=1``: wait for each kernel launch and raise its error at the launch that
+    caused it, naming the kernel (a CUDA error otherwise surfaces at some later call). Slow: for
+    debugging and first runs on a new device only."""
+    if device.type != "cuda" or os.environ.get("RELEX_CUDA_SYNC", "0") in ("", "0"):
+        return
+    try:
+        torch.cuda.synchronize(device)
+    except RuntimeError as e:
+        raise BackendError(f"the {what} kernel failed on {device}: {str(e).splitlines()[0]}") from None
 
 
 def device_arch() -> str:
@@ -161,6 +173,7 @@ class CudaKernels:
                                 f"scratch_numel(T, n) = {self.scratch_numel(T, n)} floats")
         self._m.gram(x.data_ptr(), x.stride(0), n, T, dtypes.DTYPE_CODES[dtype], bool(fp16_deltas), acc.data_ptr(),
                      part.data_ptr(), PRECISION_CODES[precision or "auto"], self._stream())
+        sync_after_launch(self._torch, self.device, "CUDA gram")
 
     def combine(self, x, n: int, T: int, dtype: str, alphas, out, fp16_deltas: bool = False) -> None:
         """``out[k, :n]`` = the weighted sums of block ``x`` with ``alphas`` (K, T) float32."""
@@ -170,6 +183,7 @@ class CudaKernels:
                                 f"have K = {K} rows")
         self._m.combine(x.data_ptr(), x.stride(0), n, T, dtypes.DTYPE_CODES[dtype], bool(fp16_deltas),
                         alphas.data_ptr(), K, out.data_ptr(), out.stride(0), self._stream())
+        sync_after_launch(self._torch, self.device, "CUDA combine")
 
     def top_eigenpairs(self, G, rank: int = 1, v0=None, tol: float = 1e-10, max_iter: int = 500,
                        max_rate: float = 0.9):
@@ -188,6 +202,7 @@ class CudaKernels:
         st = torch.empty((B, rank), dtype=torch.int32, device=G.device)
         self._m.power_iteration(G.data_ptr(), v0.data_ptr(), work.data_ptr(), lam.data_ptr(), U.data_ptr(),
                                 st.data_ptr(), B, T, rank, max_iter, tol, max_rate, self._stream())
+        sync_after_launch(torch, self.device, "CUDA power iteration")
         return finish(G, lam, U, st, rank)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 
 from ..io import dtypes
-from .cuda import device_arch, gram_precision, run_combine, run_gram, torch_cuda_status
+from .cuda import device_arch, gram_precision, run_combine, run_gram, sync_after_launch, torch_cuda_status
 
 
 def interpreting() -> bool:
@@ -60,6 +60,7 @@ class TritonKernels:
         import torch
 
         from ..kernels.triton import combine, eig, gram
+        self._torch = torch
         self._gram, self._combine, self._eig = gram, combine, eig
         if device is None:
             device = "cpu" if interpreting() else torch.device("cuda", torch.cuda.current_device())
@@ -75,10 +76,12 @@ class TritonKernels:
              precision: str | None = None) -> None:
         """``acc`` (T x T float64) ``+=`` the Gram of block ``x`` (chunk contract); ``part``: fp32 scratch."""
         self._gram.gram_block(x, n, T, dtypes.DTYPE_CODES[dtype], acc, part, fp16_deltas, precision)
+        sync_after_launch(self._torch, self.device, "Triton gram")
 
     def combine(self, x, n: int, T: int, dtype: str, alphas, out, fp16_deltas: bool = False) -> None:
         """``out[k, :n]`` = the weighted sums of block ``x`` with ``alphas`` (K, T) float32."""
         self._combine.combine_block(x, n, T, dtypes.DTYPE_CODES[dtype], alphas, out, fp16_deltas)
+        sync_after_launch(self._torch, self.device, "Triton combine")
 
     def top_eigenpairs(self, G, rank: int = 1, v0=None, tol: float = 1e-10, max_iter: int = 500,
                        max_rate: float = 0.9):
