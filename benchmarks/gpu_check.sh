@@ -3,7 +3,8 @@
 #   1. build the extensions (CPU _C and CUDA _C_cuda) in place — skipped for a module that is
 #      already there when nvcc is missing (carry a prebuilt relex_kernels/_C_cuda*.so);
 #   2. run the GPU tests (tests/test_gpu.py, tests/test_triton_kernels.py: GPU cases only);
-#   3. run benchmarks/bench_gpu.py: every figure with the card's name in benchmarks/results/.
+#   3. run benchmarks/bench_gpu.py: every figure with the card's name in benchmarks/results/;
+#   4. benchmarks/bench_ingest.py: the reader's preadv vs maps on the GPU host's cores.
 # Each step has its own time limit; the whole script stays well inside 10 minutes.
 # Usage: bash benchmarks/gpu_check.sh            (RELEX_CHECK_BENCH_ONLY=1: step 3 only)
 set -u
@@ -52,5 +53,8 @@ fi
 say "GPU benchmarks"
 timeout 240 python benchmarks/bench_gpu.py --out "$RES" 2>&1 | tee -a "$LOG" | tail -80
 [ "${PIPESTATUS[0]}" -eq 0 ] || { say "BENCHMARK FAILED OR INCOMPLETE (see the json)"; status=1; }
+say "device reader ingest, host side (preadv vs maps, 8 reader threads)"
+timeout 60 python benchmarks/bench_ingest.py --threads 8 --runs 3 2>&1 | tee -a "$LOG" | tail -5
+
 say "done, status $status; results in $RES/gpu_*.json|md, log $LOG"
 exit $status

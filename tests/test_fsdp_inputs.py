@@ -89,6 +89,9 @@ def test_rank_files_equal_the_gathered_tensors(run):
                 for a, b in [(0, n_el), (3, min(n_el, 40)), (n_el // 3 - 1, n_el // 3 + 2)]:  # across blocks too
                     want = vals[i + 1][n].reshape(-1).numpy()[a:b]
                     assert np.array_equal(loc.file.view(n, a, b), want), (n, a, b)
+                    got = np.empty(b - a, dtype=want.dtype)  # the device reader's preadv path
+                    loc.file.read_into(n, a, b, got)
+                    assert np.array_equal(got, want), (n, a, b)
         finally:
             ck.close()
 
@@ -104,6 +107,23 @@ def test_extrapolate_from_a_verl_run_equals_safetensors_inputs(run, tmp_path):
     assert r.returncode == 0, r.stderr
     for t, o in zip([60, 90], ref.outputs):
         assert _bytes(os.path.join(out, f"step_{t}")) == _bytes(o)
+
+
+def test_device_pipeline_reads_rank_files_in_place(run, tmp_path, monkeypatch):
+    """The device reader fills its staging buffers from rank files (row blocks by ``preadv``, the
+    ``Shard(1)`` tensor's columns gathered from the maps): the bytes of the safetensors run. The
+    device kernels are the reference ops on the CPU (tests/test_gpu.py's stand-in)."""
+    from test_gpu import SMALL, RefKernels
+
+    from relex_kernels.io.layout import discover
+    from relex_kernels.ops import triton as tmod
+    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
+    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    root, base, hf, _ = run
+    ref = extrapolate(base, hf, [60], str(tmp_path / "ref"), backend="reference")  # the stand-in's sums
+    got = extrapolate(base, discover(os.path.join(root, "run")), [60], str(tmp_path / "got"), backend="triton",
+                      **SMALL)
+    assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])
 
 
 def test_shards_preferred_over_an_export_and_prefer_hf(run, tmp_path):
@@ -281,6 +301,11 @@ def test_dcp_checkpoints_equal_safetensors_inputs(run, tmp_path):
     try:
         assert c.format == "torch.distributed.checkpoint"
         assert all(k.startswith("model.") for k in c.tensors)  # as stored, before alignment
+        for n, loc in c.tensors.items():  # preadv from the .distcp chunks: the mapped bytes
+            k = loc.info.numel
+            got = np.empty(k, dtype=np.asarray(loc.file.view(n, 0, 1)).dtype)
+            loc.file.read_into(n, 0, k, got)
+            assert np.array_equal(got, loc.file.view(n)), n
     finally:
         c.close()
     ref = extrapolate(base, hf, [60], str(tmp_path / "ref"))

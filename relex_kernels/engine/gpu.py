@@ -9,10 +9,11 @@ every run.
 Data path, per *group* of elements (a power-of-two number of GRAM_CHUNKs that divides
 GRAM_BLOCK, so groups never straddle a Gram block):
 
-* a reader thread copies the group's T+1 rows from the memory-mapped inputs into a
-  pinned buffer (large sequential reads, rows in parallel), releasing the mapped
-  pages at once; it reads ahead along the run's plan (:meth:`DeviceStreamer.follow`),
-  bounded by the pinned pool — through tensor boundaries and while the device computes;
+* a reader thread fills a pinned buffer with the group's T+1 rows by ``preadv`` into it
+  (:meth:`~..io.reader.MappedFile.read_into`: large sequential reads, rows in parallel,
+  no page of a map faulted in and dropped again); it reads ahead along the run's plan
+  (:meth:`DeviceStreamer.follow`), bounded by the pinned pool — through tensor
+  boundaries and while the device computes;
 * the H2D copy runs on its own stream into a device stage slot (ring of
   ``N_STAGE``) or, for a tensor whose whole trajectory fits the device budget, into
   its resident buffer — then pass 2 reads nothing;
@@ -26,7 +27,9 @@ output maps, because the run journal records them as written: outputs of tensor 
 are therefore written while tensor k+1 is being *read*, not while it computes.
 
 On a CPU (``--backend triton`` with ``TRITON_INTERPRET=1``, tests only) the same code
-runs with synchronous copies and no streams.
+runs with synchronous stand-ins for the streams (:class:`_NoStream`); the tests also run
+it with asynchronous ones (copies on worker threads after random delays) to check the
+event and buffer ordering the CUDA streams rely on.
 """
 
 from __future__ import annotations
@@ -307,8 +310,7 @@ class DeviceStreamer(Streamer):
         step = max(1, READ_PIECE // dtypes.itemsize(job.dtype))
 
         def piece(r: int, lo: int, hi: int) -> None:  # a large sequential read of one input file
-            np.copyto(dst[r * m + lo - a:r * m + hi - a], locs[r].file.view(job.name, lo, hi))
-            locs[r].file.release(job.name, lo, hi)
+            locs[r].file.read_into(job.name, lo, hi, dst[r * m + lo - a:r * m + hi - a])
 
         tasks = [(r, lo, min(b, lo + step)) for r in range(len(locs)) for lo in range(a, b, step)]
         for f in [self.rows.submit(piece, *t) for t in tasks]:

@@ -48,6 +48,18 @@ class AssembledTensors:
             out[lo - start:hi - start] = f.view(local, lo - s0, hi - s0)
         return out
 
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Elements ``[start, stop)`` into ``out``: each file's piece read with ``preadv``
+        (:meth:`MappedFile.read_into`); pieces that are no byte range of one file (columns of
+        a ``Shard(d > 0)`` tensor) are gathered from the maps."""
+        pieces = list(self._pieces(name, start, stop))
+        if any(f is None for *_, f, _ in pieces):
+            np.copyto(out, self.view(name, start, stop))
+            self.release(name, start, stop)
+            return
+        for lo, hi, s0, f, local in pieces:
+            f.read_into(local, lo - s0, hi - s0, out[lo - start:hi - start])
+
     def _local_ranges(self, name: str, a: int, b: int):
         """(file, local name, lo, hi): the element ranges of the files that hold ``[a, b)`` of ``name``."""
         for lo, hi, s0, f, local in self._pieces(name, a, b):

@@ -269,14 +269,48 @@ class MappedFile:
         _MAPS.used(self)
         return self._mm
 
-    def _open_map(self) -> mmap.mmap:
+    def _open_again(self) -> int:
+        """A descriptor of the file this was opened as (an error if it was replaced or changed)."""
         fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             st = os.fstat(fd)
-            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
-                raise FormatError(f"{self.path}: changed while this run was using it (another file, size or "
-                                  "modification time than when it was opened); run again once the inputs stay put")
+        except BaseException:
+            os.close(fd)
+            raise
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != self._identity:
+            os.close(fd)
+            raise FormatError(f"{self.path}: changed while this run was using it (another file, size or "
+                              "modification time than when it was opened); run again once the inputs stay put")
+        return fd
+
+    def _open_map(self) -> mmap.mmap:
+        fd = self._open_again()
+        try:
             return mmap.mmap(fd, self.size, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+
+    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """Elements ``[start, stop)`` of tensor ``name`` into the contiguous array ``out`` with
+        ``preadv``: one copy out of the page cache, no page-table entries to fault in and drop
+        again (the device reader fills pinned buffers this way; a map's page faults and
+        ``MADV_DONTNEED`` TLB shootdowns cost more than the copy on many reader threads)."""
+        t = self.tensors[name]
+        if not 0 <= start <= stop <= t.numel:
+            raise IndexError(f"{self.path}: elements [{start}, {stop}) outside tensor {name!r} of {t.numel}")
+        isz = dtypes.itemsize(t.dtype)
+        need = (stop - start) * isz
+        if out.nbytes != need or not out.flags.c_contiguous:
+            raise ValueError(f"read_into: out must be a contiguous {need}-byte array, got {out.nbytes} bytes")
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        fd = self._open_again()
+        try:
+            done, at = 0, t.begin + start * isz
+            while done < need:
+                n = os.preadv(fd, [buf[done:]], at + done)
+                if n <= 0:
+                    raise FormatError(f"{self.path}: ends inside tensor {name!r} (truncated while being read?)")
+                done += n
         finally:
             os.close(fd)
 

@@ -102,10 +102,20 @@ def test_an_input_replaced_while_unmapped_is_an_error(tmp_path):
         f.unmap()
         assert (f.view("a.weight") == first).all()  # reopened: the same file
         f.unmap()
+        out = first.copy()
+        out[:] = 0
+        f.read_into("a.weight", 0, first.size, out)  # the device reader's preadv path
+        assert (out == first).all()
+        with pytest.raises(ValueError, match="contiguous"):
+            f.read_into("a.weight", 0, first.size, out[:-1])
+        with pytest.raises(IndexError):
+            f.read_into("a.weight", 0, first.size + 1, out)
         shutil.copy(p, p + ".new")  # identical bytes, another inode
         os.replace(p + ".new", p)
         with pytest.raises(FormatError, match="changed"):
             f.view("a.weight")
+        with pytest.raises(FormatError, match="changed"):
+            f.read_into("a.weight", 0, first.size, out)
     finally:
         f.close()
 
