@@ -90,7 +90,7 @@ def markdown(rep, name: str = "real_rl") -> str:
           "|---|---|---|---|---|---|"]
     for v in ("trl-fp32", "bf16-export", "verl-fp32-masters"):
         for i, r in enumerate(_rows(rep, v, H)):
-            chk = rep["engine_vs_reference_rel_error"][v][i]
+            chk = rep["engine_vs_reference_rel_error"][f"{v}_h{H}"][i]
             L.append(f"| {v} | {r['target']} | {r['relex']['accuracy']:.3f} | {r['relex']['rel_error']:.3f} | "
                      f"{r['keep-last']['rel_error']:.3f} | {chk:.1e} |")
     L += ["", "\"engine vs fp64 reference\": ‖engine − reference‖ / ‖reference − θ₀‖ over the model, the "

@@ -131,7 +131,7 @@ def main(argv=None) -> int:
                 truth = score.load_state(ckpt("trl", s))
                 engine = score.load_state(os.path.join(pred_dir, f"step_{s}"))
                 # the engine against the independent reference: same method, same rounding
-                checks.setdefault(label, []).append(score.parameter_error(engine, ref["relex"][s], base)["rel_error"])
+                checks.setdefault(f"{label}_h{h}", []).append(score.parameter_error(engine, ref["relex"][s], base)["rel_error"])
                 row = {"variant": label, "history": h, "target": s, "real_accuracy": curve[s],
                        "relex_seconds": relex_s}
                 preds = {"relex": engine, **{m: ref[m][s] for m in score.BASELINES}}
