@@ -520,3 +520,14 @@ def test_relex_cuda_sync_raises_at_the_launch_that_failed(monkeypatch):
     with pytest.raises(BackendError, match=r"the CUDA gram kernel failed on cuda:1: CUDA error: an illegal memory"):
         sync_after_launch(FakeTorch, dev, "CUDA gram")
     assert calls == [dev]
+
+
+def test_report_times_the_device_pipeline_stages(tmp, device_backend):
+    """``device_stages`` in relex_report.json: every stage of the pipeline, the busy ones > 0."""
+    name, _ = device_backend
+    base, ck = _traj(tmp)
+    got = extrapolate(base, ck, [20], os.path.join(tmp, "o"), backend=name, **SMALL)
+    st = got.report["device_stages"]
+    assert set(st) == set(gpu.STAGES) and all(v >= 0 for v in st.values())
+    assert st["read"] > 0 and st["gram"] > 0 and st["combine"] > 0 and st["write"] > 0
+    assert "device_stages" not in extrapolate(base, ck, [20], os.path.join(tmp, "h"), backend="reference").report

@@ -34,9 +34,11 @@ event and buffer ordering the CUDA streams rely on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -55,6 +57,11 @@ N_PINNED = 3  # pinned input buffers: one being filled, one in flight, one ahead
 N_STAGE = 2  # device stage slots of streamed tensors
 N_OUT = 3  # pinned output buffers (and 2 device output slots)
 MAX_STAGE = 256 << 20
+#: the pipeline's stages as timed in ``relex_report.json`` (``device_stages``): ``read`` and
+#: ``write`` are the reader and writer threads' busy time (added up over threads); the engine
+#: thread's time waiting for the reader, issuing copies, launching kernels (the kernels' own
+#: time on a GPU: the waits after them) and waiting for the writers are the others
+STAGES = ("read", "wait_read", "h2d", "gram", "combine", "d2h", "write", "wait_write")
 #: bytes per read task: rows are read in pieces so that all reader threads stay busy
 READ_PIECE = 16 << 20
 
@@ -158,7 +165,8 @@ class _Reader:
                     self.pool.put(buf)
                     return
                 try:
-                    self.owner._fill(key, buf[1])
+                    with self.owner._timed("read"):
+                        self.owner._fill(key, buf[1])
                 except BaseException as e:  # handed to the engine's thread
                     q.put((key, buf, e))
                     return
@@ -258,6 +266,30 @@ class DeviceStreamer(Streamer):
         self.closed = False
         self.out_pool = self.out_slots = None
         self.scratch = None
+        self.seconds = dict.fromkeys(STAGES, 0.0)  # per stage (stage_seconds)
+        self._seconds_lock = threading.Lock()
+
+    # -- stage timers and NVTX ranges ----------------------------------------------------
+    @contextlib.contextmanager
+    def _timed(self, stage: str):
+        """Time ``stage`` (added up over threads) and mark it as an NVTX range for a profiler."""
+        nvtx = self.torch.cuda.nvtx if self.cuda else None
+        if nvtx is not None:
+            nvtx.range_push(stage)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            if nvtx is not None:
+                nvtx.range_pop()
+            with self._seconds_lock:
+                self.seconds[stage] += dt
+
+    def stage_seconds(self) -> dict:
+        """Seconds per pipeline stage (``relex_report.json`` ``device_stages``; :data:`STAGES`)."""
+        with self._seconds_lock:
+            return {k: round(v, 6) for k, v in self.seconds.items()}
 
     # -- sizes and plans ---------------------------------------------------------------
     def group_len(self, job: Job) -> int:
@@ -343,7 +375,6 @@ class DeviceStreamer(Streamer):
         return self.torch.cuda.Event() if self.cuda else self.compute.event()
 
     def _on(self, stream):
-        import contextlib
         return self.torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
 
     def _copy(self, stream, dst, src) -> None:
@@ -357,10 +388,12 @@ class DeviceStreamer(Streamer):
     def _upload(self, job: Job, pas: int, a: int, b: int, dst):
         """Group [a, b) of ``job`` into device bytes ``dst``; the compute stream waits for it."""
         nbytes = (self.traj.T + 1) * (b - a) * dtypes.itemsize(job.dtype)
-        buf = self.reader.take((job.name, pas, a, b))
+        with self._timed("wait_read"):
+            buf = self.reader.take((job.name, pas, a, b))
         ev = self._event()
-        self._copy(self.h2d, dst[:nbytes], buf[0][:nbytes])
-        ev.record(self.h2d)
+        with self._timed("h2d"):
+            self._copy(self.h2d, dst[:nbytes], buf[0][:nbytes])
+            ev.record(self.h2d)
         self.pool.put(buf, ev if self.async_copies else None)  # the reader refills it after the copy
         self.compute.wait_event(ev)
         self._tick(nbytes)
@@ -420,8 +453,9 @@ class DeviceStreamer(Streamer):
                         self.res[2] = gb
                     else:
                         s, x = self._stage(job, 1, ga, gb)
-                    for _, _, blk in gs.pieces(ga, gb):
-                        self.kern.gram(x, gb - ga, T, job.dtype, blk, scratch, self.fp16_deltas, self.precision)
+                    with self._timed("gram"):
+                        for _, _, blk in gs.pieces(ga, gb):
+                            self.kern.gram(x, gb - ga, T, job.dtype, blk, scratch, self.fp16_deltas, self.precision)
                     if s is not None:
                         self._release_slot(s)
                 if on_range is not None and gs.resumable(b):
@@ -456,10 +490,11 @@ class DeviceStreamer(Streamer):
         m = b - a
         raw = buf[1][:len(writers) * m * dtypes.itemsize(job.dtype)].view(dtypes.raw_numpy(job.dtype))
         try:
-            for k, w in enumerate(writers):
-                for name in (job.name, also) if also is not None else (job.name,):
-                    np.copyto(w.view(name, a, b), raw[k * m:(k + 1) * m])
-                    w.release(name, a, b)
+            with self._timed("write"):
+                for k, w in enumerate(writers):
+                    for name in (job.name, also) if also is not None else (job.name,):
+                        np.copyto(w.view(name, a, b), raw[k * m:(k + 1) * m])
+                        w.release(name, a, b)
         finally:
             self.out_pool.put(buf)
 
@@ -486,21 +521,24 @@ class DeviceStreamer(Streamer):
                     if self.out_free[o] is not None:
                         self.compute.wait_event(self.out_free[o])
                     out = self.out_slots[o][:K * m * isz].view(tdt).view(K, m)
-                    self.kern.combine(x, m, T, job.dtype, A, out, self.fp16_deltas)
+                    with self._timed("combine"):
+                        self.kern.combine(x, m, T, job.dtype, A, out, self.fp16_deltas)
                     done = self._event()
                     done.record(self.compute)
                     if s is not None:
                         self.slot_free[s] = done
                     pbuf = self.out_pool.get()
                     copied = self._event()
-                    self.d2h.wait_event(done)
-                    self._copy(self.d2h, pbuf[0][:K * m * isz], self.out_slots[o][:K * m * isz])
-                    copied.record(self.d2h)
+                    with self._timed("d2h"):
+                        self.d2h.wait_event(done)
+                        self._copy(self.d2h, pbuf[0][:K * m * isz], self.out_slots[o][:K * m * isz])
+                        copied.record(self.d2h)
                     self.out_free[o] = copied
                     pending.append(self.writes.submit(self._write, job, ga, gb, pbuf,
                                                       copied if self.async_copies else None, writers, also))
-                for f in pending:
-                    f.result()
+                with self._timed("wait_write"):
+                    for f in pending:
+                        f.result()
                 if on_range is not None:
                     on_range(b)
         self.res = None
