@@ -531,3 +531,30 @@ def test_report_times_the_device_pipeline_stages(tmp, device_backend):
     assert set(st) == set(gpu.STAGES) and all(v >= 0 for v in st.values())
     assert st["read"] > 0 and st["gram"] > 0 and st["combine"] > 0 and st["write"] > 0
     assert "device_stages" not in extrapolate(base, ck, [20], os.path.join(tmp, "h"), backend="reference").report
+
+
+def test_resident_trajectories_share_one_device_arena(tmp, device_backend, monkeypatch):
+    """One device buffer, sized once from the plan, holds every resident trajectory in turn."""
+    name, exact = device_backend
+    base, ck = _traj(tmp)
+    ref = extrapolate(base, ck, [20], os.path.join(tmp, "ref"), backend="reference")
+    made = []
+    real = gpu.DeviceStreamer._device_empty
+
+    def empty(self, numel, dtype, what):
+        made.append(what)
+        return real(self, numel, dtype, what)
+
+    taken = []
+    real_take = gpu.DeviceStreamer._resident_buffer
+
+    def take(self, nbytes, name):
+        taken.append(name)
+        return real_take(self, nbytes, name)
+
+    monkeypatch.setattr(gpu.DeviceStreamer, "_device_empty", empty)
+    monkeypatch.setattr(gpu.DeviceStreamer, "_resident_buffer", take)
+    got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend=name)
+    assert_same(ref.outputs[0], got.outputs[0], exact)
+    assert len(taken) >= 4, taken  # several resident tensors, one after the other
+    assert len([w for w in made if w.startswith("the resident trajectories")]) == 1, made

@@ -263,6 +263,10 @@ class DeviceStreamer(Streamer):
         self.pool = _Pool(torch, N_PINNED, self.stage, self.cuda)  # pinned when there is a device
         self.reader = _Reader(self, self.pool, self.rows)
         self.res = None  # (job name, device buffer, end of the covered prefix) of the resident tensor
+        # one device buffer for every resident trajectory, sized once from the plan (follow): no
+        # allocation per tensor, no fragmentation of the device's free memory over thousands of them
+        self.arena = None
+        self.arena_bytes = 0
         self.closed = False
         self.out_pool = self.out_slots = None
         self.scratch = None
@@ -318,6 +322,10 @@ class DeviceStreamer(Streamer):
             if it.combine_ranges and (it.kind == "combine" or it.reread or not it.needs_gram):
                 keys += [(job.name, 2, ga, gb) for a, b in it.combine_ranges for ga, gb in self.groups(job, a, b)]
         self.keys = keys
+        T = self.traj.T
+        self.arena_bytes = max([(T + 1) * j.numel * dtypes.itemsize(j.dtype) for it in items
+                                if it.kind in ("fit", "group") and it.resident and not it.reused
+                                for j in it.jobs if not j.on_host], default=0)
 
     def _plan_from(self, key):
         """Group keys: ``key``, then those the plan asks for after it."""
@@ -441,8 +449,7 @@ class DeviceStreamer(Streamer):
                          job.name)
             if resident and ranges and ranges[0][0] == 0:
                 isz = dtypes.itemsize(job.dtype)
-                self.res = [job.name, self._device_empty((T + 1) * job.numel * isz, torch.uint8,
-                                                         f"the resident trajectory of {job.name}"), 0]
+                self.res = [job.name, self._resident_buffer((T + 1) * job.numel * isz, job.name), 0]
             scratch = self._scratch(T, self.group_len(job))
             for a, b in ranges:
                 for ga, gb in self.groups(job, a, b):  # a group never straddles a block: one piece
@@ -465,6 +472,15 @@ class DeviceStreamer(Streamer):
             self.res = None
             self._raise_nonfinite(job)
         return G
+
+    def _resident_buffer(self, nbytes: int, name: str):
+        """``nbytes`` of the arena for a resident trajectory (the arena grows only for a tensor
+        the plan did not announce: a caller driving the passes itself)."""
+        if self.arena is None or self.arena.numel() < nbytes:
+            self.arena = None  # the old one goes back before the larger one is taken
+            self.arena = self._device_empty(max(nbytes, self.arena_bytes), self.torch.uint8,
+                                            f"the resident trajectories (first {name})")
+        return self.arena[:nbytes]
 
     def _scratch(self, T: int, g: int):
         need = self.kern.scratch_numel(T, g)
@@ -556,4 +572,4 @@ class DeviceStreamer(Streamer):
         else:
             for stream in (self.h2d, self.compute, self.d2h):
                 stream.synchronize()
-        self.res = self.slots = self.out_slots = self.scratch = None
+        self.res = self.arena = self.slots = self.out_slots = self.scratch = None
