@@ -14,6 +14,12 @@ the point where it was recorded — CUDA's semantics:
 * ``stream.wait_event(ev)``: later work on ``stream`` waits for ``ev`` (the caller does not);
 * the compute stand-in (:class:`EngineThreadStream`) runs its work on the engine's thread at
   once, as the pipeline issues kernels there, so its ``wait_event`` blocks that thread.
+
+What this cannot check: with kernels done when issued, an event recorded on the compute stream
+is complete at once, so a missing wait *for the compute stream* — the H2D copy into a stage slot
+a kernel still reads (``h2d.wait_event(slot_free)``), the D2H copy of an output slot before its
+kernel finished (``d2h.wait_event(done)``) — never shows here. Those need a real device (or an
+asynchronous compute stand-in running the kernels and the Gram sums on a worker thread).
 """
 
 from __future__ import annotations
@@ -46,8 +52,8 @@ class AsyncStream:
 
     asynchronous = True
 
-    def __init__(self, name: str, seed: int, max_delay: float):
-        self.name, self.max_delay = name, max_delay
+    def __init__(self, name: str, seed: int, min_delay: float, max_delay: float):
+        self.name, self.min_delay, self.max_delay = name, min_delay, max_delay
         self.rng = random.Random(seed)
         self.q: queue.Queue = queue.Queue()
         self.errors: list[BaseException] = []
@@ -60,7 +66,7 @@ class AsyncStream:
             fn = self.q.get()
             if fn is None:
                 return
-            time.sleep(self.rng.uniform(0, self.max_delay))
+            time.sleep(self.rng.uniform(self.min_delay, self.max_delay))
             try:
                 fn()
             except BaseException as e:  # noqa: BLE001 - reported by the test, the stream goes on

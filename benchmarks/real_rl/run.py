@@ -54,7 +54,9 @@ def main(argv=None) -> int:
     ap.add_argument("--results", help="where real_rl.json/.md and the PNGs go "
                     "(default: benchmarks/results, or --out with --mini)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoints in --out")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the temporary working directory (without --out it is removed at the end; "
+                         "an --out directory is always kept)")
     ap.add_argument("--rl-steps", type=int, help="GRPO steps (default: the preset's)")
     ap.add_argument("--prompts", type=int, help="prompts per GRPO step (default: the preset's)")
     ap.add_argument("--lr", type=float, help="GRPO learning rate (default: the preset's)")
@@ -78,7 +80,10 @@ def main(argv=None) -> int:
     if os.path.exists(os.path.join(work, "trl")):
         raise SystemExit(f"{work} holds a previous run: give an empty --out")
     os.makedirs(work, exist_ok=True)
-    results = args.results or (os.path.join(HERE, "..", "results") if not args.mini else work)
+    # the full run's page goes beside the other results; a miniature's beside its checkpoints, or
+    # here when those are temporary (never into a directory removed at the end)
+    results = args.results or (os.path.join(HERE, "..", "results") if not args.mini
+                               else args.out or os.getcwd())
     t_start = time.time()
 
     def log(msg: str) -> None:
@@ -96,6 +101,8 @@ def main(argv=None) -> int:
         hists = sorted({max(2, round(f * N)) for f in cfg["fractions"]})
         H = hists[len(hists) // 2]  # the main history: 15 % of the run
         targets = sorted({t for t in (N // 4, N // 2, 3 * N // 4, N) if t > max(hists)})
+        if not targets:
+            raise SystemExit(f"--rl-steps {N} leaves no target step after the history (steps 1..{max(hists)})")
         log(f"verl fp32 masters (FSDP2, 2 gloo ranks) of steps 1..{H} and {targets}")
         train.write_verl_masters(work, list(range(1, H + 1)) + targets)
 

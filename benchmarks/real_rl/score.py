@@ -4,7 +4,7 @@ The baselines (and a second RELEX, to check the engine) are computed here in tor
 fp64, from the checkpoints' values with a plain SVD of the time x parameters delta matrix
 — no code shared with the engine:
 
-* ``rank-r`` (r = 1 is RELEX): per tensor, the top-r right singular vectors of the deltas
+* ``rank-r`` (r = 1 is RELEX; at most the number of history steps): per tensor, the top-r right singular vectors of the deltas
   ``D = [θ_t − θ₀]``, each coordinate ``c_k(t) = (U S)_tk`` fitted by a least-squares line
   against the step and evaluated at the target;
 * ``secant``: the line from θ₀ through the last history checkpoint, ``θ₀ + S/x_last (θ_last − θ₀)``;
@@ -114,10 +114,12 @@ class Evaluator:
 
     @torch.no_grad()
     def accuracy(self, state: dict) -> float:
-        params = dict(self.model.named_parameters())
-        for name, v in state.items():
-            if name in params:  # a tied head is the embedding: copying one sets both
-                params[name].copy_(v.to(torch.float32))
+        params = dict(self.model.named_parameters())  # a tied head is the embedding: one parameter
+        missing = set(params) - set(state)
+        if missing:  # never score a prediction partly on the previous model's weights
+            raise ValueError(f"the state to score lacks {sorted(missing)[:3]} ({len(missing)} parameters)")
+        for name, p in params.items():
+            p.copy_(state[name].to(torch.float32))
         return task.greedy_accuracy(self.model, self.tok, self.held)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import time
 
 import torch
@@ -178,7 +177,3 @@ def write_verl_masters(out: str, steps: list[int], world: int = 2) -> str:
     mp.spawn(_verl_rank, args=(world, port, os.path.join(out, "base"), sources, dest), nprocs=world, join=True)
     return dest
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)

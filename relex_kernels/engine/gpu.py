@@ -57,11 +57,12 @@ N_PINNED = 3  # pinned input buffers: one being filled, one in flight, one ahead
 N_STAGE = 2  # device stage slots of streamed tensors
 N_OUT = 3  # pinned output buffers (and 2 device output slots)
 MAX_STAGE = 256 << 20
-#: the pipeline's stages as timed in ``relex_report.json`` (``device_stages``): ``read`` and
-#: ``write`` are the reader and writer threads' busy time (added up over threads); the engine
-#: thread's time waiting for the reader, issuing copies, launching kernels (the kernels' own
-#: time on a GPU: the waits after them) and waiting for the writers are the others
-STAGES = ("read", "wait_read", "h2d", "gram", "combine", "d2h", "write", "wait_write")
+#: the pipeline's stages as timed in ``relex_report.json`` (``device_stages``): ``read`` is the
+#: reader thread's busy time, ``write`` the writer threads' (added up over them); the others are
+#: the engine thread's: waiting for the reader, issuing copies, launching kernels, waiting for
+#: the device to finish a tensor's Gram (``wait_gram``: on a GPU most of the Gram kernels' time
+#: shows here) or to free a pinned output buffer (``wait_out``), and waiting for the writers
+STAGES = ("read", "wait_read", "h2d", "gram", "wait_gram", "combine", "d2h", "wait_out", "write", "wait_write")
 #: bytes per read task: rows are read in pieces so that all reader threads stay busy
 READ_PIECE = 16 << 20
 
@@ -361,7 +362,7 @@ class DeviceStreamer(Streamer):
         ``torch.OutOfMemoryError`` from deep inside the pipeline."""
         try:
             return self.torch.empty(numel, dtype=dtype, device=self.dev)
-        except self.torch.OutOfMemoryError as e:
+        except (getattr(self.torch, "OutOfMemoryError", None) or self.torch.cuda.OutOfMemoryError) as e:
             nbytes = numel * self.torch.empty((), dtype=dtype).element_size()
             raise DeviceMemoryError(
                 f"{self.dev} ran out of memory allocating {nbytes / 2**20:.0f} MiB for {what} "
@@ -467,7 +468,8 @@ class DeviceStreamer(Streamer):
                         self._release_slot(s)
                 if on_range is not None and gs.resumable(b):
                     on_range(b, gs.state().cpu().numpy())
-            G = gs.result().cpu().numpy()
+            with self._timed("wait_gram"):
+                G = gs.result().cpu().numpy()
         if not np.isfinite(G).all():
             self.res = None
             self._raise_nonfinite(job)
@@ -543,7 +545,8 @@ class DeviceStreamer(Streamer):
                     done.record(self.compute)
                     if s is not None:
                         self.slot_free[s] = done
-                    pbuf = self.out_pool.get()
+                    with self._timed("wait_out"):
+                        pbuf = self.out_pool.get()
                     copied = self._event()
                     with self._timed("d2h"):
                         self.d2h.wait_event(done)

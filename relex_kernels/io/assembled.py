@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import dtypes
+from ..errors import FormatError
 from .reader import MappedFile, TensorInfo
 
 
@@ -52,7 +53,12 @@ class AssembledTensors:
         """Elements ``[start, stop)`` into ``out``: each file's piece read with ``preadv``
         (:meth:`MappedFile.read_into`); pieces that are no byte range of one file (columns of
         a ``Shard(d > 0)`` tensor) are gathered from the maps."""
+        t = self.tensors[self.alias.get(name, name)]
+        if not 0 <= start <= stop <= t.numel:
+            raise IndexError(f"{self.path}: elements [{start}, {stop}) outside tensor {name!r} of {t.numel}")
         pieces = list(self._pieces(name, start, stop))
+        if sum(hi - lo for lo, hi, *_ in pieces) != stop - start:  # a gap would leave a recycled buffer's bytes
+            raise FormatError(f"{self.path}: tensor {name!r} is not covered by its pieces over [{start}, {stop})")
         if any(f is None for *_, f, _ in pieces):
             np.copyto(out, self.view(name, start, stop))
             self.release(name, start, stop)

@@ -270,8 +270,18 @@ class MappedFile:
         return self._mm
 
     def _open_again(self) -> int:
-        """A descriptor of the file this was opened as (an error if it was replaced or changed)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+        """A descriptor of the file this was opened as (an error if it was replaced or changed);
+        out of descriptors, idle maps are let go once and the open tried again."""
+        for again in (False, True):
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
+                break
+            except OSError as e:
+                if not again and e.errno in (errno.EMFILE, errno.ENFILE):
+                    with _MAPS.lock:
+                        if _MAPS.evict(0):
+                            continue
+                raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
         try:
             st = os.fstat(fd)
         except BaseException:
