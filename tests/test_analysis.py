@@ -135,12 +135,46 @@ def test_exact_rank1_linear_gives_ev_and_r2_one(tmp):
         assert e["r2_out_oracle"] == pytest.approx(1.0, abs=1e-9)
         assert e["ev1_out"] == pytest.approx(1.0, abs=1e-9)
         assert e["subspace_cosine"] == pytest.approx(1.0, abs=1e-9)
+    g = rep["growth"]  # constant speed: exponent 1, a line overshoots nothing
+    assert g["between_steps"] == [3, 6] and g["exponent"] == pytest.approx(1.0, abs=1e-9)
+    assert set(g["line_overshoot"]) == {"7", "8", "9", "10", "11", "12", "30"}
+    assert all(f == pytest.approx(1.0, abs=1e-9) for f in g["line_overshoot"].values())
     bt = backtest(base, ck, 6, [8, 12], methods=["relex", "full-rank", "secant", "keep-last"]).report
     for m in ("relex", "full-rank", "secant"):  # all exact on a line through θ₀
         for row in bt["model"][m]:
             assert row["rel_error"] <= row["resolution"]
             assert row["cosine"] == pytest.approx(1.0, abs=1e-9)
     assert [r["rel_error"] for r in bt["model"]["keep-last"]] == pytest.approx([2 / 8, 6 / 12], rel=1e-6)
+
+
+def test_growth_of_the_distance_from_the_base(tmp):
+    """A run whose distance grows as sqrt(step) (a slowing run): exponent 0.5, against the norms of
+    the materialised deltas; the line's overshoot at S is (S / x_last)^0.5, by module too."""
+    rng = np.random.default_rng(2)
+    base = os.path.join(tmp, "base")
+    os.makedirs(base)
+    names = {"model.layers.0.mlp.up_proj.weight": 300, "model.layers.0.self_attn.k_proj.weight": 200}
+    th0 = {k: rng.normal(0, 1, n).astype(np.float32) for k, n in names.items()}
+    v = {k: rng.normal(0, 1e-3, n).astype(np.float32) for k, n in names.items()}
+    write_checkpoint(base, {k: ("F32", th0[k]) for k in names})
+    ck = {}
+    for s in (2, 4, 6, 8, 10, 12, 16, 20):
+        ck[s] = os.path.join(tmp, "run", f"step_{s}")
+        os.makedirs(ck[s])
+        write_checkpoint(ck[s], {k: ("F32", th0[k] + np.float32(s ** 0.5) * v[k]) for k in names})
+    rep = analyze(base, ck, os.path.join(tmp, "rep"), history_steps=12, figures=False).report
+    g = rep["growth"]
+    assert g["between_steps"] == [6, 12]
+    dist = {s: sum(np.linalg.norm(load_fp32(ck[s], k).astype(np.float64) - load_fp32(base, k)) ** 2
+                   for k in names) ** 0.5 for s in (6, 12)}
+    # the Gram sums squares in fp32 chunks: the same exponent to ~1e-7
+    assert g["exponent"] == pytest.approx(np.log(dist[12] / dist[6]) / np.log(2), rel=1e-6)
+    assert g["exponent"] == pytest.approx(0.5, abs=1e-3)
+    assert g["line_overshoot"]["20"] == pytest.approx((20 / 12) ** (1 - g["exponent"]), rel=1e-12)
+    assert g["line_overshoot"]["60"] == pytest.approx(5 ** 0.5, rel=1e-3)
+    assert set(g["by_module"]) == {"up", "k"} and all(p == pytest.approx(0.5, abs=1e-3) for p in g["by_module"].values())
+    md = open(os.path.join(tmp, "rep", "report.md")).read()
+    assert "grows as step^0.50 between steps 6 and 12" in md and "overshoot" in md
 
 
 def test_curved_trajectory_scores_worse_than_straight(tmp):

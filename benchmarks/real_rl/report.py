@@ -115,6 +115,7 @@ def markdown(rep, name: str = "real_rl") -> str:
             L.append(f"| {mod} | {s['tensors']} | {_f(g('ev1'))} | {_f(g('r2_in'))} | {_f(g('ev1_out'))} | "
                      f"{_f(g('r2_out'))} |")
         L.append("")
+    L += _growth_check(rep)
     L += ["## Plots", "", f"![accuracy vs step]({name}_accuracy.png)", "",
           f"![explained variance by module]({name}_explained_variance.png)", ""]
     return "\n".join(L)
@@ -144,6 +145,22 @@ def _motion_lines(rep) -> list[str]:
                   f"weight by the learning rate); step {n} moved {last:.2g}, {last / first:.2f}x of it, as Adam's "
                   "moment estimates average the gradient noise out.")
     return L
+
+
+def _growth_check(rep) -> list[str]:
+    """``relex analyze``'s forecast of a line's overshoot, from the history alone, beside the
+    overshoot ``relex backtest`` measured against the real later checkpoints."""
+    g = rep.get("analysis_growth") or {}
+    bt = {e["step"]: e.get("magnitude_ratio") for e in rep["backtest"]["model"].get("relex", [])}
+    if g.get("exponent") is None or not bt:
+        return []
+    a, b = g["between_steps"]
+    cells = "; ".join(f"S={S}: {g['line_overshoot'].get(str(S), float('nan')):.2f}x forecast, "
+                      f"{_f(bt[S])}x measured" for S in sorted(bt))
+    return [f"From the history alone `relex analyze` finds the distance from the base growing as step^"
+            f"{g['exponent']:.2f} (steps {a} to {b}) and forecasts how far a line through it overshoots; the "
+            f"magnitude ratio ‖θ̂ − θ₀‖ / ‖θ_S − θ₀‖ of RELEX's predictions, measured by `relex backtest`: "
+            + cells + ".", ""]
 
 
 def _backtest_lines(rep) -> list[str]:

@@ -177,7 +177,7 @@ def main(argv=None) -> int:
             "engine_vs_reference_rel_error": checks,
             "backtest": backtest, "analysis_by_module": analysis.get("aggregates", {}).get("by_module", {}),
             "analysis_overall": analysis.get("aggregates", {}).get("model", {}),
-            "summary_ev1": analysis.get("summary_ev1"),
+            "summary_ev1": analysis.get("summary_ev1"), "analysis_growth": analysis.get("growth"),
             "seconds": time.time() - t_start,
         }
         paths = write_results(rep, results, args.name)

@@ -20,6 +20,7 @@ history coefficient is >= 0 (the oracle's so that it agrees with the history one
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -79,10 +80,11 @@ def _fit_stats(c: np.ndarray, c_fit: np.ndarray, T: int) -> dict:
     return out
 
 
-def analyze_tensor(G: np.ndarray, T: int, fitm: np.ndarray, rank_max: int) -> dict:
+def analyze_tensor(G: np.ndarray, T: int, fitm: np.ndarray, rank_max: int, steps: list[int] | None = None) -> dict:
     """Every per-tensor figure of ``relex analyze`` (see :data:`.report.TENSOR_FIELDS`).
 
-    ``G``: (N, N) float64, history first; ``fitm``: :func:`fit_matrix` for these steps.
+    ``G``: (N, N) float64, history first; ``fitm``: :func:`fit_matrix` for these steps; ``steps``
+    (history first, as ``G``): for the growth of the distance from the base.
     """
     G = np.asarray(G, dtype=np.float64)
     N = G.shape[0]
@@ -110,7 +112,30 @@ def analyze_tensor(G: np.ndarray, T: int, fitm: np.ndarray, rank_max: int) -> di
     o = _fit_stats(ca, ca_fit, T)
     e["r2_in_oracle"], e["r2_out_oracle"], e["coef_error_out_oracle"] = o["r2_in"], o["r2_out"], o["coef_error_out"]
     e["subspace_cosine"] = (float(abs(u1 @ G[:T, :] @ ua)) / (s1 * sa)) if s1 > 0 and sa > 0 and N > T else None
+    if steps is not None and (h := mid_index(steps, T)) is not None:
+        e["dist2_mid"], e["dist2_last"] = float(G[h, h]), float(G[T - 1, T - 1])
+        e["growth"] = growth_exponent(e["dist2_mid"], e["dist2_last"], steps[h], steps[T - 1])
     return e
+
+
+# -- how the distance from the base grows -----------------------------------------------
+def mid_index(steps: list[int], T: int) -> int | None:
+    """The history index whose step is nearest half the last history step (None: too few steps)."""
+    if T < 2 or steps[T - 1] <= 0:
+        return None
+    h = min(range(T - 1), key=lambda i: abs(steps[i] - steps[T - 1] / 2))
+    return h if steps[h] > 0 else None
+
+
+def growth_exponent(d2_mid: float, d2_last: float, x_mid: float, x_last: float) -> float | None:
+    """p in ‖θ_x − θ₀‖ ∝ x^p between two history steps, from squared distances (None: no motion).
+
+    A straight line at constant speed — what RELEX's line assumes — has p = 1; a random walk
+    0.5. A line fitted to a run with p < 1 overshoots a far target S by about (S / x_last)^(1 − p).
+    """
+    if d2_mid <= 0 or d2_last <= 0 or x_last <= x_mid:
+        return None
+    return 0.5 * math.log(d2_last / d2_mid) / math.log(x_last / x_mid)
 
 
 # -- predictions that are linear combinations of the history ---------------------------

@@ -33,6 +33,9 @@ TENSOR_FIELDS = {
     "r2_in_oracle": "as r2_in, oracle subspace", "r2_out_oracle": "as r2_out, oracle subspace",
     "coef_error_out_oracle": "as coef_error_out, oracle subspace",
     "subspace_cosine": "|cos| between the history and the oracle rank-1 directions (1: no drift)",
+    "dist2_mid": "‖θ − θ₀‖² at the history step nearest half the last one (growth.between_steps[0])",
+    "dist2_last": "‖θ − θ₀‖² at the last history step",
+    "growth": "p in ‖θ_x − θ₀‖ ∝ x^p between those two steps (1: constant speed; null: no motion)",
 }
 
 ANALYZE_FIELDS = {
@@ -44,6 +47,11 @@ ANALYZE_FIELDS = {
     "aggregates": "per metric {mean, weighted_mean (by numel), median, min, tensors}; for the model, by_module, "
                   "by_layer",
     "gram_pass": "the streaming pass: seconds, bytes_read, memory_budget",
+    "growth": "how the distance from the base grows over the history: exponent p of ‖θ_x − θ₀‖ ∝ x^p between "
+              "between_steps (the step nearest half the last history step, and the last), squared distances "
+              "summed over the fitted tensors; by_module: the same per module type; line_overshoot: step S -> "
+              "(S / last history step)^(1 − p), about how far a straight line through the history (RELEX) "
+              "overshoots the run's distance at S when the growth keeps its exponent (1: no overshoot)",
     "figures": "PNG files written beside report.json",
     "tensors": "one entry per fitted tensor (fields below)",
     "tensor_fields": "documentation of the per-tensor fields",
@@ -119,6 +127,23 @@ AGG_COLS = [("ev1", "EV rank 1"), ("r2_in", "R² in"), ("r2_out", "R² out"), ("
             ("ev1_out", "EV1 later"), ("subspace_cosine", "cos(v₁, oracle)")]
 
 
+def _growth_lines(g: dict | None) -> list[str]:
+    if not g or g.get("exponent") is None:
+        return []
+    p = g["exponent"]
+    a, b = g["between_steps"]
+    over = ", ".join(f"step {S}: {f:.2f}x" for S, f in sorted(g["line_overshoot"].items(), key=lambda kv: int(kv[0])))
+    mods = ", ".join(f"{m} {v:.2f}" for m, v in g["by_module"].items() if v is not None)
+    verdict = ("about constant speed: a straight line holds" if p >= 0.9 else
+               "the run slows down (or its steps partly cancel, as gradient noise does): a straight line "
+               "through the history will overshoot later steps — more history, a later --window, or a "
+               "nearer target")
+    return ["", "## Does the run keep its speed?", "",
+            f"The distance from the base grows as step^{p:.2f} between steps {a} and {b} ({verdict}). "
+            f"If it keeps that exponent, a line through the history overshoots the run's distance from the "
+            f"base by about {over}. By module: {mods}."]
+
+
 def analyze_markdown(rep: dict) -> str:
     L = ["# RELEX trajectory analysis", ""]
     hs, ls = rep["history_steps"], rep["later_steps"]
@@ -137,6 +162,7 @@ def analyze_markdown(rep: dict) -> str:
               "| rank | mean EV | parameter-weighted EV |", "|---|---|---|"]
         for r in rep["explained_variance_by_rank"]:
             L.append(f"| {r['rank']} | {_f(r['mean'])} | {_f(r['weighted_mean'])} |")
+    L += _growth_lines(rep.get("growth"))
     agg = rep["aggregates"]
     L += ["", "## By module type", "",
           "Each cell: parameter-weighted mean / unweighted mean / median over the tensors (R² is unbounded "

@@ -77,7 +77,7 @@ def analyze(base: str, checkpoints: dict[int, str], out_dir: str, *, history_ste
     for tg in gp.tensors:
         e = {"name": tg.name, "dtype": tg.dtype, "shape": list(tg.shape), "numel": tg.numel,
              "module": module_type(tg.name), "layer": layer_index(tg.name)}
-        e.update(metrics.analyze_tensor(tg.gram, T, fitm, rank_max))
+        e.update(metrics.analyze_tensor(tg.gram, T, fitm, rank_max, gp.steps))
         entries.append(e)
     k = min(rank_max, T)
     ev_rank = []
@@ -94,7 +94,7 @@ def analyze(base: str, checkpoints: dict[int, str], out_dir: str, *, history_ste
         "backend": gp.backend, "tied_head": gp.tied[0] if gp.tied else None,
         "tensors_fitted": len(entries), "gram_pass": _pass_info(gp),
         "summary_ev1": summary(entries, "ev1"), "explained_variance_by_rank": ev_rank,
-        "aggregates": aggregate(entries, AGG_KEYS), "figures": [],
+        "aggregates": aggregate(entries, AGG_KEYS), "growth": _growth(entries, hist, later), "figures": [],
         "fields": ANALYZE_FIELDS, "tensor_fields": TENSOR_FIELDS, "tensors": entries,
     }
     if loader is not None:
@@ -111,6 +111,29 @@ def analyze(base: str, checkpoints: dict[int, str], out_dir: str, *, history_ste
     write_text(os.path.join(out_dir, "report.md"), analyze_markdown(rep))
     files = [os.path.join(out_dir, n) for n in ["report.json", "report.md"] + rep["figures"]]
     return Result(rep, files, time.perf_counter() - t0)
+
+
+def _growth(entries: list[dict], hist: list[int], later: list[int]) -> dict | None:
+    """How the distance from the base grows over the history, for the model and each module type:
+    the exponent p of ‖θ_x − θ₀‖ ∝ x^p (squared distances summed over tensors), and the factor
+    (S / x_last)^(1 − p) by which a straight line would overshoot a later step S."""
+    h = metrics.mid_index(hist, len(hist))
+    if h is None:
+        return None
+    x_mid, x_last = hist[h], hist[-1]
+
+    def exponent(group):
+        return metrics.growth_exponent(sum(e.get("dist2_mid", 0.0) for e in group),
+                                       sum(e.get("dist2_last", 0.0) for e in group), x_mid, x_last)
+
+    p = exponent(entries)
+    at = sorted(set(later) | {2 * x_last, 5 * x_last})
+    modules = {}
+    for e in entries:
+        modules.setdefault(e["module"], []).append(e)
+    return {"between_steps": [x_mid, x_last], "exponent": p,
+            "line_overshoot": {str(S): (S / x_last) ** (1 - p) for S in at} if p is not None else {},
+            "by_module": {m: exponent(g) for m, g in modules.items()}}
 
 
 # -- backtest ----------------------------------------------------------------------------
