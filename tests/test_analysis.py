@@ -177,6 +177,19 @@ def test_growth_of_the_distance_from_the_base(tmp):
     assert "grows as step^0.50 between steps 6 and 12" in md and "overshoot" in md
 
 
+def test_growth_is_one_on_a_straight_synthetic_run(tmp):
+    """relex synth's drift-dominated fp32 run keeps its speed: p near 1, and the line's magnitude
+    at a far step (backtest, against the generator's truth) is what the forecast says."""
+    from relex_kernels.synth import synthesize
+    run = synthesize(os.path.join(tmp, "s"), size="tiny", steps=range(1, 17), seed=0, truth_steps=(160,),
+                     dtype="F32")
+    ck = {**run.checkpoints, 160: run.truth[160]}
+    g = analyze(run.base_dir, ck, os.path.join(tmp, "an"), history_steps=16, figures=False).report["growth"]
+    assert g["exponent"] == pytest.approx(1.0, abs=0.03)
+    bt = backtest(run.base_dir, ck, 16, [160], methods=["relex"]).report
+    assert bt["model"]["relex"][0]["magnitude_ratio"] == pytest.approx(g["line_overshoot"]["160"], abs=0.05)
+
+
 def test_curved_trajectory_scores_worse_than_straight(tmp):
     shapes = {"a": (30, 20), "b": (257,)}
     reps, bts = {}, {}
