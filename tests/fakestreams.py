@@ -50,8 +50,6 @@ class FakeEvent:
 class AsyncStream:
     """A stream whose operations run in order on a worker thread, each after a random delay."""
 
-    asynchronous = True
-
     def __init__(self, name: str, seed: int, min_delay: float, max_delay: float):
         self.name, self.min_delay, self.max_delay = name, min_delay, max_delay
         self.rng = random.Random(seed)
@@ -94,8 +92,6 @@ class AsyncStream:
 
 class EngineThreadStream:
     """The compute stream: kernels run on the engine's thread as they are issued."""
-
-    asynchronous = False
 
     def submit(self, fn) -> None:
         fn()

@@ -100,12 +100,9 @@ class _NoStream:
 
     The interface the pipeline needs of a host stand-in: ``submit(fn)`` runs an operation in
     stream order, ``wait_event``/``synchronize``, ``event()`` makes an event (``record(stream)``,
-    ``synchronize()``), ``asynchronous`` says whether copies may still be running when
-    ``submit`` returns. Tests put asynchronous ones in (worker threads, random delays) to check
+    ``synchronize()``). Tests put asynchronous ones in (worker threads, random delays) to check
     the event and slot ordering the CUDA streams rely on.
     """
-
-    asynchronous = False
 
     def submit(self, fn) -> None:
         fn()
@@ -254,8 +251,6 @@ class DeviceStreamer(Streamer):
             self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.dev) for _ in range(3))
         else:
             self.h2d, self.compute, self.d2h = self._host_streams()
-        # copies may still run when issued: buffers go back to their pools with an event to wait on
-        self.async_copies = self.cuda or self.h2d.asynchronous or self.d2h.asynchronous
         self.slots = [self._device_empty(self.stage, torch.uint8, "a stage slot") for _ in range(N_STAGE)]
         self.slot_free = [None] * N_STAGE
         self.next_slot = 0
@@ -389,7 +384,7 @@ class DeviceStreamer(Streamer):
     def _copy(self, stream, dst, src) -> None:
         """``dst[:] = src`` in ``stream``'s order (returns before the copy is done)."""
         if self.cuda:
-            with self.torch.cuda.stream(stream):
+            with self._on(stream):
                 dst.copy_(src, non_blocking=True)
         else:
             stream.submit(lambda: dst.copy_(src))
@@ -403,7 +398,7 @@ class DeviceStreamer(Streamer):
         with self._timed("h2d"):
             self._copy(self.h2d, dst[:nbytes], buf[0][:nbytes])
             ev.record(self.h2d)
-        self.pool.put(buf, ev if self.async_copies else None)  # the reader refills it after the copy
+        self.pool.put(buf, ev)  # the reader refills it after the copy (a synchronous stand-in's event: done)
         self.compute.wait_event(ev)
         self._tick(nbytes)
 
@@ -553,8 +548,7 @@ class DeviceStreamer(Streamer):
                         self._copy(self.d2h, pbuf[0][:K * m * isz], self.out_slots[o][:K * m * isz])
                         copied.record(self.d2h)
                     self.out_free[o] = copied
-                    pending.append(self.writes.submit(self._write, job, ga, gb, pbuf,
-                                                      copied if self.async_copies else None, writers, also))
+                    pending.append(self.writes.submit(self._write, job, ga, gb, pbuf, copied, writers, also))
                 with self._timed("wait_write"):
                     for f in pending:
                         f.result()

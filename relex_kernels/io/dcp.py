@@ -28,7 +28,7 @@ from ..errors import FormatError, InputError
 from . import dtypes
 from .assembled import AssembledTensors
 from .reader import MappedFile, TensorInfo
-from .torchzip import TORCH_DTYPES, Recorded, TensorRef, load_pickle
+from .torchzip import COMMON_ALLOWED, AllowListUnpickler, Recorded, TensorRef, load_pickle, recorded_class
 
 METADATA = ".metadata"
 #: top-level keys of training states that are not model weights
@@ -39,12 +39,6 @@ MAX_METADATA = 1 << 30
 
 def is_dcp(path: str) -> bool:
     return os.path.isfile(os.path.join(path, METADATA))
-
-
-def _recorded(path: str):
-    def __new__(cls, *args):
-        return Recorded(path, args)
-    return type(path.rsplit(".", 1)[-1], (), {"__new__": __new__})
 
 
 class _Index:
@@ -65,29 +59,22 @@ class _Index:
 
 
 _M = "torch.distributed.checkpoint.metadata."
-_ALLOWED = {(_M.rstrip("."), n): _recorded(_M + n) for n in
+_ALLOWED = {(_M.rstrip("."), n): recorded_class(_M + n) for n in
             ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
              "TensorProperties", "StorageMeta")}
 _ALLOWED[(_M.rstrip("."), "MetadataIndex")] = type("MetadataIndex", (_Index,), {})
 _ALLOWED[(_M.rstrip("."), "_MEM_FORMAT_ENCODING")] = lambda v=0: v
-_ALLOWED[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = _recorded(
+_ALLOWED[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = recorded_class(
     "torch.distributed.checkpoint.filesystem._StorageInfo")
-_ALLOWED[("torch", "Size")] = lambda *a: tuple(a[0]) if a else ()
-_ALLOWED[("torch.serialization", "_get_layout")] = lambda name: str(name)
 for _mod in ("pathlib", "pathlib._local"):
     for _cls in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath"):
         _ALLOWED[(_mod, _cls)] = lambda *parts: "/".join(map(str, parts))
-for _n, _d in TORCH_DTYPES.items():
-    _ALLOWED[("torch", _n)] = _d
+_ALLOWED.update(COMMON_ALLOWED)
 
 
-class _MetaUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise pickle.UnpicklingError(f"class {module}.{name} is not allowed in DCP metadata (nothing in a "
-                                         "checkpoint is run)") from None
+class _MetaUnpickler(AllowListUnpickler):
+    allowed = _ALLOWED
+    reads = "in DCP metadata (nothing in a checkpoint is run)"
 
 
 def _state(x, key, default=None):

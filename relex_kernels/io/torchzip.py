@@ -161,9 +161,7 @@ _ALLOWED = {
     ("torch.distributed.tensor", "DTensor"): "torch.distributed.tensor.DTensor",
     ("torch.distributed._tensor.api", "DTensor"): "torch.distributed.tensor.DTensor",
     ("collections", "OrderedDict"): type("OrderedDict", (dict,), {}),  # a dict that takes BUILD state
-    ("torch", "Size"): lambda *a: tuple(a[0]) if a else (),
     ("torch", "device"): lambda *a: str(a[0]) if a else "cpu",
-    ("torch.serialization", "_get_layout"): lambda name: str(name),
 }
 _RECORDED = [
     "torch.distributed.tensor._dtensor_spec.DTensorSpec", "torch.distributed.tensor._dtensor_spec.TensorMeta",
@@ -177,7 +175,15 @@ _RECORDED = [
 ]
 
 
-def _recorded_class(path: str):
+#: what every torch pickle this package reads may name: sizes, layouts, dtypes (DCP metadata too)
+COMMON_ALLOWED = {
+    ("torch", "Size"): lambda *a: tuple(a[0]) if a else (),
+    ("torch.serialization", "_get_layout"): lambda name: str(name),
+    **{("torch", _n): _d for _n, _d in TORCH_DTYPES.items()},
+}
+
+
+def recorded_class(path: str):
     """A class whose NEWOBJ/BUILD record the data (pickle calls ``cls.__new__(cls, *args)``)."""
     def __new__(cls, *args):
         return Recorded(path, args)
@@ -185,24 +191,34 @@ def _recorded_class(path: str):
 
 
 for _p in _RECORDED:
-    _ALLOWED[tuple(_p.rsplit(".", 1))] = _recorded_class(_p)
+    _ALLOWED[tuple(_p.rsplit(".", 1))] = recorded_class(_p)
 for _n, _d in STORAGE_DTYPES.items():
     _ALLOWED[("torch", _n)] = ("storage", _d)
-for _n, _d in TORCH_DTYPES.items():
-    _ALLOWED[("torch", _n)] = _d
+_ALLOWED.update(COMMON_ALLOWED)
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, fh, path: str):
-        super().__init__(fh)
-        self.path = path
+class AllowListUnpickler(pickle.Unpickler):
+    """An unpickler that can build only what ``allowed`` names ((module, name) -> what it gets
+    instead); anything else is refused, so nothing in a checkpoint is run."""
+
+    allowed: dict = {}
+    #: what the refusal says is read
+    reads = "nothing in a checkpoint is run"
 
     def find_class(self, module, name):
         try:
-            return _ALLOWED[(module, name)]
+            return self.allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"class {module}.{name} is not allowed (only tensors, storages and "
-                                         "FSDP shard descriptions are read; nothing in a checkpoint is run)") from None
+            raise pickle.UnpicklingError(f"class {module}.{name} is not allowed {self.reads}") from None
+
+
+class _Unpickler(AllowListUnpickler):
+    allowed = _ALLOWED
+    reads = "(only tensors, storages and FSDP shard descriptions are read; nothing in a checkpoint is run)"
+
+    def __init__(self, fh, path: str):
+        super().__init__(fh)
+        self.path = path
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
