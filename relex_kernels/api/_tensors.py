@@ -17,7 +17,6 @@ from ..io import dtypes
 
 #: torch dtype -> safetensors dtype name (the op layer's names)
 DTYPE_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32", torch.float64: "F64"}
-NAME_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
 #: the integer dtype of the same width: a view of a tensor's bits that numpy can hold
 _BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.float32,
          torch.float64: torch.float64}

@@ -29,9 +29,6 @@ from ._tensors import DTYPE_NAMES, check_versions, empty_outputs, raw
 
 __all__ = ["gram", "GramAccumulator", "combine"]
 
-#: elements per device call (a multiple of GRAM_CHUNK: the chunk contract holds across calls)
-_DEVICE_GROUP = 64 * GRAM_CHUNK
-
 
 @contextlib.contextmanager
 def _caller_threads():
@@ -80,13 +77,12 @@ class _Runner:
             with _caller_threads():
                 self.ops.gram(raw(base), [raw(h) for h in hist], self.dtype, acc, fp16_deltas=fp16_deltas)
             return
-        from ..ops.cuda import gram_precision, storage_torch_dtype
+        from ..ops.cuda import OP_GROUP, gram_precision, op_groups, storage_torch_dtype
         T, n = len(hist), base.numel()
         tdt = storage_torch_dtype(self.dtype)
-        part = torch.empty(self.kern.scratch_numel(T, min(n, _DEVICE_GROUP)), dtype=torch.float32,
+        part = torch.empty(self.kern.scratch_numel(T, min(n, OP_GROUP)), dtype=torch.float32,
                            device=self.kern.device)
-        for a in range(0, n, _DEVICE_GROUP):
-            b = min(n, a + _DEVICE_GROUP)
+        for a, b in op_groups(n):  # chunk-aligned device calls: the chunk contract holds across them
             x = torch.stack([base[a:b]] + [h[a:b] for h in hist]).view(tdt)
             self.kern.gram(x, b - a, T, self.dtype, acc, part, fp16_deltas, gram_precision())
 
@@ -104,13 +100,12 @@ class _Runner:
                 self.ops.combine(raw(base), [raw(h) for h in hist], alphas, self.dtype, outs,
                                  fp16_deltas=fp16_deltas)
             return
-        from ..ops.cuda import storage_torch_dtype
+        from ..ops.cuda import op_groups, storage_torch_dtype
         T, n = len(hist), base.numel()
         tdt = storage_torch_dtype(self.dtype)
         A = torch.from_numpy(np.ascontiguousarray(alphas, dtype=np.float32)).to(self.kern.device)
         flat = out.view(K, -1).view(tdt)
-        for a in range(0, n, _DEVICE_GROUP):
-            b = min(n, a + _DEVICE_GROUP)
+        for a, b in op_groups(n):
             x = torch.stack([base[a:b]] + [h[a:b] for h in hist]).view(tdt)
             self.kern.combine(x, b - a, T, self.dtype, A, flat[:, a:b], fp16_deltas)
 

@@ -22,6 +22,23 @@ from .reader import SafetensorsFile, TensorInfo
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
+#: what relex says of a DeepSpeed directory, given as a checkpoint or met in a run directory
+DEEPSPEED = ("is a DeepSpeed ZeRO checkpoint (*_model_states.pt / ZeRO partitions), which relex does not read: "
+             "export Hugging Face weights first (DeepSpeed's zero_to_fp32.py, or save_pretrained from the "
+             "trainer) and point relex at them")
+
+
+def is_deepspeed(path: str, names: list[str] | None = None) -> bool:
+    """A DeepSpeed checkpoint directory (ZeRO partitions / model states), not weights relex reads;
+    ``names``: its listing, when the caller has it."""
+    if names is None:
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return False
+    return any(n.endswith("_model_states.pt") or (n.startswith("zero_") and n.endswith("optim_states.pt"))
+               for n in names)
+
 
 class Located(NamedTuple):  # a tuple: a MoE checkpoint holds tens of thousands, made at every open
     file: SafetensorsFile  # or ShardedTensors: anything with view / release / prefetch by element range
@@ -89,9 +106,8 @@ class Checkpoint:
                 raise InputError(f"{self._label()}: cannot list {self.path} ({e.strerror})") from None
             cands = sorted(f for f in names if f.endswith(".safetensors"))
             if len(cands) != 1:
-                if any(n.endswith("_model_states.pt") for n in names):
-                    raise InputError(f"{self._label()}: {self.path} is a DeepSpeed ZeRO checkpoint, which relex does "
-                                     "not read: export Hugging Face weights first (DeepSpeed's zero_to_fp32.py)")
+                if is_deepspeed(self.path, names):
+                    raise InputError(f"{self._label()}: {self.path} {DEEPSPEED}")
                 raise InputError(f"{self._label()}: {self.path} has no {SINGLE_NAME} or {INDEX_NAME}"
                                  + (f" (found {len(cands)} .safetensors files and no index)" if cands else ""))
             single = os.path.join(self.path, cands[0])

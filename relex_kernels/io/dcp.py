@@ -197,6 +197,7 @@ class DcpTensors(AssembledTensors):
     def _open(self, label: str, sd_meta: dict, storage: dict) -> None:
         by_file: dict[str, DcpFile] = {}
         chunks: dict[str, list] = {}
+        pending: dict[str, list] = {}  # chunk file -> its chunks, in the order the metadata lists them
         for idx, info in storage.items():
             fqn = getattr(idx, "fqn", None)
             meta = sd_meta.get(fqn)
@@ -217,15 +218,16 @@ class DcpTensors(AssembledTensors):
                 by_file[rel] = DcpFile(p)
                 self.files.append(by_file[rel])
             offsets = tuple(idx.state.get("offset") or ())
-            chunks.setdefault(fqn, []).append((offsets, by_file[rel], int(_state(info, "offset", -1)),
-                                               int(_state(info, "length", -1))))
-        for rel, f in by_file.items():
+            cs = chunks.setdefault(fqn, [])
+            # located below, one open per chunk file: (tensor, position in its list, offsets, byte range)
+            pending.setdefault(rel, []).append((fqn, len(cs), offsets, int(_state(info, "offset", -1)),
+                                                int(_state(info, "length", -1))))
+            cs.append(None)
+        for rel, todo in pending.items():
+            f = by_file[rel]
             with open(f.path, "rb") as fh:
-                for fqn, cs in chunks.items():
-                    for i, entry in enumerate(cs):
-                        if len(entry) == 4 and entry[1] is f:  # (offsets, file, offset, length): not located yet
-                            offsets, _, off, length = entry
-                            cs[i] = (offsets, f, f.add_chunk(f"{fqn}@{list(offsets)}", off, length, fh))
+                for fqn, i, offsets, off, length in todo:
+                    chunks[fqn][i] = (offsets, f, f.add_chunk(f"{fqn}@{list(offsets)}", off, length, fh))
         for fqn, cs in chunks.items():
             self._assemble(label, fqn, sd_meta[fqn], cs)
 

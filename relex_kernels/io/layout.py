@@ -8,7 +8,7 @@ import re
 import warnings
 
 from ..errors import InputError, RelexWarning, UsageError
-from .checkpoint import INDEX_NAME
+from .checkpoint import DEEPSPEED, INDEX_NAME, is_deepspeed
 from .dcp import is_dcp
 from .fsdp import holds_rank_files
 
@@ -31,16 +31,6 @@ def holds_weights(path: str) -> bool:
         return False
     return (INDEX_NAME in names or any(n.endswith(".safetensors") for n in names)
             or holds_rank_files(path) or is_dcp(path))
-
-
-def is_deepspeed(path: str) -> bool:
-    """A DeepSpeed checkpoint directory (ZeRO partitions / model states), not weights relex reads."""
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return False
-    return any(n.endswith("_model_states.pt") or (n.startswith("zero_") and n.endswith("optim_states.pt"))
-               for n in names)
 
 
 def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) -> dict[int, str]:
@@ -71,9 +61,7 @@ def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) 
             have = [c for c in cands if holds_weights(c)]
             if not have:
                 if is_deepspeed(full):
-                    raise InputError(f"{full} is a DeepSpeed ZeRO checkpoint (*_model_states.pt / ZeRO partitions), "
-                                     "which relex does not read: export Hugging Face weights first (DeepSpeed's "
-                                     "zero_to_fp32.py, or save_pretrained from the trainer) and point relex at them")
+                    raise InputError(f"{full} {DEEPSPEED}")
                 raise InputError(f"{full} looks like the checkpoint of step {step} but holds no "
                                  f"weights (looked in {', '.join(subs)})")
             shards = [c for c in have if holds_rank_files(c)]
@@ -87,9 +75,7 @@ def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) 
     if not found:
         ds = [e for e in sorted(os.listdir(run_dir)) if is_deepspeed(os.path.join(run_dir, e))]
         if ds:
-            raise InputError(f"{os.path.join(run_dir, ds[0])} is a DeepSpeed ZeRO checkpoint, which relex does not "
-                             "read: export Hugging Face weights first (DeepSpeed's zero_to_fp32.py, or "
-                             "save_pretrained from the trainer) and point relex at them")
+            raise InputError(f"{os.path.join(run_dir, ds[0])} {DEEPSPEED}")
         raise InputError(f"no checkpoints found in {run_dir} (looked for {LAYOUT_HELP})")
     if both:
         which = ("the FSDP rank files of actor/ (the training weights, at training precision); "

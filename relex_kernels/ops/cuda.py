@@ -24,7 +24,7 @@ from .reference import GRAM_CHUNK
 #: Gram precision names -> codes of csrc/cuda/ops.h (-1: auto)
 PRECISION_CODES = {"auto": -1, "ieee": 0, "tf32x3": 1, "tf32": 2}
 #: elements per device group of the numpy-level ops (bounds their device memory)
-_OP_GROUP = 64 * GRAM_CHUNK
+OP_GROUP = 64 * GRAM_CHUNK
 
 
 def gram_precision() -> str:
@@ -88,7 +88,7 @@ def host_block(base: np.ndarray, hist: Sequence[np.ndarray], a: int, b: int):
     return torch.from_numpy(rows)
 
 
-def op_groups(n: int, group: int = _OP_GROUP):
+def op_groups(n: int, group: int = OP_GROUP):
     """Chunk-aligned element groups of a range: the Gram contract holds across them."""
     return [(a, min(n, a + group)) for a in range(0, n, group)]
 
@@ -217,7 +217,7 @@ def run_gram(kern, base: np.ndarray, hist: Sequence[np.ndarray], dtype: str, acc
     import torch
     T, n = len(hist), base.shape[0]
     acc_d = torch.from_numpy(np.ascontiguousarray(acc)).to(kern.device)
-    part = torch.empty(kern.scratch_numel(T, min(n, _OP_GROUP)), dtype=torch.float32, device=kern.device)
+    part = torch.empty(kern.scratch_numel(T, min(n, OP_GROUP)), dtype=torch.float32, device=kern.device)
     for a, b in op_groups(n):
         x = host_block(base, hist, a, b).to(kern.device)
         kern.gram(x, b - a, T, dtype, acc_d, part, fp16_deltas, gram_precision())
