@@ -29,7 +29,8 @@ from .trajectory import Job, Trajectory
 
 __all__ = ["GRAM_BLOCK", "Streamer"]
 
-#: bytes of copies (widened or gathered versions) per kernel call at most (:meth:`Streamer._subranges`)
+#: bytes of copies (widened or gathered versions) per kernel call, unless a chunk per kernel thread
+#: needs more and an eighth of the memory budget allows it (:meth:`Streamer._subranges`)
 COPY_BYTES = 32 << 20
 
 
@@ -68,20 +69,28 @@ class Streamer:
         return self.policy.ranges(job, n_outputs, with_history)
 
     def _subranges(self, job: Job, a: int, b: int) -> list[tuple[int, int]]:
-        """``[a, b)`` in the pieces the kernels take one at a time. Whole, unless a version must be
-        copied to be read (another dtype, or a tensor assembled from several files): then pieces of
-        at most ``COPY_BYTES`` of copies, and the one chunk around each place where a version
-        passes from one file to the next apart (the only range gathered from two files). Every
-        piece starts on a ``GRAM_CHUNK`` edge, so the Gram's chunks, and bits, are unchanged."""
+        """``[a, b)`` in the pieces the kernels take one at a time. Whole, apart from the one chunk
+        around each place where a version assembled from several files passes from one file to
+        the next (the only range gathered from two files); and where every element is copied (a
+        version in another dtype, columns of a ``Shard(d > 0)`` tensor) in pieces of ``COPY_BYTES``
+        of copies, widened to a chunk per kernel thread within an eighth of the memory budget.
+        Every piece starts on a ``GRAM_CHUNK`` edge, so the Gram's chunks, and bits, are unchanged."""
         locs = list(self._locs(job))
-        assembled = [loc for loc in locs if not loc.file.groupable]
+        assembled = [(loc, loc.file.segments[loc.file.alias.get(job.name, job.name)])
+                     for loc in locs if not loc.file.groupable]
         if not job.mixed and not assembled:
             return [(a, b)]
         C = GRAM_CHUNK
-        step = max(1, COPY_BYTES // ((self.traj.T + 1) * 8 * C)) * C
-        points = set(range(a, b, step)) | {b}
-        for loc in assembled:
-            for s0, s1, _, _ in loc.file.segments[loc.file.alias.get(job.name, job.name)]:
+        points = {a, b}
+        # every element copied (another dtype, or columns gathered across files): bounded pieces,
+        # each still wide enough to keep the kernels' threads busy (a thread per chunk at most)
+        if job.mixed or any(f is None for _, segs in assembled for _, _, f, _ in segs):
+            per_chunk = (self.traj.T + 1) * 8 * C
+            threads = native.get_num_threads() if native.available()[0] else 1
+            step = max(1, COPY_BYTES // per_chunk, min(threads, self.budget // 8 // per_chunk)) * C
+            points |= set(range(a, b, step))
+        for _, segs in assembled:  # row blocks are read in place; only the chunk across a boundary is copied
+            for s0, s1, _, _ in segs:
                 for x in (s0, s1):
                     if a < x < b:
                         k = x // C * C
