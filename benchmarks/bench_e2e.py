@@ -138,6 +138,24 @@ def child(code: str, arg: dict, env=None) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def write_seconds(path: str, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` to a new file on the outputs' disk and fsync it (the engine's
+    outputs also reach the disk before it returns): what writing the result alone costs."""
+    buf = os.urandom(16 << 20)
+    os.sync()
+    t = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for off in range(0, nbytes, len(buf)):
+            os.pwrite(fd, buf[:min(len(buf), nbytes - off)], off)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dt = time.perf_counter() - t
+    os.unlink(path)
+    return dt
+
+
 def traj_files(syn) -> list[str]:
     out = []
     for d in [syn.base_dir] + [syn.checkpoints[s] for s in sorted(syn.checkpoints)]:
@@ -244,9 +262,26 @@ def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: 
         if gemm_avx2 is not None:  # the AVX2 path, against the same machine's AVX2 GEMM
             contenders.append(("cpu", None, "avx2"))
             row["bound_avx2_seconds"] = max(nbytes / bw, flops / gemm_avx2)
-        for be, budget, simd in contenders:
-            rs = [child(ENGINE, dict(arg, backend=be, budget=budget), env={"RELEX_SIMD": simd} if simd else None)
-                  for _ in range(runs)]
+        # contenders interleaved run by run (the machine's noise falls on all alike); before each
+        # run the previous one's output is deleted and the disk synced, untimed: each run writes
+        # into a fresh directory, as a user's run does, and pays for no other run's writeback
+        # or file deletion (on this VM's ext4, mounted with `discard`, deleting 0.4 GB added
+        # 0.2-0.5 s to the next run)
+        results = {c: [] for c in contenders}
+        out_bytes = sum(os.path.getsize(os.path.join(syn.base_dir, f)) for f in os.listdir(syn.base_dir)
+                        if f.endswith(".safetensors"))  # the output has the base's size
+        writes = []
+        for _ in range(runs):
+            writes.append(write_seconds(os.path.join(work, "write-probe"), out_bytes))
+            for be, budget, simd in contenders:
+                shutil.rmtree(arg["out"], ignore_errors=True)
+                os.sync()
+                results[(be, budget, simd)].append(
+                    child(ENGINE, dict(arg, backend=be, budget=budget), env={"RELEX_SIMD": simd} if simd else None))
+        row["write"] = {"bytes": out_bytes, "seconds": statistics.median(writes), "runs": writes}
+        print(f"  write {out_bytes / 1e9:.2f} GB + fsync: {row['write']['seconds']:.2f} s "
+              f"(runs {min(writes):.2f}-{max(writes):.2f})", flush=True)
+        for (be, budget, simd), rs in results.items():
             b = row["bound_avx2_seconds"] if simd else bound
             if budget is not None:
                 be = f"{be}, --memory-budget {budget >> 20}M"
@@ -346,7 +381,7 @@ def to_markdown(res: dict) -> str:
              f"{m['input_bytes'] / gb:.2f} GB of input; engine: median of {res['runs']} runs, "
              f"baselines: median of {res['baseline_runs']}.",
              "",
-             "| contender | wall time (s) | input GB/s | peak RSS (MiB) | temp disk (GB) | x bound |",
+             "| contender | wall time (s), median (min-max) | input GB/s | peak RSS (MiB) | temp disk (GB) | x bound |",
              "|---|---|---|---|---|---|",
              f"| bound: max(read at {res['read_bandwidth'] / gb:.1f} GB/s, Gram at GEMM rate) | "
              f"{m['bound_seconds']:.2f} | {m['input_bytes'] / m['bound_seconds'] / gb:.2f} | | | 1.00 |"]
@@ -355,8 +390,12 @@ def to_markdown(res: dict) -> str:
                      f"{m['bound_avx2_seconds']:.2f} | {m['input_bytes'] / m['bound_avx2_seconds'] / gb:.2f} | | | 1.00 |")
     for k, v in m.items():
         if k.startswith("engine_"):
-            lines.append(f"| relex (backend {k[7:]}) | {v['seconds']:.2f} | {v['input_GBps']:.2f} | "
-                         f"{v['peak_rss'] / 2**20:.0f} | 0 | {v['x_bound']:.2f} |")
+            lines.append(f"| relex (backend {k[7:]}) | {v['seconds']:.2f} ({min(v['runs']):.2f}-{max(v['runs']):.2f}) | "
+                         f"{v['input_GBps']:.2f} | {v['peak_rss'] / 2**20:.0f} | 0 | {v['x_bound']:.2f} |")
+    if "write" in m:
+        w = m["write"]
+        lines.append(f"| (writing the {w['bytes'] / gb:.2f} GB output alone: pwrite + fsync, same disk) | "
+                     f"{w['seconds']:.2f} ({min(w['runs']):.2f}-{max(w['runs']):.2f}) | | | | |")
     for k in ("naive", "authors"):
         if k in m:
             v = m[k]

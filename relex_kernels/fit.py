@@ -227,6 +227,17 @@ def weights(opts: FitOptions, steps: list[int], target: int) -> np.ndarray:
     return w
 
 
+def target_weights(opts: FitOptions, steps: list[int], targets: list[int], error=UsageError) -> np.ndarray:
+    """(K, T) weights ``w̃`` of ``targets``, after every check of the options, the steps and the
+    targets (each valid for the mode, none repeated: ``error``) — before any tensor is read."""
+    validate(opts, steps)
+    for t in targets:
+        validate_target(opts, steps, t)
+    if len(set(targets)) != len(targets):
+        raise error(f"target steps repeat: {targets}")
+    return np.stack([weights(opts, steps, t) for t in targets])
+
+
 def alphas(comp: Components, w_tilde: np.ndarray) -> np.ndarray:
     """α = U_r U_rᵀ w̃ for each row of ``w_tilde`` (K, T) -> (K, T) float64."""
     w_tilde = np.atleast_2d(w_tilde)

@@ -455,3 +455,56 @@ def test_tables_of_many_tensors_equal_calls_of_their_own(simd, threads_n, fp16):
         assert np.array_equal(Gs[i], want_g[i]), i
         for o, w in zip(outs[i], want_o[i]):
             assert o.tobytes() == w.tobytes(), i
+
+
+# ------------------------------------------------------------------ pinned bits
+
+def _hashed_inputs(dt: str, T: int, n: int):
+    """Inputs from integer hashing only (no RNG whose stream a numpy release may change):
+    base values in ±0.05, each history row the base plus a drift of row i and a ±1e-3 wiggle."""
+    i = np.arange(n, dtype=np.uint64)
+    def unit(salt: int) -> np.ndarray:  # in [-1, 1), from a multiplicative hash of (element, salt)
+        h = ((i + np.uint64(salt * 0x9E3779B1)) * np.uint64(2654435761)) % np.uint64(1 << 32)
+        return (h.astype(np.float64) / 2.0 ** 31 - 1.0).astype(np.float32)
+    b32 = np.float32(0.05) * unit(0)
+    hist = [dtypes.from_float32(b32 + np.float32(1e-3 * (r + 1)) * unit(1) + np.float32(1e-3) * unit(r + 2), dt)
+            for r in range(T)]
+    return dtypes.from_float32(b32, dt), hist
+
+
+# sha256 (first 16 hex digits) of the fp64 Gram each SIMD path computes for _hashed_inputs(dt, T,
+# 3 chunks + 1000). The kernels promise the same bits for any thread count, range split and rank
+# count, and a kernel change is meant to keep them (the panel Gram of issue 10 did): a change of
+# summation order must show up here and be stated, not slip in.
+PINNED_GRAM = {
+    ('scalar', 'BF16', 4, False): "6c0914da83e04026",
+    ('scalar', 'BF16', 8, False): "d127dc400816c64a",
+    ('scalar', 'BF16', 16, False): "c63b70f03733c281",
+    ('scalar', 'BF16', 37, False): "6b4d54d27dd4ca20",
+    ('scalar', 'F16', 16, True): "06fb8bbb70c6d245",
+    ('scalar', 'F32', 16, False): "8eaea6712584d446",
+    ('avx2', 'BF16', 4, False): "9213d52bb4d4f19d",
+    ('avx2', 'BF16', 8, False): "dbde136fa22e09fe",
+    ('avx2', 'BF16', 16, False): "6d1925464be679d7",
+    ('avx2', 'BF16', 37, False): "b13c9b05e6852a53",
+    ('avx2', 'F16', 16, True): "32fdd799c7395ec4",
+    ('avx2', 'F32', 16, False): "9835fa7a52597a1d",
+    ('avx512', 'BF16', 4, False): "7ce1473e29386305",
+    ('avx512', 'BF16', 8, False): "c715593f223c179c",
+    ('avx512', 'BF16', 16, False): "8bde38db92d92130",
+    ('avx512', 'BF16', 37, False): "d3b73f3d6c498b67",
+    ('avx512', 'F16', 16, True): "db54b2c4d04d7a91",
+    ('avx512', 'F32', 16, False): "6f6f1e78d65fba14",
+}
+
+
+@pytest.mark.parametrize("dt,T,f16", [("BF16", 4, False), ("BF16", 8, False), ("BF16", 16, False),
+                                      ("BF16", 37, False), ("F16", 16, True), ("F32", 16, False)])
+def test_gram_bits_pinned(simd, dt, T, f16):
+    import hashlib
+    base, hist = _hashed_inputs(dt, T, 3 * CHUNK + 1000)
+    acc = np.zeros((T, T))
+    native.gram(base, hist, dt, acc, fp16_deltas=f16)
+    check_gram(acc, base, hist, dt, fp16_deltas=f16)
+    got = hashlib.sha256(acc.tobytes()).hexdigest()[:16]
+    assert got == PINNED_GRAM[(simd, dt, T, f16)], f"the Gram's bits changed for {simd}/{dt}/T={T}/f16={f16}"

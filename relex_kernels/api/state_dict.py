@@ -34,20 +34,11 @@ def extrapolate_tensor(base, history, steps, targets, options: FitOptions = FitO
         raise ShapeError(f"{len(history)} history versions but {len(steps)} steps")
     if not targets:
         raise ArgumentError("give at least one target step")
-    if len(set(targets)) != len(targets):
-        raise ArgumentError(f"target steps repeat: {targets}")
-    _check_plan(options, steps, targets)
+    fitmath.target_weights(options, steps, targets, ArgumentError)
     G = gram(base, history, fp16_deltas=options.fp16_deltas, backend=backend)
     fit = Fit.from_gram(G, steps, options, numel=base.numel(), dtype=base.dtype)
     out = combine(base, history, fit.alphas(targets), fp16_deltas=options.fp16_deltas, backend=backend)
     return list(out.unbind(0))
-
-
-def _check_plan(options: FitOptions, steps: list[int], targets: list[int]) -> None:
-    """Options, steps and targets that make no sense are errors before any tensor is read."""
-    fitmath.validate(options, steps)
-    for t in targets:
-        fitmath.validate_target(options, steps, t)
 
 
 def _getter(m, what: str):
@@ -111,9 +102,7 @@ def extrapolate_state_dict(base, checkpoints, targets, options: FitOptions = Fit
     options = apicheck.options(options)
     if not targets:
         raise ArgumentError("give at least one target step")
-    if len(set(targets)) != len(targets):
-        raise ArgumentError(f"target steps repeat: {targets}")
-    _check_plan(options, steps, targets)
+    fitmath.target_weights(options, steps, targets, ArgumentError)
     names = list(base.keys())
     pair = _tied_pair(base, get_base, names, tied)
     out: dict[int, dict[str, torch.Tensor]] = {t: {} for t in targets}

@@ -6,7 +6,6 @@ import json
 import os
 import time
 
-import numpy as np
 
 from .. import fit as fitmath
 from ..errors import InputError, OutputError, RelexError, UsageError
@@ -40,12 +39,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     t0 = time.perf_counter()
     be = resolve_backend(backend)
     steps = traj.steps
-    fitmath.validate(opts, steps)
-    for t in targets:
-        fitmath.validate_target(opts, steps, t)
-    if len(set(targets)) != len(targets):
-        raise UsageError(f"target steps repeat: {targets}")
-    W = np.stack([fitmath.weights(opts, steps, t) for t in targets])  # (K, T)
+    W = fitmath.target_weights(opts, steps, targets)  # (K, T)
     budget = memory_budget or default_memory_budget()
     # the journal key: everything the output bytes depend on (not the memory budget: the
     # Gram is the same bit for bit however a tensor is cut into ranges)

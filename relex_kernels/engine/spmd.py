@@ -226,12 +226,7 @@ class RankRun:
     def _setup(self) -> None:
         traj, opts, targets, rank = self.traj, self.opts, self.targets, self.env.rank
         _test_hook(rank, "setup")
-        fitmath.validate(opts, traj.steps)
-        for t in targets:
-            fitmath.validate_target(opts, traj.steps, t)
-        if len(set(targets)) != len(targets):
-            raise UsageError(f"target steps repeat: {targets}")
-        self.W = np.stack([fitmath.weights(opts, traj.steps, t) for t in targets])
+        self.W = fitmath.target_weights(opts, traj.steps, targets)
         self.tied = traj.tied
         self.streamer = Streamer(traj, self.be, self.budget, fp16_deltas=self.opts.fp16_deltas)
         self.plan = plan.build(traj, self.streamer.policy, len(targets), fitted=self.comps is not None,
