@@ -59,7 +59,11 @@ def write_run(root: Path, shapes: dict[str, tuple[int, int]], T: int, shard_tens
 def run_once(root: Path, T: int, out: Path) -> float:
     cmd = [sys.executable, "-m", "relex_kernels", "extrapolate", "--base", str(root / "base"),
            "--checkpoints", str(root), "--history-steps", str(T), "--target-step", str(10 * T),
-           "--out", str(out), "--overwrite", "-q"]
+           "--out", str(out), "-q"]
+    # a fresh output directory and a synced disk, untimed (as bench_e2e): no run pays for deleting
+    # or flushing the previous run's output
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t
