@@ -227,14 +227,16 @@ def weights(opts: FitOptions, steps: list[int], target: int) -> np.ndarray:
     return w
 
 
-def target_weights(opts: FitOptions, steps: list[int], targets: list[int], error=UsageError) -> np.ndarray:
+def target_weights(opts: FitOptions, steps: list[int], targets: list[int]) -> np.ndarray:
     """(K, T) weights ``w̃`` of ``targets``, after every check of the options, the steps and the
-    targets (each valid for the mode, none repeated: ``error``) — before any tensor is read."""
+    targets (at least one, each valid for the mode, none repeated) — before any tensor is read."""
     validate(opts, steps)
+    if not targets:
+        raise UsageError("give at least one target step")
     for t in targets:
         validate_target(opts, steps, t)
     if len(set(targets)) != len(targets):
-        raise error(f"target steps repeat: {targets}")
+        raise UsageError(f"target steps repeat: {targets}")
     return np.stack([weights(opts, steps, t) for t in targets])
 
 

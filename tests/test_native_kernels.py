@@ -13,6 +13,7 @@ Skipped when the extension is not built, except under CI (``CI`` or
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -501,7 +502,6 @@ PINNED_GRAM = {
 @pytest.mark.parametrize("dt,T,f16", [("BF16", 4, False), ("BF16", 8, False), ("BF16", 16, False),
                                       ("BF16", 37, False), ("F16", 16, True), ("F32", 16, False)])
 def test_gram_bits_pinned(simd, dt, T, f16):
-    import hashlib
     base, hist = _hashed_inputs(dt, T, 3 * CHUNK + 1000)
     acc = np.zeros((T, T))
     native.gram(base, hist, dt, acc, fp16_deltas=f16)

@@ -28,6 +28,20 @@
 // Zen 4 from T = 8 to 512 (16 was 10-40% slower), 48 best at most T.
 constexpr size_t kPanelVecs = 48;
 
+// Zero-padded copies of the last, partial group (count < 2W elements from element pos) of
+// n <= N rows, so that the loops over whole groups can take it (zero deltas add nothing).
+template <class V, int DT, int N>
+struct PartialGroup {
+    alignas(64) unsigned char buf[N][2 * V::W * 8] = {};
+    const void* rows[N] = {};
+    PartialGroup(const void* const* src, int n, size_t pos, size_t count) {
+        for (int r = 0; r < n; ++r) {
+            std::memcpy(buf[r], at<DT>(src[r], pos), count * dtype_size(DT));
+            rows[r] = buf[r];
+        }
+    }
+};
+
 // Small T: rows[0] = base, rows[1..NT] = history, read from element pos on; one
 // group of 2W elements goes from the loads into the NT(NT+1)/2 accumulators.
 template <class V, int DT, bool F16D, int NT>
@@ -63,14 +77,9 @@ void gram_chunk_fused(const Inputs& in, size_t off, size_t len, float* out) {
                 prefetch_bytes<true>(static_cast<const char*>(at<DT>(rows[i], off + p + ahead)), G * dtype_size(DT));
         gram_group_fused<V, DT, F16D, NT>(rows, off + p, acc);
     }
-    if (full < len) {  // the last partial group, zero-padded (zero deltas add nothing)
-        alignas(64) unsigned char tail[NT + 1][G * 8] = {};
-        const void* trows[NT + 1];
-        for (int i = 0; i <= NT; ++i) {
-            std::memcpy(tail[i], at<DT>(rows[i], off + full), (len - full) * dtype_size(DT));
-            trows[i] = tail[i];
-        }
-        gram_group_fused<V, DT, F16D, NT>(trows, 0, acc);
+    if (full < len) {
+        const PartialGroup<V, DT, NT + 1> tail(rows, NT + 1, off + full, len - full);
+        gram_group_fused<V, DT, F16D, NT>(tail.rows, 0, acc);
     }
     int q = 0;
     for (int i = 0; i < NT; ++i)
@@ -108,10 +117,10 @@ inline void gram_block(const float* Da, const float* Db, size_t ld, size_t nvec,
         for (int s = 0; s < kB; ++s) V::store(acc + (r * kB + s) * W, c[r][s]);
 }
 
-// The diagonal block of rows[1..nr] (history rows; rows[0] the base) over groups
-// [g0, g1) of 2W elements from element e0: converts each group into deltas, stores
-// them in D (row stride ld, column 2W*g) and, First, the fp32 base into b; adds the
-// products r <= s into acc. Inputs are prefetched into L2 kPrefetchBytes ahead while
+// The diagonal block of rows[1..nr] (history rows; rows[0] the base) over the groups
+// [g0, g1) of 2W elements of a panel, group g read at element e0 + 2W*(g - g0) of the
+// rows: converts each group into deltas, stores them in D (row stride ld, column 2W*g)
+// and, First, the fp32 base into b; adds the products r <= s into acc. Inputs are prefetched into L2 kPrefetchBytes ahead while
 // before pf_end (T+1 streams are more than the hardware prefetchers follow).
 template <class V, int DT, bool F16D, bool First>
 inline void gram_diag_convert(const void* const* rows, int nr, size_t e0, size_t pf_end, size_t g0, size_t g1,
@@ -125,7 +134,7 @@ inline void gram_diag_convert(const void* const* rows, int nr, size_t e0, size_t
     for (int r = 0; r < kB; ++r)
         for (int s = r; s < kB; ++s) c[r][s] = V::load(acc + (r * kB + s) * W);
     for (size_t g = g0; g < g1; ++g) {
-        const size_t p = g * G, e = e0 + p;
+        const size_t p = g * G, e = e0 + (g - g0) * G;
         const bool pf = e + ahead < pf_end;
         F b0, b1;
         if (First) {
@@ -188,14 +197,8 @@ void gram_diag_panel(const Inputs& in, size_t pos, size_t len, int r0, float* D,
     };
     run(rows, pos, in.n, 0, full);
     if (full * G < len) {
-        alignas(64) unsigned char tail[kB + 1][G * 8] = {};
-        const void* trows[kB + 1];
-        const size_t skip = full * G * dtype_size(DT);  // the copies stand at group `full`
-        for (int r = 0; r <= nr; ++r) {
-            std::memcpy(tail[r], at<DT>(rows[r], pos + full * G), (len - full * G) * dtype_size(DT));
-            trows[r] = tail[r] - skip;
-        }
-        run(trows, 0, 0, full, full + 1);
+        const PartialGroup<V, DT, kB + 1> tail(rows, nr + 1, pos + full * G, len - full * G);
+        run(tail.rows, 0, 0, full, full + 1);
     }
 }
 

@@ -71,10 +71,7 @@ class Fit:
         """(K, T) float64 weights of the targets (an int, or a sequence of K ints)."""
         one = isinstance(targets, (int, np.integer)) and not isinstance(targets, bool)
         targets = [targets] if one else list(apicheck.targets(targets))
-        steps = list(self.steps)
-        for t in targets:
-            fitmath.validate_target(self.options, steps, int(t))
-        W = np.stack([fitmath.weights(self.options, steps, int(t)) for t in targets])
+        W = fitmath.target_weights(self.options, list(self.steps), [int(t) for t in targets])
         return torch.from_numpy(fitmath.alphas(self.components, W))
 
     # -- a file of its own ----------------------------------------------------------------

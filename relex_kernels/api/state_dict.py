@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 
 from .. import fit as fitmath
@@ -26,18 +27,21 @@ def extrapolate_tensor(base, history, steps, targets, options: FitOptions = FitO
     (:func:`gram`), the fit (:class:`Fit`), the weighted sums (:func:`combine`). Returns one
     tensor per target, of base's dtype, shape and device.
     """
-    base, history = check_versions(base, history)
     steps = apicheck.steps("steps", steps)
     targets = apicheck.targets(targets)
     options = apicheck.options(options)
+    return _predict(base, history, steps, fitmath.target_weights(options, steps, targets), options, backend)
+
+
+def _predict(base, history, steps: list[int], W: np.ndarray, options: FitOptions, backend) -> list[torch.Tensor]:
+    """:func:`extrapolate_tensor` with the targets' weights ``W`` (K, T) already checked and computed."""
+    base, history = check_versions(base, history)
     if len(steps) != len(history):
         raise ShapeError(f"{len(history)} history versions but {len(steps)} steps")
-    if not targets:
-        raise ArgumentError("give at least one target step")
-    fitmath.target_weights(options, steps, targets, ArgumentError)
     G = gram(base, history, fp16_deltas=options.fp16_deltas, backend=backend)
     fit = Fit.from_gram(G, steps, options, numel=base.numel(), dtype=base.dtype)
-    out = combine(base, history, fit.alphas(targets), fp16_deltas=options.fp16_deltas, backend=backend)
+    alphas = torch.from_numpy(fitmath.alphas(fit.components, W))
+    out = combine(base, history, alphas, fp16_deltas=options.fp16_deltas, backend=backend)
     return list(out.unbind(0))
 
 
@@ -100,9 +104,7 @@ def extrapolate_state_dict(base, checkpoints, targets, options: FitOptions = Fit
     keysets = [set(checkpoints[s].keys()) for s in steps]
     targets = apicheck.targets(targets)
     options = apicheck.options(options)
-    if not targets:
-        raise ArgumentError("give at least one target step")
-    fitmath.target_weights(options, steps, targets, ArgumentError)
+    W = fitmath.target_weights(options, steps, targets)  # once for every tensor
     names = list(base.keys())
     pair = _tied_pair(base, get_base, names, tied)
     out: dict[int, dict[str, torch.Tensor]] = {t: {} for t in targets}
@@ -120,7 +122,7 @@ def extrapolate_state_dict(base, checkpoints, targets, options: FitOptions = Fit
             if name not in keys:
                 raise InputError(f"tensor {name}: missing from the checkpoint of step {s}")
         try:
-            preds = extrapolate_tensor(x, [g(name) for g in getters], steps, targets, options, backend=backend)
+            preds = _predict(x, [g(name) for g in getters], steps, W, options, backend)
         except RelexError as e:
             raise type(e)(f"tensor {name}: {e}") from None
         for t, p in zip(targets, preds):

@@ -6,7 +6,6 @@ import json
 import os
 import time
 
-
 from .. import fit as fitmath
 from ..errors import InputError, OutputError, RelexError, UsageError
 from ..fit import FitOptions
@@ -133,8 +132,6 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
     save_fit, run_dir = apicheck.path("save_fit", save_fit, True), apicheck.path("run_dir", run_dir, True)
     apicheck.resources(memory_budget=memory_budget, backend=backend, overwrite=overwrite, shard_bytes=shard_bytes,
                        progress=progress, resume=resume, device_memory_budget=device_memory_budget)
-    if not targets:
-        raise UsageError("give at least one --target-step")
     out_dt = _out_dtype(out_dtype)
     fitmath.validate(opts, sorted(checkpoints))
     if save_fit is not None:
@@ -190,8 +187,6 @@ def predict(fit_path: str, targets: list[int], out_dir: str, *, memory_budget: i
         "out_dir", out_dir)
     apicheck.resources(memory_budget=memory_budget, backend=backend, overwrite=overwrite, shard_bytes=shard_bytes,
                        progress=progress, resume=resume, device_memory_budget=device_memory_budget)
-    if not targets:
-        raise UsageError("give at least one --target-step")
     meta, comps = fitfile.load(fit_path)
     opts = FitOptions(**meta["options"])
     ckpts = {int(s): p for s, p in meta["checkpoints"].items()}
