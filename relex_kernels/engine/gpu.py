@@ -222,14 +222,14 @@ class DeviceStreamer(Streamer):
     """
 
     def __init__(self, traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False, progress=None,
-                 device_memory_budget: int | None = None, precision: str | None = None):
+                 device_memory_budget: int | None = None):
         super().__init__(traj, backend, memory_budget, fp16_deltas, progress)
         import torch
         self.torch = torch
         self.kern = backend.module.device_kernels()
         self.dev = self.kern.device
         self.cuda = self.dev.type == "cuda"
-        self.precision = precision or gram_precision()
+        self.precision = gram_precision()
         T = traj.T
         self.stage = stage_bytes(T, memory_budget)
         if device_memory_budget is None:
@@ -262,6 +262,7 @@ class DeviceStreamer(Streamer):
         # one device buffer for every resident trajectory, sized once from the plan (follow): no
         # allocation per tensor, no fragmentation of the device's free memory over thousands of them
         self.arena = None
+        self.arena_free = None  # event: the compute stream is done with the last resident tensor
         self.arena_bytes = 0
         self.closed = False
         self.out_pool = self.out_slots = None
@@ -319,7 +320,7 @@ class DeviceStreamer(Streamer):
                 keys += [(job.name, 2, ga, gb) for a, b in it.combine_ranges for ga, gb in self.groups(job, a, b)]
         self.keys = keys
         T = self.traj.T
-        self.arena_bytes = max([(T + 1) * j.numel * dtypes.itemsize(j.dtype) for it in items
+        self.arena_bytes = max([(T + 1) * j.nbytes for it in items
                                 if it.kind in ("fit", "group") and it.resident and not it.reused
                                 for j in it.jobs if not j.on_host], default=0)
 
@@ -358,7 +359,7 @@ class DeviceStreamer(Streamer):
         try:
             return self.torch.empty(numel, dtype=dtype, device=self.dev)
         except (getattr(self.torch, "OutOfMemoryError", None) or self.torch.cuda.OutOfMemoryError) as e:
-            nbytes = numel * self.torch.empty((), dtype=dtype).element_size()
+            nbytes = numel * dtype.itemsize
             raise DeviceMemoryError(
                 f"{self.dev} ran out of memory allocating {nbytes / 2**20:.0f} MiB for {what} "
                 f"(device budget {self.device_budget / 2**20:.0f} MiB): lower --device-memory-budget, "
@@ -435,7 +436,7 @@ class DeviceStreamer(Streamer):
     def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None) -> np.ndarray:
         """The Gram over ``ranges`` (the sum and journal points of :meth:`Streamer.gram`)."""
         torch, T = self.torch, self.traj.T
-        self.res = None  # a previous tensor's device buffer goes back to the allocator
+        self._release_resident()
         if job.on_host:  # (module docstring)
             return Streamer.gram(self, job, ranges, resident, acc, on_range)
         f64 = dict(dtype=torch.float64, device=self.dev)
@@ -444,8 +445,7 @@ class DeviceStreamer(Streamer):
             gs = GramSum(job.numel, lambda: torch.zeros((T, T), **f64), ranges[0][0] if ranges else 0, dev_acc,
                          job.name)
             if resident and ranges and ranges[0][0] == 0:
-                isz = dtypes.itemsize(job.dtype)
-                self.res = [job.name, self._resident_buffer((T + 1) * job.numel * isz, job.name), 0]
+                self.res = [job.name, self._resident_buffer((T + 1) * job.nbytes, job.name), 0]
             scratch = self._scratch(T, self.group_len(job))
             for a, b in ranges:
                 for ga, gb in self.groups(job, a, b):  # a group never straddles a block: one piece
@@ -466,9 +466,18 @@ class DeviceStreamer(Streamer):
             with self._timed("wait_gram"):
                 G = gs.result().cpu().numpy()
         if not np.isfinite(G).all():
-            self.res = None
+            self._release_resident()
             self._raise_nonfinite(job)
         return G
+
+    def _release_resident(self) -> None:
+        """Done with the resident tensor: its arena bytes are free once the compute stream passes
+        this point, and the next upload into the arena waits for that (:meth:`_resident_buffer`),
+        not only for the host waits that happen to come between."""
+        if self.res is not None:
+            self.arena_free = self._event()
+            self.arena_free.record(self.compute)
+        self.res = None
 
     def _resident_buffer(self, nbytes: int, name: str):
         """``nbytes`` of the arena for a resident trajectory (the arena grows only for a tensor
@@ -477,6 +486,8 @@ class DeviceStreamer(Streamer):
             self.arena = None  # the old one goes back before the larger one is taken
             self.arena = self._device_empty(max(nbytes, self.arena_bytes), self.torch.uint8,
                                             f"the resident trajectories (first {name})")
+        if self.arena_free is not None:
+            self.h2d.wait_event(self.arena_free)
         return self.arena[:nbytes]
 
     def _scratch(self, T: int, g: int):
@@ -490,10 +501,10 @@ class DeviceStreamer(Streamer):
         nbytes = -(-self.stage * K // (self.traj.T + 1)) + 64
         if self.out_bytes is not None and self.out_bytes >= nbytes:
             return
-        self.out_bytes = nbytes
+        # allocated before any field changes: a device OOM here leaves the old slots consistent
+        slots = [self._device_empty(nbytes, self.torch.uint8, "an output slot") for _ in range(2)]
         self.out_pool = _Pool(self.torch, N_OUT, nbytes, self.cuda)
-        self.out_slots = [self._device_empty(nbytes, self.torch.uint8, "an output slot") for _ in range(2)]
-        self.out_free = [None, None]
+        self.out_bytes, self.out_slots, self.out_free = nbytes, slots, [None, None]
         self.next_out = 0
 
     def _write(self, job: Job, a: int, b: int, buf, ev, writers, also) -> None:
@@ -554,7 +565,7 @@ class DeviceStreamer(Streamer):
                         f.result()
                 if on_range is not None:
                     on_range(b)
-        self.res = None
+        self._release_resident()
 
     def close(self) -> None:
         """Stop the reader and writer threads and wait for the device (idempotent)."""
