@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -43,52 +45,56 @@ def main() -> int:
     from relex_kernels.io import SafetensorsFile
     from relex_kernels.ops import native
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` ends it through the finally below
     tmp = tempfile.mkdtemp(prefix="relex-ingest-")
-    n = int(args.gb * 1e9 / 2 / 4)
-    paths = []
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        p = os.path.join(tmp, f"v{i}.safetensors")
-        save_file({"w": rng.standard_normal(n, dtype=np.float32).astype(np.float16)}, p)
-        paths.append(p)
-    files = [SafetensorsFile(p) for p in paths]
-    piece = (args.piece_mb << 20) // 2
-    buf = np.empty(4 * n, dtype=np.uint16)
-    pool = ThreadPoolExecutor(args.threads)
+    files, pool = [], None
+    try:  # the 1.5 GB of inputs go whatever happens (gpu_check.sh runs this under a timeout)
+        n = int(args.gb * 1e9 / 2 / 4)
+        paths = []
+        rng = np.random.default_rng(0)
+        for i in range(4):
+            p = os.path.join(tmp, f"v{i}.safetensors")
+            save_file({"w": rng.standard_normal(n, dtype=np.float32).astype(np.float16)}, p)
+            paths.append(p)
+        files = [SafetensorsFile(p) for p in paths]
+        piece = (args.piece_mb << 20) // 2
+        buf = np.empty(4 * n, dtype=np.uint16)
+        pool = ThreadPoolExecutor(args.threads)
 
-    def by_maps(f, r, lo, hi):
-        np.copyto(buf[r * n + lo:r * n + hi], f.view("w", lo, hi).view(np.uint16))
-        f.release("w", lo, hi)
+        def by_maps(f, r, lo, hi):
+            np.copyto(buf[r * n + lo:r * n + hi], f.view("w", lo, hi).view(np.uint16))
+            f.release("w", lo, hi)
 
-    def by_pread(f, r, lo, hi):
-        f.read_into("w", lo, hi, buf[r * n + lo:r * n + hi])
+        def by_pread(f, r, lo, hi):
+            f.read_into("w", lo, hi, buf[r * n + lo:r * n + hi])
 
-    def run(how) -> float:
-        t0 = time.perf_counter()
-        futs = [pool.submit(how, f, r, lo, min(n, lo + piece)) for r, f in enumerate(files)
-                for lo in range(0, n, piece)]
-        for fu in futs:
-            fu.result()
-        return time.perf_counter() - t0
+        def run(how) -> float:
+            t0 = time.perf_counter()
+            futs = [pool.submit(how, f, r, lo, min(n, lo + piece)) for r, f in enumerate(files)
+                    for lo in range(0, n, piece)]
+            for fu in futs:
+                fu.result()
+            return time.perf_counter() - t0
 
-    nbytes = 4 * n * 2
-    run(by_pread)  # warm the page cache
-    times = {"maps": [], "preadv": []}
-    for _ in range(args.runs):
-        for name, how in (("maps", by_maps), ("preadv", by_pread)):
-            times[name].append(run(how))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{cpu_model()}, {os.cpu_count()} cpus, {native.info()['simd'] if native.available()[0] else '-'}; "
-          f"{nbytes / 1e9:.2f} GB warm, {args.threads} reader threads, {args.piece_mb} MB pieces, "
-          f"medians of {args.runs}")
-    for k, v in med.items():
-        print(f"  {k:7s} {v:.3f} s  {nbytes / v / 1e9:.2f} GB/s")
-    print(f"  preadv / maps time: {med['preadv'] / med['maps']:.2f}")
-    for f in files:
-        f.close()
-    for p in paths:
-        os.unlink(p)
-    os.rmdir(tmp)
+        nbytes = 4 * n * 2
+        run(by_pread)  # warm the page cache
+        times = {"maps": [], "preadv": []}
+        for _ in range(args.runs):
+            for name, how in (("maps", by_maps), ("preadv", by_pread)):
+                times[name].append(run(how))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{cpu_model()}, {os.cpu_count()} cpus, {native.info()['simd'] if native.available()[0] else '-'}; "
+              f"{nbytes / 1e9:.2f} GB warm, {args.threads} reader threads, {args.piece_mb} MB pieces, "
+              f"medians of {args.runs}")
+        for k, v in med.items():
+            print(f"  {k:7s} {v:.3f} s  {nbytes / v / 1e9:.2f} GB/s")
+        print(f"  preadv / maps time: {med['preadv'] / med['maps']:.2f}")
+    finally:
+        for f in files:
+            f.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 
