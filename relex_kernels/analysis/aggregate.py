@@ -62,20 +62,26 @@ def _means(entries: list[dict], keys: Iterable[str]) -> dict:
     return out
 
 
+def by_module_type(entries: list[dict]) -> dict[str, list[dict]]:
+    """Entries (with ``name``) grouped by :func:`module_type`, in ``MODULE_TYPES`` order."""
+    groups: dict[str, list[dict]] = {}
+    for e in entries:
+        groups.setdefault(module_type(e["name"]), []).append(e)
+    return {t: groups[t] for t in MODULE_TYPES if t in groups}
+
+
 def aggregate(entries: list[dict], keys: Iterable[str]) -> dict:
     """Unweighted and parameter-weighted means (and median, min) of ``keys`` over all tensors,
     per module type and per layer. ``entries`` need ``name``, ``numel`` and the keys (None = not defined)."""
     keys = list(keys)
-    by_type: dict[str, list[dict]] = {}
     by_layer: dict[int, list[dict]] = {}
     for e in entries:
-        by_type.setdefault(module_type(e["name"]), []).append(e)
         li = layer_index(e["name"])
         if li is not None:
             by_layer.setdefault(li, []).append(e)
     return {
         "model": _means(entries, keys),
-        "by_module": {t: _means(by_type[t], keys) for t in MODULE_TYPES if t in by_type},
+        "by_module": {t: _means(g, keys) for t, g in by_module_type(entries).items()},
         "by_layer": {str(li): _means(by_layer[li], keys) for li in sorted(by_layer)},
     }
 

@@ -14,7 +14,7 @@ from ..errors import UsageError
 from ..fit import FitOptions
 from . import figures as figs
 from . import metrics
-from .aggregate import MODULE_TYPES, aggregate, layer_index, module_type
+from .aggregate import MODULE_TYPES, aggregate, by_module_type, layer_index, module_type
 from .extended_gram import GramPass, extended_grams
 from .report import (ANALYZE_FIELDS, BACKTEST_FIELDS, TENSOR_FIELDS, analyze_markdown, backtest_markdown,
                      prepare_out, write_json, write_text)
@@ -128,12 +128,9 @@ def _growth(entries: list[dict], hist: list[int], later: list[int]) -> dict | No
 
     p = exponent(entries)
     at = sorted(set(later) | {2 * x_last, 5 * x_last})
-    modules = {}
-    for e in entries:
-        modules.setdefault(e["module"], []).append(e)
     return {"between_steps": [x_mid, x_last], "exponent": p,
             "line_overshoot": {str(S): (S / x_last) ** (1 - p) for S in at} if p is not None else {},
-            "by_module": {m: exponent(g) for m, g in modules.items()}}
+            "by_module": {m: exponent(g) for m, g in by_module_type(entries).items()}}
 
 
 # -- backtest ----------------------------------------------------------------------------

@@ -203,7 +203,7 @@ class AllowListUnpickler(pickle.Unpickler):
 
     allowed: dict = {}
     #: what the refusal says is read
-    reads = "nothing in a checkpoint is run"
+    reads = "(nothing in a checkpoint is run)"
 
     def find_class(self, module, name):
         try:
