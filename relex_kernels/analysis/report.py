@@ -38,6 +38,12 @@ TENSOR_FIELDS = {
     "growth": "p in ‖θ_x − θ₀‖ ∝ x^p between those two steps (1: constant speed; null: no motion)",
 }
 
+#: when not to trust the growth exponent (report.json's field docs and report.md)
+GROWTH_CAVEAT = ("The distance counts everything that separates a checkpoint from the base: bf16 rounding of "
+                 "per-step deltas that are near the rounding, or a base that is not the run's exact start, puts "
+                 "a floor under it and lowers the exponent without any slowing. Trust it from fp32 masters (or "
+                 "deltas well above bf16 rounding) started exactly from the base.")
+
 ANALYZE_FIELDS = {
     "steps": "every checkpoint step analysed, ascending; the first len(history_steps) are the history",
     "history_steps": "the steps the fit sees (<= --history-steps)",
@@ -51,10 +57,8 @@ ANALYZE_FIELDS = {
               "between_steps (the step nearest half the last history step, and the last), squared distances "
               "summed over the fitted tensors; by_module: the same per module type; line_overshoot: step S -> "
               "(S / last history step)^(1 − p), about how far a straight line through the history (RELEX) "
-              "overshoots the run's distance at S when the growth keeps its exponent (1: no overshoot). The "
-              "distance counts all that separates a checkpoint from the base, so a floor under it — bf16 "
-              "rounding of per-step deltas near the rounding, a base that is not the run's exact start — "
-              "lowers p without any slowing: trust it from fp32 masters or deltas well above rounding",
+              "overshoots the run's distance at S when the growth keeps its exponent (1: no overshoot). "
+              + GROWTH_CAVEAT,
     "figures": "PNG files written beside report.json",
     "tensors": "one entry per fitted tensor (fields below)",
     "tensor_fields": "documentation of the per-tensor fields",
@@ -145,10 +149,7 @@ def _growth_lines(g: dict | None) -> list[str]:
             f"The distance from the base grows as step^{p:.2f} between steps {a} and {b} ({verdict}). "
             f"If it keeps that exponent, a line through the history overshoots the run's distance from the "
             f"base by about {over}. By module: {mods}.", "",
-            "The distance counts everything that separates a checkpoint from the base: bf16 rounding of "
-            "per-step deltas that are near the rounding, or a base that is not the run's exact start, puts a "
-            "floor under it and lowers the exponent without any slowing. Trust it from fp32 masters (or deltas "
-            "well above bf16 rounding) started exactly from the base."]
+            GROWTH_CAVEAT]
 
 
 def analyze_markdown(rep: dict) -> str:
