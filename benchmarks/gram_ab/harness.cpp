@@ -1,0 +1,75 @@
+// A/B harness of the native Gram kernel: built against one copy of csrc/cpu by
+// benchmarks/bench_gram_ab.py, it times relex::gram on one thread and prints a hash of the fp64
+// Gram, so two builds (two commits) can be compared for speed and for identical bits.
+//
+//   harness ISA N REPEATS DTYPE_CODE T_LIST FP16_DELTAS
+//   -> one line per T: "T <T> gflops <rate> hash <16 hex digits>"
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "dtype.h"
+#include "kernels.h"
+
+int main(int argc, char** argv) {
+    if (argc != 7) {
+        std::fprintf(stderr, "usage: %s ISA N REPEATS DTYPE_CODE T_LIST FP16_DELTAS\n", argv[0]);
+        return 2;
+    }
+    const std::string isa = argv[1];
+    const size_t n = std::strtoull(argv[2], nullptr, 10);
+    const int reps = std::atoi(argv[3]), dt = std::atoi(argv[4]);
+    const bool f16 = std::atoi(argv[6]) != 0;
+    if (!relex::set_active_isa(isa)) {
+        std::fprintf(stderr, "unknown or unsupported ISA %s\n", isa.c_str());
+        return 2;
+    }
+    std::vector<int> Ts;
+    std::stringstream list(argv[5]);
+    for (std::string t; std::getline(list, t, ',');) Ts.push_back(std::atoi(t.c_str()));
+    std::mt19937 rng(1);
+    for (int T : Ts) {
+        // base ~ U(-0.01, 0.01), history = base + U(-1e-3, 1e-3), stored in the dtype
+        std::vector<std::vector<uint64_t>> bufs(T + 1, std::vector<uint64_t>(n));
+        for (int r = 0; r <= T; ++r)
+            for (size_t i = 0; i < n; ++i) {
+                const float f = 0.01f * float(int(rng() % 2001) - 1000) / 1000.f +
+                                (r ? 1e-3f * float(int(rng() % 200) - 100) / 100.f : 0.f);
+                uint32_t u;
+                std::memcpy(&u, &f, 4);
+                if (dt == relex::kBF16 || dt == relex::kF16)
+                    reinterpret_cast<uint16_t*>(bufs[r].data())[i] = uint16_t(u >> 16);
+                else if (dt == relex::kF32)
+                    reinterpret_cast<float*>(bufs[r].data())[i] = f;
+                else
+                    reinterpret_cast<double*>(bufs[r].data())[i] = double(f) * 1.0000001;
+            }
+        std::vector<const void*> hist(T);
+        for (int i = 0; i < T; ++i) hist[i] = bufs[i + 1].data();
+        const relex::Inputs in{bufs[0].data(), hist.data(), T, dt, f16, n};
+        std::vector<double> acc(size_t(T) * T), times;
+        for (int k = 0; k < reps; ++k) {
+            std::fill(acc.begin(), acc.end(), 0.0);
+            const auto t0 = std::chrono::steady_clock::now();
+            relex::gram(in, acc.data(), 1);
+            times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+        }
+        std::sort(times.begin(), times.end());
+        uint64_t h = 1469598103934665603ull;  // FNV-1a over the Gram's bits
+        for (double v : acc) {
+            uint64_t b;
+            std::memcpy(&b, &v, 8);
+            h = (h ^ b) * 1099511628211ull;
+        }
+        std::printf("T %d gflops %.2f hash %016llx\n", T, double(T) * (T + 1) * n / times[times.size() / 2] / 1e9,
+                    (unsigned long long)h);
+    }
+    return 0;
+}
