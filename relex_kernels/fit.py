@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -162,7 +163,7 @@ def components_many(Gs: np.ndarray, rank: int, ns, dtypes) -> list[Components]:
     """
     Gs = np.asarray(Gs, dtype=np.float64)
     Gs = 0.5 * (Gs + Gs.swapaxes(-1, -2))
-    lam_all, vec_all = np.linalg.eigh(Gs)
+    lam_all, vec_all = _eigh_stack(Gs)
     # Elementwise steps and sorts over the stack; every sum runs over contiguous rows, which
     # numpy adds in the same (pairwise) order as a row alone.
     order = np.argsort(lam_all, axis=-1)[:, ::-1]
@@ -171,21 +172,44 @@ def components_many(Gs: np.ndarray, rank: int, ns, dtypes) -> list[Components]:
     s = np.sqrt(lam)
     total = lam.sum(axis=-1)
     trace = np.ascontiguousarray(np.diagonal(Gs, 0, 1, 2)).sum(axis=-1)
-    floors = np.array([noise_floor(1.0, n, dt) for n, dt in zip(ns, dtypes)]) * trace  # (sqrt(m)·u)·trace
+    # noise_floor(1, n, dtype) of each tensor, elementwise (the same roundings): (sqrt(m)·u)·trace
+    m = np.array([GRAM_CHUNK if n is None else n for n in ns], dtype=np.float64).clip(1, GRAM_CHUNK)
+    u = np.where(np.array(dtypes, dtype=object) == "F64", U_FP64, U_FP32)
+    floors = np.sqrt(np.floor(m)) * u * trace
     keep = np.where(s[:, 0] > 0, np.minimum(rank, 1 + np.count_nonzero(lam[:, 1:] > floors[:, None], axis=1)), 0)
-    out = []
+    # explained variance of the kept rank: lam[0] / total at rank 1 (the usual; elementwise, the
+    # same division as a Python float's), the sum of the kept lam otherwise (each row as alone)
+    pos = total > 0
+    ev = np.divide(lam[:, 0], total, out=np.zeros_like(total), where=pos)
+    for i in np.flatnonzero(pos & (keep > 1)).tolist():
+        ev[i] = lam[i, :keep[i]].sum() / total[i]
     # one copy of the kept columns for the stack when every tensor keeps as many (the usual);
     # each tensor's arrays are contiguous rows of it
-    same = keep.size and bool((keep == keep[0]).all())
-    U, S = (vec[:, :, :keep[0]].copy(), s[:, :keep[0]].copy()) if same else (None, None)
-    for i, (r, tot, l0) in enumerate(zip(keep.tolist(), total.tolist(), lam[:, 0].tolist())):
-        if tot > 0:  # keep 1 (rank 1, the usual): the sum of lam[:1] is lam[0]
-            ev = l0 / tot if r == 1 else float(lam[i, :r].sum() / tot)
-        else:
-            ev = 0.0
-        out.append(Components(u=U[i] if same else vec[i, :, :r].copy(), s=S[i] if same else s[i, :r].copy(),
-                              singular_values=s[i], explained_variance=ev))
-    return out
+    if keep.size and bool((keep == keep[0]).all()):
+        us, ss = list(vec[:, :, :keep[0]].copy()), list(s[:, :keep[0]].copy())
+    else:
+        us = [vec[i, :, :r].copy() for i, r in enumerate(keep.tolist())]
+        ss = [s[i, :r].copy() for i, r in enumerate(keep.tolist())]
+    return list(map(Components, us, ss, list(s), ev.tolist()))
+
+
+#: a stack of Grams solved on several threads from this many matrices on (numpy's solver
+#: releases the GIL; each matrix gets the same LAPACK call, so the same bits, either way)
+_THREADED_EIGH = 128
+
+
+def _eigh_stack(Gs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.linalg.eigh`` of a (k, T, T) stack, in slices on up to ``os.cpu_count()`` threads
+    when the stack is large (a MoE model: thousands of Grams per group)."""
+    k = Gs.shape[0]
+    threads = min(os.cpu_count() or 1, 8, k // _THREADED_EIGH)
+    if threads < 2:
+        return np.linalg.eigh(Gs)
+    from concurrent.futures import ThreadPoolExecutor
+    cuts = np.linspace(0, k, threads + 1).astype(int)
+    with ThreadPoolExecutor(threads) as pool:
+        parts = list(pool.map(lambda ab: np.linalg.eigh(Gs[ab[0]:ab[1]]), zip(cuts[:-1], cuts[1:])))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def _time_coords(opts: FitOptions, steps: list[int]) -> np.ndarray:
@@ -244,3 +268,13 @@ def alphas(comp: Components, w_tilde: np.ndarray) -> np.ndarray:
     """α = U_r U_rᵀ w̃ for each row of ``w_tilde`` (K, T) -> (K, T) float64."""
     w_tilde = np.atleast_2d(w_tilde)
     return (w_tilde @ comp.u) @ comp.u.T
+
+
+def alphas_many(comps: list[Components], w_tilde: np.ndarray) -> np.ndarray:
+    """:func:`alphas` of each fit, stacked (k, K, T): one broadcast product when every fit keeps as
+    many components (numpy runs the same product per matrix: the bits of each alone), else one each."""
+    w_tilde = np.atleast_2d(w_tilde)
+    if comps and len({c.u.shape for c in comps}) == 1:
+        U = np.stack([c.u for c in comps])
+        return (w_tilde @ U) @ U.swapaxes(-1, -2)
+    return np.stack([alphas(c, w_tilde) for c in comps]) if comps else np.empty((0, *w_tilde.shape))

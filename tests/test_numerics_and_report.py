@@ -295,3 +295,74 @@ def test_drop_rule_is_the_noise_floor():
             assert components(G, 3, n, dtype).u.shape[1] == keep, (n, dtype, factor)
     assert noise_floor(1.0, 10**6, "F32") == 256 * 2.0**-24  # full chunks: sqrt(65536)·u
     assert components(np.zeros((3, 3)), 2).u.shape[1] == 0
+
+
+def test_stack_solve_is_each_tensor_alone_bit_for_bit():
+    """components_many (threaded slices above _THREADED_EIGH, elementwise noise floors) gives
+    every tensor of a large stack the bits components() gives it alone — what a MoE group
+    writes must not depend on its neighbours. Components at the noise floor's edge (half and
+    twice it), mixed sizes and dtypes (None: full chunks) make the keep rule count."""
+    from relex_kernels import fit
+    rng = np.random.default_rng(3)
+    k, T = 2 * fit._THREADED_EIGH + 37, 6
+    dts = ["BF16", "F32", "F64", None]
+    ns = [None if i % 5 == 0 else int(rng.integers(1, 10**6)) for i in range(k)]
+    types = [dts[i % 4] for i in range(k)]
+    Gs = np.empty((k, T, T))
+    for i in range(k):
+        q = np.linalg.qr(rng.normal(size=(T, T)))[0]
+        floor = fit.noise_floor(1.0, ns[i], types[i])
+        lam = np.array([1.0, (0.5, 2.0, 1e-3)[i % 3] * floor, 0.3 * floor, 0, 0, 0])
+        Gs[i] = (q * lam) @ q.T + rng.normal(size=(T, T)) * 1e-18
+    many = fit.components_many(Gs, 3, ns, types)
+    for i, c in enumerate(many):
+        one = fit.components(Gs[i], 3, ns[i], types[i])
+        assert c.u.shape[1] == (2 if i % 3 == 1 else 1), i  # only the component at twice the floor stays
+        for a, b in [(c.u, one.u), (c.s, one.s), (c.singular_values, one.singular_values)]:
+            assert a.shape == b.shape and a.tobytes() == b.tobytes(), i
+        assert c.explained_variance == one.explained_variance
+
+
+def test_bulk_json_records_equal_one_call_per_record():
+    """The journal's records and the report's tensor lines come from one encoder call cut at the
+    object boundaries (journal.encode_each): the same text as one call per object, also for names
+    that imitate a boundary and for objects whose nested dicts would add cuts."""
+    import json
+
+    from relex_kernels.engine.journal import _ENCODER, encode_each
+    tricky = ['a}, {"name": "b', 'x},{"kind":1', "line\nbreak", "}{", 'ü"\\']
+    objs = [{"name": n, "dtype": "BF16", "singular_values": [1.5, 0.0]} for n in tricky * 3]
+    assert encode_each(json.dumps, objs, "name", ", ") == [json.dumps(o) for o in objs]
+    recs = [{"kind": "fit", "name": n, "u": "AAAA", "ev": 0.5} for n in tricky] + [{"kind": "done", "name": "z"}]
+    assert encode_each(_ENCODER.encode, recs, "kind", ",") == [_ENCODER.encode(r) for r in recs]
+    nested = [{"name": "a", "sub": [{"name": 1}, {"name": 2}]}, {"name": "b", "sub": []}]
+    assert encode_each(json.dumps, nested, "name", ", ") == [json.dumps(o) for o in nested]
+
+
+def test_group_weights_and_report_entries_are_each_tensor_alone():
+    """A group's α (one broadcast product) and report entries (stacked row sums) hold, for every
+    tensor, the bits computed from it alone with the textbook formulas: α = (w̃ U) Uᵀ and
+    explained_variance_rank1 = s_0² / Σ s_i²; mixed ranks take the one-by-one path."""
+    from relex_kernels import fit
+    from relex_kernels.engine.report import tensor_entries
+    rng = np.random.default_rng(5)
+    T, K = 9, 3
+    W = rng.normal(size=(K, T))
+    for ranks in ([1] * 40, [2] * 40, [1, 2, 3] * 13):
+        comps = []
+        for r in ranks:
+            u = np.linalg.qr(rng.normal(size=(T, T)))[0][:, :r].copy()
+            sv = np.sort(np.abs(rng.normal(size=T)))[::-1].copy()
+            sv[-1] = 0.0
+            comps.append(fit.Components(u=u, s=sv[:r].copy(), singular_values=sv, explained_variance=0.5))
+        comps.append(fit.Components(u=comps[0].u, s=np.zeros(ranks[0]), singular_values=np.zeros(T),
+                                    explained_variance=0.0))  # an unmoved tensor: rank-1 share 0
+        A = fit.alphas_many(comps, W)
+        entries = tensor_entries([f"t{i}" for i in range(len(comps))], ["BF16"] * len(comps),
+                                 [(3, 4)] * len(comps), comps)
+        for c, a, e in zip(comps, A, entries):
+            assert a.tobytes() == ((W @ c.u) @ c.u.T).tobytes()
+            lam = c.singular_values ** 2
+            assert e["explained_variance_rank1"] == (float(lam[0] / lam.sum()) if lam.sum() > 0 else 0.0)
+            assert e["singular_values"] == [float(x) for x in c.singular_values]
+            assert e["components"] == c.u.shape[1] and e["shape"] == [3, 4]

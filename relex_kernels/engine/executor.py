@@ -97,8 +97,12 @@ class Executor:
                 self.after_item(item)
 
     def _record_fit(self, job, comp: Components) -> None:
-        self.fits[job.name] = comp
-        self.entries.append(report.tensor_entry(job.name, job.dtype, job.shape, comp))
+        self._record_fits([job], [comp])
+
+    def _record_fits(self, jobs, comps: list[Components]) -> None:
+        self.fits.update((job.name, c) for job, c in zip(jobs, comps))
+        self.entries += report.tensor_entries([j.name for j in jobs], [j.dtype for j in jobs],
+                                              [j.shape for j in jobs], comps)
 
     def _reuse(self, item: Item) -> None:
         """Finished by the interrupted run this one resumes: its fit for the report, its bytes for the bar."""
@@ -168,10 +172,8 @@ class Executor:
                 journal_mod.hook("fit")
         else:
             cs = [self.comps[n] for n in names]
-        for job, comp in zip(group, cs):
-            self._record_fit(job, comp)
-        outs = st.combine_group(group, rows, [fitmath.alphas(c, self.W) for c in cs], self.writers,
-                                count_read=item.reread)
+        self._record_fits(group, cs)
+        outs = st.combine_group(group, rows, fitmath.alphas_many(cs, self.W), self.writers, count_read=item.reread)
         for _ in group:
             journal_mod.hook("combine")
         st.release_group(files, outs)

@@ -29,6 +29,8 @@ Records::
     {"kind": "header", "version": 1, "key": "<sha256>"}
     {"kind": "gram", "name": N, "upto": E, "T": T, "acc": "<b64 fp64 T*T>"}   Gram over elements [0, E) of a chunked tensor
     {"kind": "fit", "name": N, "u": "<b64>", "u_shape": [T, r], "sv": "<b64>", "ev": X}   pass 1 of N finished
+    {"kind": "fits", "names": [N...], "u": "<b64 k*T*r>", "u_shape": [k, T, r], "sv": "<b64 k*T>", "ev": [X...]}
+                                                 pass 1 of a group of k tensors finished (one record)
     {"kind": "written", "name": N, "upto": E}    outputs of elements [0, E) of N written and synced
     {"kind": "done", "name": N}                  every output of N written and synced
     {"kind": "commit"}                           all outputs complete and synced; renames began
@@ -125,6 +127,23 @@ def _unb64(s: str, shape) -> np.ndarray:
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 
+def encode_each(encode, objs: list[dict], first_key: str, sep: str) -> list[str]:
+    """``[encode(o) for o in objs]`` for flat dicts whose first key is ``first_key``, from one call
+    of ``encode`` (compact, item separator ``sep``) on the whole list: one C-encoder pass instead
+    of thousands of Python calls.
+
+    The list's text is cut where an object ends and the next begins: ``}``, ``sep``,
+    ``{"first_key"``. That cannot occur inside a string (its quote would be escaped), and compact
+    JSON holds no raw newline; a nested dict with the same first key would add cuts, so the
+    cut is taken only when it yields exactly one text per object (else one call per object).
+    """
+    if len(objs) < 2:
+        return [encode(o) for o in objs]
+    head = "{" + json.dumps(first_key)
+    parts = encode(objs)[1:-1].replace("}" + sep + head, "}\n" + head).split("\n")
+    return parts if len(parts) == len(objs) else [encode(o) for o in objs]
+
+
 class Journal:
     """Append-only record of finished work; the parsed state is in the attributes."""
 
@@ -189,6 +208,14 @@ class Journal:
             sv = _unb64(r["sv"], (u.shape[0],))
             self.fits[r["name"]] = Components(u=u, s=sv[:u.shape[1]].copy(), singular_values=sv,
                                               explained_variance=float(r["ev"]))
+        elif kind == "fits":
+            names = r["names"]
+            k, T, rk = (int(x) for x in r["u_shape"])
+            if len(names) != k or len(r["ev"]) != k:
+                raise ValueError("fits")
+            us, svs = _unb64(r["u"], (k, T, rk)), _unb64(r["sv"], (k, T))
+            for name, u, sv, ev in zip(names, us, svs, r["ev"]):
+                self.fits[name] = Components(u=u, s=sv[:rk].copy(), singular_values=sv, explained_variance=float(ev))
         elif kind == "written":
             self.written[r["name"]] = int(r["upto"])
         elif kind == "done":
@@ -208,7 +235,7 @@ class Journal:
     def _append(self, rec: dict | list[dict], sync: bool = False) -> None:
         """Append a record, or several in one write (a kill leaves whole records and at most one torn)."""
         recs = rec if isinstance(rec, list) else [rec]
-        line = "".join(_ENCODER.encode(r) + "\n" for r in recs).encode()
+        line = "".join(r + "\n" for r in encode_each(_ENCODER.encode, recs, "kind", ",")).encode()
         try:
             if self._fh is None:
                 self._fh = open(self.path, "ab", buffering=0)
@@ -225,8 +252,15 @@ class Journal:
         self.record_fits([name], [comp])
 
     def record_fits(self, names: list[str], comps: list[Components]) -> None:
-        """The fits of a group of tensors, in one write."""
+        """The fits of a group of tensors, in one write: one ``fits`` record with the arrays stacked
+        when every tensor keeps as many components (the usual), else a ``fit`` record each."""
         self.fits.update(zip(names, comps))
+        if len(comps) > 1 and len({c.u.shape for c in comps}) == 1:
+            self._append({"kind": "fits", "names": list(names), "u": _b64(np.stack([c.u for c in comps])),
+                          "u_shape": [len(comps), *comps[0].u.shape],
+                          "sv": _b64(np.stack([c.singular_values for c in comps])),
+                          "ev": [c.explained_variance for c in comps]})
+            return
         self._append([{"kind": "fit", "name": name, "u": _b64(comp.u), "u_shape": list(comp.u.shape),
                        "sv": _b64(comp.singular_values), "ev": comp.explained_variance}
                       for name, comp in zip(names, comps)])

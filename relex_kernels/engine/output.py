@@ -315,7 +315,8 @@ def _json_text(obj) -> str:
         return json.dumps(obj, indent=1)
     mark = f"relex-tensors-{os.getpid()}-{id(tensors)}"
     text = json.dumps({**obj, "tensors": mark}, indent=1)
-    return text.replace(json.dumps(mark), "[\n  " + ",\n  ".join(map(json.dumps, tensors)) + "\n ]", 1)
+    lines = journal_mod.encode_each(json.dumps, tensors, "name", ", ")
+    return text.replace(json.dumps(mark), "[\n  " + ",\n  ".join(lines) + "\n ]", 1)
 
 
 def _write_json_atomic(path: str, obj) -> None:

@@ -25,6 +25,7 @@ import argparse
 import os
 import re
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from ..errors import UsageError
 from ..io import dtypes
@@ -225,6 +226,7 @@ def build(traj: Trajectory, policy: Policy, n_targets: int, *, fitted: bool, jou
     else:
         mine, whole = [], [j for j in traj.jobs if j.kind != "tied"]
     items: list[Item] = []
+    grouping = _Grouping(traj, policy, n_out, fitted, journal, groupable, tied_source)
     i = 0
     while i < len(whole):
         job = whole[i]
@@ -232,7 +234,7 @@ def build(traj: Trajectory, policy: Policy, n_targets: int, *, fitted: bool, jou
             items.append(Item("copy", [job], reused=job.name in journal.done))
             i += 1
             continue
-        group = _group(whole[i:], traj, policy, n_out, fitted, journal, groupable, tied_source)
+        group = grouping.take(whole[i:])
         if len(group) > 1:
             items.append(Item("group", group, resident=True, ranges=[(0, j.numel) for j in group],
                               reread=fitted))
@@ -259,35 +261,46 @@ def fit_item(job: Job, policy: Policy, n_out: int, fitted: bool, journal, also: 
                 reread=not (needs_gram and gram_from == 0 and resident))
 
 
-def _group(jobs: list[Job], traj: Trajectory, policy: Policy, n_out, fitted: bool, journal, groupable,
-           tied_source) -> list[Job]:
-    """The jobs from ``jobs[0]`` on that run as one group: consecutive whole fit jobs the backend
-    can group, without journal state (a resumed tensor keeps the per-tensor path, which knows
-    where to restart), mapped together within the memory budget and half the map cache."""
-    if groupable is None:
-        return []
-    group, size, files = [], 0, set()
-    # a group keeps every input file it touches mapped (a descriptor each) until it ends:
-    # at most half the map cache, so that thousands of shards stay under the fd limit
-    max_files = max(1, max_maps() // 2)
-    versions = [traj.base, *traj.ckpts]
-    for job in jobs[:GROUP_MAX]:
-        name = job.name
-        if (job.kind != "fit" or name == tied_source or name in journal.done or name in journal.written
-                or (not fitted and (name in journal.fits or name in journal.grams))
-                or job.numel > GRAM_BLOCK or not policy.ranges(job, n_out(job))[0]
-                or not groupable(job)):
-            break
-        locs = [v.tensors[name].file for v in versions]
-        if not all(f.groupable for f in locs):  # a tensor assembled from rank files has no one address
-            break
-        size += (traj.T + 1 + n_out(job)) * job.nbytes
-        more = files.union(id(f) for f in locs)
-        if group and (size > min(policy.budget, GROUP_BYTES) or len(more) > max_files):
-            break
-        files = more
-        group.append(job)
-    return group
+class _Grouping:
+    """Which jobs run as one group (:meth:`take`): consecutive whole fit jobs the backend can
+    group, without journal state (a resumed tensor keeps the per-tensor path, which knows
+    where to restart), mapped together within the memory budget and half the map cache.
+
+    The files of every fitted tensor's T+1 versions are found once, with C-level maps (a MoE
+    model has thousands of tensors: one Python lookup per tensor and version was a tenth of
+    a second per run)."""
+
+    def __init__(self, traj: Trajectory, policy: Policy, n_out, fitted: bool, journal, groupable, tied_source):
+        self.policy, self.n_out, self.fitted, self.journal = policy, n_out, fitted, journal
+        self.groupable, self.tied_source, self.T = groupable, tied_source, traj.T
+        names = [j.name for j in traj.jobs if j.kind == "fit"]
+        columns = [list(map(itemgetter(0), map(v.tensors.__getitem__, names))) for v in (traj.base, *traj.ckpts)]
+        self.files = dict(zip(names, zip(*columns)))  # name -> the file of each version
+        # a tensor assembled from rank files has no one address: never grouped
+        self.ungroupable = {f for col in columns for f in set(col) if not f.groupable}
+        # a group keeps every input file it touches mapped (a descriptor each) until it ends:
+        # at most half the map cache, so that thousands of shards stay under the fd limit
+        self.max_files = max(1, max_maps() // 2)
+
+    def take(self, jobs: list[Job]) -> list[Job]:
+        """The jobs from ``jobs[0]`` on that run as one group (none when grouping is off)."""
+        if self.groupable is None:
+            return []
+        jr, group, size, files = self.journal, [], 0, set()
+        for job in jobs[:GROUP_MAX]:
+            name = job.name
+            if (job.kind != "fit" or name == self.tied_source or name in jr.done or name in jr.written
+                    or (not self.fitted and (name in jr.fits or name in jr.grams))
+                    or job.numel > GRAM_BLOCK or not self.policy.ranges(job, self.n_out(job))[0]
+                    or not self.groupable(job) or not self.ungroupable.isdisjoint(self.files[name])):
+                break
+            size += (self.T + 1 + self.n_out(job)) * job.nbytes
+            more = files.union(self.files[name])
+            if group and (size > min(self.policy.budget, GROUP_BYTES) or len(more) > self.max_files):
+                break
+            files = more
+            group.append(job)
+        return group
 
 
 def _add_pieces(plan: Plan, traj: Trajectory, policy: Policy, mine, n_out, fitted: bool, tied_source,

@@ -16,6 +16,9 @@ to the same bits.
 
 from __future__ import annotations
 
+from itertools import chain
+from operator import attrgetter, itemgetter
+
 import numpy as np
 
 from ..errors import InputError
@@ -250,13 +253,18 @@ class Streamer:
     def open_group(self, jobs: list[Job]):
         """Map the inputs of ``jobs``: per job the addresses of its T+1 versions, and per file
         ``[file, buffer, address, lo, hi]`` (the buffer keeps the map; ``[lo, hi)`` the bytes used)."""
-        # with numpy over all k x (T+1) places at once: a MoE group has tens of thousands
+        # with C-level maps and numpy over all (T+1) x k places at once: a MoE group has tens of thousands
         versions = [self.traj.base.tensors, *(ck.tensors for ck in self.traj.ckpts)]
-        locs = [v[job.name] for job in jobs for v in versions]
-        fobjs = list({id(loc.file): loc.file for loc in locs}.values())
-        index = {id(f): i for i, f in enumerate(fobjs)}
-        fi = np.fromiter((index[id(loc.file)] for loc in locs), np.int64, len(locs))
-        begin = np.fromiter((loc.info.begin for loc in locs), np.int64, len(locs))
+        names = [job.name for job in jobs]
+        locs = [list(map(v.__getitem__, names)) for v in versions]  # (T+1, k)
+        owners = list(map(itemgetter(0), chain.from_iterable(locs)))
+        fobjs = list(dict.fromkeys(owners))
+        n = len(owners)
+        fi = np.fromiter(map({f: i for i, f in enumerate(fobjs)}.__getitem__, owners), np.int64, n)
+        begin = np.fromiter(map(attrgetter("begin"), map(itemgetter(1), chain.from_iterable(locs))), np.int64, n)
+        # job-major, like the tables of the native calls: (k, T+1) flattened
+        fi = fi.reshape(len(versions), -1).T.ravel()
+        begin = begin.reshape(len(versions), -1).T.ravel()
         end = begin + np.repeat([job.nbytes for job in jobs], len(versions))
         bufs = [f.buffer() for f in fobjs]
         base = np.array([b.ctypes.data for b in bufs], dtype=np.int64)
@@ -290,13 +298,14 @@ class Streamer:
             self._raise_nonfinite(jobs[int(np.argmin(finite))])
         return Gs
 
-    def combine_group(self, jobs: list[Job], rows, alphas, writers: list[ShardedWriter], count_read: bool) -> dict:
+    def combine_group(self, jobs: list[Job], rows, alphas: np.ndarray, writers: list[ShardedWriter],
+                      count_read: bool) -> dict:
         """Write the outputs of a group (:meth:`combine` of each, bit for bit) in one native call;
         returns the output files' spans like :meth:`open_group`. ``count_read``: as for :meth:`combine`."""
         T, K, k = self.traj.T, len(writers), len(jobs)
         if count_read:
             self._tick((T + 1) * sum(job.nbytes for job in jobs))
-        A = np.ascontiguousarray(np.stack(alphas), dtype=np.float32)  # (k, K, T), as combine converts them
+        A = np.ascontiguousarray(alphas, dtype=np.float32)  # (k, K, T), as combine converts them
         outs: dict[int, list] = {}
         table = np.zeros((k, T + K + 4), dtype=np.uint64)
         table[:, :2] = [(job.numel, dtypes.DTYPE_CODES[job.dtype]) for job in jobs]

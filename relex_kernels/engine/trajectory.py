@@ -8,9 +8,11 @@ equal to the predicted embedding — method §4).
 from __future__ import annotations
 
 import json
+import operator
 import os
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 from math import prod
 
 from ..errors import InputError, RelexWarning
@@ -46,11 +48,12 @@ class Job:
         in another dtype (the device kernels take one storage dtype in and out)."""
         return self.dtype == "F64" or self.mixed or self.out_dtype != self.dtype
 
-    @property
+    # cached: asked for per tensor at every step of a run (thousands of tensors in a MoE model)
+    @cached_property
     def numel(self) -> int:
         return prod(self.shape)
 
-    @property
+    @cached_property
     def nbytes(self) -> int:
         return self.numel * dtypes.itemsize(self.dtype)
 
@@ -190,8 +193,15 @@ class Trajectory:
                 jobs.append(Job(n, info.dtype, info.shape, "copy"))
         fitted = [(job, base.tensors[job.name].info) for job in jobs if job.kind == "fit"]
         stored = {job.name: {job.dtype} for job, _ in fitted}
+        fitted_names = [job.name for job, _ in fitted]
+        fitted_infos = [info for _, info in fitted]
+        known = base.tensors.keys() | self.ignored
         for ck in self.ckpts:
-            for job, want in fitted:
+            # the usual case at C speed: every tensor there, with the base's header entries (a
+            # header repeated across checkpoints shares them); else tensor by tensor, below
+            locs = list(map(ck.tensors.get, fitted_names))
+            same = None not in locs and all(map(operator.is_, map(operator.itemgetter(1), locs), fitted_infos))
+            for job, want in ([] if same else fitted):
                 loc = ck.tensors.get(job.name)
                 if loc is None:
                     raise InputError(f"checkpoint step {ck.step} lacks tensor {job.name} ({ck.path})")
@@ -203,7 +213,7 @@ class Trajectory:
                                      f"{list(loc.info.shape)} but the base has {job.dtype} {list(job.shape)} "
                                      f"({loc.file.path})")
                 stored[job.name].add(loc.info.dtype)
-            extra = sorted(set(ck.tensors) - set(base.tensors) - self.ignored)
+            extra = sorted(ck.tensors.keys() - known)
             if extra:
                 raise InputError(f"checkpoint step {ck.step} has tensor {extra[0]} that the base does not "
                                  f"({ck.tensors[extra[0]].file.path})")
@@ -214,8 +224,9 @@ class Trajectory:
             if job.kind == "fit":
                 comp = compute_dtype(stored[job.name])
                 want = self.out_dtype or job.dtype
-                job = Job(job.name, comp, job.shape, "fit", out=want if want != comp else None,
-                          mixed=len(stored[job.name]) > 1)
+                out_dtype, mixed = (want if want != comp else None), len(stored[job.name]) > 1
+                if (comp, out_dtype, mixed) != (job.dtype, None, False):  # (else kept: thousands in a MoE model)
+                    job = Job(job.name, comp, job.shape, "fit", out=out_dtype, mixed=mixed)
             elif job.kind == "tied" and self.out_dtype and self.out_dtype != job.dtype:
                 job = Job(job.name, job.dtype, job.shape, "tied", source=job.source, out=self.out_dtype)
             out.append(job)

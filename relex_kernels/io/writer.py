@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
+from functools import cached_property
 from math import prod
 
 import numpy as np
@@ -33,7 +34,7 @@ class TensorSpec:
     dtype: str
     shape: tuple[int, ...]
 
-    @property
+    @cached_property  # (asked for per tensor by the planner, the writer and each group: thousands)
     def nbytes(self) -> int:
         return prod(self.shape) * dtypes.itemsize(self.dtype)
 
