@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 
+import numpy as np
 import pytest
 from relhelp import cli_env, digest, output_bytes, relex, relex_bg, set_values, small_run, step_dirs, tensor_file
 
@@ -328,6 +329,35 @@ def test_resume_at_gram_block_boundary(tmp_path):
     assert output_bytes(os.path.join(out, "step_9")) == output_bytes(os.path.join(ref, "step_9"))
     rep = json.load(open(os.path.join(out, "relex_report.json")))
     assert rep["bytes_read"] < json.load(open(os.path.join(ref, "relex_report.json")))["bytes_read"]
+
+
+def test_group_fit_records_load_bit_for_bit(tmp_path):
+    """A group's fits go into the journal as one ``fits`` record (arrays stacked), a group of mixed
+    ranks as ``fit`` records: both load back as the same bits, so a resumed run skips their Grams."""
+    from relex_kernels.engine.journal import Journal
+    from relex_kernels.fit import Components
+    rng = np.random.default_rng(0)
+
+    def comp(r, T=7):
+        sv = np.sort(rng.random(T))[::-1].copy()
+        return Components(u=rng.normal(size=(T, r)), s=sv[:r].copy(), singular_values=sv,
+                          explained_variance=float(rng.random()))
+
+    same = {f"a{i}": comp(1) for i in range(50)}
+    mixed = {f"b{i}": comp(1 + i % 2) for i in range(5)}
+    j = Journal.create(str(tmp_path / "j"), "k")
+    j.record_fits(list(same), list(same.values()))
+    j.record_fits(list(mixed), list(mixed.values()))
+    j.close()
+    text = open(tmp_path / "j").read()
+    assert text.count('"kind":"fits"') == 1 and text.count('"kind":"fit"') == 5
+    loaded = Journal.load(str(tmp_path / "j"), "k").fits
+    assert list(loaded) == list(same) + list(mixed)
+    for name, c in {**same, **mixed}.items():
+        d = loaded[name]
+        for a, b in [(c.u, d.u), (c.s, d.s), (c.singular_values, d.singular_values)]:
+            assert a.shape == b.shape and a.tobytes() == b.tobytes(), name
+        assert c.explained_variance == d.explained_variance
 
 
 def test_killed_inside_tensor_groups_resumes_byte_identical(tmp_path):
