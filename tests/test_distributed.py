@@ -94,7 +94,7 @@ def _free_port() -> int:
 def _env(**kw):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("RELEX_TEST", "SLURM_")) and k not in ("RANK", "WORLD_SIZE")}
-    env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS="1", **kw)
+    env.update({"PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", **kw})
     return env
 
 
@@ -168,6 +168,39 @@ def test_torchrun_two_processes_byte_identical(traj_dirs, single):
     assert d["world_size"] == 2 and EMBED in d["split_tensors"]
     assert {p[2] for p in d["split_tensors"][EMBED]} == {0, 1}
     assert r.stdout.count("step_30") == 1  # rank 0 prints; rank 1 is quiet
+
+
+@pytest.mark.parametrize("device", ["resident", "streamed"])
+def test_ranks_run_the_device_pipeline_byte_identical(traj_dirs, device):
+    """A device backend under torchrun: every rank runs its part through the overlapped device
+    pipeline (engine/gpu.py: staging buffers, streams, read-ahead along its plan), the split
+    embedding's Gram blocks included — here on the CPU with the reference double standing in
+    for the device kernels in every process (tests/device_double/sitecustomize.py). The output
+    and the fit are those of one process on the same backend, byte for byte."""
+    pytest.importorskip("torch")
+    root, base, _ = traj_dirs
+    env = {"PYTHONPATH": os.pathsep.join([os.path.join(ROOT, "tests", "device_double"),
+                                          os.path.join(ROOT, "tests"), ROOT])}
+    one, one_fit = os.path.join(root, f"dev1-{device}"), os.path.join(root, f"dev1-{device}.fit")
+    extra = ["--backend", "triton", "--memory-budget", "300M"]
+    if device == "streamed":  # device memory for the pipeline's buffers and 1 MiB: every tensor streams
+        from relex_kernels.engine.gpu import device_overhead
+        extra += ["--device-memory-budget", str(device_overhead(len(STEPS), 300 << 20) + (1 << 20))]
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", *_args(base, one, ["--save-fit", one_fit, "-q", *extra])],
+                       capture_output=True, text=True, env=_env(**env), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out, fit = os.path.join(root, f"dev2-{device}"), os.path.join(root, f"dev2-{device}.fit")
+    r = torchrun(2, _args(base, out, ["--save-fit", fit, "-q", *extra]), timeout=300, **env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical((one, open(one_fit, "rb").read()), out, fit)
+    rep = json.load(open(os.path.join(out, "relex_report.json")))
+    assert rep["backend"] == "triton" and EMBED in rep["distributed"]["split_tensors"]
+    stages = rep["device_stages"]  # rank 0's pipeline timers: it moved bytes through the pipeline
+    assert stages["h2d"] > 0 and stages["gram"] > 0 and stages["combine"] > 0
+    inputs = sum(os.path.getsize(os.path.join(r, f)) for d in ("base", "run") for r, _, fs in os.walk(os.path.join(root, d))
+                 for f in fs if f.endswith(".safetensors"))
+    read = json.load(open(os.path.join(one, "relex_report.json")))["bytes_read"]
+    assert (read > 1.5 * inputs) == (device == "streamed")  # streamed: the large tensors read twice
 
 
 def test_three_ranks_srun_style_small_budget_byte_identical(traj_dirs, single):

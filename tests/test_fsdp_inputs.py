@@ -112,13 +112,12 @@ def test_extrapolate_from_a_verl_run_equals_safetensors_inputs(run, tmp_path):
 def test_device_pipeline_reads_rank_files_in_place(run, tmp_path, monkeypatch):
     """The device reader fills its staging buffers from rank files (row blocks by ``preadv``, the
     ``Shard(1)`` tensor's columns gathered from the maps): the bytes of the safetensors run. The
-    device kernels are the reference ops on the CPU (tests/test_gpu.py's stand-in)."""
-    from test_gpu import SMALL, RefKernels
+    device kernels are the reference ops on the CPU (tests/devicedouble.py)."""
+    import devicedouble
+    from test_gpu import SMALL
 
     from relex_kernels.io.layout import discover
-    from relex_kernels.ops import triton as tmod
-    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
-    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    devicedouble.install(monkeypatch.setattr)
     root, base, hf, _ = run
     ref = extrapolate(base, hf, [60], str(tmp_path / "ref"), backend="reference")  # the stand-in's sums
     got = extrapolate(base, discover(os.path.join(root, "run")), [60], str(tmp_path / "got"), backend="triton",

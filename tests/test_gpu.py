@@ -23,6 +23,7 @@ from trajgen import make_trajectory
 
 torch = pytest.importorskip("torch")
 
+import devicedouble  # noqa: E402
 from relex_kernels.engine import extrapolate, predict  # noqa: E402
 from relex_kernels.engine import gpu  # noqa: E402
 from relex_kernels.engine.plan import ranges_from  # noqa: E402
@@ -40,39 +41,11 @@ EXTRA = {"f32": "F32", "f16": "F16", "ids": "I32"}
 TIED = {"model_type": "test", "tie_word_embeddings": True}
 
 
-class RefKernels:
-    """The device-kernel interface on CPU torch tensors, computed by ops/reference.py."""
-
-    name = "reference-double"
-    device = torch.device("cpu")
-
-    def scratch_numel(self, T, n):
-        return 1
-
-    def precision(self, T, precision):
-        return "ieee"
-
-    @staticmethod
-    def _rows(x, n, dtype):
-        return x[:, :n].numpy().view(dtypes.raw_numpy(dtype))
-
-    def gram(self, x, n, T, dtype, acc, part, fp16_deltas=False, precision=None):
-        rows = self._rows(x, n, dtype)
-        reference.gram(rows[0], list(rows[1:]), dtype, acc.numpy(), fp16_deltas)
-
-    def combine(self, x, n, T, dtype, alphas, out, fp16_deltas=False):
-        rows = self._rows(x, n, dtype)
-        outs = out[:, :n].numpy().view(dtypes.raw_numpy(dtype))
-        reference.combine(rows[0], list(rows[1:]), alphas.numpy(), dtype, list(outs), fp16_deltas)
-
-
 @pytest.fixture(params=["double", "triton", "cuda"])
 def device_backend(request, monkeypatch):
     """The backend name to run ``--backend`` with; the ``double`` patches triton's kernels."""
     if request.param == "double":
-        from relex_kernels.ops import triton as tmod
-        monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
-        monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+        devicedouble.install(monkeypatch.setattr)
         return "triton", True
     if not torch.cuda.is_available():
         pytest.skip("no GPU")
@@ -182,7 +155,7 @@ def test_gram_resumes_bit_identically_across_blocks(tmp, device_backend):
         np.testing.assert_array_equal(G, again)
         host = get_backend("reference")
         cpu = gpu.Streamer(traj, host, 64 << 20).gram(job, [(0, n)], True)
-        if name == "triton" and isinstance(st.kern, RefKernels):
+        if name == "triton" and isinstance(st.kern, devicedouble.RefKernels):
             np.testing.assert_array_equal(G, cpu)
         else:
             np.testing.assert_allclose(G, cpu, rtol=1e-5)
@@ -370,9 +343,7 @@ def async_streams(monkeypatch):
     import itertools
 
     from fakestreams import AsyncStream, EngineThreadStream
-    from relex_kernels.ops import triton as tmod
-    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
-    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    devicedouble.install(monkeypatch.setattr)
     made, seeds = [], itertools.count()
 
     def host_streams():
@@ -441,9 +412,7 @@ def test_asynchronous_stand_ins_catch_a_missing_wait(tmp, async_streams, mutatio
 def test_read_ahead_of_a_device_resident_tensor_stays_within_the_host_budget(tmp, monkeypatch):
     """On a device, "resident" means the trajectory fits device memory, which can be far larger
     than host RAM: the host read-ahead of the next tensor asks for at most the memory budget."""
-    from relex_kernels.ops import triton as tmod
-    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
-    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    devicedouble.install(monkeypatch.setattr)
     n = 4 * GRAM_BLOCK
     base, ck = make_trajectory(tmp, {"x": (n,)}, [1, 2, 3], dtype="BF16")
     traj = Trajectory(base, ck)
@@ -468,9 +437,7 @@ def test_read_ahead_of_a_device_resident_tensor_stays_within_the_host_budget(tmp
 def test_device_out_of_memory_is_a_clear_error(tmp, monkeypatch):
     """A device allocation that fails names what it was for and what to do, exit status 2."""
     from relex_kernels.errors import DeviceMemoryError
-    from relex_kernels.ops import triton as tmod
-    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
-    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    devicedouble.install(monkeypatch.setattr)
     base, ck = _traj(tmp)
     real_empty = torch.empty
 
@@ -487,16 +454,14 @@ def test_device_out_of_memory_is_a_clear_error(tmp, monkeypatch):
 
 def test_report_names_the_gram_precision_that_ran(tmp, monkeypatch):
     """``auto`` resolves per T and per device backend: the report records the resolved one."""
-    from relex_kernels.ops import triton as tmod
-    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
-    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    devicedouble.install(monkeypatch.setattr)
     seen = []
 
     def precision(self, T, precision):
         seen.append((T, precision))
         return "tf32x3" if T >= 4 else "ieee"
 
-    monkeypatch.setattr(RefKernels, "precision", precision)
+    monkeypatch.setattr(devicedouble.RefKernels, "precision", precision)
     monkeypatch.delenv("RELEX_GRAM_PRECISION", raising=False)
     base, ck = _traj(tmp)
     got = extrapolate(base, ck, [20], os.path.join(tmp, "o"), backend="triton")

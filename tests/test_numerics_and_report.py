@@ -174,11 +174,8 @@ def f64_backend(request, monkeypatch):
     if request.param != "device-double":
         return request.param
     pytest.importorskip("torch")
-    from test_gpu import RefKernels
-
-    from relex_kernels.ops import triton as tmod
-    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
-    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: RefKernels())
+    import devicedouble
+    devicedouble.install(monkeypatch.setattr)
     return "triton"
 
 

@@ -89,10 +89,16 @@ def make_streamer(traj, backend: Backend, memory_budget: int, fp16_deltas: bool 
 
 
 def close_streamer(streamer) -> None:
-    """Stop a :class:`DeviceStreamer`'s threads (a CPU :class:`Streamer` has none)."""
+    """Stop a :class:`DeviceStreamer`'s threads (a CPU :class:`Streamer` has none; None: nothing)."""
     close = getattr(streamer, "close", None)
     if close is not None:
         close()
+
+
+def stage_fields(streamer) -> dict:
+    """The report's ``device_stages``: the device pipeline's seconds per stage (nothing on the host)."""
+    timed = getattr(streamer, "stage_seconds", None)
+    return {"device_stages": timed()} if timed is not None else {}
 
 
 class _NoStream:

@@ -14,7 +14,7 @@ from ..ops import resolve_backend
 from ..io import fitfile
 from . import apicheck, journal, plan, report
 from .executor import Executor, progress_bar
-from .gpu import close_streamer, make_streamer
+from .gpu import close_streamer, make_streamer, stage_fields
 from .output import OutputSet, _inside
 from .plan import default_memory_budget, parse_size
 from .report import RunResult
@@ -67,7 +67,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                                 options=opts.to_dict(), steps=steps,
                                 targets=targets, outputs={str(t): outs.final(t) for t in targets}, seconds=seconds,
                                 bytes_read=streamer.bytes_read, memory_budget=budget, entries=ex.entries,
-                                resumed=ex.reused, **_stages(streamer), **(extra_report or {}))
+                                resumed=ex.reused, **stage_fields(streamer), **(extra_report or {}))
         done = outs.commit(traj.base_dir, rep,
                            before_commit=(lambda: before_commit(ex.fits)) if before_commit is not None else None)
     except BaseException as e:
@@ -78,12 +78,6 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         outs.abort(keep=isinstance(e, KeyboardInterrupt))
         raise
     return RunResult(done, rep, seconds, streamer.bytes_read, be.name, ex.fits)
-
-
-def _stages(streamer) -> dict:
-    """``device_stages``: the device pipeline's seconds per stage (none on the host)."""
-    timed = getattr(streamer, "stage_seconds", None)
-    return {"device_stages": timed()} if timed is not None else {}
 
 
 def _finish_committed(outs: OutputSet, backend: str, t0: float, comps, before_commit=None) -> RunResult:

@@ -27,11 +27,11 @@ from ..ops import resolve_backend
 from . import journal, plan, report
 from .distributed import DistributedError, Group, _Terminated, _test_hook, detect, kernel_mismatch
 from .executor import Executor, progress_bar
+from .gpu import close_streamer, make_streamer, stage_fields
 from .gramsum import GRAM_BLOCK, sum_blocks
 from .output import STATE_NAME, OutputSet, target_dir_name
 from .plan import default_memory_budget
 from .report import RunResult
-from .streaming import Streamer
 from .trajectory import Trajectory
 
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -118,9 +118,9 @@ def execute(traj: Trajectory, opts, targets: list[int], out_dir: str, *, comps=N
             extra_report=None, resume=True, key_extra=None, before_commit=None) -> RunResult:
     """``run._execute`` as one rank of an SPMD run (same arguments; see :mod:`.distributed`).
 
-    Rank 0 returns the outputs and the full report; other ranks return no outputs. Ranks run
-    the host-array ops of a device backend through the host streamer (one GPU per rank,
-    ``LOCAL_RANK``); the overlapped device pipeline is not used across ranks yet.
+    Rank 0 returns the outputs and the full report; other ranks return no outputs. On a device
+    backend each rank runs its items through the overlapped device pipeline
+    (:class:`.gpu.DeviceStreamer`, one GPU per rank: ``LOCAL_RANK``), as one process does.
     """
     env = detect()
     if env is None:
@@ -165,6 +165,7 @@ class RankRun:
             raise
 
     def _abort(self) -> None:
+        close_streamer(getattr(self, "streamer", None))
         if getattr(self, "bar", None) is not None:
             self.bar.close()
         if self.outs is not None:
@@ -228,7 +229,7 @@ class RankRun:
         _test_hook(rank, "setup")
         self.W = fitmath.target_weights(opts, traj.steps, targets)
         self.tied = traj.tied
-        self.streamer = Streamer(traj, self.be, self.budget, fp16_deltas=self.opts.fp16_deltas)
+        self.streamer = make_streamer(traj, self.be, self.budget, self.opts.fp16_deltas)
         self.plan = plan.build(traj, self.streamer.policy, len(targets), fitted=self.comps is not None,
                                groupable=self.streamer.groupable, world=self.env.world, rank=rank)
         self.slots = self.plan.slots
@@ -299,6 +300,7 @@ class RankRun:
         _test_hook(rank, "pass2")
         self.ex.after_item = None
         self.ex.run(self.plan.after)
+        close_streamer(self.streamer)  # (a device pipeline's threads and buffers: pass 2 is the last use)
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -334,7 +336,8 @@ class RankRun:
             targets=self.targets,
             outputs={str(t): os.path.join(self.out_dir, target_dir_name(t)) for t in self.targets},
             seconds=time.perf_counter() - self.t0, bytes_read=sum(self.read_by_rank), memory_budget=self.budget,
-            entries=entries or [], distributed=distributed, **(self.extra_report or {}))
+            entries=entries or [], distributed=distributed, **stage_fields(self.streamer),
+            **(self.extra_report or {}))
 
     def _commit(self) -> list[str]:
         fitted = [j for j in self.traj.jobs if j.kind == "fit"]
