@@ -295,6 +295,20 @@ def test_plan_covers_every_element_once_and_balances_bytes(world):
     assert len(plan.of(0)) + sum(len(plan.of(r)) for r in range(1, world)) == len(plan.pieces)
 
 
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """A device run needs a GPU per rank of a node: LOCAL_RANK past the visible GPUs is a usage
+    error that says so (not CUDA's "invalid device ordinal" from deep inside torch)."""
+    torch = pytest.importorskip("torch")
+    from relex_kernels.engine.distributed import Group
+    from relex_kernels.errors import UsageError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.delenv("RELEX_DIST_BACKEND", raising=False)
+    env = detect({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    with pytest.raises(UsageError, match="LOCAL_RANK 1 but this node shows 1 GPU: start at most 1 rank per node"):
+        Group(env, "cuda")
+
+
 def test_environment_detection():
     assert detect({}) is None
     assert detect({"WORLD_SIZE": "1", "RANK": "0"}) is None

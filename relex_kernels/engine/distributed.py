@@ -201,6 +201,11 @@ class Group:
             "nccl" if backend in ("cuda", "triton") and torch.cuda.is_available() else "gloo")
         self.device = torch.device("cpu")
         if self.backend == "nccl":
+            visible = torch.cuda.device_count()
+            if env.local_rank >= visible:  # one GPU per rank: say so, not a CUDA "invalid device ordinal"
+                raise UsageError(f"rank {env.rank} has LOCAL_RANK {env.local_rank} but this node shows {visible} "
+                                 f"GPU{'s' * (visible != 1)}: start at most {visible} rank{'s' * (visible != 1)} "
+                                 "per node (torchrun --nproc-per-node), or check CUDA_VISIBLE_DEVICES")
             self.device = torch.device("cuda", env.local_rank)
             torch.cuda.set_device(self.device)
         self.owns = not dist.is_initialized()
