@@ -199,10 +199,11 @@ _THREADED_EIGH = 128
 
 
 def _eigh_stack(Gs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``np.linalg.eigh`` of a (k, T, T) stack, in slices on up to ``os.cpu_count()`` threads
-    when the stack is large (a MoE model: thousands of Grams per group)."""
+    """``np.linalg.eigh`` of a (k, T, T) stack, in slices on up to one thread per core this process
+    may run on (a pinned SPMD rank: its own), when the stack is large (a MoE group: hundreds)."""
     k = Gs.shape[0]
-    threads = min(os.cpu_count() or 1, 8, k // _THREADED_EIGH)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = min(cores, 8, k // _THREADED_EIGH)
     if threads < 2:
         return np.linalg.eigh(Gs)
     from concurrent.futures import ThreadPoolExecutor

@@ -246,3 +246,27 @@ def test_groups_stay_within_their_byte_and_file_caps(tmp, monkeypatch):
     monkeypatch.setattr(plan, "GROUP_MAX", 1)
     b = extrapolate(base, ck, [9], os.path.join(tmp, "b"), backend="cpu")
     assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])
+
+
+def test_checkpoint_lists_tensors_in_the_index_order(tmp):
+    """``Checkpoint.tensors`` of an index checkpoint follows the index's weight map (what a tool
+    embedding the reader iterates), whatever order the shards store the tensors in."""
+    import json
+
+    from relex_kernels.io import write_checkpoint
+    d = os.path.join(tmp, "ck")
+    os.makedirs(d)
+    tensors = {f"t{i}": ("F32", np.full((2, 3), i, np.float32)) for i in range(6)}
+    write_checkpoint(d, tensors, max_shard_bytes=60)  # several shards
+    path = os.path.join(d, "model.safetensors.index.json")
+    index = json.load(open(path))
+    wm = dict(reversed(list(index["weight_map"].items())))
+    assert len(set(wm.values())) > 1
+    json.dump({**index, "weight_map": wm}, open(path, "w"))
+    ck = Checkpoint(d)
+    try:
+        assert list(ck.tensors) == list(wm)
+        assert all(os.path.basename(loc.file.path) == wm[n] for n, loc in ck.tensors.items())
+        assert (ck.tensors["t4"].file.view("t4") == 4).all()
+    finally:
+        ck.close()

@@ -185,6 +185,19 @@ def _one_line(e: BaseException) -> str:
     return text if isinstance(e, RelexError) else f"{type(e).__name__}: {text}"
 
 
+def rank_gpu(rank: int, local_rank: int, visible: int) -> int:
+    """The GPU index of a rank: its ``LOCAL_RANK`` among the node's visible GPUs, or the one GPU a
+    launcher left visible to it (``CUDA_VISIBLE_DEVICES`` per task, e.g. ``srun --gpus-per-task=1``)."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1:
+        return 0
+    # one GPU per rank: say so, not CUDA's "invalid device ordinal" from deep inside torch
+    raise UsageError(f"rank {rank} has LOCAL_RANK {local_rank} but this node shows {visible} GPU"
+                     f"{'s' * (visible != 1)}: start at most {visible} ranks per node (torchrun "
+                     "--nproc-per-node), or give each rank its own GPU with CUDA_VISIBLE_DEVICES")
+
+
 class Group:
     """The process group, and all-reduces that carry every rank's status with their payload."""
 
@@ -200,14 +213,12 @@ class Group:
         self.backend = os.environ.get("RELEX_DIST_BACKEND") or (
             "nccl" if backend in ("cuda", "triton") and torch.cuda.is_available() else "gloo")
         self.device = torch.device("cpu")
-        if self.backend == "nccl":
-            visible = torch.cuda.device_count()
-            if env.local_rank >= visible:  # one GPU per rank: say so, not a CUDA "invalid device ordinal"
-                raise UsageError(f"rank {env.rank} has LOCAL_RANK {env.local_rank} but this node shows {visible} "
-                                 f"GPU{'s' * (visible != 1)}: start at most {visible} rank{'s' * (visible != 1)} "
-                                 "per node (torchrun --nproc-per-node), or check CUDA_VISIBLE_DEVICES")
-            self.device = torch.device("cuda", env.local_rank)
-            torch.cuda.set_device(self.device)
+        if backend in ("cuda", "triton") and torch.cuda.is_available():
+            # the rank's GPU for the device pipeline (whatever carries the collectives)
+            gpu = torch.device("cuda", rank_gpu(env.rank, env.local_rank, torch.cuda.device_count()))
+            torch.cuda.set_device(gpu)
+            if self.backend == "nccl":
+                self.device = gpu
         self.owns = not dist.is_initialized()
         if self.owns:
             # joining tolerates ranks that start minutes apart (torch imported from a busy shared

@@ -135,9 +135,10 @@ def encode_each(encode, objs: list[dict], first_key: str, sep: str) -> list[str]
     The list's text is cut where an object ends and the next begins: ``}``, ``sep``,
     ``{"first_key"``. That cannot occur inside a string (its quote would be escaped), and compact
     JSON holds no raw newline; a nested dict with the same first key would add cuts, so the
-    cut is taken only when it yields exactly one text per object (else one call per object).
+    cut is taken only when every object starts with that key and it yields exactly one text
+    per object (else one call per object).
     """
-    if len(objs) < 2:
+    if len(objs) < 2 or not all(next(iter(o), None) == first_key for o in objs):
         return [encode(o) for o in objs]
     head = "{" + json.dumps(first_key)
     parts = encode(objs)[1:-1].replace("}" + sep + head, "}\n" + head).split("\n")
@@ -214,8 +215,10 @@ class Journal:
             if len(names) != k or len(r["ev"]) != k:
                 raise ValueError("fits")
             us, svs = _unb64(r["u"], (k, T, rk)), _unb64(r["sv"], (k, T))
-            for name, u, sv, ev in zip(names, us, svs, r["ev"]):
-                self.fits[name] = Components(u=u, s=sv[:rk].copy(), singular_values=sv, explained_variance=float(ev))
+            # all or nothing: a damaged record must not leave half its fits applied
+            fits = [(name, Components(u=u, s=sv[:rk].copy(), singular_values=sv, explained_variance=float(ev)))
+                    for name, u, sv, ev in zip(names, us, svs, r["ev"])]
+            self.fits.update(fits)
         elif kind == "written":
             self.written[r["name"]] = int(r["upto"])
         elif kind == "done":

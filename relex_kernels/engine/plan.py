@@ -324,7 +324,11 @@ def _add_pieces(plan: Plan, traj: Trajectory, policy: Policy, mine, n_out, fitte
             continue
         job, T = p.job, traj.T
         need = (p.b - p.a) * (T + 1 + n_out(job)) * dtypes.itemsize(job.dtype)
-        keep = not fitted and held + need <= policy.budget
+        # on a device a piece is never kept between the passes: each of its Gram blocks is an
+        # item of its own, and the device pipeline holds one resident trajectory at a time (the
+        # next item's upload takes its place), so pass 2 streams the piece again
+        on_device = policy.device_cap is not None and not job.on_host
+        keep = not fitted and not on_device and held + need <= policy.budget
         held += need if keep else 0
         if keep:
             ranges = [(p.a, p.b)]

@@ -34,7 +34,8 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         return spmd.execute(traj, opts, targets, out_dir, comps=comps, memory_budget=memory_budget,
                             backend=backend, overwrite=overwrite, shard_bytes=shard_bytes,
                             progress=progress, input_dirs=input_dirs, extra_report=extra_report,
-                            resume=resume, key_extra=key_extra, before_commit=before_commit)
+                            resume=resume, key_extra=key_extra, before_commit=before_commit,
+                            device_memory_budget=device_memory_budget)
     t0 = time.perf_counter()
     be = resolve_backend(backend)
     steps = traj.steps
@@ -71,11 +72,13 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         done = outs.commit(traj.base_dir, rep,
                            before_commit=(lambda: before_commit(ex.fits)) if before_commit is not None else None)
     except BaseException as e:
-        close_streamer(streamer)
-        if bar is not None:
-            bar.close()
-        # an error removes every partial output; an interrupt keeps them for a resume
-        outs.abort(keep=isinstance(e, KeyboardInterrupt))
+        try:
+            close_streamer(streamer)
+            if bar is not None:
+                bar.close()
+        finally:  # (a device error while stopping the pipeline must not leave the partial outputs)
+            # an error removes every partial output; an interrupt keeps them for a resume
+            outs.abort(keep=isinstance(e, KeyboardInterrupt))
         raise
     return RunResult(done, rep, seconds, streamer.bytes_read, be.name, ex.fits)
 

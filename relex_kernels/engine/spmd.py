@@ -115,7 +115,8 @@ def _sigterm_raises():
 
 def execute(traj: Trajectory, opts, targets: list[int], out_dir: str, *, comps=None, memory_budget=None,
             backend=None, overwrite=False, shard_bytes=DEFAULT_SHARD_BYTES, progress=False, input_dirs=(),
-            extra_report=None, resume=True, key_extra=None, before_commit=None) -> RunResult:
+            extra_report=None, resume=True, key_extra=None, before_commit=None,
+            device_memory_budget=None) -> RunResult:
     """``run._execute`` as one rank of an SPMD run (same arguments; see :mod:`.distributed`).
 
     Rank 0 returns the outputs and the full report; other ranks return no outputs. On a device
@@ -128,7 +129,8 @@ def execute(traj: Trajectory, opts, targets: list[int], out_dir: str, *, comps=N
     be = resolve_backend(backend)
     group = Group(env, be.name)
     run = RankRun(group, env, traj, opts, list(targets), out_dir, be, comps, memory_budget, overwrite,
-                  shard_bytes, progress, list(input_dirs), extra_report, key_extra, before_commit)
+                  shard_bytes, progress, list(input_dirs), extra_report, key_extra, before_commit,
+                  device_memory_budget)
     try:
         with _sigterm_raises():
             return run.go()
@@ -146,11 +148,12 @@ def execute(traj: Trajectory, opts, targets: list[int], out_dir: str, *, comps=N
 
 class RankRun:
     def __init__(self, group, env, traj, opts, targets, out_dir, be, comps, memory_budget, overwrite, shard_bytes,
-                 progress, input_dirs, extra_report, key_extra, before_commit):
+                 progress, input_dirs, extra_report, key_extra, before_commit, device_memory_budget=None):
         self.g, self.env, self.traj, self.opts, self.targets = group, env, traj, opts, targets
         self.out_dir, self.be, self.comps, self.overwrite = os.path.abspath(out_dir), be, comps, overwrite
         self.shard_bytes, self.progress, self.input_dirs = shard_bytes, progress, input_dirs
         self.extra_report, self.key_extra, self.before_commit = extra_report, key_extra, before_commit
+        self.device_memory_budget = device_memory_budget
         self.budget = memory_budget or max(1, default_memory_budget() // env.local_world)
         self.outs: OutputSet | None = None
         self.writers: list[ShardedWriter] = []
@@ -165,9 +168,14 @@ class RankRun:
             raise
 
     def _abort(self) -> None:
-        close_streamer(getattr(self, "streamer", None))
-        if getattr(self, "bar", None) is not None:
-            self.bar.close()
+        try:
+            close_streamer(getattr(self, "streamer", None))
+            if getattr(self, "bar", None) is not None:
+                self.bar.close()
+        finally:
+            self._remove_outputs()
+
+    def _remove_outputs(self) -> None:
         if self.outs is not None:
             self.outs.abort()  # rank 0: removes the partial outputs (never renamed: nothing complete)
         else:
@@ -229,7 +237,7 @@ class RankRun:
         _test_hook(rank, "setup")
         self.W = fitmath.target_weights(opts, traj.steps, targets)
         self.tied = traj.tied
-        self.streamer = make_streamer(traj, self.be, self.budget, self.opts.fp16_deltas)
+        self.streamer = make_streamer(traj, self.be, self.budget, self.opts.fp16_deltas, self.device_memory_budget)
         self.plan = plan.build(traj, self.streamer.policy, len(targets), fitted=self.comps is not None,
                                groupable=self.streamer.groupable, world=self.env.world, rank=rank)
         self.slots = self.plan.slots

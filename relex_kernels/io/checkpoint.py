@@ -142,9 +142,12 @@ class Checkpoint:
         if (any(set(map(wm.get, f.tensors)) - {s} for s, f in shards.items())
                 or sum(len(f.tensors) for f in shards.values()) != len(wm)):
             self._index_mismatch(index, wm, shards)
+        infos: dict = {}
         for f in shards.values():
-            self.tensors.update(zip(f.tensors, map(tuple.__new__, repeat(Located),
-                                                   zip(repeat(f), f.tensors.values()))))
+            infos.update(f.tensors)
+        # in the index's order, as the index lists them
+        self.tensors.update(zip(wm, map(tuple.__new__, repeat(Located),
+                                        zip(map(shards.__getitem__, wm.values()), map(infos.__getitem__, wm)))))
 
     @staticmethod
     def _index_mismatch(index: str, wm: dict, shards: dict) -> None:
