@@ -2,7 +2,8 @@
 # The GPU check of the device backends, for a machine with an NVIDIA GPU and no network:
 #   1. build the extensions (CPU _C and CUDA _C_cuda) in place — skipped for a module that is
 #      already there when nvcc is missing (carry a prebuilt relex_kernels/_C_cuda*.so);
-#   2. run the GPU tests (tests/test_gpu.py, tests/test_triton_kernels.py: GPU cases only);
+#   2. run the GPU tests (tests/test_gpu.py, tests/test_triton_kernels.py: GPU cases only; two
+#      torchrun ranks on the GPU against one process, tests/test_distributed.py);
 #   3. run benchmarks/bench_gpu.py: every figure with the card's name in benchmarks/results/;
 #   4. benchmarks/bench_ingest.py: the reader's preadv vs maps on the GPU host's cores.
 # Each step has its own time limit; the whole script stays well inside 10 minutes.
@@ -48,6 +49,10 @@ if [ -z "${RELEX_CHECK_BENCH_ONLY:-}" ]; then
   RELEX_CUDA_SYNC=1 timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
       -k "not interpreter_suite and not interpreted" -rs 2>&1 | tail -40 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { say "GPU TESTS FAILED"; status=1; }
+  say "SPMD on the GPU: two torchrun ranks sharing it, against one process"
+  RELEX_CUDA_SYNC=1 timeout 100 python -m pytest -q -p no:cacheprovider tests/test_distributed.py \
+      -k "gpu_ranks_match_one_process" -rs 2>&1 | tail -15 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" -eq 0 ] || { say "SPMD GPU TEST FAILED"; status=1; }
 fi
 
 say "GPU benchmarks"

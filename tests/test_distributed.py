@@ -208,6 +208,32 @@ def test_ranks_run_the_device_pipeline_byte_identical(traj_dirs):
     assert read["streamed"][0] > read["resident"][0] and read["streamed"][1] > read["resident"][1], read
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_ranks_match_one_process(traj_dirs, backend):
+    """On a GPU host (skipped elsewhere; ``benchmarks/gpu_check.sh`` runs it): two ranks sharing
+    the one GPU (collectives over gloo: NCCL refuses two ranks on one device) write the bytes
+    and the fit of one process on the same device backend."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    from relex_kernels.ops import availability
+    ok, why = availability()[backend]
+    if not ok:
+        pytest.skip(f"{backend}: {why}")
+    root, base, _ = traj_dirs
+    one, one_fit = os.path.join(root, f"gpu1-{backend}"), os.path.join(root, f"gpu1-{backend}.fit")
+    extra = ["--backend", backend]
+    r = subprocess.run([sys.executable, "-m", "relex_kernels",
+                        *_args(base, one, ["--save-fit", one_fit, "-q", *extra])],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out, fit = os.path.join(root, f"gpu2-{backend}"), os.path.join(root, f"gpu2-{backend}.fit")
+    r = torchrun(2, _args(base, out, ["--save-fit", fit, "-q", *extra]), timeout=300, RELEX_DIST_BACKEND="gloo")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical((one, open(one_fit, "rb").read()), out, fit)
+    assert "device_stages" in json.load(open(os.path.join(out, "relex_report.json")))
+
+
 def test_three_ranks_srun_style_small_budget_byte_identical(traj_dirs, single):
     """Three ranks, each with a budget far below its share: pieces cut into ranges and read twice."""
     root, base, _ = traj_dirs
