@@ -50,8 +50,7 @@ inline void combine_pass(const Inputs& in, size_t pos, size_t count, const float
         F a[KN];
         for (int k = 0; k < KN; ++k) a[k] = V::set1(alphas[k][i]);
         for (size_t u = 0; u < U; ++u) {
-            const F d = F16D ? V::round_f16(V::sub(V::round_f16(x[u]), V::load(bref + u * W)))
-                             : V::sub(x[u], V::load(bref + u * W));
+            const F d = delta<V, F16D>(x[u], V::load(bref + u * W));
             for (int k = 0; k < KN; ++k) s[k][u] = V::add(s[k][u], V::mul(a[k], d));
         }
     }
@@ -86,7 +85,7 @@ void combine_block_dt(const Inputs& in, size_t off, size_t len, const float* alp
                               S * dtype_size(DT));
         for (size_t u = 0; u < U; ++u) {
             V::store(b + u * W, x[u]);
-            if (F16D) V::store(b16 + u * W, V::round_f16(x[u]));
+            if (F16D) V::store(b16 + u * W, base_ref<V, F16D>(x[u]));
         }
         for (int k0 = 0; k0 < K; k0 += kOutsPerPass) {
             const float* al[kOutsPerPass];

@@ -48,13 +48,9 @@ template <class V, int DT, bool F16D, int NT>
 inline void gram_group_fused(const void* const* rows, size_t pos, typename V::F* acc) {
     using F = typename V::F;
     for (int h = 0; h < 2; ++h) {
-        F b = load_half<V, DT>(at<DT>(rows[0], pos), h);
-        if (F16D) b = V::round_f16(b);
+        const F b = base_ref<V, F16D>(load_half<V, DT>(at<DT>(rows[0], pos), h));
         F d[NT];
-        for (int i = 0; i < NT; ++i) {
-            const F x = load_half<V, DT>(at<DT>(rows[i + 1], pos), h);
-            d[i] = F16D ? V::round_f16(V::sub(V::round_f16(x), b)) : V::sub(x, b);
-        }
+        for (int i = 0; i < NT; ++i) d[i] = delta<V, F16D>(load_half<V, DT>(at<DT>(rows[i + 1], pos), h), b);
         int q = 0;
         for (int i = 0; i < NT; ++i)
             for (int j = i; j < NT; ++j, ++q) acc[q] = V::fmadd(d[i], d[j], acc[q]);
@@ -94,7 +90,6 @@ void gram_fused_dispatch(const Inputs& in, size_t off, size_t len, float* out) {
     }
 }
 
-
 // acc (kB*kB vectors, row-major r, c) += Da[r] . Db[c] over nvec vectors (c > r blocks:
 // every entry).
 template <class V>
@@ -120,8 +115,9 @@ inline void gram_block(const float* Da, const float* Db, size_t ld, size_t nvec,
 // The diagonal block of rows[1..nr] (history rows; rows[0] the base) over the groups
 // [g0, g1) of 2W elements of a panel, group g read at element e0 + 2W*(g - g0) of the
 // rows: converts each group into deltas, stores them in D (row stride ld, column 2W*g)
-// and, First, the fp32 base into b; adds the products r <= s into acc. Inputs are prefetched into L2 kPrefetchBytes ahead while
-// before pf_end (T+1 streams are more than the hardware prefetchers follow).
+// and, First, the fp32 base into b; adds the products r <= s into acc. Inputs before pf_end
+// are prefetched into L2 kPrefetchBytes ahead (T+1 streams are more than the hardware
+// prefetchers follow).
 template <class V, int DT, bool F16D, bool First>
 inline void gram_diag_convert(const void* const* rows, int nr, size_t e0, size_t pf_end, size_t g0, size_t g1,
                               float* D, size_t ld, float* b, float* acc) {
@@ -140,10 +136,8 @@ inline void gram_diag_convert(const void* const* rows, int nr, size_t e0, size_t
         if (First) {
             if (pf) prefetch_bytes<false>(static_cast<const char*>(at<DT>(rows[0], e + ahead)), G * dtype_size(DT));
             load_group<V, DT>(at<DT>(rows[0], e), b0, b1);
-            if (F16D) {
-                b0 = V::round_f16(b0);
-                b1 = V::round_f16(b1);
-            }
+            b0 = base_ref<V, F16D>(b0);
+            b1 = base_ref<V, F16D>(b1);
             V::store(b + p, b0);
             V::store(b + p + W, b1);
         } else {
@@ -156,13 +150,8 @@ inline void gram_diag_convert(const void* const* rows, int nr, size_t e0, size_t
                 if (pf) prefetch_bytes<false>(static_cast<const char*>(at<DT>(rows[r + 1], e + ahead)), G * dtype_size(DT));
                 F x0, x1;
                 load_group<V, DT>(at<DT>(rows[r + 1], e), x0, x1);
-                if (F16D) {
-                    a0[r] = V::round_f16(V::sub(V::round_f16(x0), b0));
-                    a1[r] = V::round_f16(V::sub(V::round_f16(x1), b1));
-                } else {
-                    a0[r] = V::sub(x0, b0);
-                    a1[r] = V::sub(x1, b1);
-                }
+                a0[r] = delta<V, F16D>(x0, b0);
+                a1[r] = delta<V, F16D>(x1, b1);
             } else {
                 a0[r] = a1[r] = V::zero();
             }
@@ -207,12 +196,27 @@ inline size_t block_index(int bi, int bj, int nb) {
     return size_t(bi) * nb - size_t(bi) * (bi - 1) / 2 + size_t(bj - bi);
 }
 
+// The panel path's scratch, for T rows of a tensor of n elements: D (Tp = T rounded up to kB
+// rows of ld floats), the fp32 base (ld floats), then the accumulators of the nb(nb+1)/2
+// register blocks. A small tensor gets a panel no wider than itself (the scratch is zeroed per
+// call: a MoE group calls once per tensor); the width changes no sum, only when the
+// accumulators go to memory, so every width gives the same bits.
 template <class V>
-Plan gram_plan_t(int T, size_t) {
-    constexpr int kB = V::kGramBlock;
+struct PanelLayout {
+    static constexpr int kB = V::kGramBlock;
+    int nb;
+    size_t ld;
+    PanelLayout(int T, size_t n)
+        : nb(int(round_up(size_t(T), kB)) / kB),
+          ld(std::min(kPanelVecs * V::W, round_up(std::max<size_t>(n, 1), 2 * V::W))) {}
+    size_t block_floats() const { return size_t(kB) * kB * V::W; }
+    size_t floats() const { return (size_t(nb) * kB + 1) * ld + size_t(nb) * (nb + 1) / 2 * block_floats(); }
+};
+
+template <class V>
+Plan gram_plan_t(int T, size_t n) {
     if (T <= V::kFusedMaxT) return Plan{0};
-    const size_t Tp = round_up(size_t(T), kB), nb = Tp / kB;
-    return Plan{(Tp + 1) * kPanelVecs * V::W + nb * (nb + 1) / 2 * kB * kB * V::W};
+    return Plan{PanelLayout<V>(T, n).floats()};
 }
 
 template <class V, int DT, bool F16D>
@@ -220,12 +224,13 @@ void gram_chunk_panels(const Inputs& in, size_t off, size_t len, float* out, flo
     constexpr size_t W = V::W;
     constexpr int kB = V::kGramBlock;
     const int T = in.T;
-    const int nb = int(round_up(size_t(T), kB)) / kB;
-    const size_t ld = kPanelVecs * W;
+    const PanelLayout<V> lay(T, in.n);  // (gram_plan_t sized the scratch with the same layout)
+    const int nb = lay.nb;
+    const size_t ld = lay.ld;
     float* D = scratch;                     // Tp rows of ld deltas
     float* b = D + size_t(nb) * kB * ld;    // the fp32 base of the panel
     float* acc = b + ld;                    // W-lane partial sums of every block, across panels
-    const size_t blk = size_t(kB) * kB * W;
+    const size_t blk = lay.block_floats();
     std::memset(acc, 0, sizeof(float) * size_t(nb) * (nb + 1) / 2 * blk);
     for (size_t p0 = 0; p0 < len; p0 += ld) {
         const size_t pl = std::min(ld, len - p0);

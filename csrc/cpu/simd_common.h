@@ -63,6 +63,18 @@ inline typename V::F load_half(const void* p, int h) {
     return h ? b : a;
 }
 
+// The delta of a loaded history vector x against the base as the kernels use it, bref: the
+// fp32 base, or with fp16 deltas the base rounded to fp16 (base_ref) and the difference too.
+// The one definition of the delta every gram and combine kernel computes (the bits contract).
+template <class V, bool F16D>
+inline typename V::F base_ref(typename V::F b) {
+    return F16D ? V::round_f16(b) : b;
+}
+template <class V, bool F16D>
+inline typename V::F delta(typename V::F x, typename V::F bref) {
+    return F16D ? V::round_f16(V::sub(V::round_f16(x), bref)) : V::sub(x, bref);
+}
+
 template <int DT, bool F16D>
 struct DtTag {
     static constexpr int dt = DT;
