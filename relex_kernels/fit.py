@@ -142,9 +142,13 @@ def noise_floor(trace: float, n: int | None = None, dtype: str | None = None) ->
     trajectories (bf16 and fp32, the reference and every SIMD path): λ_2 <= 0.04·ε·trace(G).
     ``n`` None: full chunks; ``dtype`` None: fp32 — the larger floor.
     """
-    u = U_FP64 if dtype == "F64" else U_FP32
-    m = GRAM_CHUNK if n is None else max(1, min(int(n), GRAM_CHUNK))
-    return math.sqrt(m) * u * trace
+    return float(_floor_factors([n], [dtype])[0]) * trace
+
+
+def _floor_factors(ns, dtypes) -> np.ndarray:
+    """sqrt(m)·u of each tensor: :func:`noise_floor` per unit of trace, for a stack at once."""
+    m = np.array([GRAM_CHUNK if n is None else max(1, min(int(n), GRAM_CHUNK)) for n in ns], dtype=np.float64)
+    return np.sqrt(m) * np.array([U_FP64 if dt == "F64" else U_FP32 for dt in dtypes])
 
 
 def components(G: np.ndarray, rank: int, n: int | None = None, dtype: str | None = None) -> Components:
@@ -172,10 +176,7 @@ def components_many(Gs: np.ndarray, rank: int, ns, dtypes) -> list[Components]:
     s = np.sqrt(lam)
     total = lam.sum(axis=-1)
     trace = np.ascontiguousarray(np.diagonal(Gs, 0, 1, 2)).sum(axis=-1)
-    # noise_floor(1, n, dtype) of each tensor, elementwise (the same roundings): (sqrt(m)·u)·trace
-    m = np.array([GRAM_CHUNK if n is None else n for n in ns], dtype=np.float64).clip(1, GRAM_CHUNK)
-    u = np.where(np.array(dtypes, dtype=object) == "F64", U_FP64, U_FP32)
-    floors = np.sqrt(np.floor(m)) * u * trace
+    floors = _floor_factors(ns, dtypes) * trace  # noise_floor(trace, n, dtype) of each
     keep = np.where(s[:, 0] > 0, np.minimum(rank, 1 + np.count_nonzero(lam[:, 1:] > floors[:, None], axis=1)), 0)
     # explained variance of the kept rank: lam[0] / total at rank 1 (the usual; elementwise, the
     # same division as a Python float's), the sum of the kept lam otherwise (each row as alone)

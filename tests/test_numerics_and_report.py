@@ -294,12 +294,13 @@ def test_drop_rule_is_the_noise_floor():
     assert components(np.zeros((3, 3)), 2).u.shape[1] == 0
 
 
-def test_stack_solve_is_each_tensor_alone_bit_for_bit():
+def test_stack_solve_is_each_tensor_alone_bit_for_bit(monkeypatch):
     """components_many (threaded slices above _THREADED_EIGH, elementwise noise floors) gives
     every tensor of a large stack the bits components() gives it alone — what a MoE group
     writes must not depend on its neighbours. Components at the noise floor's edge (half and
     twice it), mixed sizes and dtypes (None: full chunks) make the keep rule count."""
     from relex_kernels import fit
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)  # threads on any runner
     rng = np.random.default_rng(3)
     k, T = 2 * fit._THREADED_EIGH + 37, 6
     dts = ["BF16", "F32", "F64", None]
@@ -342,6 +343,7 @@ def test_group_weights_and_report_entries_are_each_tensor_alone():
     explained_variance_rank1 = s_0² / Σ s_i²; mixed ranks take the one-by-one path."""
     from relex_kernels import fit
     from relex_kernels.engine.report import tensor_entries
+    from relex_kernels.engine.trajectory import Job
     rng = np.random.default_rng(5)
     T, K = 9, 3
     W = rng.normal(size=(K, T))
@@ -355,8 +357,7 @@ def test_group_weights_and_report_entries_are_each_tensor_alone():
         comps.append(fit.Components(u=comps[0].u, s=np.zeros(ranks[0]), singular_values=np.zeros(T),
                                     explained_variance=0.0))  # an unmoved tensor: rank-1 share 0
         A = fit.alphas_many(comps, W)
-        entries = tensor_entries([f"t{i}" for i in range(len(comps))], ["BF16"] * len(comps),
-                                 [(3, 4)] * len(comps), comps)
+        entries = tensor_entries([Job(f"t{i}", "BF16", (3, 4), "fit") for i in range(len(comps))], comps)
         for c, a, e in zip(comps, A, entries):
             assert a.tobytes() == ((W @ c.u) @ c.u.T).tobytes()
             lam = c.singular_values ** 2

@@ -101,8 +101,7 @@ class Executor:
 
     def _record_fits(self, jobs, comps: list[Components]) -> None:
         self.fits.update((job.name, c) for job, c in zip(jobs, comps))
-        self.entries += report.tensor_entries([j.name for j in jobs], [j.dtype for j in jobs],
-                                              [j.shape for j in jobs], comps)
+        self.entries += report.tensor_entries(jobs, comps)
 
     def _reuse(self, item: Item) -> None:
         """Finished by the interrupted run this one resumes: its fit for the report, its bytes for the bar."""

@@ -273,6 +273,8 @@ class _Grouping:
     def __init__(self, traj: Trajectory, policy: Policy, n_out, fitted: bool, journal, groupable, tied_source):
         self.policy, self.n_out, self.fitted, self.journal = policy, n_out, fitted, journal
         self.groupable, self.tied_source, self.T = groupable, tied_source, traj.T
+        if groupable is None:  # grouping off: take() finds nothing, nothing to look up
+            return
         names = [j.name for j in traj.jobs if j.kind == "fit"]
         columns = [list(map(itemgetter(0), map(v.tensors.__getitem__, names))) for v in (traj.base, *traj.ckpts)]
         self.files = dict(zip(names, zip(*columns)))  # name -> the file of each version

@@ -23,21 +23,21 @@ class RunResult:
 THRESHOLDS = (0.90, 0.95, 0.99)
 
 
-def tensor_entries(names, dtypes, shapes, comps: list[Components]) -> list[dict]:
-    """The report's entry of each fitted tensor. A group's arrays are stacked when every tensor
-    has as many singular values: elementwise steps and row sums (numpy sums a contiguous row in
-    the order it sums the row alone), so each entry holds the values it would hold alone."""
+def tensor_entries(jobs, comps: list[Components]) -> list[dict]:
+    """The report's entry of each fitted tensor (``jobs``: with ``name``, ``dtype``, ``shape``). A
+    group's arrays are stacked when every tensor has as many singular values: elementwise steps and
+    row sums (numpy sums a contiguous row in the order it sums the row alone), so each entry holds
+    the values it would hold alone."""
     if len({c.singular_values.shape for c in comps}) > 1:
-        return [e for i in range(len(comps))
-                for e in tensor_entries(names[i:i + 1], dtypes[i:i + 1], shapes[i:i + 1], comps[i:i + 1])]
+        return [e for j, c in zip(jobs, comps) for e in tensor_entries([j], [c])]
     sv = np.stack([c.singular_values for c in comps]) if comps else np.empty((0, 0))
     lam = sv ** 2
     total = lam.sum(axis=-1)
     rank1 = np.divide(lam[:, 0], total, out=np.zeros_like(total), where=total > 0) if sv.size else total
-    return [{"name": name, "dtype": dtype, "shape": list(shape), "components": int(c.u.shape[1]),
+    return [{"name": j.name, "dtype": j.dtype, "shape": list(j.shape), "components": int(c.u.shape[1]),
              "explained_variance": c.explained_variance, "explained_variance_rank1": r1,
              "singular_values": values}  # Python floats, like float(x) of each
-            for name, dtype, shape, c, r1, values in zip(names, dtypes, shapes, comps, rank1.tolist(), sv.tolist())]
+            for j, c, r1, values in zip(jobs, comps, rank1.tolist(), sv.tolist())]
 
 
 def run_report(*, backend: str, kernel: str, options: dict, steps, targets, outputs: dict, seconds: float, bytes_read: int,

@@ -349,8 +349,7 @@ class RankRun:
 
     def _commit(self) -> list[str]:
         fitted = [j for j in self.traj.jobs if j.kind == "fit"]
-        self.rep = self._report(report.tensor_entries([j.name for j in fitted], [j.dtype for j in fitted],
-                                                      [j.shape for j in fitted], [self.fits[j.name] for j in fitted]))
+        self.rep = self._report(report.tensor_entries(fitted, [self.fits[j.name] for j in fitted]))
         if self.before_commit is not None:
             self.before_commit(self.fits)
         return self.outs.commit(self.traj.base_dir, self.rep)
