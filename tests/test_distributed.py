@@ -170,6 +170,25 @@ def test_torchrun_two_processes_byte_identical(traj_dirs, single):
     assert r.stdout.count("step_30") == 1  # rank 0 prints; rank 1 is quiet
 
 
+def _one_and_two_ranks(root, base, tag, extra, **env):
+    """The same command as one process and as two torchrun ranks: both outputs byte-identical (and
+    the fit), the device pipeline having moved bytes on rank 0; returns (one process's report,
+    the ranks' report)."""
+    one, one_fit = os.path.join(root, f"{tag}-1"), os.path.join(root, f"{tag}-1.fit")
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", *_args(base, one, ["--save-fit", one_fit, "-q", *extra])],
+                       capture_output=True, text=True, env=_env(**env), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out, fit = os.path.join(root, f"{tag}-2"), os.path.join(root, f"{tag}-2.fit")
+    r = torchrun(2, _args(base, out, ["--save-fit", fit, "-q", *extra]), timeout=300, **env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_identical((one, open(one_fit, "rb").read()), out, fit)
+    rep = json.load(open(os.path.join(out, "relex_report.json")))
+    assert rep["backend"] == extra[extra.index("--backend") + 1] and EMBED in rep["distributed"]["split_tensors"]
+    stages = rep["device_stages"]  # rank 0's pipeline timers: it moved bytes through the pipeline
+    assert stages["h2d"] > 0 and stages["gram"] > 0 and stages["combine"] > 0
+    return json.load(open(os.path.join(one, "relex_report.json"))), rep
+
+
 def test_ranks_run_the_device_pipeline_byte_identical(traj_dirs):
     """A device backend under torchrun: every rank runs its part through the overlapped device
     pipeline (engine/gpu.py: staging buffers, streams, read-ahead along its plan), the split
@@ -188,21 +207,8 @@ def test_ranks_run_the_device_pipeline_byte_identical(traj_dirs):
         extra = ["--backend", "triton", "--memory-budget", "300M"]
         if device == "streamed":  # device memory for the pipeline's buffers and 1 MiB
             extra += ["--device-memory-budget", str(device_overhead(len(STEPS), 300 << 20) + (1 << 20))]
-        one, one_fit = os.path.join(root, f"dev1-{device}"), os.path.join(root, f"dev1-{device}.fit")
-        r = subprocess.run([sys.executable, "-m", "relex_kernels",
-                            *_args(base, one, ["--save-fit", one_fit, "-q", *extra])],
-                           capture_output=True, text=True, env=_env(**env), timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        out, fit = os.path.join(root, f"dev2-{device}"), os.path.join(root, f"dev2-{device}.fit")
-        r = torchrun(2, _args(base, out, ["--save-fit", fit, "-q", *extra]), timeout=300, **env)
-        assert r.returncode == 0, r.stderr[-3000:]
-        assert_identical((one, open(one_fit, "rb").read()), out, fit)
-        rep = json.load(open(os.path.join(out, "relex_report.json")))
-        assert rep["backend"] == "triton" and EMBED in rep["distributed"]["split_tensors"]
-        stages = rep["device_stages"]  # rank 0's pipeline timers: it moved bytes through the pipeline
-        assert stages["h2d"] > 0 and stages["gram"] > 0 and stages["combine"] > 0
-        read[device] = (json.load(open(os.path.join(one, "relex_report.json")))["bytes_read"],
-                        sum(rep["distributed"]["bytes_read_by_rank"]))
+        one, ranks = _one_and_two_ranks(root, base, f"dev-{device}", extra, **env)
+        read[device] = (one["bytes_read"], sum(ranks["distributed"]["bytes_read_by_rank"]))
     # the device budget reached the ranks: with it every whole tensor is read twice there too
     # (the split embedding's pieces are read twice in both: a device keeps no piece between passes)
     assert read["streamed"][0] > read["resident"][0] and read["streamed"][1] > read["resident"][1], read
@@ -221,17 +227,7 @@ def test_gpu_ranks_match_one_process(traj_dirs, backend):
     if not ok:
         pytest.skip(f"{backend}: {why}")
     root, base, _ = traj_dirs
-    one, one_fit = os.path.join(root, f"gpu1-{backend}"), os.path.join(root, f"gpu1-{backend}.fit")
-    extra = ["--backend", backend]
-    r = subprocess.run([sys.executable, "-m", "relex_kernels",
-                        *_args(base, one, ["--save-fit", one_fit, "-q", *extra])],
-                       capture_output=True, text=True, env=_env(), timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    out, fit = os.path.join(root, f"gpu2-{backend}"), os.path.join(root, f"gpu2-{backend}.fit")
-    r = torchrun(2, _args(base, out, ["--save-fit", fit, "-q", *extra]), timeout=300, RELEX_DIST_BACKEND="gloo")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert_identical((one, open(one_fit, "rb").read()), out, fit)
-    assert "device_stages" in json.load(open(os.path.join(out, "relex_report.json")))
+    _one_and_two_ranks(root, base, f"gpu-{backend}", ["--backend", backend], RELEX_DIST_BACKEND="gloo")
 
 
 def test_three_ranks_srun_style_small_budget_byte_identical(traj_dirs, single):
@@ -335,12 +331,15 @@ def test_split_pieces_are_kept_between_the_passes_on_the_host_only(traj_dirs):
     _, base, ck = traj_dirs
     traj = Trajectory(base, ck)
     try:
-        for cap, kept in ((None, True), (1 << 20, False)):
+        # (a device with room for every whole tensor, 2 GiB, keeps none of the pieces either)
+        for cap, kept in ((None, True), (1 << 20, False), (2 << 30, False)):
             pol = plan_mod.Policy(traj.T, 2 << 30, device_cap=cap)
             for rank in range(2):
                 p = plan_mod.build(traj, pol, 2, fitted=False, world=2, rank=rank)
                 pieces = [it for it in p.items + p.after if it.kind in ("gram", "combine")]
                 assert pieces and all(it.resident == kept for it in pieces), (cap, rank)
+                if cap == 2 << 30:  # the room was there: the whole tensors of the rank are resident
+                    assert any(it.kind == "fit" and it.resident for it in p.items), rank
     finally:
         traj.close()
 

@@ -262,7 +262,8 @@ def test_checkpoint_lists_tensors_in_the_index_order(tmp):
     index = json.load(open(path))
     wm = dict(reversed(list(index["weight_map"].items())))
     assert len(set(wm.values())) > 1
-    json.dump({**index, "weight_map": wm}, open(path, "w"))
+    with open(path, "w") as fh:
+        json.dump({**index, "weight_map": wm}, fh)
     ck = Checkpoint(d)
     try:
         assert list(ck.tensors) == list(wm)

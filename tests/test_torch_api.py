@@ -21,7 +21,7 @@ from relex_kernels.engine.streaming import Streamer  # noqa: E402
 from relex_kernels.engine.trajectory import Trajectory  # noqa: E402
 from relex_kernels.errors import (ArgumentError, DeviceError, DTypeError, NonFiniteError, RelexError,  # noqa: E402
                                   ShapeError)
-from relex_kernels.ops import get_backend, native, reference  # noqa: E402
+from relex_kernels.ops import get_backend, native  # noqa: E402
 from relex_kernels.ops.reference import GRAM_CHUNK  # noqa: E402
 
 STEPS = [2, 4, 6, 8, 10]
@@ -256,33 +256,11 @@ def test_kernels_use_the_callers_thread_count(monkeypatch):
     assert native._num_threads is None  # nothing left behind
 
 
-class _RefDeviceKernels:
-    """The device-kernel interface computed by ops/reference.py on CPU tensors (a stand-in device)."""
-
-    name = "reference-double"
-    device = torch.device("cpu")
-
-    def scratch_numel(self, T, n):
-        return 1
-
-    def gram(self, x, n, T, dtype, acc, part, fp16_deltas=False, precision=None):
-        from relex_kernels.io import dtypes
-        rows = x[:, :n].numpy().view(dtypes.raw_numpy(dtype))
-        reference.gram(rows[0], list(rows[1:]), dtype, acc.numpy(), fp16_deltas)
-
-    def combine(self, x, n, T, dtype, alphas, out, fp16_deltas=False):
-        from relex_kernels.io import dtypes
-        rows = x[:, :n].numpy().view(dtypes.raw_numpy(dtype))
-        outs = out[:, :n].numpy().view(dtypes.raw_numpy(dtype))
-        reference.combine(rows[0], list(rows[1:]), alphas.numpy(), dtype, list(outs), fp16_deltas)
-
-
 def test_the_device_path_with_a_stand_in_device(monkeypatch):
     """The device runner (packed (T+1, n) blocks, groups of chunks, device accumulators) gives the
     bits of the reference backend when its kernels are the reference's."""
-    from relex_kernels.ops import triton as tmod
-    monkeypatch.setattr(tmod, "available", lambda: (True, "reference double"))
-    monkeypatch.setattr(tmod, "device_kernels", lambda device=None: _RefDeviceKernels())
+    import devicedouble
+    devicedouble.install(monkeypatch.setattr)
     traj = _trajectory(7, {"w": (3 * GRAM_CHUNK + 123,)}, torch.bfloat16, nonfloat=False)["w"]
     G_dev = rk.gram(traj[0], traj[1:], backend="triton")
     G_ref = rk.gram(traj[0], traj[1:], backend="reference")
