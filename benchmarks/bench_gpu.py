@@ -424,19 +424,24 @@ def main(argv=None) -> int:
     sections = [("bounds", lambda: bounds(s)), ("gram", lambda: bench_gram(s, kern, res["bounds"])),
                 ("combine", lambda: bench_combine(s, kern, res["bounds"])), ("eig", lambda: bench_eig(s, kern)),
                 ("svd", lambda: bench_svd(s, kern)), ("e2e", lambda: bench_e2e(s, res["bounds"], work))]
-    for name, fn in sections:
-        if name not in want and not (name == "bounds" and want):
-            continue
-        t1 = time.perf_counter()
-        try:
-            res[name] = fn()
-        except Exception:
-            res[name] = {"error": traceback.format_exc()}
-        print(f"{name}: {time.perf_counter() - t1:.1f} s", flush=True)
-        if CUDA:
-            torch.cuda.empty_cache()
-    if not args.work:
-        shutil.rmtree(work, ignore_errors=True)
+    try:
+        for name, fn in sections:
+            if name not in want and not (name == "bounds" and want):
+                continue
+            t1 = time.perf_counter()
+            try:
+                res[name] = fn()
+            except Exception:
+                res[name] = {"error": traceback.format_exc()}
+            except KeyboardInterrupt:  # gpu_check.sh's time limit (timeout -s INT): keep what is measured
+                res[name] = {"error": "interrupted (time limit)"}
+                break
+            print(f"{name}: {time.perf_counter() - t1:.1f} s", flush=True)
+            if CUDA:
+                torch.cuda.empty_cache()
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
     res["seconds"] = time.perf_counter() - t0
     os.makedirs(args.out, exist_ok=True)
     stem = f"gpu_{slug(res['card']['name'])}" + ("_smoke" if sizes == "smoke" else "")

@@ -24,9 +24,11 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from machine_info import cpu_model  # noqa: E402
+from relex_kernels.io.dtypes import DTYPE_CODES  # noqa: E402
 HARNESS = Path(__file__).resolve().parent / "gram_ab" / "harness.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]  # as setup.py builds the extension
-DTYPES = {"F32": 0, "F16": 1, "BF16": 2, "F64": 3}
 
 
 def sources(rev: str | None, into: Path) -> Path:
@@ -46,7 +48,7 @@ def build(src: Path, out: Path) -> Path:
 
 
 def run(exe: Path, simd: str, n: int, repeats: int, dtype: str, Ts: str, f16: bool) -> dict[int, tuple[float, str]]:
-    out = subprocess.run([str(exe), simd, str(n), str(repeats), str(DTYPES[dtype]), Ts, str(int(f16))],
+    out = subprocess.run([str(exe), simd, str(n), str(repeats), str(DTYPE_CODES[dtype]), Ts, str(int(f16))],
                          check=True, capture_output=True, text=True).stdout
     res = {}
     for line in out.splitlines():
@@ -69,23 +71,24 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="relex-gram-ab-") as tmp:
         tmp = Path(tmp)
         exe = {"before": build(sources(a.before, tmp / "b"), tmp / "before"),
-               "after": build(sources(a.after, tmp / "a") if a.after else sources(None, tmp), tmp / "after")}
-        # bits: small odd sizes (partial groups and panels), many T, every dtype asked for
+               "after": build(sources(a.after, tmp / "a"), tmp / "after")}
+        # bits: odd sizes (partial groups, partial and narrow panels), many T, every dtype asked for
         check_T = "1,2,5,6,7,9,16,17,33,100"
         same = True
         for pair in a.check.split(","):
             dt, f16 = pair.split(":")
-            hb, ha = (run(exe[k], a.simd, 70001, 1, dt, check_T, f16 == "1") for k in ("before", "after"))
-            ok = all(hb[T][1] == ha[T][1] for T in hb)
-            same &= ok
-            print(f"{a.simd} {dt} fp16_deltas={f16}: {'same bits' if ok else 'BITS DIFFER'} (T = {check_T})")
+            for n in (70001, 1000, 37):
+                hb, ha = (run(exe[k], a.simd, n, 1, dt, check_T, f16 == "1") for k in ("before", "after"))
+                ok = all(hb[T][1] == ha[T][1] for T in hb)
+                same &= ok
+                print(f"{a.simd} {dt} fp16_deltas={f16} n={n}: {'same bits' if ok else 'BITS DIFFER'} (T = {check_T})")
         rates = {k: {} for k in exe}
         for _ in range(a.rounds):
             for k, e in exe.items():
                 for T, (r, _) in run(e, a.simd, a.elements, 3, "BF16", a.T, False).items():
                     rates[k].setdefault(T, []).append(r)
         print(f"{a.simd}, one thread, bf16, {a.elements} elements, GFLOP/s, medians of {a.rounds} alternating rounds "
-              f"({os.cpu_count()} logical CPUs)")
+              f"({cpu_model()}, {os.cpu_count()} logical CPUs)")
         print("| kernel | " + " | ".join(f"T = {T}" for T in rates["before"]) + " |")
         print("|---|" + "---|" * len(rates["before"]))
         for k in exe:

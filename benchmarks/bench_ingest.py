@@ -18,12 +18,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -45,10 +44,9 @@ def main() -> int:
     from relex_kernels.io import SafetensorsFile
     from relex_kernels.ops import native
 
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` ends it through the finally below
-    tmp = tempfile.mkdtemp(prefix="relex-ingest-")
-    files, pool = [], None
-    try:  # the 1.5 GB of inputs go whatever happens (gpu_check.sh runs this under a timeout)
+    # the 1.5 GB of inputs, the maps and the reader threads go whatever happens (gpu_check.sh runs
+    # this under `timeout -s INT`: the interrupt unwinds through these blocks)
+    with tempfile.TemporaryDirectory(prefix="relex-ingest-") as tmp, ExitStack() as stack:
         n = int(args.gb * 1e9 / 2 / 4)
         paths = []
         rng = np.random.default_rng(0)
@@ -56,11 +54,11 @@ def main() -> int:
             p = os.path.join(tmp, f"v{i}.safetensors")
             save_file({"w": rng.standard_normal(n, dtype=np.float32).astype(np.float16)}, p)
             paths.append(p)
-        files = [SafetensorsFile(p) for p in paths]
+        files = [stack.enter_context(SafetensorsFile(p)) for p in paths]
         piece = (args.piece_mb << 20) // 2
         buf = np.empty(4 * n, dtype=np.uint16)
         pool = ThreadPoolExecutor(args.threads)
-
+        stack.callback(pool.shutdown, cancel_futures=True)  # registered last: runs first, before the files close
         def by_maps(f, r, lo, hi):
             np.copyto(buf[r * n + lo:r * n + hi], f.view("w", lo, hi).view(np.uint16))
             f.release("w", lo, hi)
@@ -89,12 +87,6 @@ def main() -> int:
         for k, v in med.items():
             print(f"  {k:7s} {v:.3f} s  {nbytes / v / 1e9:.2f} GB/s")
         print(f"  preadv / maps time: {med['preadv'] / med['maps']:.2f}")
-    finally:
-        for f in files:
-            f.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
 

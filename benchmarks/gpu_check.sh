@@ -6,7 +6,9 @@
 #      torchrun ranks on the GPU against one process, tests/test_distributed.py);
 #   3. run benchmarks/bench_gpu.py: every figure with the card's name in benchmarks/results/;
 #   4. benchmarks/bench_ingest.py: the reader's preadv vs maps on the GPU host's cores.
-# Each step has its own time limit; the whole script stays well inside 10 minutes.
+# Each step has its own time limit, sent as SIGINT (-s INT) so that a Python step unwinds: its
+# temporary files go, and the benchmark writes the figures it has; the whole script stays well
+# inside 10 minutes.
 # Usage: bash benchmarks/gpu_check.sh            (RELEX_CHECK_BENCH_ONLY=1: step 3 only)
 set -u
 cd "$(dirname "$0")/.."
@@ -46,20 +48,20 @@ if [ -z "${RELEX_CHECK_BENCH_ONLY:-}" ]; then
 
   say "GPU tests"
   # RELEX_CUDA_SYNC=1: a kernel error is raised at the launch that caused it, naming the kernel
-  RELEX_CUDA_SYNC=1 timeout 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
+  RELEX_CUDA_SYNC=1 timeout -s INT -k 10 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
       -k "not interpreter_suite and not interpreted" -rs 2>&1 | tail -40 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { say "GPU TESTS FAILED"; status=1; }
   say "SPMD on the GPU: two torchrun ranks sharing it, against one process"
-  RELEX_CUDA_SYNC=1 timeout 100 python -m pytest -q -p no:cacheprovider tests/test_distributed.py \
+  RELEX_CUDA_SYNC=1 timeout -s INT -k 10 100 python -m pytest -q -p no:cacheprovider tests/test_distributed.py \
       -k "gpu_ranks_match_one_process" -rs 2>&1 | tail -15 | tee -a "$LOG"
   [ "${PIPESTATUS[0]}" -eq 0 ] || { say "SPMD GPU TEST FAILED"; status=1; }
 fi
 
 say "GPU benchmarks"
-timeout 240 python benchmarks/bench_gpu.py --out "$RES" 2>&1 | tee -a "$LOG" | tail -80
+timeout -s INT -k 10 240 python benchmarks/bench_gpu.py --out "$RES" 2>&1 | tee -a "$LOG" | tail -80
 [ "${PIPESTATUS[0]}" -eq 0 ] || { say "BENCHMARK FAILED OR INCOMPLETE (see the json)"; status=1; }
 say "device reader ingest, host side (preadv vs maps, 8 reader threads)"
-timeout 60 python benchmarks/bench_ingest.py --threads 8 --runs 3 2>&1 | tee -a "$LOG" | tail -5
+timeout -s INT -k 10 60 python benchmarks/bench_ingest.py --threads 8 --runs 3 2>&1 | tee -a "$LOG" | tail -5
 
 say "done, status $status; results in $RES/gpu_*.json|md, log $LOG"
 exit $status

@@ -10,7 +10,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -34,22 +33,32 @@ int main(int argc, char** argv) {
     std::vector<int> Ts;
     std::stringstream list(argv[5]);
     for (std::string t; std::getline(list, t, ',');) Ts.push_back(std::atoi(t.c_str()));
-    std::mt19937 rng(1);
+    uint64_t state = 1;  // a cheap LCG: the data only has to be the same for both builds
+    auto uniform = [&state](int k) {  // an integer in [0, k)
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        return int((state >> 33) % uint64_t(k));
+    };
+    const size_t isz = relex::dtype_size(dt);
     for (int T : Ts) {
-        // base ~ U(-0.01, 0.01), history = base + U(-1e-3, 1e-3), stored in the dtype
-        std::vector<std::vector<uint64_t>> bufs(T + 1, std::vector<uint64_t>(n));
+        // base ~ U(-0.01, 0.01), history = base + U(-1e-3, 1e-3), stored in the dtype (isz bytes each)
+        std::vector<std::vector<unsigned char>> bufs(T + 1, std::vector<unsigned char>(n * isz));
         for (int r = 0; r <= T; ++r)
             for (size_t i = 0; i < n; ++i) {
-                const float f = 0.01f * float(int(rng() % 2001) - 1000) / 1000.f +
-                                (r ? 1e-3f * float(int(rng() % 200) - 100) / 100.f : 0.f);
-                uint32_t u;
-                std::memcpy(&u, &f, 4);
-                if (dt == relex::kBF16 || dt == relex::kF16)
-                    reinterpret_cast<uint16_t*>(bufs[r].data())[i] = uint16_t(u >> 16);
-                else if (dt == relex::kF32)
-                    reinterpret_cast<float*>(bufs[r].data())[i] = f;
-                else
-                    reinterpret_cast<double*>(bufs[r].data())[i] = double(f) * 1.0000001;
+                const float f = 0.01f * float(uniform(2001) - 1000) / 1000.f +
+                                (r ? 1e-3f * float(uniform(200) - 100) / 100.f : 0.f);
+                unsigned char* p = bufs[r].data() + i * isz;
+                if (dt == relex::kBF16) {
+                    const uint16_t v = relex::f32_to_bf16(f);
+                    std::memcpy(p, &v, 2);
+                } else if (dt == relex::kF16) {
+                    const uint16_t v = relex::f32_to_f16(f);
+                    std::memcpy(p, &v, 2);
+                } else if (dt == relex::kF32) {
+                    std::memcpy(p, &f, 4);
+                } else {
+                    const double v = double(f) * 1.0000001;
+                    std::memcpy(p, &v, 8);
+                }
             }
         std::vector<const void*> hist(T);
         for (int i = 0; i < T; ++i) hist[i] = bufs[i + 1].data();
