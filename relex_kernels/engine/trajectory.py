@@ -11,8 +11,7 @@ import json
 import operator
 import os
 import warnings
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from math import prod
 
 from ..errors import InputError, RelexWarning
@@ -48,14 +47,15 @@ class Job:
         in another dtype (the device kernels take one storage dtype in and out)."""
         return self.dtype == "F64" or self.mixed or self.out_dtype != self.dtype
 
-    # cached: asked for per tensor at every step of a run (thousands of tensors in a MoE model)
-    @cached_property
-    def numel(self) -> int:
-        return prod(self.shape)
+    # computed once, plain attributes: asked for per tensor at every step of a run (thousands of
+    # tensors in a MoE model; a functools.cached_property takes a lock at each first access)
+    numel: int = field(init=False, repr=False, compare=False)
+    nbytes: int = field(init=False, repr=False, compare=False)
 
-    @cached_property
-    def nbytes(self) -> int:
-        return self.numel * dtypes.itemsize(self.dtype)
+    def __post_init__(self):
+        numel = prod(self.shape)
+        object.__setattr__(self, "numel", numel)
+        object.__setattr__(self, "nbytes", numel * dtypes.itemsize(self.dtype))
 
     @property
     def spec(self) -> TensorSpec:

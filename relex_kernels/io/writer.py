@@ -15,8 +15,7 @@ import json
 import mmap
 import os
 import struct
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from math import prod
 
 import numpy as np
@@ -34,9 +33,12 @@ class TensorSpec:
     dtype: str
     shape: tuple[int, ...]
 
-    @cached_property  # (asked for per tensor by the planner, the writer and each group: thousands)
-    def nbytes(self) -> int:
-        return prod(self.shape) * dtypes.itemsize(self.dtype)
+    # a plain attribute, computed once: asked for per tensor by the planner, the writer and each
+    # group (thousands; a functools.cached_property takes a lock at each first access)
+    nbytes: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "nbytes", prod(self.shape) * dtypes.itemsize(self.dtype))
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[list[TensorSpec]]:
