@@ -10,6 +10,9 @@ test starts (the ranks of an SPMD run) get it from ``device_double/sitecustomize
 
 from __future__ import annotations
 
+import os
+import time
+
 import torch
 
 from relex_kernels.io import dtypes
@@ -43,7 +46,19 @@ class RefKernels:
 
 
 def install(setattr_=setattr) -> None:
-    """Make ``--backend triton`` run on :class:`RefKernels` (``setattr_``: monkeypatch.setattr in a test)."""
+    """Make ``--backend triton`` run on :class:`RefKernels` (``setattr_``: monkeypatch.setattr in a test).
+
+    ``$RELEX_TEST_WRITE_DELAY`` (seconds): each write of outputs into the maps starts that much
+    later on its writer thread, so that writes are still in flight when the engine moves on."""
     from relex_kernels.ops import triton as tmod
     setattr_(tmod, "available", lambda: (True, "reference double"))
     setattr_(tmod, "device_kernels", lambda device=None: RefKernels())
+    delay = float(os.environ.get("RELEX_TEST_WRITE_DELAY") or 0)
+    if delay > 0:
+        from relex_kernels.engine import gpu
+        write = gpu.DeviceStreamer._write
+
+        def late_write(self, *args):
+            time.sleep(delay)
+            return write(self, *args)
+        setattr_(gpu.DeviceStreamer, "_write", late_write)

@@ -34,6 +34,7 @@ from relex_kernels.io import Checkpoint, dtypes  # noqa: E402
 from relex_kernels.ops import get_backend, reference, resolve_backend  # noqa: E402
 from relex_kernels.ops.reference import GRAM_CHUNK  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = [2, 4, 6, 8]
 SHAPES = {"model.embed_tokens.weight": (300, 64), "lm_head.weight": (300, 64), "big": (3 * GRAM_CHUNK + 77,),
           "w.weight": (33, 17), "b.bias": (7,), "f32": (1000,), "f16": (999,), "ids": (5,)}
@@ -213,6 +214,81 @@ def test_cli_with_interpreted_triton_kernels(tmp):
         assert_same(ref, os.path.join(tmp, "tri", f"step_{t}"), exact=False)
         # same kernels, same chunk contract: streaming changes no bit
         assert_same(os.path.join(tmp, "tri", f"step_{t}"), os.path.join(tmp, "tri_streamed", f"step_{t}"), True)
+
+
+def test_outputs_are_written_while_the_next_tensor_computes(tmp, monkeypatch):
+    """combine returns with its outputs still on their way to the maps; the next tensor's Gram
+    runs meanwhile, and the journal's records of a tensor (written ranges, done) come only once
+    its outputs are in the maps — checked at each record: the bytes are there already."""
+    devicedouble.install(monkeypatch.setattr)
+    base, ck = _traj(tmp)
+    ref = extrapolate(base, ck, [20], os.path.join(tmp, "ref"), backend="triton")
+    want = _outputs(ref.outputs[0])
+    started = []  # per Gram call: the writes still in flight when it began
+    gram, write = gpu.DeviceStreamer.gram, gpu.DeviceStreamer._write
+    gate = __import__("threading").Event()
+
+    def slow_write(self, *a):
+        gate.wait(0.2)  # held until a later Gram has begun (at most 0.2 s: never a deadlock)
+        return write(self, *a)
+
+    def watched_gram(self, job, *a, **k):
+        started.append(sum(not f.done() for f in self.inflight) + sum(
+            not f.done() for fs, _ in self.later for f in fs))
+        gate.set()
+        return gram(self, job, *a, **k)
+
+    from relex_kernels.engine.executor import Executor
+    checked = []
+    done = Executor._done
+
+    def checked_done(self, *names):  # a tensor is recorded done with its outputs in the maps
+        for n in names:
+            w = self.writers[0]
+            checked.append(np.array_equal(np.array(w.view(n, 0, want[n].size)).reshape(want[n].shape), want[n]))
+        return done(self, *names)
+
+    monkeypatch.setattr(gpu.DeviceStreamer, "_write", slow_write)
+    monkeypatch.setattr(gpu.DeviceStreamer, "gram", watched_gram)
+    monkeypatch.setattr(Executor, "_done", checked_done)
+    got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton")
+    assert_same(ref.outputs[0], got.outputs[0], True)
+    assert any(started[1:]), "every Gram waited for the writes of the tensor before it"
+    assert checked and all(checked)
+    assert got.report["device_stages"]["write"] > 0
+
+
+def test_killed_while_outputs_are_in_flight_resumes_byte_identical(tmp):
+    """Killed (SIGKILL) at the journal's points of the device pipeline while writes of outputs
+    are still in flight (each delayed on its writer thread, every record made durable at once):
+    the rerun resumes from the records and writes the bytes of an uninterrupted run. A record
+    made before its outputs landed would be trusted by the rerun and leave them unwritten."""
+    base, ck = _traj(tmp)
+    args = ["extrapolate", "--base", base, "--target-step", "20", "--target-step", "40", "-q", "--backend", "triton"]
+    for s, d in ck.items():
+        args += ["--checkpoint", f"{s}={d}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests", "device_double"),
+                                                       os.path.join(ROOT, "tests"), ROOT]),
+               RELEX_TEST_WRITE_DELAY="0.05", RELEX_JOURNAL_SYNC_SECONDS="0")
+
+    def run(out, **more):
+        return subprocess.run([sys.executable, "-m", "relex_kernels", *args, "--out", out],
+                              env={**env, **more}, capture_output=True, text=True, timeout=300)
+
+    r = run(os.path.join(tmp, "whole"))
+    assert r.returncode == 0, r.stderr
+    for point in ("combine:2", "done:1", "done:4"):
+        out = os.path.join(tmp, point.replace(":", "_"))
+        r = run(out, RELEX_TEST_KILL=point)
+        assert r.returncode == -9, (point, r.returncode, r.stderr[-2000:])
+        r = run(out)
+        assert r.returncode == 0, (point, r.stderr[-2000:])
+        import json
+        rep = json.load(open(os.path.join(out, "relex_report.json")))
+        if point.startswith("done"):
+            assert rep["resumed_tensors"] >= int(point[-1]), point
+        for t in (20, 40):
+            assert_same(os.path.join(tmp, "whole", f"step_{t}"), os.path.join(out, f"step_{t}"), True)
 
 
 # -- the CUDA kernels against the reference (GPU only) --------------------------------------

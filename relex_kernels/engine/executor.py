@@ -95,6 +95,7 @@ class Executor:
                 getattr(self, "_" + item.kind)(item, items, i)
             if self.after_item is not None:
                 self.after_item(item)
+        self.st.drain()  # the last outputs in the maps, their journal records made
 
     def _record_fit(self, job, comp: Components) -> None:
         self._record_fits([job], [comp])
@@ -141,8 +142,7 @@ class Executor:
         st.combine(job, item.combine_ranges, item.resident, fitmath.alphas(comp, self.W), self.writers,
                    also=item.also, count_read=item.reread,
                    on_range=self._written_recorder(job.name, item.ranges[-1][1]))
-        check_f16_range(job, self.writers, self.targets)
-        self._done(job.name)
+        st.after_writes(lambda: (check_f16_range(job, self.writers, self.targets), self._done(job.name)))
 
     def _read_ahead(self, items, i: int) -> None:
         """Page-cache read-ahead of the next tensor while this one computes (a group reads its own)."""
@@ -193,7 +193,7 @@ class Executor:
         self.st.combine(job, item.combine_ranges, item.resident, fitmath.alphas(self.fits[job.name], self.W),
                         self.writers, also=item.also, count_read=item.reread)
         a, b = item.combine_ranges[0][0], item.combine_ranges[-1][1]
-        check_f16_range(job, self.writers, self.targets, a, b)
+        self.st.after_writes(lambda: check_f16_range(job, self.writers, self.targets, a, b))
 
     def _gram_recorder(self, name: str, end: int):
         jr = self.jr

@@ -22,9 +22,15 @@ GRAM_BLOCK, so groups never straddle a Gram block):
   stream brings them to a pinned buffer, and writer threads copy them into the
   output maps while the next groups compute.
 
-``combine`` returns (and calls ``on_range``) only once a range's outputs are in the
-output maps, because the run journal records them as written: outputs of tensor k
-are therefore written while tensor k+1 is being *read*, not while it computes.
+``combine`` returns once a range's outputs are on their way to the output maps, not once
+they are there: the journal's records of written ranges and finished tensors (``on_range``,
+:meth:`~.streaming.Streamer.after_writes`) run on the engine's thread when the writer threads
+have landed them, at the pipeline's next step or at :meth:`~.streaming.Streamer.drain`. The
+outputs of tensor k are thus written while tensor k+1 is read and computes; the pinned output
+buffers bound what is in flight (a run killed before the records resumes from the last ones:
+work redone, never bytes lost). Waiting for the writes at each tensor's end instead left the
+device idle while a tensor's outputs went into the maps, and the reader only a few pinned
+buffers ahead.
 
 On a CPU (``--backend triton`` with ``TRITON_INTERPRET=1``, tests only) the same code
 runs with synchronous stand-ins for the streams (:class:`_NoStream`); the tests also run
@@ -37,6 +43,8 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+from collections import deque
+from functools import partial
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -273,6 +281,8 @@ class DeviceStreamer(Streamer):
         self.closed = False
         self.out_pool = self.out_slots = None
         self.scratch = None
+        self.inflight: list = []  # writes submitted since the last after_writes
+        self.later: deque = deque()  # (writes, what runs once they landed), in submission order
         self.seconds = dict.fromkeys(STAGES, 0.0)  # per stage (stage_seconds)
         self._seconds_lock = threading.Lock()
 
@@ -438,10 +448,36 @@ class DeviceStreamer(Streamer):
         off = (self.traj.T + 1) * a * dtypes.itemsize(job.dtype)
         return self._block(job, self.res[1][off:], b - a)
 
+    # -- writes in flight ----------------------------------------------------------------
+    def after_writes(self, fn) -> None:
+        """Run ``fn`` on this thread once the writes submitted so far have landed (module docstring)."""
+        self.later.append((self.inflight, fn))
+        self.inflight = []
+        self._landed()
+
+    def drain(self) -> None:
+        if self.inflight:
+            self.after_writes(lambda: None)
+        self._landed(wait=True)
+
+    def _landed(self, wait: bool = False) -> None:
+        """Run, in order, what waited for writes that have landed (``wait``: for all of them);
+        a writer thread's error is raised here."""
+        while self.later:
+            futures, fn = self.later[0]
+            if not wait and not all(f.done() for f in futures):
+                return
+            with self._timed("wait_write"):
+                for f in futures:
+                    f.result()
+            self.later.popleft()
+            fn()
+
     # -- pass 1 ----------------------------------------------------------------------
     def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None) -> np.ndarray:
         """The Gram over ``ranges`` (the sum and journal points of :meth:`Streamer.gram`)."""
         torch, T = self.torch, self.traj.T
+        self._landed()
         self._release_resident()
         if job.on_host:  # (module docstring)
             return Streamer.gram(self, job, ranges, resident, acc, on_range)
@@ -530,7 +566,9 @@ class DeviceStreamer(Streamer):
 
     def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers, also: str | None = None,
                 count_read: bool = True, on_range=None) -> None:
-        """Write ``len(writers)`` outputs (see :meth:`Streamer.combine`); returns once they are in the maps."""
+        """Write ``len(writers)`` outputs (see :meth:`Streamer.combine`); returns once they are on their
+        way, ``on_range`` runs once they are in the maps (module docstring)."""
+        self._landed()
         if job.on_host:
             return Streamer.combine(self, job, ranges, resident, alphas, writers, also, count_read, on_range)
         torch, T, K = self.torch, self.traj.T, len(writers)
@@ -540,7 +578,6 @@ class DeviceStreamer(Streamer):
         with self._on(self.compute):
             A = torch.from_numpy(np.ascontiguousarray(alphas, dtype=np.float32)).to(self.dev)
             for a, b in ranges:
-                pending = []
                 for ga, gb in self.groups(job, a, b):
                     m = gb - ga
                     x, s = self._resident_view(job, ga, gb), None
@@ -565,12 +602,9 @@ class DeviceStreamer(Streamer):
                         self._copy(self.d2h, pbuf[0][:K * m * isz], self.out_slots[o][:K * m * isz])
                         copied.record(self.d2h)
                     self.out_free[o] = copied
-                    pending.append(self.writes.submit(self._write, job, ga, gb, pbuf, copied, writers, also))
-                with self._timed("wait_write"):
-                    for f in pending:
-                        f.result()
+                    self.inflight.append(self.writes.submit(self._write, job, ga, gb, pbuf, copied, writers, also))
                 if on_range is not None:
-                    on_range(b)
+                    self.after_writes(partial(on_range, b))
         self._release_resident()
 
     def close(self) -> None:

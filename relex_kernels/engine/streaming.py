@@ -128,6 +128,15 @@ class Streamer:
         if not resident and i + 1 < len(ranges):
             self.prefetch(job, *ranges[i + 1])
 
+    def after_writes(self, fn) -> None:
+        """Run ``fn`` on this thread once every output asked for so far is in the output maps (the
+        journal's records of written ranges and tensors wait for that): here at once, since the
+        host passes write before they return; a device pipeline runs it later (:meth:`drain`)."""
+        fn()
+
+    def drain(self) -> None:
+        """Wait for the outputs still being written and run what waits for them (:meth:`after_writes`)."""
+
     def _tick(self, nbytes: int) -> None:
         self.bytes_read += nbytes
         if self.progress is not None:
@@ -208,7 +217,8 @@ class Streamer:
 
         ``count_read``: whether this pass reads the inputs anew (False when pass 1 left
         them resident), for the progress bar and the bytes-read figure. ``on_range(b)``
-        is called once the outputs of each range ``[a, b)`` are written and synced.
+        is called once the outputs of each range ``[a, b)`` are written (through
+        :meth:`after_writes`).
         """
         T = self.traj.T
         ops = self._ops(job)  # each converts the fp64 alphas (fp32 but for the fp64 path)
