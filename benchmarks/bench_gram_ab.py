@@ -6,7 +6,9 @@
 Builds ``benchmarks/gram_ab/harness.cpp`` twice, against ``csrc/cpu`` of ``--before`` (from git)
 and of the working tree (``--after``: a commit too, if given), with the extension's compiler
 flags; runs ``relex::gram`` on one thread (8M bf16 elements by default), the two builds
-alternating round by round, and reports the median GFLOP/s (T(T+1) flops per element) of each.
+alternating round by round, and reports the median GFLOP/s of each (T(T+1) flops per element, over
+the thread's CPU time, as ``bench_gram_core.py`` times the extension: steal time on a shared VM is
+not the kernel's).
 Every round also hashes the fp64 Grams: a kernel change that keeps the summation order prints
 "same bits" for every T, dtype and fp16-delta mode checked (``--check`` lists them).
 """
@@ -28,7 +30,10 @@ sys.path.insert(0, str(ROOT))
 from machine_info import cpu_model  # noqa: E402
 from relex_kernels.io.dtypes import DTYPE_CODES  # noqa: E402
 HARNESS = Path(__file__).resolve().parent / "gram_ab" / "harness.cpp"
-FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]  # as setup.py builds the extension
+# as setup.py builds the extension (its _CPU_COMPILE_ARGS, and the -fPIC -fwrapv -DNDEBUG that
+# Python adds)
+FLAGS = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-fPIC", "-fwrapv",
+         "-DNDEBUG"]
 
 
 def sources(rev: str | None, into: Path) -> Path:
