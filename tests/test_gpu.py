@@ -13,9 +13,12 @@ Nothing here queries CUDA at import.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -31,6 +34,7 @@ from relex_kernels.engine.streaming import GRAM_BLOCK  # noqa: E402
 from relex_kernels.engine.trajectory import Trajectory  # noqa: E402
 from relex_kernels.fit import FitOptions  # noqa: E402
 from relex_kernels.io import Checkpoint, dtypes  # noqa: E402
+from relex_kernels.io.writer import ShardedWriter  # noqa: E402
 from relex_kernels.ops import get_backend, reference, resolve_backend  # noqa: E402
 from relex_kernels.ops.reference import GRAM_CHUNK  # noqa: E402
 
@@ -225,12 +229,16 @@ def test_outputs_are_written_while_the_next_tensor_computes(tmp, monkeypatch):
     ref = extrapolate(base, ck, [20], os.path.join(tmp, "ref"), backend="triton")
     want = _outputs(ref.outputs[0])
     started = []  # per Gram call: the writes still in flight when it began
-    gram, write = gpu.DeviceStreamer.gram, gpu.DeviceStreamer._write
-    gate = __import__("threading").Event()
+    gram, combine, write = gpu.DeviceStreamer.gram, gpu.DeviceStreamer.combine, gpu.DeviceStreamer._write
+    gate = threading.Event()
 
     def slow_write(self, *a):
-        gate.wait(0.2)  # held until a later Gram has begun (at most 0.2 s: never a deadlock)
+        gate.wait(0.5)  # held until the next Gram has begun (at most 0.5 s: never a deadlock)
         return write(self, *a)
+
+    def gated_combine(self, *a, **k):
+        gate.clear()  # this tensor's writes wait for the next Gram
+        return combine(self, *a, **k)
 
     def watched_gram(self, job, *a, **k):
         started.append(sum(not f.done() for f in self.inflight) + sum(
@@ -249,6 +257,7 @@ def test_outputs_are_written_while_the_next_tensor_computes(tmp, monkeypatch):
         return done(self, *names)
 
     monkeypatch.setattr(gpu.DeviceStreamer, "_write", slow_write)
+    monkeypatch.setattr(gpu.DeviceStreamer, "combine", gated_combine)
     monkeypatch.setattr(gpu.DeviceStreamer, "gram", watched_gram)
     monkeypatch.setattr(Executor, "_done", checked_done)
     got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton")
@@ -256,6 +265,77 @@ def test_outputs_are_written_while_the_next_tensor_computes(tmp, monkeypatch):
     assert any(started[1:]), "every Gram waited for the writes of the tensor before it"
     assert checked and all(checked)
     assert got.report["device_stages"]["write"] > 0
+
+
+def _late_writes(monkeypatch, seconds):
+    write = gpu.DeviceStreamer._write
+
+    def late(self, *a):
+        time.sleep(seconds)
+        return write(self, *a)
+    monkeypatch.setattr(gpu.DeviceStreamer, "_write", late)
+
+
+def test_each_written_range_is_in_the_maps_when_recorded(tmp, monkeypatch):
+    """A tensor cut into ranges: each range's record (``on_range``) comes once its outputs are in
+    the maps — not when combine returns, which is before the last range's writes landed."""
+    devicedouble.install(monkeypatch.setattr)
+    n = 3 * GRAM_CHUNK + 77
+    base, ck = make_trajectory(tmp, {"x": (n,)}, [1, 2, 3], dtype="BF16")
+    traj = Trajectory(base, ck)
+    try:
+        job = traj.jobs[0]
+        alphas = np.array([[0.5, -1.0, 2.0]])
+        os.makedirs(os.path.join(tmp, "ref"))
+        os.makedirs(os.path.join(tmp, "got"))
+        ref = ShardedWriter(os.path.join(tmp, "ref"), [job.spec])
+        gpu.Streamer(traj, get_backend("reference"), 64 << 20).combine(job, [(0, n)], True, alphas, [ref])
+        want = np.array(ref.view("x", 0, n))
+        ref.close()
+        _late_writes(monkeypatch, 0.1)
+        st = gpu.make_streamer(traj, get_backend("triton"), 64 << 20,
+                               device_memory_budget=gpu.device_overhead(3, 64 << 20) + (1 << 20))
+        out = ShardedWriter(os.path.join(tmp, "got"), [job.spec])
+        ranges = [(0, GRAM_CHUNK), (GRAM_CHUNK, 2 * GRAM_CHUNK + 5), (2 * GRAM_CHUNK + 5, n)]
+        seen = []
+        st.combine(job, ranges, False, alphas, [out],
+                   on_range=lambda b: seen.append((b, np.array_equal(np.array(out.view("x", 0, b)), want[:b]))))
+        assert len(seen) < len(ranges), "combine waited for its writes"
+        st.drain()
+        assert seen == [(b, True) for _, b in ranges]
+        gpu.close_streamer(st)
+        out.close()
+    finally:
+        traj.close()
+
+
+def test_interrupt_keeps_the_tensors_whose_outputs_landed(tmp, monkeypatch):
+    """Ctrl-C while outputs are in flight: the writes land and the finished tensors are recorded
+    before the partial state is kept, so the resume reads them not again (records batched as
+    by default: the interrupt's flush makes them durable)."""
+    devicedouble.install(monkeypatch.setattr)
+    base, ck = _traj(tmp)
+    from relex_kernels.engine import journal as jmod
+    whole = extrapolate(base, ck, [20], os.path.join(tmp, "whole"), backend="triton")
+    _late_writes(monkeypatch, 0.1)
+    hook, fits = jmod.hook, []
+
+    def interrupt_at_third_fit(point):
+        if point == "fit":
+            fits.append(point)
+            if len(fits) == 3:
+                raise KeyboardInterrupt
+        return hook(point)
+    monkeypatch.setattr(jmod, "hook", interrupt_at_third_fit)
+    out = os.path.join(tmp, "out")
+    with pytest.raises(KeyboardInterrupt):
+        extrapolate(base, ck, [20], out, backend="triton")
+    monkeypatch.setattr(jmod, "hook", hook)
+    again = extrapolate(base, ck, [20], out, backend="triton")
+    fitted_before = 2  # the two tensors fitted before the interrupt, their writes still in flight then
+    assert again.report["resumed_tensors"] >= fitted_before
+    assert again.bytes_read < whole.bytes_read
+    assert_same(whole.outputs[0], again.outputs[0], True)
 
 
 def test_killed_while_outputs_are_in_flight_resumes_byte_identical(tmp):
@@ -283,7 +363,6 @@ def test_killed_while_outputs_are_in_flight_resumes_byte_identical(tmp):
         assert r.returncode == -9, (point, r.returncode, r.stderr[-2000:])
         r = run(out)
         assert r.returncode == 0, (point, r.stderr[-2000:])
-        import json
         rep = json.load(open(os.path.join(out, "relex_report.json")))
         if point.startswith("done"):
             assert rep["resumed_tensors"] >= int(point[-1]), point

@@ -96,11 +96,22 @@ def make_streamer(traj, backend: Backend, memory_budget: int, fp16_deltas: bool 
     return Streamer(traj, backend, memory_budget, fp16_deltas=fp16_deltas)
 
 
-def close_streamer(streamer) -> None:
-    """Stop a :class:`DeviceStreamer`'s threads (a CPU :class:`Streamer` has none; None: nothing)."""
-    close = getattr(streamer, "close", None)
-    if close is not None:
-        close()
+def close_streamer(streamer, drain: bool = False) -> None:
+    """Stop a :class:`DeviceStreamer`'s threads (a CPU :class:`Streamer` has none; None: nothing).
+
+    ``drain``: first let the outputs in flight land and make their journal records — a graceful
+    interrupt keeps every finished tensor for the resume; an error drops them (its outputs go)."""
+    if streamer is None:
+        return
+    try:
+        if drain:
+            streamer.drain()
+    except Exception:
+        pass  # (the interrupt is what the caller reports; the resume redoes what was not recorded)
+    finally:
+        close = getattr(streamer, "close", None)
+        if close is not None:
+            close()
 
 
 def stage_fields(streamer) -> dict:
@@ -543,6 +554,7 @@ class DeviceStreamer(Streamer):
         nbytes = -(-self.stage * K // (self.traj.T + 1)) + 64
         if self.out_bytes is not None and self.out_bytes >= nbytes:
             return
+        self.drain()  # (nothing in flight from the buffers and slots replaced here)
         # allocated before any field changes: a device OOM here leaves the old slots consistent
         slots = [self._device_empty(nbytes, self.torch.uint8, "an output slot") for _ in range(2)]
         self.out_pool = _Pool(self.torch, N_OUT, nbytes, self.cuda)
@@ -551,11 +563,11 @@ class DeviceStreamer(Streamer):
 
     def _write(self, job: Job, a: int, b: int, buf, ev, writers, also) -> None:
         """Writer thread: pinned outputs of group [a, b) into the output maps."""
-        if ev is not None:
-            ev.synchronize()
         m = b - a
         raw = buf[1][:len(writers) * m * dtypes.itemsize(job.dtype)].view(dtypes.raw_numpy(job.dtype))
-        try:
+        try:  # (the buffer goes back whatever fails: the engine may be waiting for it)
+            if ev is not None:
+                ev.synchronize()
             with self._timed("write"):
                 for k, w in enumerate(writers):
                     for name in (job.name, also) if also is not None else (job.name,):
@@ -608,7 +620,9 @@ class DeviceStreamer(Streamer):
         self._release_resident()
 
     def close(self) -> None:
-        """Stop the reader and writer threads and wait for the device (idempotent)."""
+        """Stop the reader and writer threads and wait for the device (idempotent). What still waits
+        for writes (:meth:`after_writes`) is dropped: a finished run drained it, an error's outputs
+        go, and a graceful interrupt drains first (:func:`close_streamer`)."""
         if self.closed:
             return
         self.closed = True

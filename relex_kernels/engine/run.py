@@ -73,7 +73,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                            before_commit=(lambda: before_commit(ex.fits)) if before_commit is not None else None)
     except BaseException as e:
         try:
-            close_streamer(streamer)
+            close_streamer(streamer, drain=isinstance(e, KeyboardInterrupt))
             if bar is not None:
                 bar.close()
         finally:  # (a device error while stopping the pipeline must not leave the partial outputs)

@@ -217,8 +217,8 @@ class Streamer:
 
         ``count_read``: whether this pass reads the inputs anew (False when pass 1 left
         them resident), for the progress bar and the bytes-read figure. ``on_range(b)``
-        is called once the outputs of each range ``[a, b)`` are written (through
-        :meth:`after_writes`).
+        is called once the outputs of each range ``[a, b)`` are written (here at once; a
+        device pipeline's writer threads land them later: :meth:`after_writes`).
         """
         T = self.traj.T
         ops = self._ops(job)  # each converts the fp64 alphas (fp32 but for the fp64 path)
