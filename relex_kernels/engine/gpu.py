@@ -43,11 +43,11 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
-from collections import deque
-from functools import partial
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
