@@ -338,6 +338,22 @@ def test_interrupt_keeps_the_tensors_whose_outputs_landed(tmp, monkeypatch):
     assert_same(whole.outputs[0], again.outputs[0], True)
 
 
+def test_host_tensors_between_device_tensors_with_writes_in_flight(tmp, monkeypatch):
+    """F64 tensors (computed on the host, written at once) between device tensors whose writes
+    are still in flight: the bytes of the reference engine, every tensor recorded done once."""
+    devicedouble.install(monkeypatch.setattr)
+    shapes = {"a": (3000,), "h64": (500,), "b": (4000,), "g64": (70,), "c": (2500,)}
+    base, ck = make_trajectory(tmp, shapes, STEPS, dtype="BF16", extra_dtypes={"h64": "F64", "g64": "F64"})
+    ref = extrapolate(base, ck, [20], os.path.join(tmp, "ref"), backend="reference")
+    _late_writes(monkeypatch, 0.05)
+    from relex_kernels.engine.executor import Executor
+    done, record = [], Executor._done
+    monkeypatch.setattr(Executor, "_done", lambda self, *names: (done.extend(names), record(self, *names))[1])
+    got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton")
+    assert_same(ref.outputs[0], got.outputs[0], True)
+    assert sorted(done) == sorted(shapes)
+
+
 def test_killed_while_outputs_are_in_flight_resumes_byte_identical(tmp):
     """Killed (SIGKILL) at the journal's points of the device pipeline while writes of outputs
     are still in flight (each delayed on its writer thread, every record made durable at once):
