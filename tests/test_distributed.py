@@ -227,7 +227,11 @@ def test_gpu_ranks_match_one_process(traj_dirs, backend):
     if not ok:
         pytest.skip(f"{backend}: {why}")
     root, base, _ = traj_dirs
-    _one_and_two_ranks(root, base, f"gpu-{backend}", ["--backend", backend], RELEX_DIST_BACKEND="gloo")
+    one, ranks = _one_and_two_ranks(root, base, f"gpu-{backend}", ["--backend", backend], RELEX_DIST_BACKEND="gloo")
+    # (the helper asserts the bytes and the fit equal; here: both ran on this backend, on the GPU)
+    assert one["backend"] == ranks["backend"] == backend
+    assert ranks["distributed"]["world_size"] == 2
+    assert one["device_stages"]["h2d"] > 0 and ranks["device_stages"]["h2d"] > 0
 
 
 def test_three_ranks_srun_style_small_budget_byte_identical(traj_dirs, single):
