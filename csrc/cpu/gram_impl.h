@@ -210,7 +210,10 @@ struct PanelLayout {
         : nb(int(round_up(size_t(T), kB)) / kB),
           ld(std::min(kPanelVecs * V::W, round_up(std::max<size_t>(n, 1), 2 * V::W))) {}
     size_t block_floats() const { return size_t(kB) * kB * V::W; }
-    size_t floats() const { return (size_t(nb) * kB + 1) * ld + size_t(nb) * (nb + 1) / 2 * block_floats(); }
+    size_t base_offset() const { return size_t(nb) * kB * ld; }  // after D
+    size_t acc_offset() const { return base_offset() + ld; }     // after the base
+    size_t acc_floats() const { return size_t(nb) * (nb + 1) / 2 * block_floats(); }
+    size_t floats() const { return acc_offset() + acc_floats(); }
 };
 
 template <class V>
@@ -227,11 +230,11 @@ void gram_chunk_panels(const Inputs& in, size_t off, size_t len, float* out, flo
     const PanelLayout<V> lay(T, in.n);  // (gram_plan_t sized the scratch with the same layout)
     const int nb = lay.nb;
     const size_t ld = lay.ld;
-    float* D = scratch;                     // Tp rows of ld deltas
-    float* b = D + size_t(nb) * kB * ld;    // the fp32 base of the panel
-    float* acc = b + ld;                    // W-lane partial sums of every block, across panels
+    float* D = scratch;                       // Tp rows of ld deltas
+    float* b = scratch + lay.base_offset();   // the fp32 base of the panel
+    float* acc = scratch + lay.acc_offset();  // W-lane partial sums of every block, across panels
     const size_t blk = lay.block_floats();
-    std::memset(acc, 0, sizeof(float) * size_t(nb) * (nb + 1) / 2 * blk);
+    std::memset(acc, 0, sizeof(float) * lay.acc_floats());
     for (size_t p0 = 0; p0 < len; p0 += ld) {
         const size_t pl = std::min(ld, len - p0);
         const size_t nvec = round_up(pl, 2 * W) / W;

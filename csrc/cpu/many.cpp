@@ -5,7 +5,7 @@
 // alone with every thread. Neither gram() nor combine() depends on the thread count, so
 // every tensor gets the bits of a call of its own.
 //
-// The small tensors go to the threads in runs of neighbours (at least kRunElements elements
+// The small tensors go to the threads in runs of neighbours (about one chunk of elements
 // each), not one by one: the tensors of a group lie one after another in each input file, and
 // two threads reading neighbouring tensors of a memory map fault on the same pages (the kernel
 // maps 64 KB around a fault): a 3072-tensor group of 16K-element tensors took 40K page faults
@@ -19,25 +19,27 @@ namespace relex {
 
 namespace {
 
-// Elements of one thread's run of small neighbouring tensors (one Gram chunk's worth).
-constexpr size_t kRunElements = kGramChunk;
-
-// Run f(i) for each item: the ones marked `whole` one after another with every thread, the
-// rest in parallel, one thread per run of neighbours. An exception is rethrown after the region.
+// Run f(i, threads) for each tensor: one with at least as many `unit`s of elements (Gram chunks,
+// combine blocks) as threads runs alone with every thread; the others in parallel, one thread per
+// run of neighbours of about one unit (a large tensor between them ends a run: its neighbours
+// are not each other's). An exception is rethrown after the region.
 template <class F>
-void run_many(const Inputs* ins, size_t count, int nthreads, const std::vector<char>& whole, F f) {
+void run_many(const Inputs* ins, size_t count, int nthreads, size_t unit, F f) {
+    threads_for(nthreads, 1);  // a bad count is an error before any work
+    for (size_t i = 0; i < count; ++i) check_inputs(ins[i]);
     std::vector<int64_t> small;
     std::vector<size_t> runs;  // run r: small[runs[r]] .. small[runs[r + 1]]
     size_t in_run = 0;
     for (size_t i = 0; i < count; ++i) {
-        if (whole[i]) {
+        if (nthreads > 1 && (ins[i].n + unit - 1) / unit >= size_t(nthreads)) {
             f(i, nthreads);
+            in_run = 0;
             continue;
         }
         if (in_run == 0) runs.push_back(small.size());
         small.push_back(int64_t(i));
         in_run += ins[i].n + 1;  // (+1: a run of empty tensors ends too)
-        if (in_run >= kRunElements) in_run = 0;
+        if (in_run >= unit) in_run = 0;
     }
     runs.push_back(small.size());
     const int64_t nruns = int64_t(runs.size()) - 1;
@@ -58,24 +60,12 @@ void run_many(const Inputs* ins, size_t count, int nthreads, const std::vector<c
 }  // namespace
 
 void gram_many(const Inputs* ins, double* const* accs, size_t count, int nthreads) {
-    threads_for(nthreads, 1);  // a bad count is an error before any work
-    std::vector<char> whole(count);
-    for (size_t i = 0; i < count; ++i) {
-        check_inputs(ins[i]);
-        whole[i] = (ins[i].n + kGramChunk - 1) / kGramChunk >= size_t(nthreads) && nthreads > 1;
-    }
-    run_many(ins, count, nthreads, whole, [&](size_t i, int nt) { gram(ins[i], accs[i], nt); });
+    run_many(ins, count, nthreads, kGramChunk, [&](size_t i, int nt) { gram(ins[i], accs[i], nt); });
 }
 
 void combine_many(const Inputs* ins, const float* const* alphas, int K, void* const* outs, size_t count,
                   int nthreads) {
-    threads_for(nthreads, 1);
-    std::vector<char> whole(count);
-    for (size_t i = 0; i < count; ++i) {
-        check_inputs(ins[i]);
-        whole[i] = (ins[i].n + kCombineBlock - 1) / kCombineBlock >= size_t(nthreads) && nthreads > 1;
-    }
-    run_many(ins, count, nthreads, whole,
+    run_many(ins, count, nthreads, kCombineBlock,
              [&](size_t i, int nt) { combine(ins[i], alphas[i], K, outs + i * size_t(K), nt); });
 }
 
