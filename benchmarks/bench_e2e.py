@@ -39,7 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from machine_info import cpu_model  # noqa: E402
+from machine_info import cpu_model, user_env  # noqa: E402
 
 CHILD_PRELUDE = r"""
 import json, os, sys, time
@@ -132,7 +132,7 @@ print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss": hwm(), "temp_
 
 def child(code: str, arg: dict, env=None) -> dict:
     r = subprocess.run([sys.executable, "-c", code, json.dumps(arg)], capture_output=True, text=True,
-                       env=dict(os.environ, **(env or {})))
+                       env=user_env(**(env or {})))
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -400,9 +400,9 @@ def to_markdown(res: dict) -> str:
         lines.append(f"| bound with the write: max(read, Gram, write) | {m['bound_with_write_seconds']:.2f} | | | | | 1.00 |")
     for k, v in m.items():
         if k.startswith("engine_"):
-            with_write = f"{v['x_bound_with_write']:.2f}" if "x_bound_with_write" in v else ""
             lines.append(f"| relex (backend {k[7:]}) | {v['seconds']:.2f} ({min(v['runs']):.2f}-{max(v['runs']):.2f}) | "
-                         f"{v['input_GBps']:.2f} | {v['peak_rss'] / 2**20:.0f} | 0 | {v['x_bound']:.2f} | {with_write} |")
+                         f"{v['input_GBps']:.2f} | {v['peak_rss'] / 2**20:.0f} | 0 | {v['x_bound']:.2f} | "
+                         f"{v['x_bound_with_write']:.2f} |")
     for k in ("naive", "authors"):
         if k in m:
             v = m[k]

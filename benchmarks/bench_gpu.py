@@ -424,6 +424,7 @@ def main(argv=None) -> int:
     sections = [("bounds", lambda: bounds(s)), ("gram", lambda: bench_gram(s, kern, res["bounds"])),
                 ("combine", lambda: bench_combine(s, kern, res["bounds"])), ("eig", lambda: bench_eig(s, kern)),
                 ("svd", lambda: bench_svd(s, kern)), ("e2e", lambda: bench_e2e(s, res["bounds"], work))]
+    name = None
     try:
         for name, fn in sections:
             if name not in want and not (name == "bounds" and want):
@@ -433,12 +434,12 @@ def main(argv=None) -> int:
                 res[name] = fn()
             except Exception:
                 res[name] = {"error": traceback.format_exc()}
-            except KeyboardInterrupt:  # gpu_check.sh's time limit (timeout -s INT): keep what is measured
-                res[name] = {"error": "interrupted (time limit)"}
-                break
             print(f"{name}: {time.perf_counter() - t1:.1f} s", flush=True)
             if CUDA:
                 torch.cuda.empty_cache()
+    except KeyboardInterrupt:  # gpu_check.sh's time limit (timeout -s INT): keep what is measured
+        if name is not None:
+            res[name] = res.get(name) or {"error": "interrupted (time limit)"}
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)

@@ -16,11 +16,14 @@ Every round also hashes the fp64 Grams: a kernel change that keeps the summation
 from __future__ import annotations
 
 import argparse
+import ast
 import io
 import os
+import shlex
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 from pathlib import Path
@@ -30,10 +33,17 @@ sys.path.insert(0, str(ROOT))
 from machine_info import cpu_model  # noqa: E402
 from relex_kernels.io.dtypes import DTYPE_CODES  # noqa: E402
 HARNESS = Path(__file__).resolve().parent / "gram_ab" / "harness.cpp"
-# as setup.py builds the extension (its _CPU_COMPILE_ARGS, and the -fPIC -fwrapv -DNDEBUG that
-# Python adds)
-FLAGS = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fvisibility=hidden", "-fPIC", "-fwrapv",
-         "-DNDEBUG"]
+
+
+def extension_flags() -> list[str]:
+    """The compiler flags of the extension's build: Python's (CFLAGS, CCSHARED), then setup.py's
+    ``_CPU_COMPILE_ARGS`` (read from setup.py, not copied: a copy had already drifted)."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    ours = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(getattr(t, "id", None) == "_CPU_COMPILE_ARGS" for t in node.targets))
+    python = [f for var in ("CFLAGS", "CCSHARED") for f in shlex.split(sysconfig.get_config_var(var) or "")]
+    return python + ours
+
 
 
 def sources(rev: str | None, into: Path) -> Path:
@@ -48,7 +58,7 @@ def sources(rev: str | None, into: Path) -> Path:
 
 def build(src: Path, out: Path) -> Path:
     cpp = sorted(str(p) for p in src.glob("*.cpp"))
-    subprocess.run(["g++", *FLAGS, f"-I{src}", *cpp, str(HARNESS), "-o", str(out)], check=True)
+    subprocess.run(["g++", *extension_flags(), f"-I{src}", *cpp, str(HARNESS), "-o", str(out)], check=True)
     return out
 
 

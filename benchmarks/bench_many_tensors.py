@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from machine_info import cpu_model  # noqa: E402
+from machine_info import cpu_model, user_env  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -64,11 +64,8 @@ def run_once(root: Path, T: int, out: Path) -> float:
     # or flushing the previous run's output
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
-    # as users run it: with the compiled bytecode cached (some machines export
-    # PYTHONDONTWRITEBYTECODE, which would add ~0.1 s of compiling to every run)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env)
+    subprocess.run(cmd, check=True, env=user_env())
     return time.perf_counter() - t
 
 

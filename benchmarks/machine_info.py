@@ -1,7 +1,8 @@
-"""What every benchmark records about the machine it ran on."""
+"""What every benchmark records about the machine it ran on, and how it starts a timed process."""
 
 from __future__ import annotations
 
+import os
 import platform
 
 
@@ -15,3 +16,11 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+def user_env(**extra: str) -> dict[str, str]:
+    """The environment of a timed fresh process, as users run one: compiled bytecode cached (some
+    machines export PYTHONDONTWRITEBYTECODE, which adds ~0.1 s of compiling to a run), plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(extra)
+    return env
