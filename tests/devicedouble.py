@@ -45,6 +45,11 @@ class RefKernels:
         reference.combine(rows[0], list(rows[1:]), alphas.numpy(), dtype, list(outs), fp16_deltas)
 
 
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: PYTHONPATH of a process a test starts that runs on the double (device_double/sitecustomize.py)
+PYTHONPATH = os.pathsep.join([os.path.join(_ROOT, "tests", "device_double"), os.path.join(_ROOT, "tests"), _ROOT])
+
+
 def install(setattr_=setattr) -> None:
     """Make ``--backend triton`` run on :class:`RefKernels` (``setattr_``: monkeypatch.setattr in a test).
 
@@ -55,10 +60,16 @@ def install(setattr_=setattr) -> None:
     setattr_(tmod, "device_kernels", lambda device=None: RefKernels())
     delay = float(os.environ.get("RELEX_TEST_WRITE_DELAY") or 0)
     if delay > 0:
-        from relex_kernels.engine import gpu
-        write = gpu.DeviceStreamer._write
+        late_writes(delay, setattr_)
 
-        def late_write(self, *args):
-            time.sleep(delay)
-            return write(self, *args)
-        setattr_(gpu.DeviceStreamer, "_write", late_write)
+
+def late_writes(seconds: float, setattr_=setattr) -> None:
+    """Each write of the device pipeline's outputs into the maps starts ``seconds`` later on its
+    writer thread (``setattr_``: monkeypatch.setattr in a test)."""
+    from relex_kernels.engine import gpu
+    write = gpu.DeviceStreamer._write
+
+    def late_write(self, *args):
+        time.sleep(seconds)
+        return write(self, *args)
+    setattr_(gpu.DeviceStreamer, "_write", late_write)

@@ -38,7 +38,6 @@ from relex_kernels.io.writer import ShardedWriter  # noqa: E402
 from relex_kernels.ops import get_backend, reference, resolve_backend  # noqa: E402
 from relex_kernels.ops.reference import GRAM_CHUNK  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = [2, 4, 6, 8]
 SHAPES = {"model.embed_tokens.weight": (300, 64), "lm_head.weight": (300, 64), "big": (3 * GRAM_CHUNK + 77,),
           "w.weight": (33, 17), "b.bias": (7,), "f32": (1000,), "f16": (999,), "ids": (5,)}
@@ -194,14 +193,22 @@ def test_backends_report_says_why_no_gpu():
             assert any(w in lines[b] for w in ("no GPU", "not built", "not installed", "needs torch")), lines[b]
 
 
+def _cli_args(base, ck, targets, *extra) -> list[str]:
+    """``relex extrapolate`` of ``base`` and the checkpoints ``ck`` ({step: dir}) to ``targets``, quiet."""
+    args = ["extrapolate", "--base", base, "-q", *extra]
+    for t in targets:
+        args += ["--target-step", str(t)]
+    for step, d in ck.items():
+        args += ["--checkpoint", f"{step}={d}"]
+    return args
+
+
 def test_cli_with_interpreted_triton_kernels(tmp):
     """The real Triton kernels through the whole pipeline and CLI, on the CPU (TRITON_INTERPRET=1)."""
     pytest.importorskip("triton")
     shapes = {"model.embed_tokens.weight": (40, 16), "lm_head.weight": (40, 16), "v": (700,), "b.bias": (7,)}
     base, ck = make_trajectory(tmp, shapes, [1, 2, 3], dtype="BF16", config=TIED)
-    args = ["extrapolate", "--base", base, "--target-step", "12", "--target-step", "20", "-q"]
-    for s, d in ck.items():
-        args += ["--checkpoint", f"{s}={d}"]
+    args = _cli_args(base, ck, [12, 20])
     env = dict(os.environ, TRITON_INTERPRET="1")
     runs = {"ref": ["--backend", "reference"], "tri": ["--backend", "triton"],
             "tri_streamed": ["--backend", "triton", "--memory-budget", "24M", "--device-memory-budget",
@@ -210,7 +217,6 @@ def test_cli_with_interpreted_triton_kernels(tmp):
         r = subprocess.run([sys.executable, "-m", "relex_kernels", *args, "--out", os.path.join(tmp, out), *extra],
                            env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout + r.stderr
-    import json
     reads = {o: json.load(open(os.path.join(tmp, o, "relex_report.json")))["bytes_read"] for o in runs}
     assert reads["tri"] == reads["ref"] and reads["tri_streamed"] == reads["ref"] + 4 * 700 * 2  # "v" read twice
     for t in (12, 20):
@@ -267,15 +273,6 @@ def test_outputs_are_written_while_the_next_tensor_computes(tmp, monkeypatch):
     assert got.report["device_stages"]["write"] > 0
 
 
-def _late_writes(monkeypatch, seconds):
-    write = gpu.DeviceStreamer._write
-
-    def late(self, *a):
-        time.sleep(seconds)
-        return write(self, *a)
-    monkeypatch.setattr(gpu.DeviceStreamer, "_write", late)
-
-
 def test_each_written_range_is_in_the_maps_when_recorded(tmp, monkeypatch):
     """A tensor cut into ranges: each range's record (``on_range``) comes once its outputs are in
     the maps — not when combine returns, which is before the last range's writes landed."""
@@ -292,19 +289,21 @@ def test_each_written_range_is_in_the_maps_when_recorded(tmp, monkeypatch):
         gpu.Streamer(traj, get_backend("reference"), 64 << 20).combine(job, [(0, n)], True, alphas, [ref])
         want = np.array(ref.view("x", 0, n))
         ref.close()
-        _late_writes(monkeypatch, 0.1)
+        devicedouble.late_writes(0.1, monkeypatch.setattr)
         st = gpu.make_streamer(traj, get_backend("triton"), 64 << 20,
                                device_memory_budget=gpu.device_overhead(3, 64 << 20) + (1 << 20))
         out = ShardedWriter(os.path.join(tmp, "got"), [job.spec])
-        ranges = [(0, GRAM_CHUNK), (GRAM_CHUNK, 2 * GRAM_CHUNK + 5), (2 * GRAM_CHUNK + 5, n)]
-        seen = []
-        st.combine(job, ranges, False, alphas, [out],
-                   on_range=lambda b: seen.append((b, np.array_equal(np.array(out.view("x", 0, b)), want[:b]))))
-        assert len(seen) < len(ranges), "combine waited for its writes"
-        st.drain()
-        assert seen == [(b, True) for _, b in ranges]
-        gpu.close_streamer(st)
-        out.close()
+        try:
+            ranges = [(0, GRAM_CHUNK), (GRAM_CHUNK, 2 * GRAM_CHUNK + 5), (2 * GRAM_CHUNK + 5, n)]
+            seen = []
+            st.combine(job, ranges, False, alphas, [out],
+                       on_range=lambda b: seen.append((b, np.array_equal(np.array(out.view("x", 0, b)), want[:b]))))
+            assert len(seen) < len(ranges), "combine waited for its writes"
+            st.drain()
+            assert seen == [(b, True) for _, b in ranges]
+        finally:
+            gpu.close_streamer(st)
+            out.close()
     finally:
         traj.close()
 
@@ -317,13 +316,13 @@ def test_interrupt_keeps_the_tensors_whose_outputs_landed(tmp, monkeypatch):
     base, ck = _traj(tmp)
     from relex_kernels.engine import journal as jmod
     whole = extrapolate(base, ck, [20], os.path.join(tmp, "whole"), backend="triton")
-    _late_writes(monkeypatch, 0.1)
-    hook, fits = jmod.hook, []
+    devicedouble.late_writes(0.1, monkeypatch.setattr)
+    hook, fits = jmod.hook, [0]
 
     def interrupt_at_third_fit(point):
         if point == "fit":
-            fits.append(point)
-            if len(fits) == 3:
+            fits[0] += 1
+            if fits[0] == 3:
                 raise KeyboardInterrupt
         return hook(point)
     monkeypatch.setattr(jmod, "hook", interrupt_at_third_fit)
@@ -345,7 +344,7 @@ def test_host_tensors_between_device_tensors_with_writes_in_flight(tmp, monkeypa
     shapes = {"a": (3000,), "h64": (500,), "b": (4000,), "g64": (70,), "c": (2500,)}
     base, ck = make_trajectory(tmp, shapes, STEPS, dtype="BF16", extra_dtypes={"h64": "F64", "g64": "F64"})
     ref = extrapolate(base, ck, [20], os.path.join(tmp, "ref"), backend="reference")
-    _late_writes(monkeypatch, 0.05)
+    devicedouble.late_writes(0.05, monkeypatch.setattr)
     from relex_kernels.engine.executor import Executor
     done, record = [], Executor._done
     monkeypatch.setattr(Executor, "_done", lambda self, *names: (done.extend(names), record(self, *names))[1])
@@ -360,19 +359,16 @@ def test_killed_while_outputs_are_in_flight_resumes_byte_identical(tmp):
     the rerun resumes from the records and writes the bytes of an uninterrupted run. A record
     made before its outputs landed would be trusted by the rerun and leave them unwritten."""
     base, ck = _traj(tmp)
-    args = ["extrapolate", "--base", base, "--target-step", "20", "--target-step", "40", "-q", "--backend", "triton"]
-    for s, d in ck.items():
-        args += ["--checkpoint", f"{s}={d}"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "tests", "device_double"),
-                                                       os.path.join(ROOT, "tests"), ROOT]),
-               RELEX_TEST_WRITE_DELAY="0.05", RELEX_JOURNAL_SYNC_SECONDS="0")
+    args = _cli_args(base, ck, [20, 40], "--backend", "triton")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELEX_TEST_")}
+    env.update(PYTHONPATH=devicedouble.PYTHONPATH, RELEX_TEST_WRITE_DELAY="0.05", RELEX_JOURNAL_SYNC_SECONDS="0")
 
     def run(out, **more):
         return subprocess.run([sys.executable, "-m", "relex_kernels", *args, "--out", out],
                               env={**env, **more}, capture_output=True, text=True, timeout=300)
 
-    r = run(os.path.join(tmp, "whole"))
-    assert r.returncode == 0, r.stderr
+    # the double's bytes are the reference engine's (test_pipeline_outputs_match_reference_engine)
+    extrapolate(base, ck, [20, 40], os.path.join(tmp, "whole"), backend="reference")
     for point in ("combine:2", "done:1", "done:4"):
         out = os.path.join(tmp, point.replace(":", "_"))
         r = run(out, RELEX_TEST_KILL=point)

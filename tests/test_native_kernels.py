@@ -428,7 +428,7 @@ def test_tables_of_many_tensors_equal_calls_of_their_own(simd, threads_n, fp16):
     """gram_table / combine_table (the engine's groups): every tensor gets the bits of its own
     gram / combine call, small ones (one thread each) and large ones (every thread) mixed,
     whatever the thread count; an empty tensor is skipped. The small ones go to the threads in
-    runs of neighbours of about a Gram chunk each (here three runs, one across a large tensor)."""
+    runs of neighbours of about a Gram chunk each (here several, cut by the large tensors too)."""
     T, K = 5, 2
     sizes = [1, 7, 300, 0, 2 * CHUNK + 5, 64, 3 * (1 << 16) + 1, 33, 40000, 30001, 50000, 9]
     dts = ["BF16", "F16", "F32", "BF16", "BF16", "F32", "F16", "BF16", "F16", "BF16", "F32", "F16"]

@@ -170,7 +170,7 @@ def f64_backends():
 
 @pytest.fixture(params=f64_backends())
 def f64_backend(request, monkeypatch):
-    """Backend names; ``device-double``: the device pipeline on CPU (test_gpu's reference kernels)."""
+    """Backend names; ``device-double``: the device pipeline on CPU (tests/devicedouble.py's reference kernels)."""
     if request.param != "device-double":
         return request.param
     pytest.importorskip("torch")
