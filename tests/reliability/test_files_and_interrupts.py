@@ -120,6 +120,60 @@ def test_an_input_replaced_while_unmapped_is_an_error(tmp_path):
         f.close()
 
 
+def test_read_whole_fills_each_tensor_with_its_bytes(tmp_path, monkeypatch):
+    """The device reader's groups: whole tensors, asked in any order, each get their own bytes,
+    with runs of adjacent tensors read by one preadv (more buffers than a call takes, short
+    reads continued); a file that ends early is an error naming a tensor, one cut short since it
+    was opened an error saying it changed."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from relex_kernels.errors import FormatError
+    from relex_kernels.io import SafetensorsFile, reader
+    rng = np.random.default_rng(0)
+    kinds = (np.float32, np.float16, np.int64)
+    arrays = {f"t{i}": rng.normal(size=i * 13 + 1).astype(kinds[i % 3]) for i in range(40)}
+    arrays["empty"] = np.zeros(0, np.float32)
+    path = str(tmp_path / "m.safetensors")
+    save_file(arrays, path)
+    names = list(rng.permutation(list(arrays)))
+    calls, real = [], os.preadv
+
+    def short_preadv(fd, bufs, at):  # at most 1000 bytes a call, and record the buffers it got
+        calls.append(len(bufs))
+        head, left = [], 1000
+        for b in bufs:
+            head.append(b[:left])
+            left -= len(head[-1])
+            if not left:
+                break
+        return real(fd, head, at)
+
+    f = SafetensorsFile(path)
+    try:
+        for iov_max, preadv in ((1024, real), (3, short_preadv)):
+            monkeypatch.setattr(reader, "_IOV_MAX", iov_max)
+            monkeypatch.setattr(os, "preadv", preadv)
+            outs = [np.full(arrays[n].shape, 7, arrays[n].dtype) for n in names]
+            f.read_whole(names, outs)
+            for n, o in zip(names, outs):
+                assert o.tobytes() == arrays[n].tobytes(), n
+        assert max(calls) == 3 and len(calls) > 40
+        monkeypatch.setattr(os, "preadv", real)
+        calls.clear()
+        with pytest.raises(ValueError, match="contiguous"):
+            f.read_whole(["t5"], [np.empty(arrays["t5"].size + 1, arrays["t5"].dtype)])
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: real(fd, bufs, at) if at < 500 else 0)
+        with pytest.raises(FormatError, match="ends inside tensor 't"):
+            f.read_whole(names, [np.empty_like(arrays[n]) for n in names])
+        monkeypatch.setattr(os, "preadv", real)
+        os.truncate(path, os.path.getsize(path) - 8)
+        with pytest.raises(FormatError, match="changed"):
+            f.read_whole(names, [np.empty_like(arrays[n]) for n in names])
+    finally:
+        f.close()
+
+
 def test_map_cache_under_concurrent_readers(tmp_path, monkeypatch):
     """The device pipeline's reader threads view many files at once: with room for 4 maps, every
     view reads its own file's bytes, and a map is never unmapped under a live view."""
