@@ -175,10 +175,13 @@ class Executor:
         outs = st.combine_group(group, rows, fitmath.alphas_many(cs, self.W), self.writers, count_read=item.reread)
         for _ in group:
             journal_mod.hook("combine")
-        st.release_group(files, outs)
-        for job in group:
-            check_f16_range(job, self.writers, self.targets)
-        self._done(*names)
+
+        def landed() -> None:  # (on a device, once the outputs are in the maps)
+            st.release_group(files, outs)
+            for job in group:
+                check_f16_range(job, self.writers, self.targets)
+            self._done(*names)
+        st.after_writes(landed)
 
     def _gram(self, item: Item, items, i: int) -> None:
         """Pass 1 only: a Gram block sum of a split piece (SPMD) or a diagnostics Gram."""

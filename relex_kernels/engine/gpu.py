@@ -22,6 +22,12 @@ GRAM_BLOCK, so groups never straddle a Gram block):
   stream brings them to a pinned buffer, and writer threads copy them into the
   output maps while the next groups compute.
 
+Small tensors (a MoE model's thousands of experts) run in groups (``group`` items of the
+plan): one read into a pinned buffer, one upload into a stage slot, each tensor's Gram
+kernels into a stack of Grams brought back with one wait, one batched solve on the host,
+each tensor's combine into one output slot and one download — the device waits on the
+host once per group, not once per tensor, with the bits of the per-tensor path.
+
 ``combine`` returns once a range's outputs are on their way to the output maps, not once
 they are there: the journal's records of written ranges and finished tensors (``on_range``,
 :meth:`~.streaming.Streamer.after_writes`) run on the engine's thread when the writer threads
@@ -57,7 +63,7 @@ from ..ops import DEVICE_BACKENDS, Backend
 from ..ops.cuda import gram_precision
 from ..ops.reference import GRAM_CHUNK
 from .gramsum import GRAM_BLOCK, GramSum
-from .plan import KERNEL_SCRATCH, MIN_BUDGET, Policy
+from .plan import KERNEL_SCRATCH, MIN_BUDGET, Policy, aligned
 from .streaming import Streamer
 from .trajectory import Job
 
@@ -270,7 +276,8 @@ class DeviceStreamer(Streamer):
         if self.resident_cap < 0:
             raise UsageError(f"--device-memory-budget {self.device_budget / 2**20:.0f} MiB is below the "
                              f"{fixed / 2**20:.0f} MiB the pipeline needs for T={T}")
-        self.policy = Policy(T, memory_budget, self.resident_cap)
+        self.policy = Policy(T, memory_budget, self.resident_cap, stage=self.stage)
+        self.jobs = {j.name: j for j in traj.jobs}
         self.keys: list = []  # the group keys of the plan being run, in order (follow)
         if self.cuda:
             self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.dev) for _ in range(3))
@@ -339,6 +346,9 @@ class DeviceStreamer(Streamer):
         keys = []
         for it in items:
             job = it.job
+            if it.kind == "group":
+                keys.append(self._tensors_key(it.jobs))
+                continue
             if it.reused or it.kind not in ("fit", "gram", "combine") or job.on_host:
                 continue
             if it.needs_gram:
@@ -347,9 +357,9 @@ class DeviceStreamer(Streamer):
                 keys += [(job.name, 2, ga, gb) for a, b in it.combine_ranges for ga, gb in self.groups(job, a, b)]
         self.keys = keys
         T = self.traj.T
-        self.arena_bytes = max([(T + 1) * j.nbytes for it in items
-                                if it.kind in ("fit", "group") and it.resident and not it.reused
-                                for j in it.jobs if not j.on_host], default=0)
+        self.arena_bytes = max([(T + 1) * it.job.nbytes for it in items
+                                if it.kind == "fit" and it.resident and not it.reused and not it.job.on_host],
+                               default=0)
 
     def _plan_from(self, key):
         """Group keys: ``key``, then those the plan asks for after it."""
@@ -361,12 +371,11 @@ class DeviceStreamer(Streamer):
         yield from self.keys[i + 1:]
 
     # -- data movement -----------------------------------------------------------------
-    def _job(self, name: str) -> Job:
-        return next(j for j in self.traj.jobs if j.name == name)
-
     def _fill(self, key, arr: np.ndarray) -> None:
         """Reader thread: the T+1 rows of group ``key`` into pinned bytes ``arr``."""
-        job = self._job(key[0])
+        if key[1] == 0:
+            return self._fill_tensors(key[0], arr)
+        job = self.jobs[key[0]]
         a, b = key[2], key[3]
         m = b - a
         dst = arr[:(self.traj.T + 1) * m * dtypes.itemsize(job.dtype)].view(dtypes.raw_numpy(job.dtype))
@@ -379,6 +388,44 @@ class DeviceStreamer(Streamer):
         tasks = [(r, lo, min(b, lo + step)) for r in range(len(locs)) for lo in range(a, b, step)]
         for f in [self.rows.submit(piece, *t) for t in tasks]:
             f.result()
+
+    def _fill_tensors(self, names, arr: np.ndarray) -> None:
+        """Reader thread: a group of whole small tensors into pinned bytes ``arr``, laid out as
+        :meth:`_layout` says; one task per version, one ``preadv`` per run of adjacent tensors."""
+        jobs = [self.jobs[n] for n in names]
+        T1 = self.traj.T + 1
+        offs, _ = self._layout(jobs, T1)
+        rows = [arr[o:o + T1 * j.nbytes].view(dtypes.raw_numpy(j.dtype)).reshape(T1, j.numel)
+                for j, o in zip(jobs, offs)]
+        versions = [self.traj.base, *self.traj.ckpts]
+
+        def version(r: int) -> None:
+            files: dict = {}  # per input file: (file, tensor names, destinations)
+            for job, dst in zip(jobs, rows):
+                loc = versions[r].tensors[job.name]
+                entry = files.setdefault(id(loc.file), (loc.file, [], []))
+                entry[1].append(loc.info.name)
+                entry[2].append(dst[r])
+            for f, ns, outs in files.values():
+                f.read_whole(ns, outs)
+
+        for f in [self.rows.submit(version, r) for r in range(T1)]:
+            f.result()
+
+    @staticmethod
+    def _tensors_key(jobs) -> tuple:
+        """The reader's key of a group of small tensors (pass 0: read once for both passes)."""
+        return tuple(j.name for j in jobs), 0, 0, 0
+
+    @staticmethod
+    def _layout(jobs, rows: int) -> tuple[list[int], int]:
+        """Byte offsets of each tensor's ``rows`` x numel block in a group's buffer, each aligned
+        (:func:`~.plan.aligned`), and the bytes they span."""
+        offs, at = [], 0
+        for j in jobs:
+            offs.append(at)
+            at += aligned(rows * j.nbytes)
+        return offs, at
 
     def _device_empty(self, numel: int, dtype, what: str):
         """``torch.empty`` on the device; running out of device memory is a clear error, not a raw
@@ -417,18 +464,21 @@ class DeviceStreamer(Streamer):
         else:
             stream.submit(lambda: dst.copy_(src))
 
-    def _upload(self, job: Job, pas: int, a: int, b: int, dst):
-        """Group [a, b) of ``job`` into device bytes ``dst``; the compute stream waits for it."""
-        nbytes = (self.traj.T + 1) * (b - a) * dtypes.itemsize(job.dtype)
+    def _upload(self, key, nbytes: int, dst, read: int | None = None):
+        """The ``nbytes`` the reader filled for ``key`` into device bytes ``dst``; the compute
+        stream waits for them. ``read``: input bytes they hold (default: all)."""
         with self._timed("wait_read"):
-            buf = self.reader.take((job.name, pas, a, b))
+            buf = self.reader.take(key)
         ev = self._event()
         with self._timed("h2d"):
             self._copy(self.h2d, dst[:nbytes], buf[0][:nbytes])
             ev.record(self.h2d)
         self.pool.put(buf, ev)  # the reader refills it after the copy (a synchronous stand-in's event: done)
         self.compute.wait_event(ev)
-        self._tick(nbytes)
+        self._tick(nbytes if read is None else read)
+
+    def _range_bytes(self, job: Job, a: int, b: int) -> int:
+        return (self.traj.T + 1) * (b - a) * dtypes.itemsize(job.dtype)
 
     def _block(self, job: Job, dst, m: int):
         tdt = self.kern_dtype(job.dtype)
@@ -441,12 +491,17 @@ class DeviceStreamer(Streamer):
 
     def _stage(self, job: Job, pas: int, a: int, b: int):
         """Streamed group: H2D into the next stage slot (after its last user finished)."""
+        s = self._upload_staged((job.name, pas, a, b), self._range_bytes(job, a, b))
+        return s, self._block(job, self.slots[s], b - a)
+
+    def _upload_staged(self, key, nbytes: int, read: int | None = None) -> int:
+        """:meth:`_upload` into the next stage slot, once its last user finished; returns the slot."""
         s = self.next_slot
         self.next_slot = (s + 1) % N_STAGE
         if self.slot_free[s] is not None:
             self.h2d.wait_event(self.slot_free[s])
-        self._upload(job, pas, a, b, self.slots[s])
-        return s, self._block(job, self.slots[s], b - a)
+        self._upload(key, nbytes, self.slots[s], read)
+        return s
 
     def _release_slot(self, s: int) -> None:
         ev = self._event()
@@ -504,7 +559,7 @@ class DeviceStreamer(Streamer):
                 for ga, gb in self.groups(job, a, b):  # a group never straddles a block: one piece
                     if self.res is not None:
                         dst = self.res[1][(T + 1) * ga * dtypes.itemsize(job.dtype):]
-                        self._upload(job, 1, ga, gb, dst)
+                        self._upload((job.name, 1, ga, gb), self._range_bytes(job, ga, gb), dst)
                         x, s = self._block(job, dst, gb - ga), None
                         self.res[2] = gb
                     else:
@@ -550,8 +605,10 @@ class DeviceStreamer(Streamer):
         return self.scratch
 
     # -- pass 2 ----------------------------------------------------------------------
-    def _outputs(self, K: int) -> None:
-        nbytes = -(-self.stage * K // (self.traj.T + 1)) + 64
+    def _outputs(self, K: int, need: int = 0) -> None:
+        """Output slots and pinned buffers for ``K`` outputs of a stage's inputs (``need``: bytes
+        of a group of small tensors, whose aligned places may take a little more)."""
+        nbytes = max(-(-self.stage * K // (self.traj.T + 1)) + 64, need)
         if self.out_bytes is not None and self.out_bytes >= nbytes:
             return
         self.drain()  # (nothing in flight from the buffers and slots replaced here)
@@ -561,18 +618,31 @@ class DeviceStreamer(Streamer):
         self.out_bytes, self.out_slots, self.out_free = nbytes, slots, [None, None]
         self.next_out = 0
 
-    def _write(self, job: Job, a: int, b: int, buf, ev, writers, also) -> None:
-        """Writer thread: pinned outputs of group [a, b) into the output maps."""
-        m = b - a
-        raw = buf[1][:len(writers) * m * dtypes.itemsize(job.dtype)].view(dtypes.raw_numpy(job.dtype))
+    def _write(self, pieces, buf, ev, writers, also) -> None:
+        """Writer thread: pinned outputs into the output maps; ``pieces``: ``(job, a, b, offset)``,
+        the K outputs of elements [a, b) of ``job`` at byte ``offset`` of ``buf``. The pages are
+        released once per output file, over the span written (a group's tensors lie side by side:
+        one release and one write-back hint for all, not one per tensor)."""
         try:  # (the buffer goes back whatever fails: the engine may be waiting for it)
             if ev is not None:
                 ev.synchronize()
             with self._timed("write"):
-                for k, w in enumerate(writers):
-                    for name in (job.name, also) if also is not None else (job.name,):
-                        np.copyto(w.view(name, a, b), raw[k * m:(k + 1) * m])
-                        w.release(name, a, b)
+                spans: dict = {}  # per output file: [file, its bytes, lo, hi]
+                for job, a, b, off in pieces:
+                    isz = dtypes.itemsize(job.dtype)
+                    n = (b - a) * isz
+                    for k, w in enumerate(writers):
+                        src = buf[1][off + k * n:off + (k + 1) * n]
+                        for name in (job.name, also) if also is not None else (job.name,):
+                            f, at = w.locate(name)
+                            at += a * isz
+                            e = spans.get(id(f))
+                            if e is None:
+                                e = spans[id(f)] = [f, f.buffer(), at, at + n]
+                            e[2], e[3] = min(e[2], at), max(e[3], at + n)
+                            e[1][at:at + n] = src
+                for f, _, lo, hi in spans.values():
+                    f.release_bytes(lo, hi)
         finally:
             self.out_pool.put(buf)
 
@@ -595,29 +665,101 @@ class DeviceStreamer(Streamer):
                     x, s = self._resident_view(job, ga, gb), None
                     if x is None:
                         s, x = self._stage(job, 2, ga, gb)
-                    o = self.next_out
-                    self.next_out = 1 - o
-                    if self.out_free[o] is not None:
-                        self.compute.wait_event(self.out_free[o])
+                    o = self._out_slot()
                     out = self.out_slots[o][:K * m * isz].view(tdt).view(K, m)
                     with self._timed("combine"):
                         self.kern.combine(x, m, T, job.dtype, A, out, self.fp16_deltas)
-                    done = self._event()
-                    done.record(self.compute)
-                    if s is not None:
-                        self.slot_free[s] = done
-                    with self._timed("wait_out"):
-                        pbuf = self.out_pool.get()
-                    copied = self._event()
-                    with self._timed("d2h"):
-                        self.d2h.wait_event(done)
-                        self._copy(self.d2h, pbuf[0][:K * m * isz], self.out_slots[o][:K * m * isz])
-                        copied.record(self.d2h)
-                    self.out_free[o] = copied
-                    self.inflight.append(self.writes.submit(self._write, job, ga, gb, pbuf, copied, writers, also))
+                    self._download(o, K * m * isz, s, [(job, ga, gb, 0)], writers, also)
                 if on_range is not None:
                     self.after_writes(partial(on_range, b))
         self._release_resident()
+
+    def _out_slot(self) -> int:
+        """The next device output slot, once the compute stream may write it (its D2H is done)."""
+        o = self.next_out
+        self.next_out = 1 - o
+        if self.out_free[o] is not None:
+            self.compute.wait_event(self.out_free[o])
+        return o
+
+    def _download(self, o: int, nbytes: int, s: int | None, pieces, writers, also) -> None:
+        """After the combine kernels just launched: stage slot ``s`` (None: none) free, the first
+        ``nbytes`` of output slot ``o`` to a pinned buffer, and a writer thread puts ``pieces``
+        (:meth:`_write`) into the output maps."""
+        done = self._event()
+        done.record(self.compute)
+        if s is not None:
+            self.slot_free[s] = done
+        with self._timed("wait_out"):
+            pbuf = self.out_pool.get()
+        copied = self._event()
+        with self._timed("d2h"):
+            self.d2h.wait_event(done)
+            self._copy(self.d2h, pbuf[0][:nbytes], self.out_slots[o][:nbytes])
+            copied.record(self.d2h)
+        self.out_free[o] = copied
+        self.inflight.append(self.writes.submit(self._write, pieces, pbuf, copied, writers, also))
+
+    # -- groups of small tensors ---------------------------------------------------------
+    # A MoE model has thousands of small tensors. Alone, each is a read, an upload, its Gram
+    # kernels, a wait for the device and a host solve, its combine and a download: the device
+    # idles while the host solves, once per tensor. A group (:func:`.plan.build`) is read into
+    # one pinned buffer and uploaded into one stage slot; its Grams are summed on the device
+    # and brought back together (one wait), solved in one batch on the host, and its outputs
+    # come back in one download. Each tensor gets the kernel calls it gets alone (one Gram
+    # call into a zeroed block, added to a zeroed total; one combine call), so the same bits.
+    def groupable(self, job: Job) -> bool:
+        """Whether ``job`` may run in a group: a device tensor that alone is one upload, one
+        Gram call and one combine call (at most :meth:`group_len` elements)."""
+        return not job.on_host and 0 < job.numel <= self.group_len(job)
+
+    def open_group(self, jobs: list[Job]):
+        """Upload the T+1 versions of ``jobs``: (the group on the device, no host spans)."""
+        self._landed()
+        self._release_resident()
+        T1 = self.traj.T + 1
+        offs, nbytes = self._layout(jobs, T1)
+        s = self._upload_staged(self._tensors_key(jobs), nbytes, read=T1 * sum(j.nbytes for j in jobs))
+        xs = [self._block(job, self.slots[s][o:], job.numel) for job, o in zip(jobs, offs)]
+        return (s, xs), {}
+
+    def gram_group(self, jobs: list[Job], group) -> np.ndarray:
+        """The Grams (k, T, T) of a group: :meth:`gram` of each, bit for bit; one wait for all."""
+        torch, T, (_, xs) = self.torch, self.traj.T, group
+        self._landed()
+        f64 = dict(dtype=torch.float64, device=self.dev)
+        with self._on(self.compute):
+            blocks = torch.zeros((len(jobs), T, T), **f64)
+            scratch = self._scratch(T, max(self.group_len(j) for j in jobs))
+            with self._timed("gram"):
+                for job, x, blk in zip(jobs, xs, blocks):
+                    self.kern.gram(x, job.numel, T, job.dtype, blk, scratch, self.fp16_deltas, self.precision)
+                total = torch.zeros((len(jobs), T, T), **f64)
+                total += blocks  # each tensor's one block added to its zeroed total, as GramSum does
+            with self._timed("wait_gram"):
+                Gs = total.cpu().numpy()
+        finite = np.isfinite(Gs).all(axis=(1, 2))
+        if not finite.all():
+            self._raise_nonfinite(jobs[int(np.argmin(finite))])
+        return Gs
+
+    def combine_group(self, jobs: list[Job], group, alphas: np.ndarray, writers, count_read: bool) -> dict:
+        """Write the outputs of a group (:meth:`combine` of each, bit for bit; ``alphas``: (k, K, T));
+        returns once they are on their way (:meth:`after_writes` runs what waits for them)."""
+        s, xs = group
+        T, K = self.traj.T, len(writers)
+        self._landed()
+        offs, nbytes = self._layout(jobs, K)
+        self._outputs(K, nbytes)
+        with self._on(self.compute):
+            A = self.torch.from_numpy(np.ascontiguousarray(alphas, dtype=np.float32)).to(self.dev)
+            o = self._out_slot()
+            with self._timed("combine"):
+                for job, x, a, off in zip(jobs, xs, A, offs):
+                    out = self.out_slots[o][off:off + K * job.nbytes].view(self.kern_dtype(job.dtype))
+                    self.kern.combine(x, job.numel, T, job.dtype, a, out.view(K, job.numel), self.fp16_deltas)
+            self._download(o, nbytes, s, [(job, 0, job.numel, off) for job, off in zip(jobs, offs)], writers, None)
+        return {}
 
     def close(self) -> None:
         """Stop the reader and writer threads and wait for the device (idempotent). What still waits

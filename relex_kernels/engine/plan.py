@@ -56,6 +56,13 @@ GROUP_MAX = _group_max()
 #: dense model's groups do not hold the whole memory budget in RSS (6 GB at the default
 #: budget on a 24 GB machine). 64 MB groups made the 3072-tensor benchmark ~15% slower.
 GROUP_BYTES = 256 << 20
+#: a tensor's place in a device group's buffers starts at a multiple of this many bytes (aligned
+#: loads and stores for the device kernels, as at the start of a buffer)
+GROUP_ALIGN = 256
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // GROUP_ALIGN) * GROUP_ALIGN
 
 
 # -- budgets ----------------------------------------------------------------------------
@@ -108,10 +115,19 @@ class Policy:
     host (:mod:`..ops.fp64`) and take the host rule everywhere.
     """
 
-    def __init__(self, T: int, memory_budget: int, device_cap: int | None = None):
+    def __init__(self, T: int, memory_budget: int, device_cap: int | None = None, stage: int | None = None):
         self.T = T
         self.budget = max(memory_budget - KERNEL_SCRATCH, MIN_BUDGET)
         self.device_cap = device_cap
+        # a group's bytes at most (:meth:`group_cost`): on the host its inputs and outputs stay
+        # mapped until it ends; on a device its inputs fill one stage buffer (``stage`` bytes)
+        self.group_bytes = min(self.budget, GROUP_BYTES) if stage is None else stage
+
+    def group_cost(self, job: Job, n_outputs: int) -> int:
+        """Bytes ``job`` adds to a group (limit: ``group_bytes``)."""
+        if self.device_cap is not None and not job.on_host:
+            return aligned((self.T + 1) * job.nbytes)
+        return (self.T + 1 + n_outputs) * job.nbytes
 
     def ranges(self, job: Job, n_outputs: int, with_history: bool = True) -> tuple[bool, list[tuple[int, int]]]:
         """(resident, ranges) of ``job`` when it writes ``n_outputs`` outputs."""
@@ -296,9 +312,9 @@ class _Grouping:
                     or job.numel > GRAM_BLOCK or not self.policy.ranges(job, self.n_out(job))[0]
                     or not self.groupable(job) or not self.ungroupable.isdisjoint(self.files[name])):
                 break
-            size += (self.T + 1 + self.n_out(job)) * job.nbytes
+            size += self.policy.group_cost(job, self.n_out(job))
             more = files.union(self.files[name])
-            if group and (size > min(self.policy.budget, GROUP_BYTES) or len(more) > self.max_files):
+            if group and (size > self.policy.group_bytes or len(more) > self.max_files):
                 break
             files = more
             group.append(job)
