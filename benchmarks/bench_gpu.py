@@ -20,7 +20,10 @@ Figures:
 4. RELEX per tensor (fused Gram + T x T eigh) vs ``torch.linalg.svd`` of the delta matrix on
    the device, same tensors;
 5. end to end (``relex extrapolate``) from a warm page cache: input GB/s vs pinned H2D
-   bandwidth, and outputs against the reference / CPU backend (identical or <= 1 ulp).
+   bandwidth, and outputs against the reference / CPU backend (identical or <= 1 ulp);
+6. many small tensors (MoE-shaped) end to end: small tensors in groups (one upload, one wait
+   for the Grams, one batched solve per group) against each tensor alone, same run, same
+   bytes written (identical), with the pipeline's stage seconds.
 """
 
 from __future__ import annotations
@@ -356,14 +359,60 @@ def bench_e2e(s: dict, b: dict, work: str) -> dict:
     return out
 
 
+def bench_many(s: dict, b: dict, work: str) -> dict:
+    """Section 6: a MoE-shaped trajectory on each device backend, grouped against per tensor."""
+    from relex_kernels.engine import extrapolate, plan
+    from relex_kernels.io import write_checkpoint
+    n, shape, T = s["many_tensors"], s["many_shape"], s["many_T"]
+    g = torch.Generator(device=DEV).manual_seed(1)
+    numel = shape[0] * shape[1]
+    base = torch.randn(n, numel, device=DEV, generator=g) * 0.02
+    direc = torch.randn(n, numel, device=DEV, generator=g) * 1e-3
+    root = os.path.join(work, "many")
+    cks = {}
+    t0 = time.perf_counter()
+    for step in range(T + 1):
+        d = os.path.join(root, "base" if step == 0 else f"step_{step}")
+        os.makedirs(d)
+        x = (base + step * direc).to(torch.bfloat16).view(torch.int16).cpu().numpy().view(dtypes.raw_numpy("BF16"))
+        write_checkpoint(d, {f"model.layers.{i // 128}.mlp.experts.{i % 128}.down_proj.weight":
+                             ("BF16", x[i].reshape(shape)) for i in range(n)})
+        if step:
+            cks[step] = d
+    out = {"tensors": n, "shape": list(shape), "T": T, "generate_seconds": time.perf_counter() - t0, "runs": []}
+    del base, direc
+    kept = plan.GROUP_MAX
+    try:
+        for name in [x for x in ("cuda", "triton") if availability()[x][0]]:
+            for mode, gmax in (("per tensor", 1), ("grouped", kept)):
+                plan.GROUP_MAX = gmax
+                for rep in range(2):  # the first run warms the page cache
+                    od = os.path.join(work, f"many_{name}_{gmax}")
+                    shutil.rmtree(od, ignore_errors=True)
+                    r = extrapolate(os.path.join(root, "base"), cks, [10 * T], od, backend=name, resume=False)
+                if r.bytes_read:
+                    out["runs"].append({"backend": name, "mode": mode, "seconds": r.seconds,
+                                        "input_GBps": r.bytes_read / r.seconds / 1e9,
+                                        "vs_pinned_h2d": r.bytes_read / r.seconds / 1e9 / b["h2d_pinned_GBps"],
+                                        **{f"{k}_s": v for k, v in r.report.get("device_stages", {}).items()}})
+            a, c = (os.path.join(work, f"many_{name}_{m}", f"step_{10 * T}") for m in (1, kept))
+            out[f"{name}_grouped_vs_per_tensor"] = _ulp_diff(a, c)
+    finally:
+        plan.GROUP_MAX = kept
+        shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
 # -- report -------------------------------------------------------------------------------
 SIZES = {
     "full": dict(copy_bytes=2 << 30, mm=8192, h2d_bytes=1 << 30, gram_bytes=3 << 30, gram_T=[8, 16, 32, 128],
                  combine_T=[8, 32, 128], eig_B=400, eig_T=100, svd_T=32, svd_n=4 << 20, svd_tensors=4,
-                 e2e_params=128 << 20, e2e_T=15, ref_params=4 << 20, repeat=5),
+                 e2e_params=128 << 20, e2e_T=15, ref_params=4 << 20, repeat=5,
+                 many_tensors=1024, many_shape=(256, 512), many_T=15),
     "smoke": dict(copy_bytes=1 << 20, mm=256, h2d_bytes=1 << 20, gram_bytes=60_000, gram_T=[3, 17],
                   combine_T=[3], eig_B=3, eig_T=5, svd_T=4, svd_n=3000, svd_tensors=2,
-                  e2e_params=40_000, e2e_T=3, ref_params=20_000, repeat=1),
+                  e2e_params=40_000, e2e_T=3, ref_params=20_000, repeat=1,
+                  many_tensors=40, many_shape=(16, 8), many_T=3),
 }
 
 
@@ -400,6 +449,13 @@ def markdown(res: dict) -> str:
                   table(e["runs"], ["backend", "seconds", "bytes_read", "input_GBps", "vs_pinned_h2d"]), "",
                   "outputs vs reference backend (rank 2, small run): " + json.dumps(e.get("vs_reference")), "",
                   "outputs vs cpu backend (large run): " + json.dumps(e.get("vs_cpu_backend")), ""]
+    if isinstance(res.get("many"), dict) and "runs" in res["many"]:
+        m = res["many"]
+        lines += [f"## many small tensors: {m['tensors']} x {m['shape']} bf16, T = {m['T']}", "",
+                  table(m["runs"], ["backend", "mode", "seconds", "input_GBps", "vs_pinned_h2d", "wait_read_s",
+                                    "wait_gram_s", "wait_out_s", "wait_write_s"]), "",
+                  "grouped outputs vs per tensor: " + json.dumps({k: v for k, v in m.items()
+                                                                   if k.endswith("_vs_per_tensor")}), ""]
     errs = {k: v for k, v in res.items() if isinstance(v, dict) and "error" in v}
     if errs:
         lines += ["## sections that failed", ""] + [f"- {k}: {v['error'].splitlines()[-1]}" for k, v in errs.items()]
@@ -410,7 +466,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes: exercise every path (CPU allowed)")
     ap.add_argument("--out", default=str(RESULTS), help="results directory")
-    ap.add_argument("--only", nargs="*", help="sections to run (bounds gram combine eig svd e2e)")
+    ap.add_argument("--only", nargs="*", help="sections to run (bounds gram combine eig svd e2e many)")
     ap.add_argument("--work", help="scratch directory for the end-to-end trajectory (default: a temp dir)")
     args = ap.parse_args(argv)
     sizes = "smoke" if args.smoke or not CUDA else "full"
@@ -419,11 +475,12 @@ def main(argv=None) -> int:
     res = {"card": card(), "sizes": sizes, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     print(f"card: {res['card']['name']}", flush=True)
     kern = kernel_sets()
-    want = set(args.only or ["bounds", "gram", "combine", "eig", "svd", "e2e"])
+    want = set(args.only or ["bounds", "gram", "combine", "eig", "svd", "e2e", "many"])
     work = args.work or tempfile.mkdtemp(prefix="relex_bench_")
     sections = [("bounds", lambda: bounds(s)), ("gram", lambda: bench_gram(s, kern, res["bounds"])),
                 ("combine", lambda: bench_combine(s, kern, res["bounds"])), ("eig", lambda: bench_eig(s, kern)),
-                ("svd", lambda: bench_svd(s, kern)), ("e2e", lambda: bench_e2e(s, res["bounds"], work))]
+                ("svd", lambda: bench_svd(s, kern)), ("e2e", lambda: bench_e2e(s, res["bounds"], work)),
+                ("many", lambda: bench_many(s, res["bounds"], work))]
     name = None
     try:
         for name, fn in sections:
