@@ -1,0 +1,128 @@
+"""The host side of the device pipeline, per tensor: small tensors alone against in groups.
+
+Run: ``python benchmarks/bench_device_host.py --workdir /tmp/mt`` (``--help`` for options).
+Writes ``benchmarks/results/device_host_cpu.json`` and ``.md``.
+
+On a GPU the engine's thread issues reads, copies and kernels and waits for the device; what
+it costs per tensor beyond the bytes decides whether a MoE checkpoint (thousands of small
+experts) keeps the device busy. This measures that cost without a GPU: the device pipeline
+(engine/gpu.py, the ``triton`` backend) runs on the CPU with kernels that do nothing (each
+Gram a fixed non-zero matrix, no combine), so what is timed is the pipeline itself — the
+reader's ``preadv`` into host buffers, the copies standing in for H2D/D2H, the waits, the
+host solves and the writer threads. The trajectories are ``bench_many_tensors``'
+(3072 tensors of 64 x 256 against 24 dense tensors of the same bytes, bf16, T = 16), run
+in-process from a warm page cache, each tensor alone (``plan.GROUP_MAX = 1``) and in groups,
+interleaved; medians of ``--runs``. Not a GPU figure: kernel time, real H2D bandwidth and
+the device's own waits are not in it (``benchmarks/bench_gpu.py``'s ``many`` section
+measures those on a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_many_tensors import write_run  # noqa: E402
+from machine_info import cpu_model  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def install_null_kernels() -> None:
+    """``--backend triton`` runs the device pipeline on the CPU with kernels that do nothing."""
+    import devicedouble
+
+    class NullKernels(devicedouble.RefKernels):
+        name = "null"
+
+        def gram(self, x, n, T, dtype, acc, part, fp16_deltas=False, precision=None):
+            acc += 1.0  # a tensor that moved: a non-zero Gram with a clear top direction
+            acc.diagonal().add_(1.0)
+
+        def combine(self, x, n, T, dtype, alphas, out, fp16_deltas=False):
+            pass
+
+    from relex_kernels.ops import triton as tmod
+    tmod.available = lambda: (True, "null kernels")
+    tmod.device_kernels = lambda device=None: NullKernels()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="timed runs of each (median reported)")
+    ap.add_argument("--workdir", default=None, help="where the trajectories are or go (bench_many_tensors' --workdir)")
+    ap.add_argument("--out", default=str(RESULTS / "device_host_cpu"), help="output path without extension")
+    args = ap.parse_args()
+    T, n_many, n_dense = 16, 3072, 24
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="relex_devhost_"))
+    install_null_kernels()
+    from relex_kernels.engine import extrapolate, plan
+    many = {f"model.layers.{i // 128}.mlp.experts.{i % 128}.w.weight": (64, 256) for i in range(n_many)}
+    dense = {f"model.layers.{i}.mlp.w.weight": (64 * n_many // n_dense, 256) for i in range(n_dense)}
+    runs: dict[str, list] = {}
+    try:
+        for name, shapes, per_shard in (("many", many, 256), ("dense", dense, 2)):
+            if not (work / name / "base").exists():
+                write_run(work / name, shapes, T, per_shard)
+        kept = plan.GROUP_MAX
+        cases = [("many", 1), ("many", kept), ("dense", 1)]
+        for rep in range(args.runs + 1):  # the first round warms the page cache, untimed
+            for traj, gmax in cases:
+                plan.GROUP_MAX = gmax
+                root, out = work / traj, work / f"out_devhost_{traj}"
+                ck = {s: str(root / f"checkpoint-{s}") for s in range(1, T + 1)}
+                shutil.rmtree(out, ignore_errors=True)
+                os.sync()
+                t = time.perf_counter()
+                r = extrapolate(str(root / "base"), ck, [10 * T], str(out), backend="triton", resume=False)
+                dt = time.perf_counter() - t
+                if rep:
+                    runs.setdefault(f"{traj}, {'alone' if gmax == 1 else 'groups'}", []).append(
+                        {"seconds": dt, "stages": r.report["device_stages"]})
+        plan.GROUP_MAX = kept
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    rows = {}
+    for case, rs in runs.items():
+        ts = [x["seconds"] for x in rs]
+        mid = sorted(rs, key=lambda x: x["seconds"])[len(rs) // 2]
+        rows[case] = {"median_s": statistics.median(ts), "runs": ts, "stages_of_median_run": mid["stages"]}
+    dense_s = rows["dense, alone"]["median_s"]
+    for case in rows:
+        rows[case]["x_dense"] = rows[case]["median_s"] / dense_s
+        if case.startswith("many"):
+            rows[case]["ms_per_extra_tensor"] = (rows[case]["median_s"] - dense_s) / (n_many - n_dense) * 1e3
+    res = {"machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count()}, "T": T,
+           "tensors": {"many": n_many, "dense": n_dense}, "cases": rows,
+           "command": "python benchmarks/bench_device_host.py " + " ".join(sys.argv[1:])}
+    Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=1))
+    md = ["# The device pipeline's host side: small tensors alone vs in groups", "",
+          f"Machine: {res['machine']['cpu']}, {os.cpu_count()} logical CPUs, no GPU: the device pipeline on the "
+          f"CPU with kernels that do nothing (module docstring). {n_many} tensors of 64 x 256 against {n_dense} "
+          f"dense tensors of the same bytes, bf16, T = {T}; in-process, warm page cache, medians of {args.runs}.", "",
+          "| case | median s | x dense | ms per extra tensor | reader busy s | write s | runs |",
+          "|---|---|---|---|---|---|---|"]
+    for case, r in rows.items():
+        st = r["stages_of_median_run"]
+        per = f"{r['ms_per_extra_tensor']:.3f}" if "ms_per_extra_tensor" in r else ""
+        md.append(f"| {case} | {r['median_s']:.2f} | {r['x_dense']:.2f} | {per} | {st['read']:.2f} | "
+                  f"{st['write']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs'])} |")
+    md += ["", f"Command: `{res['command']}`", ""]
+    Path(args.out).with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
