@@ -391,7 +391,8 @@ class DeviceStreamer(Streamer):
 
     def _fill_tensors(self, names, arr: np.ndarray) -> None:
         """Reader thread: a group of whole small tensors into pinned bytes ``arr``, laid out as
-        :meth:`_layout` says; one task per version, one ``preadv`` per run of adjacent tensors."""
+        :meth:`_layout` says; one task per version, one ``preadv`` per run of tensors adjacent in
+        a file (a tensor assembled from rank files: its own ``read_into``)."""
         jobs = [self.jobs[n] for n in names]
         T1 = self.traj.T + 1
         offs, _ = self._layout(jobs, T1)
@@ -402,10 +403,13 @@ class DeviceStreamer(Streamer):
         def version(r: int) -> None:
             files: dict = {}  # per input file: (file, tensor names, destinations)
             for job, dst in zip(jobs, rows):
-                loc = versions[r].tensors[job.name]
-                entry = files.setdefault(id(loc.file), (loc.file, [], []))
-                entry[1].append(loc.info.name)
-                entry[2].append(dst[r])
+                f = versions[r].tensors[job.name].file
+                if f.groupable:  # a file holding whole tensors: one read_whole for all of its tensors
+                    entry = files.setdefault(id(f), (f, [], []))
+                    entry[1].append(job.name)
+                    entry[2].append(dst[r])
+                else:  # assembled from rank files or chunks
+                    f.read_into(job.name, 0, job.numel, dst[r])
             for f, ns, outs in files.values():
                 f.read_whole(ns, outs)
 

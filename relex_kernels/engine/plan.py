@@ -294,8 +294,10 @@ class _Grouping:
         names = [j.name for j in traj.jobs if j.kind == "fit"]
         columns = [list(map(itemgetter(0), map(v.tensors.__getitem__, names))) for v in (traj.base, *traj.ckpts)]
         self.files = dict(zip(names, zip(*columns)))  # name -> the file of each version
-        # a tensor assembled from rank files has no one address: never grouped
-        self.ungroupable = {f for col in columns for f in set(col) if not f.groupable}
+        # a tensor assembled from rank files has no one address: never in a host group (the
+        # device's groups read each tensor into a buffer of their own, and take any source)
+        self.ungroupable = set() if policy.device_cap is not None else {
+            f for col in columns for f in set(col) if not f.groupable}
         # a group keeps every input file it touches mapped (a descriptor each) until it ends:
         # at most half the map cache, so that thousands of shards stay under the fd limit
         self.max_files = max(1, max_maps() // 2)
