@@ -396,20 +396,24 @@ def _grouped_run(monkeypatch, group_max, *args, **kw):
     return extrapolate(*args, **kw), sizes
 
 
-def test_device_groups_write_the_bytes_of_the_per_tensor_path(tmp, device_backend, monkeypatch):
+@pytest.mark.parametrize("steps,targets", [(STEPS, [20, 40]), ([2, 4, 6], [20])])
+def test_device_groups_write_the_bytes_of_the_per_tensor_path(tmp, device_backend, steps, targets, monkeypatch):
     """Small tensors in groups on the device (one upload, one wait for the Grams, one batched
     solve, one download per group) write the bytes and report the fits of the per-tensor path,
     read the same input bytes, and match the reference engine; a host (F64) tensor and a
-    streamed one end a group, and predict runs the groups without a Gram."""
+    streamed one end a group, and predict runs the groups without a Gram. T = 3 with one target:
+    a tensor's Gram and weights in the group's stacks at offsets that are no multiple of 16 bytes
+    (a kernel specialised on alignment must give the same bits)."""
     name, exact = device_backend
     shapes = {**GROUPED, "h64": (300,), "big": (3 * GRAM_CHUNK + 77,), "tail.weight": (17, 9)}
     extra = {**GROUPED_EXTRA, "h64": "F64"}
-    base, ck = make_trajectory(tmp, shapes, STEPS, dtype="BF16", extra_dtypes=extra)
-    ref = extrapolate(base, ck, [20, 40], os.path.join(tmp, "ref"), backend="reference")
+    base, ck = make_trajectory(tmp, shapes, steps, dtype="BF16", extra_dtypes=extra)
+    ref = extrapolate(base, ck, targets, os.path.join(tmp, "ref"), backend="reference")
     fit = os.path.join(tmp, "fit.relexfit")
-    args = (base, ck, [20, 40])
-    grouped, sizes = _grouped_run(monkeypatch, GROUPED_MAX, *args, os.path.join(tmp, "g"), backend=name, **SMALL)
-    alone, none = _grouped_run(monkeypatch, 1, *args, os.path.join(tmp, "a"), backend=name, **SMALL)
+    args = (base, ck, targets)
+    small = dict(memory_budget=24 << 20, device_memory_budget=gpu.device_overhead(len(steps), 24 << 20) + (1 << 20))
+    grouped, sizes = _grouped_run(monkeypatch, GROUPED_MAX, *args, os.path.join(tmp, "g"), backend=name, **small)
+    alone, none = _grouped_run(monkeypatch, 1, *args, os.path.join(tmp, "a"), backend=name, **small)
     assert none == [] and max(sizes) == GROUPED_MAX and sum(sizes) == len(GROUPED)  # tail.weight: alone
     for g, a, r in zip(grouped.outputs, alone.outputs, ref.outputs):
         assert_same(a, g, True)
@@ -417,7 +421,7 @@ def test_device_groups_write_the_bytes_of_the_per_tensor_path(tmp, device_backen
     assert grouped.bytes_read == alone.bytes_read
     assert grouped.report["tensors"] == alone.report["tensors"]
     # predict: the groups' pass 2 only, from a saved fit
-    extrapolate(base, ck, [20], os.path.join(tmp, "first"), backend=name, save_fit=fit)
+    extrapolate(base, ck, targets[:1], os.path.join(tmp, "first"), backend=name, save_fit=fit)
     monkeypatch.setattr(plan, "GROUP_MAX", GROUPED_MAX)
     pg = predict(fit, [50], os.path.join(tmp, "pg"), backend=name)
     monkeypatch.setattr(plan, "GROUP_MAX", 1)
@@ -444,11 +448,90 @@ def test_device_groups_with_late_copies_and_writes(tmp, async_streams, monkeypat
             checked.append((n, np.array_equal(got.view(np.uint8), want[n].view(np.uint8))))
         return done(self, *names)
     monkeypatch.setattr(Executor, "_done", checked_done)
+    made, empty = [], gpu.DeviceStreamer._device_empty
+    monkeypatch.setattr(gpu.DeviceStreamer, "_device_empty",
+                        lambda self, numel, dtype, what: (made.append(what), empty(self, numel, dtype, what))[1])
     got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton", **SMALL)
     assert_same(ref.outputs[0], got.outputs[0], True)
+    # device buffers made once for the run: the groups' aligned outputs fit the first output slots
+    assert made.count("an output slot") == 2 and made.count("a group's Grams") == 1, made
     assert sorted(n for n, _ in checked) == sorted(GROUPED)
     assert all(ok for _, ok in checked), [n for n, ok in checked if not ok]
     assert all(s.ops > 0 for s in async_streams) and not any(s.errors for s in async_streams)
+
+
+def test_written_pages_are_released_only_where_written(tmp, monkeypatch):
+    """The writer threads release an output file's pages once per run of adjacent ranges they
+    wrote: a group's tensors in one release, and a tied embedding and head (written together,
+    another tensor between them in the file) in two, that tensor's pages untouched."""
+    devicedouble.install(monkeypatch.setattr)
+    monkeypatch.setattr(plan, "GROUP_MAX", GROUPED_MAX)
+    shapes = {"model.embed_tokens.weight": (300, 64), "middle.weight": (400, 64), "lm_head.weight": (300, 64),
+              **{f"e{i}.weight": (40, 33) for i in range(8)}}
+    base, ck = make_trajectory(tmp, shapes, STEPS, dtype="BF16", config=TIED)
+    from relex_kernels.io import writer as wmod
+    calls, local = [], threading.local()
+    release, write = wmod._OutFile.release_bytes, gpu.DeviceStreamer._write
+
+    def spy_release(self, lo, hi):
+        local.spans.append((lo, hi))
+        return release(self, lo, hi)
+
+    def spy_write(self, pieces, buf, ev, writers, also):
+        local.spans = []
+        write(self, pieces, buf, ev, writers, also)
+        names = [p[0].name for p in pieces] + ([also] if also else [])
+        calls.append((names, local.spans))
+    monkeypatch.setattr(wmod._OutFile, "release_bytes", spy_release)
+    monkeypatch.setattr(gpu.DeviceStreamer, "_write", spy_write)
+    got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton")
+    ck_out = Checkpoint(got.outputs[0])
+    try:
+        where = {n: (loc.info.begin, loc.info.begin + loc.info.nbytes) for n, loc in ck_out.tensors.items()}
+    finally:
+        ck_out.close()
+    for names, spans in calls:  # one release per run of adjacent tensors written, within them
+        runs = gpu._runs([where[n] for n in names])
+        assert sorted(spans) == runs, (names, spans, runs)
+    tied = [spans for names, spans in calls if "lm_head.weight" in names]
+    assert tied == [[where["model.embed_tokens.weight"], where["lm_head.weight"]]]  # "middle.weight" between
+    assert any(len(names) == GROUPED_MAX and len(spans) == 1 for names, spans in calls)  # a group: one release
+
+
+def test_a_read_error_surfaces_once_no_reader_task_writes(tmp, monkeypatch):
+    """A reader task that fails is raised by the group's fill only once its other tasks stopped
+    writing into the pinned buffer (which then goes back to the pool), and reaches the caller."""
+    devicedouble.install(monkeypatch.setattr)
+    monkeypatch.setattr(plan, "GROUP_MAX", GROUPED_MAX)
+    base, ck = _grouped_traj(tmp)
+    from relex_kernels.errors import FormatError
+    from relex_kernels.io import reader
+    lock, real_read, real_fill = threading.Lock(), reader.MappedFile.read_whole, gpu.DeviceStreamer._fill
+    state = {"calls": 0, "writing": 0, "at_raise": []}
+
+    def failing(self, names, outs):
+        with lock:
+            state["calls"] += 1
+            first = state["calls"] == 1
+            state["writing"] += not first
+        if first:
+            raise FormatError("a read that fails")
+        time.sleep(0.05)
+        real_read(self, names, outs)
+        with lock:
+            state["writing"] -= 1
+
+    def fill(self, key, arr):
+        try:
+            return real_fill(self, key, arr)
+        except FormatError:
+            state["at_raise"].append(state["writing"])
+            raise
+    monkeypatch.setattr(reader.MappedFile, "read_whole", failing)
+    monkeypatch.setattr(gpu.DeviceStreamer, "_fill", fill)
+    with pytest.raises(FormatError, match="a read that fails"):
+        extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton")
+    assert state["calls"] > 1 and state["at_raise"] == [0]  # other tasks ran, and had all finished
 
 
 @pytest.mark.parametrize("path", ["mixed", "groups"])

@@ -63,7 +63,8 @@ from ..ops import DEVICE_BACKENDS, Backend
 from ..ops.cuda import gram_precision
 from ..ops.reference import GRAM_CHUNK
 from .gramsum import GRAM_BLOCK, GramSum
-from .plan import KERNEL_SCRATCH, MIN_BUDGET, Policy, aligned
+from . import plan
+from .plan import GROUP_ALIGN, KERNEL_SCRATCH, MIN_BUDGET, Policy, aligned
 from .streaming import Streamer
 from .trajectory import Job
 
@@ -87,12 +88,19 @@ def stage_bytes(T: int, memory_budget: int) -> int:
     return max(min(budget // 8, MAX_STAGE), (T + 1) * 8 * GRAM_CHUNK)
 
 
+def out_slack() -> int:
+    """Output bytes beyond K/(T+1) of a stage: the aligned places of a group's tensors."""
+    return 64 + GROUP_ALIGN * plan.GROUP_MAX
+
+
 def device_overhead(T: int, memory_budget: int) -> int:
-    """Device bytes the pipeline holds besides resident tensors (stage and output slots, scratch)."""
+    """Device bytes the pipeline holds besides resident tensors (stage and output slots, the Gram
+    kernel's scratch, a group's Grams)."""
     stage = stage_bytes(T, memory_budget)
-    out = stage + 64  # K outputs of a group take at most K/(T+1) of a stage; K <= T+1 assumed here
+    out = stage + out_slack()  # K outputs of a group take at most K/(T+1) of a stage; K <= T+1 assumed here
     scratch = (stage // ((T + 1) * 2) // GRAM_CHUNK + 1) * 8 * T * T * 4
-    return N_STAGE * stage + 2 * out + scratch + (1 << 20)
+    grams = stage  # (Policy.group_max: a group's T x T fp64 Grams fit a stage's bytes)
+    return N_STAGE * stage + 2 * out + scratch + grams + (1 << 20)
 
 
 def make_streamer(traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False,
@@ -124,6 +132,26 @@ def stage_fields(streamer) -> dict:
     """The report's ``device_stages``: the device pipeline's seconds per stage (nothing on the host)."""
     timed = getattr(streamer, "stage_seconds", None)
     return {"device_stages": timed()} if timed is not None else {}
+
+
+def _runs(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Byte ranges merged where they touch or overlap (a tied head elsewhere in the file stays apart)."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(spans):
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
+def _wait_all(futures) -> None:
+    """Wait for every one of ``futures``, then raise the first error: a buffer goes back to its pool
+    only once no task writes into it any more."""
+    errors = [f.exception() for f in futures]
+    for e in errors:
+        if e is not None:
+            raise e
 
 
 class _NoStream:
@@ -286,7 +314,8 @@ class DeviceStreamer(Streamer):
         self.slots = [self._device_empty(self.stage, torch.uint8, "a stage slot") for _ in range(N_STAGE)]
         self.slot_free = [None] * N_STAGE
         self.next_slot = 0
-        self.rows = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="relex-read")
+        self.read_threads = min(8, os.cpu_count() or 1)
+        self.rows = ThreadPoolExecutor(self.read_threads, thread_name_prefix="relex-read")
         self.writes = ThreadPoolExecutor(2, thread_name_prefix="relex-write")
         self.pool = _Pool(torch, N_PINNED, self.stage, self.cuda)  # pinned when there is a device
         self.reader = _Reader(self, self.pool, self.rows)
@@ -299,6 +328,7 @@ class DeviceStreamer(Streamer):
         self.closed = False
         self.out_pool = self.out_slots = None
         self.scratch = None
+        self.grams = None  # a group's Grams, (k, T, T) fp64 (gram_group)
         self.inflight: list = []  # writes submitted since the last after_writes
         self.later: deque = deque()  # (writes, what runs once they landed), in submission order
         self.seconds = dict.fromkeys(STAGES, 0.0)  # per stage (stage_seconds)
@@ -386,8 +416,7 @@ class DeviceStreamer(Streamer):
             locs[r].file.read_into(job.name, lo, hi, dst[r * m + lo - a:r * m + hi - a])
 
         tasks = [(r, lo, min(b, lo + step)) for r in range(len(locs)) for lo in range(a, b, step)]
-        for f in [self.rows.submit(piece, *t) for t in tasks]:
-            f.result()
+        _wait_all([self.rows.submit(piece, *t) for t in tasks])
 
     def _fill_tensors(self, names, arr: np.ndarray) -> None:
         """Reader thread: a group of whole small tensors into pinned bytes ``arr``, laid out as
@@ -400,9 +429,9 @@ class DeviceStreamer(Streamer):
                 for j, o in zip(jobs, offs)]
         versions = [self.traj.base, *self.traj.ckpts]
 
-        def version(r: int) -> None:
+        def version(r: int, lo: int, hi: int) -> None:  # tensors [lo, hi) of the group in version r
             files: dict = {}  # per input file: (file, tensor names, destinations)
-            for job, dst in zip(jobs, rows):
+            for job, dst in zip(jobs[lo:hi], rows[lo:hi]):
                 f = versions[r].tensors[job.name].file
                 if f.groupable:  # a file holding whole tensors: one read_whole for all of its tensors
                     entry = files.setdefault(id(f), (f, [], []))
@@ -413,8 +442,9 @@ class DeviceStreamer(Streamer):
             for f, ns, outs in files.values():
                 f.read_whole(ns, outs)
 
-        for f in [self.rows.submit(version, r) for r in range(T1)]:
-            f.result()
+        # a task per version, and per part of the group when there are fewer versions than threads
+        cuts = np.linspace(0, len(jobs), min(len(jobs), -(-self.read_threads // T1)) + 1).astype(int).tolist()
+        _wait_all([self.rows.submit(version, r, lo, hi) for r in range(T1) for lo, hi in zip(cuts, cuts[1:])])
 
     @staticmethod
     def _tensors_key(jobs) -> tuple:
@@ -610,9 +640,9 @@ class DeviceStreamer(Streamer):
 
     # -- pass 2 ----------------------------------------------------------------------
     def _outputs(self, K: int, need: int = 0) -> None:
-        """Output slots and pinned buffers for ``K`` outputs of a stage's inputs (``need``: bytes
-        of a group of small tensors, whose aligned places may take a little more)."""
-        nbytes = max(-(-self.stage * K // (self.traj.T + 1)) + 64, need)
+        """Output slots and pinned buffers for ``K`` outputs of a stage's inputs, with room for the
+        aligned places of a group's tensors (``need``: a group's bytes, within that by the plan)."""
+        nbytes = max(-(-self.stage * K // (self.traj.T + 1)) + out_slack(), need)
         if self.out_bytes is not None and self.out_bytes >= nbytes:
             return
         self.drain()  # (nothing in flight from the buffers and slots replaced here)
@@ -625,13 +655,13 @@ class DeviceStreamer(Streamer):
     def _write(self, pieces, buf, ev, writers, also) -> None:
         """Writer thread: pinned outputs into the output maps; ``pieces``: ``(job, a, b, offset)``,
         the K outputs of elements [a, b) of ``job`` at byte ``offset`` of ``buf``. The pages are
-        released once per output file, over the span written (a group's tensors lie side by side:
-        one release and one write-back hint for all, not one per tensor)."""
+        released once per run of adjacent ranges of an output file (a group's tensors lie side by
+        side: one release and one write-back hint for all, not one per tensor)."""
         try:  # (the buffer goes back whatever fails: the engine may be waiting for it)
             if ev is not None:
                 ev.synchronize()
             with self._timed("write"):
-                spans: dict = {}  # per output file: [file, its bytes, lo, hi]
+                files: dict = {}  # per output file: (file, its bytes, [(lo, hi) written])
                 for job, a, b, off in pieces:
                     isz = dtypes.itemsize(job.dtype)
                     n = (b - a) * isz
@@ -640,13 +670,14 @@ class DeviceStreamer(Streamer):
                         for name in (job.name, also) if also is not None else (job.name,):
                             f, at = w.locate(name)
                             at += a * isz
-                            e = spans.get(id(f))
+                            e = files.get(id(f))
                             if e is None:
-                                e = spans[id(f)] = [f, f.buffer(), at, at + n]
-                            e[2], e[3] = min(e[2], at), max(e[3], at + n)
+                                e = files[id(f)] = (f, f.buffer(), [])
                             e[1][at:at + n] = src
-                for f, _, lo, hi in spans.values():
-                    f.release_bytes(lo, hi)
+                            e[2].append((at, at + n))
+                for f, _, spans in files.values():
+                    for lo, hi in _runs(spans):
+                        f.release_bytes(lo, hi)
         finally:
             self.out_pool.put(buf)
 
@@ -723,6 +754,8 @@ class DeviceStreamer(Streamer):
         self._release_resident()
         T1 = self.traj.T + 1
         offs, nbytes = self._layout(jobs, T1)
+        if nbytes > self.stage:  # (the plan's group_bytes is the stage: never)
+            raise RuntimeError(f"internal: a group of {nbytes} bytes for a stage of {self.stage}")
         s = self._upload_staged(self._tensors_key(jobs), nbytes, read=T1 * sum(j.nbytes for j in jobs))
         xs = [self._block(job, self.slots[s][o:], job.numel) for job, o in zip(jobs, offs)]
         return (s, xs), {}
@@ -731,17 +764,22 @@ class DeviceStreamer(Streamer):
         """The Grams (k, T, T) of a group: :meth:`gram` of each, bit for bit; one wait for all."""
         torch, T, (_, xs) = self.torch, self.traj.T, group
         self._landed()
-        f64 = dict(dtype=torch.float64, device=self.dev)
+        k = len(jobs)
         with self._on(self.compute):
-            blocks = torch.zeros((len(jobs), T, T), **f64)
+            if self.grams is None or self.grams.shape[0] < k:
+                self.grams = None
+                self.grams = self._device_empty(k * T * T, torch.float64, "a group's Grams").view(k, T, T)
+            blocks = self.grams[:k]
+            blocks.zero_()
             scratch = self._scratch(T, max(self.group_len(j) for j in jobs))
             with self._timed("gram"):
                 for job, x, blk in zip(jobs, xs, blocks):
                     self.kern.gram(x, job.numel, T, job.dtype, blk, scratch, self.fp16_deltas, self.precision)
-                total = torch.zeros((len(jobs), T, T), **f64)
-                total += blocks  # each tensor's one block added to its zeroed total, as GramSum does
+                # GramSum adds each tensor's one block to a zeroed total: 0 + x, which is x + 0 bit for
+                # bit (a -0.0 becomes +0.0 either way)
+                blocks.add_(0.0)
             with self._timed("wait_gram"):
-                Gs = total.cpu().numpy()
+                Gs = blocks.cpu().numpy()
         finite = np.isfinite(Gs).all(axis=(1, 2))
         if not finite.all():
             self._raise_nonfinite(jobs[int(np.argmin(finite))])
@@ -780,4 +818,4 @@ class DeviceStreamer(Streamer):
         else:
             for stream in (self.h2d, self.compute, self.d2h):
                 stream.synchronize()
-        self.res = self.arena = self.slots = self.out_slots = self.scratch = None
+        self.res = self.arena = self.slots = self.out_slots = self.scratch = self.grams = None

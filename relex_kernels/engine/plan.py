@@ -120,8 +120,10 @@ class Policy:
         self.budget = max(memory_budget - KERNEL_SCRATCH, MIN_BUDGET)
         self.device_cap = device_cap
         # a group's bytes at most (:meth:`group_cost`): on the host its inputs and outputs stay
-        # mapped until it ends; on a device its inputs fill one stage buffer (``stage`` bytes)
+        # mapped until it ends; on a device its inputs fill one stage buffer (``stage`` bytes).
+        # Its tensors at most: on a device their Grams (T x T fp64 each) also fit a stage's bytes
         self.group_bytes = min(self.budget, GROUP_BYTES) if stage is None else stage
+        self.group_max = GROUP_MAX if stage is None else min(GROUP_MAX, max(2, stage // (8 * T * T)))
 
     def group_cost(self, job: Job, n_outputs: int) -> int:
         """Bytes ``job`` adds to a group (limit: ``group_bytes``)."""
@@ -307,7 +309,7 @@ class _Grouping:
         if self.groupable is None:
             return []
         jr, group, size, files = self.journal, [], 0, set()
-        for job in jobs[:GROUP_MAX]:
+        for job in jobs[:self.policy.group_max]:
             name = job.name
             if (job.kind != "fit" or name == self.tied_source or name in jr.done or name in jr.written
                     or (not self.fitted and (name in jr.fits or name in jr.grams))

@@ -337,10 +337,10 @@ class MappedFile:
         finally:
             os.close(fd)
 
-    @staticmethod
-    def _dest(out: np.ndarray, nbytes: int) -> memoryview:
+    def _dest(self, out: np.ndarray, nbytes: int) -> memoryview:
         if out.nbytes != nbytes or not out.flags.c_contiguous:
-            raise ValueError(f"read_into: out must be a contiguous {nbytes}-byte array, got {out.nbytes} bytes")
+            raise ValueError(f"{self.path}: a read's destination must be a contiguous {nbytes}-byte array, "
+                             f"got {out.nbytes} bytes")
         return memoryview(out.reshape(-1).view(np.uint8))
 
     def _preadv(self, fd: int, bufs: list[memoryview], at: int, name: str) -> None:
