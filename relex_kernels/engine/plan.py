@@ -8,8 +8,9 @@ an interrupted run and the rank/world of an SPMD run, :func:`build` computes the
 * ``fit``: one tensor's Gram (pass 1), its solve, and its weighted sums (pass 2), over
   element ranges sized by the :class:`Policy` — resident (the whole trajectory held
   mapped between the passes: read once) or cut into ranges (read twice);
-* ``group``: consecutive small tensors run as one (one map per file, one native call
-  per pass, one batched solve), bit for bit what ``fit`` writes for each;
+* ``group``: consecutive small tensors run as one (on the host one map per file and one
+  native call per pass; on a device one read, one upload, one wait for the Grams and one
+  download; one batched solve either way), bit for bit what ``fit`` writes for each;
 * ``gram`` / ``combine``: pass 1 (one Gram block sum per item) and pass 2 of the piece
   of a tensor split across ranks (:mod:`.partition`), and the gram-only items of the
   diagnostics pass.
