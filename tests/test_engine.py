@@ -271,3 +271,48 @@ def test_checkpoint_lists_tensors_in_the_index_order(tmp):
         assert (ck.tensors["t4"].file.view("t4") == 4).all()
     finally:
         ck.close()
+
+
+def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):
+    """The checkpoints of a run repeat their index byte for byte: it is parsed once per run, each
+    checkpoint still gets its own shards' entries, and an index with other bytes is parsed anew
+    (its own order, its own shards checked)."""
+    import json
+
+    from relex_kernels.errors import InputError
+    from relex_kernels.io import checkpoint, write_checkpoint
+    tensors = {f"t{i}": ("F32", np.full((2, 3), i, np.float32)) for i in range(6)}
+    dirs = []
+    for k in range(3):
+        d = os.path.join(tmp, f"ck{k}")
+        os.makedirs(d)
+        write_checkpoint(d, {n: (dt, v + k) for n, (dt, v) in tensors.items()}, max_shard_bytes=60)
+        dirs.append(d)
+    monkeypatch.setattr(checkpoint, "_INDEXES", type(checkpoint._INDEXES)())
+    parsed, loads = [], json.loads
+    monkeypatch.setattr(checkpoint.json, "loads",  # (json.loads parses the shards' headers too: not counted)
+                        lambda text, *a, **k: (parsed.append("weight_map" in text), loads(text, *a, **k))[1])
+    cks = [Checkpoint(d) for d in dirs]
+    try:
+        assert sum(parsed) == 1
+        for k, ck in enumerate(cks):
+            assert list(ck.tensors) == list(tensors)
+            assert all(ck.tensors[n].file.path.startswith(dirs[k]) for n in tensors)
+            assert (ck.tensors["t4"].file.view("t4") == 4 + k).all()
+    finally:
+        for ck in cks:
+            ck.close()
+    path = os.path.join(dirs[2], "model.safetensors.index.json")
+    index = json.load(open(path))
+    wm = dict(reversed(list(index["weight_map"].items())))
+    with open(path, "w") as fh:
+        json.dump({**index, "weight_map": wm}, fh)
+    parsed.clear()
+    ck = Checkpoint(dirs[2])
+    try:
+        assert sum(parsed) == 1 and list(ck.tensors) == list(wm)
+    finally:
+        ck.close()
+    os.remove(os.path.join(dirs[1], sorted(set(wm.values()))[0]))  # the same index bytes, a shard gone
+    with pytest.raises(InputError, match="does not exist"):
+        Checkpoint(dirs[1])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from itertools import repeat
 from typing import NamedTuple
 
@@ -43,6 +44,41 @@ def is_deepspeed(path: str, names: list[str] | None = None) -> bool:
 class Located(NamedTuple):  # a tuple: a MoE checkpoint holds tens of thousands, made at every open
     file: SafetensorsFile  # or ShardedTensors: anything with view / release / prefetch by element range
     info: TensorInfo
+
+
+#: indexes parsed and checked, by their bytes: the checkpoints of a run repeat their index byte for
+#: byte, and a MoE index of thousands of entries takes a millisecond to parse and check
+_INDEXES: OrderedDict[bytes, tuple[dict[str, str], list[str]]] = OrderedDict()
+_INDEXES_KEPT = 8
+
+
+def _weight_map(index: str) -> tuple[dict[str, str], list[str]]:
+    """The index's ``weight_map`` (tensor name -> shard file name; shared, never modified) and its
+    shard names, sorted; FormatError for an index that does not parse or names no plain files."""
+    try:
+        with open(index, "rb") as fh:
+            raw = fh.read()
+    except OSError as e:
+        raise FormatError(f"{index}: cannot read the index ({e})") from None
+    hit = _INDEXES.get(raw)
+    if hit is not None:
+        return hit
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise FormatError(f"{index}: cannot read the index ({e})") from None
+    wm = obj.get("weight_map") if isinstance(obj, dict) else None
+    # (JSON's keys are strings; the values' types are collected at C speed: thousands of them)
+    if not isinstance(wm, dict) or not set(map(type, wm.values())) <= {str}:
+        raise FormatError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+    names = sorted(set(wm.values()))
+    for shard in names:
+        if os.path.basename(shard) != shard or shard in (".", ".."):
+            raise FormatError(f"{index}: shard name {shard!r} is not a plain file name")
+    _INDEXES[raw] = (wm, names)
+    while len(_INDEXES) > _INDEXES_KEPT:
+        _INDEXES.popitem(last=False)
+    return wm, names
 
 
 class Checkpoint:
@@ -117,19 +153,9 @@ class Checkpoint:
             self.tensors[name] = Located(f, info)
 
     def _open_index(self, index: str) -> None:
-        try:
-            with open(index, "rb") as fh:
-                obj = json.loads(fh.read().decode("utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise FormatError(f"{index}: cannot read the index ({e})") from None
-        wm = obj.get("weight_map") if isinstance(obj, dict) else None
-        # (JSON's keys are strings; the values' types are collected at C speed: thousands of them)
-        if not isinstance(wm, dict) or not set(map(type, wm.values())) <= {str}:
-            raise FormatError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+        wm, names = _weight_map(index)
         shards: dict[str, SafetensorsFile] = {}
-        for shard in sorted(set(wm.values())):
-            if os.path.basename(shard) != shard or shard in (".", ".."):
-                raise FormatError(f"{index}: shard name {shard!r} is not a plain file name")
+        for shard in names:
             p = os.path.join(self.path, shard)
             if not os.path.isfile(p):
                 raise InputError(f"{index}: names shard {shard} which does not exist")
@@ -142,12 +168,11 @@ class Checkpoint:
         if (any(set(map(wm.get, f.tensors)) - {s} for s, f in shards.items())
                 or sum(len(f.tensors) for f in shards.values()) != len(wm)):
             self._index_mismatch(index, wm, shards)
-        infos: dict = {}
-        for f in shards.values():
-            infos.update(f.tensors)
-        # in the index's order, as the index lists them
+        # in the index's order, as the index lists them: each entry's info from its shard's own
+        # header dict (no merged dict of every tensor: tens of thousands of inserts per checkpoint)
+        infos = map(dict.__getitem__, map({s: f.tensors for s, f in shards.items()}.__getitem__, wm.values()), wm)
         self.tensors.update(zip(wm, map(tuple.__new__, repeat(Located),
-                                        zip(map(shards.__getitem__, wm.values()), map(infos.__getitem__, wm)))))
+                                        zip(map(shards.__getitem__, wm.values()), infos))))
 
     @staticmethod
     def _index_mismatch(index: str, wm: dict, shards: dict) -> None:
