@@ -288,7 +288,7 @@ def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):
         os.makedirs(d)
         write_checkpoint(d, {n: (dt, v + k) for n, (dt, v) in tensors.items()}, max_shard_bytes=60)
         dirs.append(d)
-    monkeypatch.setattr(checkpoint, "_INDEXES", type(checkpoint._INDEXES)())
+    checkpoint._parsed_index.cache_clear()
     parsed, loads = [], json.loads
     monkeypatch.setattr(checkpoint.json, "loads",  # (json.loads parses the shards' headers too: not counted)
                         lambda text, *a, **k: (parsed.append("weight_map" in text), loads(text, *a, **k))[1])

@@ -34,7 +34,7 @@ from relex_kernels.engine.streaming import GRAM_BLOCK  # noqa: E402
 from relex_kernels.engine.trajectory import Trajectory  # noqa: E402
 from relex_kernels.fit import FitOptions  # noqa: E402
 from relex_kernels.io import Checkpoint, dtypes  # noqa: E402
-from relex_kernels.io.writer import ShardedWriter  # noqa: E402
+from relex_kernels.io.writer import ShardedWriter, merged_spans  # noqa: E402
 from relex_kernels.ops import get_backend, reference, resolve_backend  # noqa: E402
 from relex_kernels.ops.reference import GRAM_CHUNK  # noqa: E402
 
@@ -491,7 +491,7 @@ def test_written_pages_are_released_only_where_written(tmp, monkeypatch):
     finally:
         ck_out.close()
     for names, spans in calls:  # one release per run of adjacent tensors written, within them
-        runs = gpu._runs([where[n] for n in names])
+        runs = merged_spans([where[n] for n in names])
         assert sorted(spans) == runs, (names, spans, runs)
     tied = [spans for names, spans in calls if "lm_head.weight" in names]
     assert tied == [[where["model.embed_tokens.weight"], where["lm_head.weight"]]]  # "middle.weight" between

@@ -59,6 +59,7 @@ import numpy as np
 
 from ..errors import DeviceMemoryError, UsageError
 from ..io import dtypes
+from ..io.writer import merged_spans
 from ..ops import DEVICE_BACKENDS, Backend
 from ..ops.cuda import gram_precision
 from ..ops.reference import GRAM_CHUNK
@@ -132,17 +133,6 @@ def stage_fields(streamer) -> dict:
     """The report's ``device_stages``: the device pipeline's seconds per stage (nothing on the host)."""
     timed = getattr(streamer, "stage_seconds", None)
     return {"device_stages": timed()} if timed is not None else {}
-
-
-def _runs(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Byte ranges merged where they touch or overlap (a tied head elsewhere in the file stays apart)."""
-    out: list[list[int]] = []
-    for lo, hi in sorted(spans):
-        if out and lo <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], hi)
-        else:
-            out.append([lo, hi])
-    return [(lo, hi) for lo, hi in out]
 
 
 def _wait_all(futures) -> None:
@@ -408,7 +398,7 @@ class DeviceStreamer(Streamer):
         job = self.jobs[key[0]]
         a, b = key[2], key[3]
         m = b - a
-        dst = arr[:(self.traj.T + 1) * m * dtypes.itemsize(job.dtype)].view(dtypes.raw_numpy(job.dtype))
+        dst = arr[:self._range_bytes(job, a, b)].view(dtypes.raw_numpy(job.dtype))
         locs = list(self._locs(job))
         step = max(1, READ_PIECE // dtypes.itemsize(job.dtype))
 
@@ -676,7 +666,7 @@ class DeviceStreamer(Streamer):
                             e[1][at:at + n] = src
                             e[2].append((at, at + n))
                 for f, _, spans in files.values():
-                    for lo, hi in _runs(spans):
+                    for lo, hi in merged_spans(spans):  # (a tied head elsewhere in the file: apart)
                         f.release_bytes(lo, hi)
         finally:
             self.out_pool.put(buf)

@@ -22,7 +22,7 @@ import numpy as np
 from .. import fit as fitmath
 from ..errors import UsageError
 from ..io import dtypes
-from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter
+from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, merged_spans
 from ..ops import resolve_backend
 from . import journal, plan, report
 from .distributed import DistributedError, Group, _Terminated, _test_hook, detect, kernel_mismatch
@@ -49,17 +49,7 @@ def _spans(pieces, writers: list[ShardedWriter], tied: tuple[str, str] | None) -
                 isz = dtypes.itemsize(f.specs[name].dtype)
                 lo = f.offsets[name] + p.a * isz
                 out.setdefault(f.path, []).append((lo, lo + (p.b - p.a) * isz))
-    merged = {}
-    for path, spans in out.items():
-        spans.sort()
-        acc = [list(spans[0])]
-        for lo, hi in spans[1:]:
-            if lo <= acc[-1][1]:
-                acc[-1][1] = max(acc[-1][1], hi)
-            else:
-                acc.append([lo, hi])
-        merged[path] = [tuple(s) for s in acc if s[1] > s[0]]
-    return merged
+    return {path: merged_spans(spans) for path, spans in out.items()}
 
 
 def _edge_bytes(spans: dict[str, list[tuple[int, int]]]) -> list[tuple[str, int, bytes]]:

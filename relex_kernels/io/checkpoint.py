@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections import OrderedDict
+from functools import lru_cache
 from itertools import repeat
 from typing import NamedTuple
 
@@ -46,12 +46,6 @@ class Located(NamedTuple):  # a tuple: a MoE checkpoint holds tens of thousands,
     info: TensorInfo
 
 
-#: indexes parsed and checked, by their bytes: the checkpoints of a run repeat their index byte for
-#: byte, and a MoE index of thousands of entries takes a millisecond to parse and check
-_INDEXES: OrderedDict[bytes, tuple[dict[str, str], list[str]]] = OrderedDict()
-_INDEXES_KEPT = 8
-
-
 def _weight_map(index: str) -> tuple[dict[str, str], list[str]]:
     """The index's ``weight_map`` (tensor name -> shard file name; shared, never modified) and its
     shard names, sorted; FormatError for an index that does not parse or names no plain files."""
@@ -60,24 +54,29 @@ def _weight_map(index: str) -> tuple[dict[str, str], list[str]]:
             raw = fh.read()
     except OSError as e:
         raise FormatError(f"{index}: cannot read the index ({e})") from None
-    hit = _INDEXES.get(raw)
-    if hit is not None:
-        return hit
+    try:
+        return _parsed_index(raw)
+    except ValueError as e:
+        raise FormatError(f"{index}: {e}") from None
+
+
+#: by the index's bytes: the checkpoints of a run repeat their index byte for byte, and a MoE
+#: index of thousands of entries takes a millisecond to parse and check
+@lru_cache(maxsize=8)
+def _parsed_index(raw: bytes) -> tuple[dict[str, str], list[str]]:
+    """:func:`_weight_map` of the index bytes ``raw``; ValueError saying what is wrong."""
     try:
         obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise FormatError(f"{index}: cannot read the index ({e})") from None
+    except ValueError as e:  # (UnicodeDecodeError is one)
+        raise ValueError(f"cannot read the index ({e})") from None
     wm = obj.get("weight_map") if isinstance(obj, dict) else None
     # (JSON's keys are strings; the values' types are collected at C speed: thousands of them)
     if not isinstance(wm, dict) or not set(map(type, wm.values())) <= {str}:
-        raise FormatError(f"{index}: no 'weight_map' object mapping tensor names to shard files")
+        raise ValueError("no 'weight_map' object mapping tensor names to shard files")
     names = sorted(set(wm.values()))
     for shard in names:
         if os.path.basename(shard) != shard or shard in (".", ".."):
-            raise FormatError(f"{index}: shard name {shard!r} is not a plain file name")
-    _INDEXES[raw] = (wm, names)
-    while len(_INDEXES) > _INDEXES_KEPT:
-        _INDEXES.popitem(last=False)
+            raise ValueError(f"shard name {shard!r} is not a plain file name")
     return wm, names
 
 

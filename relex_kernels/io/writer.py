@@ -41,6 +41,20 @@ class TensorSpec:
         object.__setattr__(self, "nbytes", prod(self.shape) * dtypes.itemsize(self.dtype))
 
 
+def merged_spans(spans) -> list[tuple[int, int]]:
+    """Byte ranges ``[lo, hi)`` of a file, sorted and merged where they touch or overlap; empty
+    ones dropped (what a rank or a writer thread wrote, released or read back once per run)."""
+    out: list[list[int]] = []
+    for lo, hi in sorted(spans):
+        if hi <= lo:
+            continue
+        if out and lo <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], hi)
+        else:
+            out.append([lo, hi])
+    return [(lo, hi) for lo, hi in out]
+
+
 def plan_shards(specs: list[TensorSpec], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[list[TensorSpec]]:
     """Greedy, order-preserving split into shards of at most ``max_shard_bytes`` (a larger tensor gets its own)."""
     shards: list[list[TensorSpec]] = [[]]
