@@ -50,14 +50,15 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PYTHONPATH = os.pathsep.join([os.path.join(_ROOT, "tests", "device_double"), os.path.join(_ROOT, "tests"), _ROOT])
 
 
-def install(setattr_=setattr) -> None:
-    """Make ``--backend triton`` run on :class:`RefKernels` (``setattr_``: monkeypatch.setattr in a test).
+def install(setattr_=setattr, kernels=RefKernels) -> None:
+    """Make ``--backend triton`` run on ``kernels`` (:class:`RefKernels`, or a subclass: a benchmark's
+    kernels that do nothing) (``setattr_``: monkeypatch.setattr in a test).
 
     ``$RELEX_TEST_WRITE_DELAY`` (seconds): each write of outputs into the maps starts that much
     later on its writer thread, so that writes are still in flight when the engine moves on."""
     from relex_kernels.ops import triton as tmod
-    setattr_(tmod, "available", lambda: (True, "reference double"))
-    setattr_(tmod, "device_kernels", lambda device=None: RefKernels())
+    setattr_(tmod, "available", lambda: (True, kernels.name))
+    setattr_(tmod, "device_kernels", lambda device=None: kernels())
     delay = float(os.environ.get("RELEX_TEST_WRITE_DELAY") or 0)
     if delay > 0:
         late_writes(delay, setattr_)

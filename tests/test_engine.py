@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -248,22 +249,27 @@ def test_groups_stay_within_their_byte_and_file_caps(tmp, monkeypatch):
     assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])
 
 
+def _reverse_index(d: str) -> dict:
+    """Write checkpoint ``d``'s index with its weight map in reverse order; returns that map."""
+    path = os.path.join(d, "model.safetensors.index.json")
+    with open(path) as fh:
+        index = json.load(fh)
+    wm = dict(reversed(list(index["weight_map"].items())))
+    with open(path, "w") as fh:
+        json.dump({**index, "weight_map": wm}, fh)
+    return wm
+
+
 def test_checkpoint_lists_tensors_in_the_index_order(tmp):
     """``Checkpoint.tensors`` of an index checkpoint follows the index's weight map (what a tool
     embedding the reader iterates), whatever order the shards store the tensors in."""
-    import json
-
     from relex_kernels.io import write_checkpoint
     d = os.path.join(tmp, "ck")
     os.makedirs(d)
     tensors = {f"t{i}": ("F32", np.full((2, 3), i, np.float32)) for i in range(6)}
     write_checkpoint(d, tensors, max_shard_bytes=60)  # several shards
-    path = os.path.join(d, "model.safetensors.index.json")
-    index = json.load(open(path))
-    wm = dict(reversed(list(index["weight_map"].items())))
+    wm = _reverse_index(d)
     assert len(set(wm.values())) > 1
-    with open(path, "w") as fh:
-        json.dump({**index, "weight_map": wm}, fh)
     ck = Checkpoint(d)
     try:
         assert list(ck.tensors) == list(wm)
@@ -277,8 +283,6 @@ def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):
     """The checkpoints of a run repeat their index byte for byte: it is parsed once per run, each
     checkpoint still gets its own shards' entries, and an index with other bytes is parsed anew
     (its own order, its own shards checked)."""
-    import json
-
     from relex_kernels.errors import InputError
     from relex_kernels.io import checkpoint, write_checkpoint
     tensors = {f"t{i}": ("F32", np.full((2, 3), i, np.float32)) for i in range(6)}
@@ -302,11 +306,7 @@ def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):
     finally:
         for ck in cks:
             ck.close()
-    path = os.path.join(dirs[2], "model.safetensors.index.json")
-    index = json.load(open(path))
-    wm = dict(reversed(list(index["weight_map"].items())))
-    with open(path, "w") as fh:
-        json.dump({**index, "weight_map": wm}, fh)
+    wm = _reverse_index(dirs[2])
     parsed.clear()
     ck = Checkpoint(dirs[2])
     try:

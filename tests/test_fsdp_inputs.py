@@ -115,22 +115,19 @@ def test_device_pipeline_reads_rank_files_in_place(run, tmp_path, monkeypatch):
     of the safetensors run, grouped or alone. The device kernels are the reference ops on the CPU
     (tests/devicedouble.py)."""
     import devicedouble
-    from test_gpu import SMALL
+    from test_gpu import SMALL, _grouped_run
 
-    from relex_kernels.engine import gpu, plan
     from relex_kernels.io.layout import discover
     devicedouble.install(monkeypatch.setattr)
     root, base, hf, _ = run
     ref = extrapolate(base, hf, [60], str(tmp_path / "ref"), backend="reference")  # the stand-in's sums
-    groups, gram_group = [], gpu.DeviceStreamer.gram_group
-    monkeypatch.setattr(gpu.DeviceStreamer, "gram_group",
-                        lambda self, jobs, g: (groups.append([j.name for j in jobs]), gram_group(self, jobs, g))[1])
+    groups = {}
     for group_max in (1024, 1):
-        monkeypatch.setattr(plan, "GROUP_MAX", group_max)
-        got = extrapolate(base, discover(os.path.join(root, "run")), [60], str(tmp_path / f"got{group_max}"),
-                          backend="triton", **SMALL)
+        got, groups[group_max] = _grouped_run(monkeypatch, group_max, base, discover(os.path.join(root, "run")), [60],
+                                              str(tmp_path / f"got{group_max}"), backend="triton", **SMALL)
         assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])
-    assert [sorted(g) for g in groups] == [sorted(SHAPES)]  # one group (no head to tie: the base has none)
+    assert groups[1] == []
+    assert [sorted(g) for g in groups[1024]] == [sorted(SHAPES)]  # one group (no head to tie: the base has none)
 
 
 def test_shards_preferred_over_an_export_and_prefer_hf(run, tmp_path):

@@ -87,17 +87,47 @@ def assert_same(a_dir, b_dir, exact):
 
 
 #: budgets under which "big" (2 MB of trajectory) streams and the embedding (190 KB) stays resident
-SMALL = dict(memory_budget=24 << 20, device_memory_budget=gpu.device_overhead(len(STEPS), 24 << 20) + (1 << 20))
+def _small(steps=STEPS) -> dict:
+    return dict(memory_budget=24 << 20, device_memory_budget=gpu.device_overhead(len(steps), 24 << 20) + (1 << 20))
+
+
+SMALL = _small()
 
 
 def _traj(tmp, dtype="BF16", shapes=SHAPES, steps=STEPS, **kw):
     return make_trajectory(tmp, shapes, steps, dtype=dtype, extra_dtypes=EXTRA, config=TIED, **kw)
 
 
+#: small tensors of mixed dtypes, run in groups of GROUPED_MAX (several groups: slots and buffers reused)
+GROUPED = {f"e{i}.weight": (40 + i, 33) for i in range(18)}
+GROUPED_EXTRA = {f"e{i}.weight": ("F16", "F32")[i % 2] for i in range(0, 18, 5)}
+GROUPED_MAX = 4
+
+
+def _grouped_traj(tmp, **kw):
+    return make_trajectory(tmp, GROUPED, STEPS, dtype="BF16", extra_dtypes=GROUPED_EXTRA, **kw)
+
+
 def per_tensor(monkeypatch) -> None:
     """Every tensor on its own (no groups of small tensors): for the tests of the per-tensor
     pipeline; the groups have theirs (test_device_groups_*)."""
     monkeypatch.setattr(plan, "GROUP_MAX", 1)
+
+
+def _recorded_done(monkeypatch, want: dict | None = None) -> list:
+    """Spy on the executor's done records: ``[(tensor, landed)]`` in record order, ``landed``: its
+    outputs already in the maps, byte for byte ``want[tensor]`` (None without ``want``)."""
+    from relex_kernels.engine.executor import Executor
+    seen, done = [], Executor._done
+
+    def recording_done(self, *names):
+        for n in names:
+            got = None if want is None else np.array(self.writers[0].view(n, 0, want[n].size))
+            seen.append((n, None if want is None else bool(np.array_equal(got.view(np.uint8),
+                                                                          want[n].reshape(-1).view(np.uint8)))))
+        return done(self, *names)
+    monkeypatch.setattr(Executor, "_done", recording_done)
+    return seen
 
 
 @pytest.mark.parametrize("budgets", ["resident", "streamed"])
@@ -228,7 +258,8 @@ def test_cli_with_interpreted_triton_kernels(tmp, monkeypatch):
     reads = {o: json.load(open(os.path.join(tmp, o, "relex_report.json")))["bytes_read"] for o in runs}
     assert reads["tri"] == reads["ref"] == reads["tri_alone"]
     assert reads["tri_streamed"] == reads["ref"] + 4 * 700 * 2  # "v" read twice
-    # "tri" ran "v" and "b.bias" as one group: its plan (the same on the double, which has no kernels to plan)
+    # "tri" ran "v" and "b.bias" as one group: checked on the plan of the same run built here (on the
+    # double: planning uses no kernel), not on the subprocess itself, whose report does not list groups
     devicedouble.install(monkeypatch.setattr)
     traj = Trajectory(base, ck)
     st = gpu.make_streamer(traj, get_backend("triton"), default_memory_budget())
@@ -273,24 +304,14 @@ def test_outputs_are_written_while_the_next_tensor_computes(tmp, monkeypatch):
         gate.set()
         return gram(self, job, *a, **k)
 
-    from relex_kernels.engine.executor import Executor
-    checked = []
-    done = Executor._done
-
-    def checked_done(self, *names):  # a tensor is recorded done with its outputs in the maps
-        for n in names:
-            w = self.writers[0]
-            checked.append(np.array_equal(np.array(w.view(n, 0, want[n].size)).reshape(want[n].shape), want[n]))
-        return done(self, *names)
-
     monkeypatch.setattr(gpu.DeviceStreamer, "_write", slow_write)
     monkeypatch.setattr(gpu.DeviceStreamer, "combine", gated_combine)
     monkeypatch.setattr(gpu.DeviceStreamer, "gram", watched_gram)
-    monkeypatch.setattr(Executor, "_done", checked_done)
+    checked = _recorded_done(monkeypatch, want)  # a tensor is recorded done with its outputs in the maps
     got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton")
     assert_same(ref.outputs[0], got.outputs[0], True)
     assert any(started[1:]), "every Gram waited for the writes of the tensor before it"
-    assert checked and all(checked)
+    assert checked and all(ok for _, ok in checked)
     assert got.report["device_stages"]["write"] > 0
 
 
@@ -374,26 +395,27 @@ def test_host_tensors_between_device_tensors_with_writes_in_flight(tmp, monkeypa
     base, ck = make_trajectory(tmp, shapes, STEPS, dtype="BF16", extra_dtypes={"h64": "F64", "g64": "F64"})
     ref = extrapolate(base, ck, [20], os.path.join(tmp, "ref"), backend="reference")
     devicedouble.late_writes(0.05, monkeypatch.setattr)
-    from relex_kernels.engine.executor import Executor
-    done, record = [], Executor._done
-    monkeypatch.setattr(Executor, "_done", lambda self, *names: (done.extend(names), record(self, *names))[1])
+    done = _recorded_done(monkeypatch, _outputs(ref.outputs[0]))
     got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton")
     assert_same(ref.outputs[0], got.outputs[0], True)
-    assert sorted(done) == sorted(shapes)
+    assert sorted(n for n, _ in done) == sorted(shapes)
+    assert all(ok for _, ok in done), done
+
+
+_GRAM_GROUP = gpu.DeviceStreamer.gram_group  # (taken before any test patches it)
 
 
 def _grouped_run(monkeypatch, group_max, *args, **kw):
     """``extrapolate(*args, **kw)`` with groups of ``group_max`` tensors at most; returns the result
-    and the sizes of the groups the device ran (its gram_group calls)."""
+    and the tensors of each group the device ran (its gram_group calls)."""
     monkeypatch.setattr(plan, "GROUP_MAX", group_max)
-    sizes = []
-    real = gpu.DeviceStreamer.gram_group
+    groups = []
 
     def spy(self, jobs, group):
-        sizes.append(len(jobs))
-        return real(self, jobs, group)
+        groups.append([j.name for j in jobs])
+        return _GRAM_GROUP(self, jobs, group)
     monkeypatch.setattr(gpu.DeviceStreamer, "gram_group", spy)
-    return extrapolate(*args, **kw), sizes
+    return extrapolate(*args, **kw), groups
 
 
 @pytest.mark.parametrize("steps,targets", [(STEPS, [20, 40]), ([2, 4, 6], [20])])
@@ -411,17 +433,17 @@ def test_device_groups_write_the_bytes_of_the_per_tensor_path(tmp, device_backen
     ref = extrapolate(base, ck, targets, os.path.join(tmp, "ref"), backend="reference")
     fit = os.path.join(tmp, "fit.relexfit")
     args = (base, ck, targets)
-    small = dict(memory_budget=24 << 20, device_memory_budget=gpu.device_overhead(len(steps), 24 << 20) + (1 << 20))
-    grouped, sizes = _grouped_run(monkeypatch, GROUPED_MAX, *args, os.path.join(tmp, "g"), backend=name, **small)
-    alone, none = _grouped_run(monkeypatch, 1, *args, os.path.join(tmp, "a"), backend=name, **small)
+    small = _small(steps)
+    grouped, groups = _grouped_run(monkeypatch, GROUPED_MAX, *args, os.path.join(tmp, "g"), backend=name, **small)
+    alone, none = _grouped_run(monkeypatch, 1, *args, os.path.join(tmp, "a"), backend=name, save_fit=fit, **small)
+    sizes = [len(g) for g in groups]
     assert none == [] and max(sizes) == GROUPED_MAX and sum(sizes) == len(GROUPED)  # tail.weight: alone
     for g, a, r in zip(grouped.outputs, alone.outputs, ref.outputs):
         assert_same(a, g, True)
         assert_same(r, g, exact)
     assert grouped.bytes_read == alone.bytes_read
     assert grouped.report["tensors"] == alone.report["tensors"]
-    # predict: the groups' pass 2 only, from a saved fit
-    extrapolate(base, ck, targets[:1], os.path.join(tmp, "first"), backend=name, save_fit=fit)
+    # predict: the groups' pass 2 only, from the fit the per-tensor run saved
     monkeypatch.setattr(plan, "GROUP_MAX", GROUPED_MAX)
     pg = predict(fit, [50], os.path.join(tmp, "pg"), backend=name)
     monkeypatch.setattr(plan, "GROUP_MAX", 1)
@@ -439,15 +461,7 @@ def test_device_groups_with_late_copies_and_writes(tmp, async_streams, monkeypat
     ref = extrapolate(base, ck, [20], os.path.join(tmp, "ref"), backend="reference")
     want = _outputs(ref.outputs[0])
     devicedouble.late_writes(0.02, monkeypatch.setattr)
-    from relex_kernels.engine.executor import Executor
-    checked, done = [], Executor._done
-
-    def checked_done(self, *names):
-        for n in names:
-            got = np.array(self.writers[0].view(n, 0, want[n].size)).reshape(want[n].shape)
-            checked.append((n, np.array_equal(got.view(np.uint8), want[n].view(np.uint8))))
-        return done(self, *names)
-    monkeypatch.setattr(Executor, "_done", checked_done)
+    checked = _recorded_done(monkeypatch, want)
     made, empty = [], gpu.DeviceStreamer._device_empty
     monkeypatch.setattr(gpu.DeviceStreamer, "_device_empty",
                         lambda self, numel, dtype, what: (made.append(what), empty(self, numel, dtype, what))[1])
@@ -458,6 +472,13 @@ def test_device_groups_with_late_copies_and_writes(tmp, async_streams, monkeypat
     assert sorted(n for n, _ in checked) == sorted(GROUPED)
     assert all(ok for _, ok in checked), [n for n, ok in checked if not ok]
     assert all(s.ops > 0 for s in async_streams) and not any(s.errors for s in async_streams)
+
+
+def test_merged_spans():
+    """Byte ranges sorted and merged where they touch or overlap; empty ones dropped."""
+    assert merged_spans([(30, 40), (0, 10), (10, 20), (15, 18), (25, 25), (50, 60), (55, 70)]) == [
+        (0, 20), (30, 40), (50, 70)]
+    assert merged_spans([]) == [] and merged_spans([(5, 5)]) == []
 
 
 def test_written_pages_are_released_only_where_written(tmp, monkeypatch):
@@ -729,16 +750,6 @@ def test_pipeline_with_asynchronous_copies_matches_reference(tmp, async_streams,
     pr = predict(fit, [50], os.path.join(tmp, "pred_ref"), backend="reference")
     assert_same(pr.outputs[0], p.outputs[0], True)
     assert all(s.ops > 0 for s in async_streams) and not any(s.errors for s in async_streams)
-
-
-#: small tensors of mixed dtypes, run in groups of GROUPED_MAX (several groups: slots and buffers reused)
-GROUPED = {f"e{i}.weight": (40 + i, 33) for i in range(18)}
-GROUPED_EXTRA = {f"e{i}.weight": ("F16", "F32")[i % 2] for i in range(0, 18, 5)}
-GROUPED_MAX = 4
-
-
-def _grouped_traj(tmp, **kw):
-    return make_trajectory(tmp, GROUPED, STEPS, dtype="BF16", extra_dtypes=GROUPED_EXTRA, **kw)
 
 
 def _differs_from_reference(tmp, make=_traj, **kw) -> bool:

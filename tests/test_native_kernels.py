@@ -503,18 +503,18 @@ PINNED_GRAM = {
 
 
 @functools.lru_cache(maxsize=None)
-def _pinned_exact(dt, T, f16):
-    """The fp64 Gram of the pinned inputs: one per case, whichever SIMD path is checked against it."""
+def _pinned_case(dt, T, f16):
+    """The pinned inputs and their fp64 Gram: made once per case, whichever SIMD path is checked."""
     base, hist = _hashed_inputs(dt, T, 3 * CHUNK + 1000)
-    return exact_gram(base, hist, dt, f16)
+    return base, hist, exact_gram(base, hist, dt, f16)
 
 
 @pytest.mark.parametrize("dt,T,f16", [("BF16", 4, False), ("BF16", 8, False), ("BF16", 16, False),
                                       ("BF16", 37, False), ("F16", 16, True), ("F32", 16, False)])
 def test_gram_bits_pinned(simd, dt, T, f16):
-    base, hist = _hashed_inputs(dt, T, 3 * CHUNK + 1000)
+    base, hist, exact = _pinned_case(dt, T, f16)
     acc = np.zeros((T, T))
     native.gram(base, hist, dt, acc, fp16_deltas=f16)
-    check_gram(acc, base, hist, dt, fp16_deltas=f16, exact=_pinned_exact(dt, T, f16))
+    check_gram(acc, base, hist, dt, fp16_deltas=f16, exact=exact)
     got = hashlib.sha256(acc.tobytes()).hexdigest()[:16]
     assert got == PINNED_GRAM[(simd, dt, T, f16)], f"the Gram's bits changed for {simd}/{dt}/T={T}/f16={f16}"
