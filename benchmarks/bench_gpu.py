@@ -266,7 +266,6 @@ def bench_svd(s: dict, kern: dict) -> list[dict]:
 # -- 5. end to end ------------------------------------------------------------------------
 def make_trajectory(root: str, params: int, T: int, dtype: str = "BF16") -> tuple[str, dict]:
     """A synthetic run: a few transformer-like tensors, base + T checkpoints (generated on the device)."""
-    from relex_kernels.io import write_checkpoint
     hidden = 1024
     shapes = {"model.embed_tokens.weight": (max(1, params // (8 * hidden)), hidden),
               "model.norm.weight": (hidden,)}
@@ -277,6 +276,12 @@ def make_trajectory(root: str, params: int, T: int, dtype: str = "BF16") -> tupl
         shapes[f"model.layers.{i}.mlp.up_proj.weight"] = (rows, hidden)
         left -= rows * hidden
         i += 1
+    return write_trajectory(root, shapes, T, dtype)
+
+
+def write_trajectory(root: str, shapes: dict, T: int, dtype: str = "BF16") -> tuple[str, dict]:
+    """base/ and step_1..T/ of ``shapes``: a straight drift plus noise (generated on the device)."""
+    from relex_kernels.io import write_checkpoint
     g = torch.Generator(device=DEV).manual_seed(0)
     base = {k: torch.randn(int(np.prod(v)), device=DEV, generator=g) * 0.05 for k, v in shapes.items()}
     direc = {k: torch.randn_like(v) for k, v in base.items()}
@@ -362,25 +367,12 @@ def bench_e2e(s: dict, b: dict, work: str) -> dict:
 def bench_many(s: dict, b: dict, work: str) -> dict:
     """Section 6: a MoE-shaped trajectory on each device backend, grouped against per tensor."""
     from relex_kernels.engine import extrapolate, plan
-    from relex_kernels.io import write_checkpoint
     n, shape, T = s["many_tensors"], s["many_shape"], s["many_T"]
-    g = torch.Generator(device=DEV).manual_seed(1)
-    numel = shape[0] * shape[1]
-    base = torch.randn(n, numel, device=DEV, generator=g) * 0.02
-    direc = torch.randn(n, numel, device=DEV, generator=g) * 1e-3
     root = os.path.join(work, "many")
-    cks = {}
     t0 = time.perf_counter()
-    for step in range(T + 1):
-        d = os.path.join(root, "base" if step == 0 else f"step_{step}")
-        os.makedirs(d)
-        x = (base + step * direc).to(torch.bfloat16).view(torch.int16).cpu().numpy().view(dtypes.raw_numpy("BF16"))
-        write_checkpoint(d, {f"model.layers.{i // 128}.mlp.experts.{i % 128}.down_proj.weight":
-                             ("BF16", x[i].reshape(shape)) for i in range(n)})
-        if step:
-            cks[step] = d
+    base, cks = write_trajectory(root, {f"model.layers.{i // 128}.mlp.experts.{i % 128}.down_proj.weight": shape
+                                        for i in range(n)}, T)
     out = {"tensors": n, "shape": list(shape), "T": T, "generate_seconds": time.perf_counter() - t0, "runs": []}
-    del base, direc
     kept = plan.GROUP_MAX
     try:
         for name in [x for x in ("cuda", "triton") if availability()[x][0]]:
@@ -389,12 +381,11 @@ def bench_many(s: dict, b: dict, work: str) -> dict:
                 for rep in range(2):  # the first run warms the page cache
                     od = os.path.join(work, f"many_{name}_{gmax}")
                     shutil.rmtree(od, ignore_errors=True)
-                    r = extrapolate(os.path.join(root, "base"), cks, [10 * T], od, backend=name, resume=False)
-                if r.bytes_read:
-                    out["runs"].append({"backend": name, "mode": mode, "seconds": r.seconds,
-                                        "input_GBps": r.bytes_read / r.seconds / 1e9,
-                                        "vs_pinned_h2d": r.bytes_read / r.seconds / 1e9 / b["h2d_pinned_GBps"],
-                                        **{f"{k}_s": v for k, v in r.report.get("device_stages", {}).items()}})
+                    r = extrapolate(base, cks, [10 * T], od, backend=name, resume=False)
+                out["runs"].append({"backend": name, "mode": mode, "seconds": r.seconds,
+                                    "input_GBps": r.bytes_read / r.seconds / 1e9,
+                                    "vs_pinned_h2d": r.bytes_read / r.seconds / 1e9 / b["h2d_pinned_GBps"],
+                                    **{f"{k}_s": v for k, v in r.report.get("device_stages", {}).items()}})
             a, c = (os.path.join(work, f"many_{name}_{m}", f"step_{10 * T}") for m in (1, kept))
             out[f"{name}_grouped_vs_per_tensor"] = _ulp_diff(a, c)
     finally:

@@ -45,7 +45,6 @@ def extension_flags() -> list[str]:
     return python + ours
 
 
-
 def sources(rev: str | None, into: Path) -> Path:
     """csrc/cpu of commit ``rev`` (None: the working tree) under ``into``."""
     if rev is None:

@@ -59,6 +59,7 @@ def main() -> int:
         buf = np.empty(4 * n, dtype=np.uint16)
         pool = ThreadPoolExecutor(args.threads)
         stack.callback(pool.shutdown, cancel_futures=True)  # registered last: runs first, before the files close
+
         def by_maps(f, r, lo, hi):
             np.copyto(buf[r * n + lo:r * n + hi], f.view("w", lo, hi).view(np.uint16))
             f.release("w", lo, hi)
