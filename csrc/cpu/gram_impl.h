@@ -112,81 +112,86 @@ inline void gram_block(const float* Da, const float* Db, size_t ld, size_t nvec,
         for (int s = 0; s < kB; ++s) V::store(acc + (r * kB + s) * W, c[r][s]);
 }
 
-// The diagonal block of rows[1..nr] (history rows; rows[0] the base) over the groups
-// [g0, g1) of 2W elements of a panel, group g read at element e0 + 2W*(g - g0) of the
-// rows: converts each group into deltas, stores them in D (row stride ld, column 2W*g)
-// and, First, the fp32 base into b; adds the products r <= s into acc. Inputs before pf_end
-// are prefetched into L2 kPrefetchBytes ahead (T+1 streams are more than the hardware
-// prefetchers follow).
-template <class V, int DT, bool F16D, bool First>
-inline void gram_diag_convert(const void* const* rows, int nr, size_t e0, size_t pf_end, size_t g0, size_t g1,
-                              float* D, size_t ld, float* b, float* acc) {
+// The diagonal block of rows[1..NR] (history rows; rows[0] the base; NR <= kB, the rows past
+// it are padding up to a multiple of kB) over the groups [g0, g1) of 2W elements of a panel,
+// group g read at element e0 + 2W*(g - g0) of the rows: converts each group into deltas, stores
+// them in D (row stride ld, column 2W*g; padding rows get zeros) and, First, the fp32 base into
+// b; adds the products r <= s into acc. Inputs before pf_end are prefetched into L2
+// kPrefetchBytes ahead (T+1 streams are more than the hardware prefetchers follow).
+// NR is a template argument and each group goes half (W lanes) by half, so that the deltas and
+// the accumulators stay in registers: with a run-time row count and both halves live, AVX2's
+// 16 registers spilled them to the stack (a store and a load per delta). Each accumulator still
+// takes the first half's product, then the second's, per group: the same sums, the same bits.
+template <class V, int DT, bool F16D, bool First, int NR>
+inline void gram_diag_convert(const void* const* rows, size_t e0, size_t pf_end, size_t g0, size_t g1, float* D,
+                              size_t ld, float* b, float* acc) {
     using F = typename V::F;
     constexpr int kB = V::kGramBlock;
     constexpr size_t W = V::W;
     constexpr size_t G = 2 * W;
     constexpr size_t ahead = kPrefetchBytes / dtype_size(DT);
-    F c[kB][kB];
-    for (int r = 0; r < kB; ++r)
-        for (int s = r; s < kB; ++s) c[r][s] = V::load(acc + (r * kB + s) * W);
-    for (size_t g = g0; g < g1; ++g) {
-        const size_t p = g * G, e = e0 + (g - g0) * G;
-        const bool pf = e + ahead < pf_end;
-        F b0, b1;
-        if (First) {
-            if (pf) prefetch_bytes<false>(static_cast<const char*>(at<DT>(rows[0], e + ahead)), G * dtype_size(DT));
-            load_group<V, DT>(at<DT>(rows[0], e), b0, b1);
-            b0 = base_ref<V, F16D>(b0);
-            b1 = base_ref<V, F16D>(b1);
-            V::store(b + p, b0);
-            V::store(b + p + W, b1);
-        } else {
-            b0 = V::load(b + p);
-            b1 = V::load(b + p + W);
-        }
-        F a0[kB], a1[kB];
-        for (int r = 0; r < kB; ++r) {
-            if (r < nr) {  // rows past T (padding up to a multiple of kB) are zero
-                if (pf) prefetch_bytes<false>(static_cast<const char*>(at<DT>(rows[r + 1], e + ahead)), G * dtype_size(DT));
-                F x0, x1;
-                load_group<V, DT>(at<DT>(rows[r + 1], e), x0, x1);
-                a0[r] = delta<V, F16D>(x0, b0);
-                a1[r] = delta<V, F16D>(x1, b1);
-            } else {
-                a0[r] = a1[r] = V::zero();
+    F c[NR * (NR + 1) / 2];  // the upper triangle, row by row
+    for (int r = 0, k = 0; r < NR; ++r)
+        for (int s = r; s < NR; ++s, ++k) c[k] = V::load(acc + (r * kB + s) * W);
+    // Two loops, the groups that prefetch and those past pf_end, so that the loop body has no
+    // branch: with one, GCC kept the accumulators in registers but stored them to the stack
+    // every group (6 stores per 12 FMAs, the store port the bound).
+    auto groups = [&](size_t ga, size_t gb, auto prefetch) {
+        for (size_t g = ga; g < gb; ++g) {
+            const size_t p = g * G, e = e0 + (g - g0) * G;
+            if constexpr (decltype(prefetch)::value)
+                for (int r = First ? 0 : 1; r <= NR; ++r)
+                    prefetch_bytes<false>(static_cast<const char*>(at<DT>(rows[r], e + ahead)), G * dtype_size(DT));
+            for (int h = 0; h < 2; ++h) {
+                const size_t q = p + h * W;
+                F bh;
+                if (First) {
+                    bh = base_ref<V, F16D>(load_half<V, DT>(at<DT>(rows[0], e), h));
+                    V::store(b + q, bh);
+                } else {
+                    bh = V::load(b + q);
+                }
+                F a[NR];
+                for (int r = 0; r < NR; ++r) {
+                    a[r] = delta<V, F16D>(load_half<V, DT>(at<DT>(rows[r + 1], e), h), bh);
+                    V::store(D + size_t(r) * ld + q, a[r]);
+                }
+                for (int r = NR; r < kB; ++r) V::store(D + size_t(r) * ld + q, V::zero());
+                for (int r = 0, k = 0; r < NR; ++r)
+                    for (int s = r; s < NR; ++s, ++k) c[k] = V::fmadd(a[r], a[s], c[k]);
             }
-            V::store(D + size_t(r) * ld + p, a0[r]);
-            V::store(D + size_t(r) * ld + p + W, a1[r]);
         }
-        for (int s = 0; s < kB; ++s)
-            for (int r = 0; r <= s; ++r) c[r][s] = V::fmadd(a0[r], a0[s], c[r][s]);
-        for (int s = 0; s < kB; ++s)
-            for (int r = 0; r <= s; ++r) c[r][s] = V::fmadd(a1[r], a1[s], c[r][s]);
-    }
-    for (int r = 0; r < kB; ++r)
-        for (int s = r; s < kB; ++s) V::store(acc + (r * kB + s) * W, c[r][s]);
+    };
+    // Groups g < gp prefetch: e0 + (g - g0) * G + ahead < pf_end.
+    const size_t gp = pf_end > e0 + ahead ? std::min(g1, g0 + (pf_end - e0 - ahead + G - 1) / G) : g0;
+    groups(g0, gp, std::true_type{});
+    groups(gp, g1, std::false_type{});
+    for (int r = 0, k = 0; r < NR; ++r)
+        for (int s = r; s < NR; ++s, ++k) V::store(acc + (r * kB + s) * W, c[k]);
 }
 
-// gram_diag_convert of history rows [r0, r0 + kB) over elements [pos, pos + len) of one
-// panel: the full groups read in place, the last partial one (zeros past len) from copies.
-template <class V, int DT, bool F16D>
+// gram_diag_convert of the NR = min(kB, T - r0) history rows from r0 over elements
+// [pos, pos + len) of one panel: the full groups read in place, the last partial one (zeros
+// past len) from copies.
+template <class V, int DT, bool F16D, int NR = V::kGramBlock>
 void gram_diag_panel(const Inputs& in, size_t pos, size_t len, int r0, float* D, size_t ld, float* b, bool first,
                      float* acc) {
-    constexpr int kB = V::kGramBlock;
     constexpr size_t G = 2 * V::W;
-    const int nr = std::min(kB, in.T - r0);
-    const void* rows[kB + 1] = {in.base};
-    for (int r = 0; r < nr; ++r) rows[r + 1] = in.hist[r0 + r];
+    if constexpr (NR > 1) {
+        if (in.T - r0 < NR) return gram_diag_panel<V, DT, F16D, NR - 1>(in, pos, len, r0, D, ld, b, first, acc);
+    }
+    const void* rows[NR + 1] = {in.base};
+    for (int r = 0; r < NR; ++r) rows[r + 1] = in.hist[r0 + r];
     const size_t full = len / G;
     auto run = [&](const void* const* rs, size_t e0, size_t pf_end, size_t g0, size_t g1) {
         if (first)
-            gram_diag_convert<V, DT, F16D, true>(rs, nr, e0, pf_end, g0, g1, D, ld, b, acc);
+            gram_diag_convert<V, DT, F16D, true, NR>(rs, e0, pf_end, g0, g1, D, ld, b, acc);
         else
-            gram_diag_convert<V, DT, F16D, false>(rs, nr, e0, pf_end, g0, g1, D, ld, b, acc);
+            gram_diag_convert<V, DT, F16D, false, NR>(rs, e0, pf_end, g0, g1, D, ld, b, acc);
     };
     run(rows, pos, in.n, 0, full);
     if (full * G < len) {
-        const PartialGroup<V, DT, kB + 1> tail(rows, nr + 1, pos + full * G, len - full * G);
+        const PartialGroup<V, DT, NR + 1> tail(rows, NR + 1, pos + full * G, len - full * G);
         run(tail.rows, 0, 0, full, full + 1);
     }
 }
