@@ -115,8 +115,8 @@ inline void gram_block(const float* Da, const float* Db, size_t ld, size_t nvec,
 // The diagonal block of rows[1..NR] (history rows; rows[0] the base; NR <= kB, the rows past
 // it are padding up to a multiple of kB) over the groups [g0, g1) of 2W elements of a panel,
 // group g read at element e0 + 2W*(g - g0) of the rows: converts each group into deltas, stores
-// them in D (row stride ld, column 2W*g; padding rows get zeros) and, First, the fp32 base into
-// b; adds the products r <= s into acc. Inputs before pf_end are prefetched into L2
+// them in D (row stride ld, column 2W*g; gram_chunk_panels zeroes the padding rows once) and,
+// First, the fp32 base into b; adds the products r <= s into acc. Inputs before pf_end are prefetched into L2
 // kPrefetchBytes ahead (T+1 streams are more than the hardware prefetchers follow).
 // NR is a template argument and each group goes half (W lanes) by half, so that the deltas and
 // the accumulators stay in registers: with a run-time row count and both halves live, AVX2's
@@ -156,7 +156,6 @@ inline void gram_diag_convert(const void* const* rows, size_t e0, size_t pf_end,
                     a[r] = delta<V, F16D>(load_half<V, DT>(at<DT>(rows[r + 1], e), h), bh);
                     V::store(D + size_t(r) * ld + q, a[r]);
                 }
-                for (int r = NR; r < kB; ++r) V::store(D + size_t(r) * ld + q, V::zero());
                 for (int r = 0, k = 0; r < NR; ++r)
                     for (int s = r; s < NR; ++s, ++k) c[k] = V::fmadd(a[r], a[s], c[k]);
             }
@@ -240,6 +239,8 @@ void gram_chunk_panels(const Inputs& in, size_t off, size_t len, float* out, flo
     float* acc = scratch + lay.acc_offset();  // W-lane partial sums of every block, across panels
     const size_t blk = lay.block_floats();
     std::memset(acc, 0, sizeof(float) * lay.acc_floats());
+    // the padding rows [T, Tp) of D: zeros the blocks of the last column read (into sums never output)
+    std::memset(D + size_t(T) * ld, 0, sizeof(float) * (size_t(nb) * kB - T) * ld);
     for (size_t p0 = 0; p0 < len; p0 += ld) {
         const size_t pl = std::min(ld, len - p0);
         const size_t nvec = round_up(pl, 2 * W) / W;

@@ -9,7 +9,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <string>
-#include <type_traits>
 
 // x86-64 gets the AVX2 and AVX-512 kernels; RELEX_PORTABLE_ONLY builds what every
 // other architecture (aarch64) builds, to test that path on x86 too.

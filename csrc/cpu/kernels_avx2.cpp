@@ -3,6 +3,7 @@
 // called after cpu_features.cpp has checked the CPU and the OS.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "dtype.h"
 #include "kernels.h"

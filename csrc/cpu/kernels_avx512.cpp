@@ -9,6 +9,7 @@
 // memory traffic.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "dtype.h"
 #include "kernels.h"

@@ -2,6 +2,7 @@
 // without AVX2+FMA+F16C, and the reference the SIMD paths are tested against.
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 #include "dtype.h"
 #include "kernels.h"
