@@ -427,7 +427,7 @@ def test_device_groups_write_the_bytes_of_the_per_tensor_path(tmp, device_backen
     a tensor's Gram and weights in the group's stacks at offsets that are no multiple of 16 bytes
     (a kernel specialised on alignment must give the same bits)."""
     name, exact = device_backend
-    shapes = {**GROUPED, "h64": (300,), "big": (3 * GRAM_CHUNK + 77,), "tail.weight": (17, 9)}
+    shapes = {**GROUPED, "h64": (300,), "big": (4 * GRAM_CHUNK + 77,), "tail.weight": (17, 9)}
     extra = {**GROUPED_EXTRA, "h64": "F64"}
     base, ck = make_trajectory(tmp, shapes, steps, dtype="BF16", extra_dtypes=extra)
     ref = extrapolate(base, ck, targets, os.path.join(tmp, "ref"), backend="reference")
@@ -479,6 +479,23 @@ def test_merged_spans():
     assert merged_spans([(30, 40), (0, 10), (10, 20), (15, 18), (25, 25), (50, 60), (55, 70)]) == [
         (0, 20), (30, 40), (50, 70)]
     assert merged_spans([]) == [] and merged_spans([(5, 5)]) == []
+
+
+def test_an_error_while_draining_on_interrupt_is_said_and_the_threads_stop(capsys):
+    """close_streamer(drain=True) (a graceful interrupt): a writer's error met while the outputs in
+    flight land is said on stderr, not dropped silently, and the streamer is closed all the same."""
+    class Streamer:
+        closed = False
+
+        def drain(self):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            self.closed = True
+    st = Streamer()
+    gpu.close_streamer(st, drain=True)
+    assert st.closed
+    assert "No space left on device" in capsys.readouterr().err
 
 
 def test_written_pages_are_released_only_where_written(tmp, monkeypatch):

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -89,18 +90,19 @@ def stage_bytes(T: int, memory_budget: int) -> int:
     return max(min(budget // 8, MAX_STAGE), (T + 1) * 8 * GRAM_CHUNK)
 
 
-def out_slack() -> int:
-    """Output bytes beyond K/(T+1) of a stage: the aligned places of a group's tensors."""
-    return 64 + GROUP_ALIGN * plan.GROUP_MAX
+def out_slot_bytes(T: int, stage: int, K: int) -> int:
+    """Bytes of an output slot: K outputs of a stage's inputs, with the aligned places of a
+    group's tensors (a group's inputs fill at most a stage, aligned alike)."""
+    return -(-stage * K // (T + 1)) + 64 + GROUP_ALIGN * plan.device_group_max(T, stage)
 
 
 def device_overhead(T: int, memory_budget: int) -> int:
     """Device bytes the pipeline holds besides resident tensors (stage and output slots, the Gram
     kernel's scratch, a group's Grams)."""
     stage = stage_bytes(T, memory_budget)
-    out = stage + out_slack()  # K outputs of a group take at most K/(T+1) of a stage; K <= T+1 assumed here
+    out = out_slot_bytes(T, stage, T + 1)  # K <= T+1 outputs assumed here
     scratch = (stage // ((T + 1) * 2) // GRAM_CHUNK + 1) * 8 * T * T * 4
-    grams = stage  # (Policy.group_max: a group's T x T fp64 Grams fit a stage's bytes)
+    grams = plan.device_group_max(T, stage) * 8 * T * T
     return N_STAGE * stage + 2 * out + scratch + grams + (1 << 20)
 
 
@@ -121,8 +123,8 @@ def close_streamer(streamer, drain: bool = False) -> None:
     try:
         if drain:
             streamer.drain()
-    except Exception:
-        pass  # (the interrupt is what the caller reports; the resume redoes what was not recorded)
+    except Exception as e:  # (the interrupt is what the caller reports; the resume redoes what was not recorded)
+        print(f"relex: while stopping, outputs in flight were not all recorded ({e})", file=sys.stderr)
     finally:
         close = getattr(streamer, "close", None)
         if close is not None:
@@ -629,10 +631,10 @@ class DeviceStreamer(Streamer):
         return self.scratch
 
     # -- pass 2 ----------------------------------------------------------------------
-    def _outputs(self, K: int, need: int = 0) -> None:
-        """Output slots and pinned buffers for ``K`` outputs of a stage's inputs, with room for the
-        aligned places of a group's tensors (``need``: a group's bytes, within that by the plan)."""
-        nbytes = max(-(-self.stage * K // (self.traj.T + 1)) + out_slack(), need)
+    def _outputs(self, K: int) -> None:
+        """Output slots and pinned buffers for ``K`` outputs (:func:`out_slot_bytes`), made at the first
+        combine (a run's K does not change)."""
+        nbytes = out_slot_bytes(self.traj.T, self.stage, K)
         if self.out_bytes is not None and self.out_bytes >= nbytes:
             return
         self.drain()  # (nothing in flight from the buffers and slots replaced here)
@@ -770,9 +772,7 @@ class DeviceStreamer(Streamer):
                 blocks.add_(0.0)
             with self._timed("wait_gram"):
                 Gs = blocks.cpu().numpy()
-        finite = np.isfinite(Gs).all(axis=(1, 2))
-        if not finite.all():
-            self._raise_nonfinite(jobs[int(np.argmin(finite))])
+        self._check_finite(jobs, Gs)
         return Gs
 
     def combine_group(self, jobs: list[Job], group, alphas: np.ndarray, writers, count_read: bool) -> dict:
@@ -782,7 +782,9 @@ class DeviceStreamer(Streamer):
         T, K = self.traj.T, len(writers)
         self._landed()
         offs, nbytes = self._layout(jobs, K)
-        self._outputs(K, nbytes)
+        self._outputs(K)
+        if nbytes > self.out_bytes:  # (out_bytes holds any group the plan makes: never)
+            raise RuntimeError(f"internal: a group's {nbytes} output bytes for a slot of {self.out_bytes}")
         with self._on(self.compute):
             A = self.torch.from_numpy(np.ascontiguousarray(alphas, dtype=np.float32)).to(self.dev)
             o = self._out_slot()

@@ -66,6 +66,11 @@ def aligned(nbytes: int) -> int:
     return -(-nbytes // GROUP_ALIGN) * GROUP_ALIGN
 
 
+def device_group_max(T: int, stage: int) -> int:
+    """Most tensors in one device group: their T x T fp64 Grams fit a stage's bytes."""
+    return min(GROUP_MAX, max(2, stage // (8 * T * T)))
+
+
 # -- budgets ----------------------------------------------------------------------------
 #: the default memory budget at most (below: a quarter of RAM)
 DEFAULT_BUDGET_CAP = 1 << 30
@@ -124,7 +129,7 @@ class Policy:
         # mapped until it ends; on a device its inputs fill one stage buffer (``stage`` bytes).
         # Its tensors at most: on a device their Grams (T x T fp64 each) also fit a stage's bytes
         self.group_bytes = min(self.budget, GROUP_BYTES) if stage is None else stage
-        self.group_max = GROUP_MAX if stage is None else min(GROUP_MAX, max(2, stage // (8 * T * T)))
+        self.group_max = GROUP_MAX if stage is None else device_group_max(T, stage)
 
     def group_cost(self, job: Job, n_outputs: int) -> int:
         """Bytes ``job`` adds to a group (limit: ``group_bytes``)."""

@@ -303,10 +303,14 @@ class Streamer:
         table[:, 3:] = rows
         native.gram_table(table, self.fp16_deltas)
         self._tick((T + 1) * sum(job.nbytes for job in jobs))
+        self._check_finite(jobs, Gs)
+        return Gs
+
+    def _check_finite(self, jobs: list[Job], Gs: np.ndarray) -> None:
+        """The error of the first tensor of a group whose Gram (``Gs[i]``) is not finite."""
         finite = np.isfinite(Gs).all(axis=(1, 2))
         if not finite.all():
             self._raise_nonfinite(jobs[int(np.argmin(finite))])
-        return Gs
 
     def combine_group(self, jobs: list[Job], rows, alphas: np.ndarray, writers: list[ShardedWriter],
                       count_read: bool) -> dict:

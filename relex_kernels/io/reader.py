@@ -313,7 +313,7 @@ class MappedFile:
         isz = dtypes.itemsize(t.dtype)
         fd = self._open_again()
         try:
-            self._preadv(fd, [self._dest(out, (stop - start) * isz)], t.begin + start * isz, name)
+            self._preadv(fd, [self._dest(out, (stop - start) * isz)], t.begin + start * isz, [name])
         finally:
             os.close(fd)
 
@@ -327,13 +327,14 @@ class MappedFile:
             i = 0
             while i < len(todo):
                 at = end = todo[i][0].begin
-                bufs = []
+                bufs, run = [], []
                 while i < len(todo) and todo[i][0].begin == end:
                     t, out = todo[i]
                     bufs.append(self._dest(out, t.nbytes))
+                    run.append(t.name)
                     end += t.nbytes
                     i += 1
-                self._preadv(fd, bufs, at, todo[i - 1][0].name)
+                self._preadv(fd, bufs, at, run)
         finally:
             os.close(fd)
 
@@ -343,14 +344,16 @@ class MappedFile:
                              f"got {out.nbytes} bytes")
         return memoryview(out.reshape(-1).view(np.uint8))
 
-    def _preadv(self, fd: int, bufs: list[memoryview], at: int, name: str) -> None:
-        """Fill ``bufs`` from file offset ``at`` on (a short read continues where it stopped)."""
-        bufs = [b for b in bufs if len(b)]
+    def _preadv(self, fd: int, bufs: list[memoryview], at: int, names: list[str]) -> None:
+        """Fill ``bufs`` (of tensors ``names``) from file offset ``at`` on (a short read continues
+        where it stopped)."""
+        keep = [i for i, b in enumerate(bufs) if len(b)]
+        bufs, names = [bufs[i] for i in keep], [names[i] for i in keep]
         k = 0  # bufs[:k] are full
         while k < len(bufs):
             n = os.preadv(fd, bufs[k:k + _IOV_MAX], at)
             if n <= 0:
-                raise FormatError(f"{self.path}: ends inside tensor {name!r} (truncated while being read?)")
+                raise FormatError(f"{self.path}: ends inside tensor {names[k]!r} (truncated while being read?)")
             at += n
             while k < len(bufs) and n >= len(bufs[k]):
                 n -= len(bufs[k])

@@ -175,6 +175,21 @@ def test_read_whole_fills_each_tensor_with_its_bytes(tmp_path, monkeypatch):
         monkeypatch.setattr(os, "preadv", lambda fd, bufs, at: real(fd, bufs, at) if at < 500 else 0)
         with pytest.raises(FormatError, match="ends inside tensor 't"):
             f.read_whole(names, [np.empty_like(arrays[n]) for n in names])
+        # the error names the tensor the file ends in, not another of the same run
+        cut = sorted((t for t in f.tensors.values() if t.nbytes), key=lambda t: t.begin)[5]
+        stop = cut.begin + cut.nbytes // 2
+
+        def ends_in_cut(fd, bufs, at):
+            head, left = [], stop - at
+            for b in bufs:
+                if left <= 0:
+                    break
+                head.append(b[:left])
+                left -= len(head[-1])
+            return real(fd, head, at) if head else 0
+        monkeypatch.setattr(os, "preadv", ends_in_cut)
+        with pytest.raises(FormatError, match=f"ends inside tensor '{cut.name}'"):
+            f.read_whole(names, [np.empty_like(arrays[n]) for n in names])
         monkeypatch.setattr(os, "preadv", real)
         os.truncate(path, os.path.getsize(path) - 8)
         with pytest.raises(FormatError, match="changed"):
