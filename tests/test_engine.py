@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from trajgen import make_trajectory
 from relex_kernels.engine import extrapolate, predict
 from relex_kernels.fit import FitOptions
 from relex_kernels.io import Checkpoint
+from relex_kernels.io.writer import merged_spans
 
 SHAPES = {"w.weight": (33, 17), "b.bias": (7,), "one": (1,), "big": (4099,)}
 
@@ -260,13 +262,17 @@ def _reverse_index(d: str) -> dict:
     return wm
 
 
+#: six small tensors, written by the index tests as several shards
+SIX_TENSORS = {f"t{i}": ("F32", np.full((2, 3), i, np.float32)) for i in range(6)}
+
+
 def test_checkpoint_lists_tensors_in_the_index_order(tmp):
     """``Checkpoint.tensors`` of an index checkpoint follows the index's weight map (what a tool
     embedding the reader iterates), whatever order the shards store the tensors in."""
     from relex_kernels.io import write_checkpoint
     d = os.path.join(tmp, "ck")
     os.makedirs(d)
-    tensors = {f"t{i}": ("F32", np.full((2, 3), i, np.float32)) for i in range(6)}
+    tensors = SIX_TENSORS
     write_checkpoint(d, tensors, max_shard_bytes=60)  # several shards
     wm = _reverse_index(d)
     assert len(set(wm.values())) > 1
@@ -285,7 +291,7 @@ def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):
     (its own order, its own shards checked)."""
     from relex_kernels.errors import InputError
     from relex_kernels.io import checkpoint, write_checkpoint
-    tensors = {f"t{i}": ("F32", np.full((2, 3), i, np.float32)) for i in range(6)}
+    tensors = SIX_TENSORS
     dirs = []
     for k in range(3):
         d = os.path.join(tmp, f"ck{k}")
@@ -294,8 +300,9 @@ def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):
         dirs.append(d)
     checkpoint._parsed_index.cache_clear()
     parsed, loads = [], json.loads
-    monkeypatch.setattr(checkpoint.json, "loads",  # (json.loads parses the shards' headers too: not counted)
-                        lambda text, *a, **k: (parsed.append("weight_map" in text), loads(text, *a, **k))[1])
+    # checkpoint's own reference to json only (the shards' headers are parsed elsewhere: not counted)
+    monkeypatch.setattr(checkpoint, "json", SimpleNamespace(
+        loads=lambda text, *a, **k: (parsed.append("weight_map" in text), loads(text, *a, **k))[1]))
     cks = [Checkpoint(d) for d in dirs]
     try:
         assert sum(parsed) == 1
@@ -316,3 +323,10 @@ def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):
     os.remove(os.path.join(dirs[1], sorted(set(wm.values()))[0]))  # the same index bytes, a shard gone
     with pytest.raises(InputError, match="does not exist"):
         Checkpoint(dirs[1])
+
+
+def test_merged_spans():
+    """Byte ranges sorted and merged where they touch or overlap; empty ones dropped."""
+    assert merged_spans([(30, 40), (0, 10), (10, 20), (15, 18), (25, 25), (50, 60), (55, 70)]) == [
+        (0, 20), (30, 40), (50, 70)]
+    assert merged_spans([]) == [] and merged_spans([(5, 5)]) == []

@@ -114,17 +114,16 @@ def per_tensor(monkeypatch) -> None:
     monkeypatch.setattr(plan, "GROUP_MAX", 1)
 
 
-def _recorded_done(monkeypatch, want: dict | None = None) -> list:
+def _recorded_done(monkeypatch, want: dict) -> list:
     """Spy on the executor's done records: ``[(tensor, landed)]`` in record order, ``landed``: its
-    outputs already in the maps, byte for byte ``want[tensor]`` (None without ``want``)."""
+    outputs already in the maps, byte for byte ``want[tensor]``."""
     from relex_kernels.engine.executor import Executor
     seen, done = [], Executor._done
 
     def recording_done(self, *names):
         for n in names:
-            got = None if want is None else np.array(self.writers[0].view(n, 0, want[n].size))
-            seen.append((n, None if want is None else bool(np.array_equal(got.view(np.uint8),
-                                                                          want[n].reshape(-1).view(np.uint8)))))
+            got = np.array(self.writers[0].view(n, 0, want[n].size))
+            seen.append((n, bool(np.array_equal(got.view(np.uint8), want[n].reshape(-1).view(np.uint8)))))
         return done(self, *names)
     monkeypatch.setattr(Executor, "_done", recording_done)
     return seen
@@ -262,13 +261,18 @@ def test_cli_with_interpreted_triton_kernels(tmp, monkeypatch):
     # double: planning uses no kernel), not on the subprocess itself, whose report does not list groups
     devicedouble.install(monkeypatch.setattr)
     traj = Trajectory(base, ck)
+    monkeypatch.setattr(plan, "GROUP_MAX", 1024)  # as "tri" ran
     st = gpu.make_streamer(traj, get_backend("triton"), default_memory_budget())
     try:
         items = plan.build(traj, st.policy, 2, fitted=False, groupable=st.groupable).items
+        monkeypatch.setattr(plan, "GROUP_MAX", 1)  # as "tri_alone" ran
+        alone = plan.build(traj, plan.Policy(traj.T, default_memory_budget(), st.policy.device_cap, stage=st.stage),
+                           2, fitted=False, groupable=st.groupable).items
     finally:
         gpu.close_streamer(st)
         traj.close()
     assert [[j.name for j in it.jobs] for it in items if it.kind == "group"] == [["v", "b.bias"]]
+    assert not [it for it in alone if it.kind == "group"]
     for t in (12, 20):
         ref = os.path.join(tmp, "ref", f"step_{t}")
         assert_same(ref, os.path.join(tmp, "tri", f"step_{t}"), exact=False)
@@ -427,7 +431,7 @@ def test_device_groups_write_the_bytes_of_the_per_tensor_path(tmp, device_backen
     a tensor's Gram and weights in the group's stacks at offsets that are no multiple of 16 bytes
     (a kernel specialised on alignment must give the same bits)."""
     name, exact = device_backend
-    shapes = {**GROUPED, "h64": (300,), "big": (4 * GRAM_CHUNK + 77,), "tail.weight": (17, 9)}
+    shapes = {**GROUPED, "h64": (300,), "mid.weight": (17, 9), "big": (4 * GRAM_CHUNK + 77,), "tail.weight": (17, 9)}
     extra = {**GROUPED_EXTRA, "h64": "F64"}
     base, ck = make_trajectory(tmp, shapes, steps, dtype="BF16", extra_dtypes=extra)
     ref = extrapolate(base, ck, targets, os.path.join(tmp, "ref"), backend="reference")
@@ -438,14 +442,25 @@ def test_device_groups_write_the_bytes_of_the_per_tensor_path(tmp, device_backen
     alone, none = _grouped_run(monkeypatch, 1, *args, os.path.join(tmp, "a"), backend=name, save_fit=fit, **small)
     sizes = [len(g) for g in groups]
     assert none == [] and max(sizes) == GROUPED_MAX and sum(sizes) == len(GROUPED)  # tail.weight: alone
+    # h64 ends the last group of GROUPED (else mid.weight would join it), big ends mid.weight's
+    names = list(GROUPED)
+    assert groups == [names[i:i + GROUPED_MAX] for i in range(0, len(names), GROUPED_MAX)]
     for g, a, r in zip(grouped.outputs, alone.outputs, ref.outputs):
         assert_same(a, g, True)
         assert_same(r, g, exact)
     assert grouped.bytes_read == alone.bytes_read
     assert grouped.report["tensors"] == alone.report["tensors"]
     # predict: the groups' pass 2 only, from the fit the per-tensor run saved
+    combined, combine_group = [], gpu.DeviceStreamer.combine_group
+
+    def spy(self, jobs, *a, **k):
+        combined.append(len(jobs))
+        return combine_group(self, jobs, *a, **k)
+    monkeypatch.setattr(gpu.DeviceStreamer, "combine_group", spy)
     monkeypatch.setattr(plan, "GROUP_MAX", GROUPED_MAX)
     pg = predict(fit, [50], os.path.join(tmp, "pg"), backend=name)
+    assert combined[:len(sizes)] == sizes  # GROUPED as in extrapolate (then the rest, read once: a group too)
+    assert none == []  # (the spy of the per-tensor run: predict's groups ran no Gram)
     monkeypatch.setattr(plan, "GROUP_MAX", 1)
     pa = predict(fit, [50], os.path.join(tmp, "pa"), backend=name)
     assert_same(pa.outputs[0], pg.outputs[0], True)
@@ -472,13 +487,6 @@ def test_device_groups_with_late_copies_and_writes(tmp, async_streams, monkeypat
     assert sorted(n for n, _ in checked) == sorted(GROUPED)
     assert all(ok for _, ok in checked), [n for n, ok in checked if not ok]
     assert all(s.ops > 0 for s in async_streams) and not any(s.errors for s in async_streams)
-
-
-def test_merged_spans():
-    """Byte ranges sorted and merged where they touch or overlap; empty ones dropped."""
-    assert merged_spans([(30, 40), (0, 10), (10, 20), (15, 18), (25, 25), (50, 60), (55, 70)]) == [
-        (0, 20), (30, 40), (50, 70)]
-    assert merged_spans([]) == [] and merged_spans([(5, 5)]) == []
 
 
 def test_an_error_while_draining_on_interrupt_is_said_and_the_threads_stop(capsys):
