@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -32,8 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from bench_many_tensors import write_run  # noqa: E402
-from machine_info import cpu_model  # noqa: E402
+from bench_many_tensors import trajectories  # noqa: E402
+from machine_info import cpu_model, write_results_md  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -65,20 +64,17 @@ def main() -> None:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="relex_devhost_"))
     install_null_kernels()
     from relex_kernels.engine import extrapolate, plan
-    many = {f"model.layers.{i // 128}.mlp.experts.{i % 128}.w.weight": (64, 256) for i in range(n_many)}
-    dense = {f"model.layers.{i}.mlp.w.weight": (64 * n_many // n_dense, 256) for i in range(n_dense)}
+    from relex_kernels.io.layout import discover
     runs: dict[str, list] = {}
     kept = plan.GROUP_MAX
     try:
-        for name, shapes, per_shard in (("many", many, 256), ("dense", dense, 2)):
-            if not (work / name / "base").exists():
-                write_run(work / name, shapes, T, per_shard)
-        ck = {traj: {s: str(work / traj / f"checkpoint-{s}") for s in range(1, T + 1)} for traj in ("many", "dense")}
+        roots = trajectories(work, n_many, (64, 256), T)
+        ck = {traj: discover(str(root)) for traj, root in roots.items()}
         cases = [("many", 1), ("many", kept), ("dense", 1)]
         for rep in range(args.runs + 1):  # the first round warms the page cache, untimed
             for traj, gmax in cases:
                 plan.GROUP_MAX = gmax
-                root, out = work / traj, work / f"out_devhost_{traj}"
+                root, out = roots[traj], work / f"out_devhost_{traj}"
                 shutil.rmtree(out, ignore_errors=True)
                 os.sync()
                 t = time.perf_counter()
@@ -93,9 +89,9 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
     rows = {}
     for case, rs in runs.items():
-        ts = [x["seconds"] for x in rs]
-        mid = next(x for x in rs if x["seconds"] == statistics.median_low(ts))  # (its stage seconds)
-        rows[case] = {"median_s": statistics.median(ts), "runs": ts, "stages_of_median_run": mid["stages"]}
+        mid = sorted(rs, key=lambda x: x["seconds"])[(len(rs) - 1) // 2]  # the median run (the lower of two)
+        rows[case] = {"median_s": mid["seconds"], "runs": [x["seconds"] for x in rs],
+                      "stages_of_median_run": mid["stages"]}
     dense_s = rows["dense, alone"]["median_s"]
     for case in rows:
         rows[case]["x_dense"] = rows[case]["median_s"] / dense_s
@@ -117,7 +113,7 @@ def main() -> None:
         md.append(f"| {case} | {r['median_s']:.2f} | {r['x_dense']:.2f} | {per} | {st['read']:.2f} | "
                   f"{st['write']:.2f} | {', '.join(f'{x:.2f}' for x in r['runs'])} |")
     md += ["", f"Command: `{res['command']}`", ""]
-    Path(args.out).with_suffix(".md").write_text("\n".join(md))
+    write_results_md(Path(args.out).with_suffix(".md"), md)
     print("\n".join(md))
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from machine_info import cpu_model, user_env  # noqa: E402
+from machine_info import cpu_model, user_env, write_results_md  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -69,6 +69,20 @@ def run_once(root: Path, T: int, out: Path) -> float:
     return time.perf_counter() - t
 
 
+def trajectories(work: Path, n_many: int, shape: tuple[int, int], T: int) -> dict[str, Path]:
+    """The many-tensor trajectory (``n_many`` tensors of ``shape``) and a dense one of the same
+    bytes (24 tensors) under ``work``, written unless there already (a shared ``--workdir`` must
+    have been made with the same sizes); {"many": root, "dense": root}."""
+    r, c = shape
+    n_dense = 24
+    many = {f"model.layers.{i // 128}.mlp.experts.{i % 128}.w.weight": (r, c) for i in range(n_many)}
+    dense = {f"model.layers.{i}.mlp.w.weight": (r * n_many // n_dense, c) for i in range(n_dense)}
+    for name, shapes, per_shard in (("many", many, 256), ("dense", dense, 2)):
+        if not (work / name / "base").exists():
+            write_run(work / name, shapes, T, per_shard)
+    return {"many": work / "many", "dense": work / "dense"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tensors", type=int, default=3072, help="tensors of the many-tensor trajectory")
@@ -78,16 +92,12 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the trajectories go (default: a temp dir)")
     ap.add_argument("--out", default=str(RESULTS / "many_tensors_cpu"), help="output path without extension")
     args = ap.parse_args()
-    r, c = (int(x) for x in args.shape.split(","))
+    shape = tuple(int(x) for x in args.shape.split(","))
     n_many = args.tensors
-    n_dense = 24  # a dense model of the same bytes: few large tensors
-    many = {f"model.layers.{i // 128}.mlp.experts.{i % 128}.w.weight": (r, c) for i in range(n_many)}
-    dense = {f"model.layers.{i}.mlp.w.weight": (r * n_many // n_dense, c) for i in range(n_dense)}
+    n_dense = 24  # a dense model of the same bytes: few large tensors (trajectories)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="relex_many_"))
     try:
-        for name, shapes, per_shard in (("many", many, 256), ("dense", dense, 2)):
-            if not (work / name / "base").exists():
-                write_run(work / name, shapes, args.T, per_shard)
+        trajectories(work, n_many, shape, args.T)
         nbytes = sum(f.stat().st_size for f in (work / "many").rglob("*.safetensors"))
         times = {"many": [], "dense": []}
         for name in times:  # warm the page cache once
@@ -119,7 +129,7 @@ def main() -> None:
           f"| dense | {n_dense} | {med['dense']:.2f} | {', '.join(f'{x:.2f}' for x in times['dense'])} |", "",
           f"Ratio many/dense: **{res['ratio']:.2f}x**; overhead per extra tensor: **{per_tensor_ms:.3f} ms**.",
           "", f"Command: `{res['command']}`", ""]
-    Path(args.out).with_suffix(".md").write_text("\n".join(md))
+    write_results_md(Path(args.out).with_suffix(".md"), md)
     print("\n".join(md))
 
 

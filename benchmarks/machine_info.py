@@ -24,3 +24,18 @@ def user_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     env.update(extra)
     return env
+
+
+#: the line after which a results file's hand-written notes (history, analyses) begin
+NOTES_MARK = "<!-- notes: kept when the script rewrites what is above -->"
+
+
+def write_results_md(path, lines: list[str]) -> None:
+    """Write a benchmark's generated ``lines`` to ``path`` and keep the notes after
+    :data:`NOTES_MARK` that the file already had (a rerun replaces the figures, not the history)."""
+    from pathlib import Path
+
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    notes = old[old.index(NOTES_MARK):] if NOTES_MARK in old else NOTES_MARK + "\n"
+    path.write_text("\n".join(lines).rstrip("\n") + "\n\n" + notes)
