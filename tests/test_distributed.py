@@ -337,13 +337,15 @@ def test_split_pieces_are_kept_between_the_passes_on_the_host_only(traj_dirs):
     try:
         # (a device with room for every whole tensor, 2 GiB, keeps none of the pieces either)
         for cap, kept in ((None, True), (1 << 20, False), (2 << 30, False)):
-            pol = plan_mod.Policy(traj.T, 2 << 30, device_cap=cap)
+            pol = plan_mod.Policy(traj.T, 2 << 30, device_cap=cap, stage=None if cap is None else 64 << 20)
             for rank in range(2):
                 p = plan_mod.build(traj, pol, 2, fitted=False, world=2, rank=rank)
                 pieces = [it for it in p.items + p.after if it.kind in ("gram", "combine")]
                 assert pieces and all(it.resident == kept for it in pieces), (cap, rank)
                 if cap == 2 << 30:  # the room was there: the whole tensors of the rank are resident
                     assert any(it.kind == "fit" and it.resident for it in p.items), rank
+        with pytest.raises(ValueError, match="both"):  # a device's policy has its stage, for its groups
+            plan_mod.Policy(traj.T, 2 << 30, device_cap=1 << 20)
     finally:
         traj.close()
 

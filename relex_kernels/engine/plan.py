@@ -118,13 +118,16 @@ class Policy:
     the Gram there and the sum has the same bits). On a device, resident means the whole
     trajectory fits the device budget left after the pipeline's buffers (``device_cap``);
     streamed tensors get ranges of about ``RANGE_BYTES``. F64 tensors are computed on the
-    host (:mod:`..ops.fp64`) and take the host rule everywhere.
+    host (:mod:`..ops.fp64`) and take the host rule everywhere. A device's groups are bounded by
+    its ``stage`` buffer's bytes.
     """
 
     def __init__(self, T: int, memory_budget: int, device_cap: int | None = None, stage: int | None = None):
+        if (device_cap is None) != (stage is None):
+            raise ValueError("a device's Policy takes both its resident cap and its stage bytes; the host's neither")
         self.T = T
         self.budget = max(memory_budget - KERNEL_SCRATCH, MIN_BUDGET)
-        self.device_cap = device_cap
+        self.device_cap = device_cap  # (not None: a device's policy)
         # a group's bytes at most (:meth:`group_cost`): on the host its inputs and outputs stay
         # mapped until it ends; on a device its inputs fill one stage buffer (``stage`` bytes).
         # Its tensors at most: on a device their Grams (T x T fp64 each) also fit a stage's bytes
