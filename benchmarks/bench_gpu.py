@@ -344,9 +344,7 @@ def bench_e2e(s: dict, b: dict, work: str) -> dict:
             od = os.path.join(work, f"out_{name}_{rep}")
             r = extrapolate(base, cks, [10 * s["e2e_T"]], od, FitOptions(), backend=name, resume=False)
             if rep:
-                out["runs"].append({"backend": name, "seconds": r.seconds, "bytes_read": r.bytes_read,
-                                    "input_GBps": r.bytes_read / r.seconds / 1e9,
-                                    "vs_pinned_h2d": r.bytes_read / r.seconds / 1e9 / b["h2d_pinned_GBps"]})
+                out["runs"].append(_rate_row(r, b, backend=name, bytes_read=r.bytes_read))
     # outputs: device backends against the CPU backend (same contract) on this trajectory
     if "cpu" in backends:
         ref_dir = os.path.join(work, "out_cpu_1", f"step_{10 * s['e2e_T']}")
@@ -364,6 +362,13 @@ def bench_e2e(s: dict, b: dict, work: str) -> dict:
     return out
 
 
+def _rate_row(r, b: dict, **extra) -> dict:
+    """A timed run ``r`` (an extrapolate result): its seconds, input rate, and that rate against the
+    pinned host-to-device copy rate of section ``b``; plus ``extra``."""
+    gbps = r.bytes_read / r.seconds / 1e9
+    return {**extra, "seconds": r.seconds, "input_GBps": gbps, "vs_pinned_h2d": gbps / b["h2d_pinned_GBps"]}
+
+
 def bench_many(s: dict, b: dict, work: str) -> dict:
     """Section 6: a MoE-shaped trajectory on each device backend, grouped against per tensor."""
     from relex_kernels.engine import extrapolate, plan
@@ -378,14 +383,13 @@ def bench_many(s: dict, b: dict, work: str) -> dict:
         for name in [x for x in ("cuda", "triton") if availability()[x][0]]:
             for mode, gmax in (("per tensor", 1), ("grouped", kept)):
                 plan.GROUP_MAX = gmax
-                for rep in range(2):  # the first run warms the page cache
+                # one untimed run per backend first: it warms the page cache and compiles the kernels
+                for _ in range(2 if mode == "per tensor" else 1):
                     od = os.path.join(work, f"many_{name}_{gmax}")
                     shutil.rmtree(od, ignore_errors=True)
                     r = extrapolate(base, cks, [10 * T], od, backend=name, resume=False)
-                out["runs"].append({"backend": name, "mode": mode, "seconds": r.seconds,
-                                    "input_GBps": r.bytes_read / r.seconds / 1e9,
-                                    "vs_pinned_h2d": r.bytes_read / r.seconds / 1e9 / b["h2d_pinned_GBps"],
-                                    **{f"{k}_s": v for k, v in r.report.get("device_stages", {}).items()}})
+                out["runs"].append(_rate_row(r, b, backend=name, mode=mode,
+                                             **{f"{k}_s": v for k, v in r.report.get("device_stages", {}).items()}))
             a, c = (os.path.join(work, f"many_{name}_{m}", f"step_{10 * T}") for m in (1, kept))
             out[f"{name}_grouped_vs_per_tensor"] = _ulp_diff(a, c)
     finally:
