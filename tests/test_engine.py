@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -249,6 +251,107 @@ def test_groups_stay_within_their_byte_and_file_caps(tmp, monkeypatch):
     monkeypatch.setattr(plan, "GROUP_MAX", 1)
     b = extrapolate(base, ck, [9], os.path.join(tmp, "b"), backend="cpu")
     assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])
+
+
+def test_each_group_is_read_ahead_on_its_own_thread_while_the_work_before_it_computes(tmp, monkeypatch):
+    """On a cold cache a group that asks for its bytes only when it opens waits for all of them,
+    and asking (posix_fadvise) returns only once the reads are queued. So the executor asks for the
+    next group's spans before the Gram of the group at hand, on the read-ahead thread (only the
+    first group asks on the main thread, when it opens), every input byte of every group is asked
+    for, and the thread ends with the run."""
+    from relex_kernels.engine import plan, streaming
+    from relex_kernels.io import reader
+    shapes = {n: MANY[n] for n in list(MANY)[:200]}
+    base, ck = make_trajectory(tmp, shapes, range(1, 5), shard_bytes=1500)
+    monkeypatch.setattr(plan, "GROUP_BYTES", 4000)
+    events = []  # (appended from both threads: the list's order is the order in time)
+    real_ahead, real_gram, real_will = (streaming.Streamer.prefetch_group, streaming.Streamer.gram_group,
+                                        reader.MappedFile._willneed)
+
+    def prefetch_group(self, jobs):
+        events.append(("ahead", jobs[0].name))
+        return real_ahead(self, jobs)
+
+    def gram_group(self, jobs, rows):
+        events.append(("gram", jobs[0].name))
+        return real_gram(self, jobs, rows)
+
+    def willneed(self, begin, nbytes):
+        events.append(("asked", threading.current_thread().name, self.path, begin, begin + nbytes))
+        return real_will(self, begin, nbytes)
+
+    monkeypatch.setattr(streaming.Streamer, "prefetch_group", prefetch_group)
+    monkeypatch.setattr(streaming.Streamer, "gram_group", gram_group)
+    monkeypatch.setattr(reader.MappedFile, "_willneed", willneed)
+    extrapolate(base, ck, [9], os.path.join(tmp, "a"), backend="cpu", memory_budget=1 << 30)
+    grams = [e[1] for e in events if e[0] == "gram"]
+    assert len(grams) > 3
+    for here, nxt in zip(grams, grams[1:]):
+        assert events.index(("ahead", nxt)) < events.index(("gram", here))
+    first_gram = events.index(("gram", grams[0]))
+    asked = [(i, *e[1:]) for i, e in enumerate(events) if e[0] == "asked"]
+    assert all(who == "relex-read-ahead" for i, who, *_ in asked if i > first_gram)
+    assert {who for _, who, *_ in asked} == {"MainThread", "relex-read-ahead"}
+    for d in [base, *ck.values()]:  # every byte of every version asked for
+        c = Checkpoint(d)
+        try:
+            for name in shapes:
+                loc = c.tensors[name]
+                if loc.info.nbytes:
+                    assert any(p == loc.file.path and lo <= loc.info.begin and loc.info.begin + loc.info.nbytes <= hi
+                               for _, _, p, lo, hi in asked), (d, name)
+        finally:
+            c.close()
+    deadline = time.monotonic() + 10
+    while any(t.name == "relex-read-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(t.name == "relex-read-ahead" for t in threading.enumerate())
+
+
+def test_read_ahead_neither_maps_a_file_nor_waits_for_the_maps_lock(tmp):
+    """A prefetch asks the kernel through a descriptor of its own: it does not map the file, and the
+    read-ahead thread never waits for the lock under which the main thread makes its views."""
+    from relex_kernels.io import reader
+    base, _ = make_trajectory(tmp, {"w": (64, 32)}, [1])
+    c = Checkpoint(base)
+    try:
+        f = c.tensors["w"].file
+        f.unmap()
+        done = threading.Event()
+
+        def ask():
+            f.prefetch("w")
+            f.prefetch_bytes(0, f.size)
+            done.set()
+        with reader._MAPS.lock:
+            threading.Thread(target=ask, daemon=True).start()
+            assert done.wait(10)
+        assert f._mm is None
+    finally:
+        c.close()
+
+
+def test_read_ahead_asks_in_pieces_the_kernel_reads_whole(tmp, monkeypatch):
+    """Linux reads at most the disk's readahead limit of the range one WILLNEED advice names and
+    drops the rest, so a prefetch asks in pieces of that size (sysfs says it; 128 KiB where it does
+    not), one after another over the whole range."""
+    from relex_kernels.io import reader
+    assert reader.readahead_bytes(os.makedev(0, 54321)) == 128 << 10  # no such block device
+    assert reader.readahead_bytes(os.stat(tmp).st_dev) >= 4096
+    base, _ = make_trajectory(tmp, {"w": (300, 64)}, [1], dtype="F32")
+    c = Checkpoint(base)
+    asked = []
+    try:
+        loc = c.tensors["w"]
+        monkeypatch.setattr(reader, "readahead_bytes", lambda dev: 4096)
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, advice: asked.append((at, n, advice)))
+        loc.file.prefetch("w", 10, 290 * 64)
+    finally:
+        monkeypatch.undo()
+        c.close()
+    assert len(asked) > 4 and all(n <= 4096 and advice == os.POSIX_FADV_WILLNEED for _, n, advice in asked)
+    assert asked[0][0] == loc.info.begin + 10 * 4 and sum(n for _, n, _ in asked) == (290 * 64 - 10) * 4
+    assert all(a + n == b for (a, n, _), (b, _, _) in zip(asked, asked[1:]))
 
 
 def _reverse_index(d: str) -> dict:

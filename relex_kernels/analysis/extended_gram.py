@@ -65,7 +65,7 @@ def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int
     budget = memory_budget or default_memory_budget()
     t0 = time.perf_counter()
     traj = Trajectory(base, checkpoints)
-    bar = None
+    bar = streamer = None
     try:
         streamer = Streamer(traj, be, budget)
         work = plan.diagnostics(traj, streamer.policy)  # gram-only items: no pass 2, pages released at once
@@ -83,4 +83,6 @@ def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int
     finally:
         if bar is not None:
             bar.close()
+        if streamer is not None:
+            streamer.close()  # (its read-ahead thread)
         traj.close()

@@ -145,10 +145,14 @@ class Executor:
         st.after_writes(lambda: (check_f16_range(job, self.writers, self.targets), self._done(job.name)))
 
     def _read_ahead(self, items, i: int) -> None:
-        """Page-cache read-ahead of the next tensor while this one computes (a group reads its own)."""
+        """Page-cache read-ahead of the next tensor or group while this one computes."""
         nxt = next((it for it in items[i + 1:] if it.kind in ("fit", "group", "gram")), None)
-        if nxt is not None and nxt.kind != "group" and nxt.whole and not nxt.reused:
-            self.st.prefetch(nxt.job)
+        if nxt is None or nxt.reused:
+            return
+        if nxt.kind == "group":
+            self.st.prefetch_group(nxt.jobs)
+        elif nxt.whole:
+            self.st.read_ahead(self.st.prefetch, nxt.job)
 
     def _group(self, item: Item, items, i: int) -> None:
         """Fit and write a group of small tensors: the Grams, one eigen-solve for all, the weighted
@@ -158,6 +162,7 @@ class Executor:
         st, group = self.st, item.jobs
         names = [j.name for j in group]
         rows, files = st.open_group(group)
+        self._read_ahead(items, i)
         if self.comps is None:
             Gs = st.gram_group(group, rows)
             for _ in group:

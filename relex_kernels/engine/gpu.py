@@ -114,7 +114,8 @@ def make_streamer(traj, backend: Backend, memory_budget: int, fp16_deltas: bool 
 
 
 def close_streamer(streamer, drain: bool = False) -> None:
-    """Stop a :class:`DeviceStreamer`'s threads (a CPU :class:`Streamer` has none; None: nothing).
+    """Stop a streamer's threads: a :class:`Streamer`'s read-ahead thread, a :class:`DeviceStreamer`'s
+    readers and writers too (None: nothing).
 
     ``drain``: first let the outputs in flight land and make their journal records — a graceful
     interrupt keeps every finished tensor for the resume; an error drops them (its outputs go)."""
@@ -126,9 +127,7 @@ def close_streamer(streamer, drain: bool = False) -> None:
     except Exception as e:  # (the interrupt is what the caller reports; the resume redoes what was not recorded)
         print(f"relex: while stopping, outputs in flight were not all recorded ({e})", file=sys.stderr)
     finally:
-        close = getattr(streamer, "close", None)
-        if close is not None:
-            close()
+        streamer.close()
 
 
 def stage_fields(streamer) -> dict:
@@ -740,6 +739,9 @@ class DeviceStreamer(Streamer):
         Gram call and one combine call (at most :meth:`group_len` elements)."""
         return not job.on_host and 0 < job.numel <= self.group_len(job)
 
+    def prefetch_group(self, jobs: list[Job]) -> None:
+        """Nothing: the device's reader threads read the groups ahead along the plan (:meth:`follow`)."""
+
     def open_group(self, jobs: list[Job]):
         """Upload the T+1 versions of ``jobs``: (the group on the device, no host spans)."""
         self._landed()
@@ -802,6 +804,7 @@ class DeviceStreamer(Streamer):
         if self.closed:
             return
         self.closed = True
+        super().close()
         self.reader.cancel()
         self.rows.shutdown(wait=True)
         self.writes.shutdown(wait=True)

@@ -16,6 +16,8 @@ to the same bits.
 
 from __future__ import annotations
 
+import queue
+import threading
 from itertools import chain
 from operator import attrgetter, itemgetter
 
@@ -51,6 +53,8 @@ class Streamer:
         self.fp16_deltas = fp16_deltas
         self.progress = progress
         self.bytes_read = 0
+        self._ahead = None  # (jobs, places) of the group read ahead last (prefetch_group)
+        self._ahead_q: queue.SimpleQueue | None = None  # the read-ahead thread's requests
 
     def gram_precision(self) -> str:
         """How the Gram's products are computed (``relex_report.json``): the host kernels multiply
@@ -126,7 +130,26 @@ class Streamer:
         (page-cache read-ahead, asynchronous): on a cold cache they overlap this range's kernels.
         A resident tensor was read ahead whole, while the tensor before it computed."""
         if not resident and i + 1 < len(ranges):
-            self.prefetch(job, *ranges[i + 1])
+            self.read_ahead(self.prefetch, job, *ranges[i + 1])
+
+    # The read-ahead calls run on a thread of their own, in the order asked. Asking the kernel
+    # for a tensor's pages (posix_fadvise WILLNEED) returns only once every read is queued on
+    # the device: on a cold cache, for most of the time the reads take. On this thread the kernels
+    # of the work at hand run meanwhile; on the main thread they waited for the asking (a 31 GB
+    # run larger than RAM read at 0.56x the rate of one reader thread per file).
+    def read_ahead(self, fn, *args) -> None:
+        """Run ``fn(*args)`` (a prefetch: advice, never an error) on the read-ahead thread."""
+        if self._ahead_q is None:
+            self._ahead_q = queue.SimpleQueue()
+            threading.Thread(target=_read_ahead_loop, args=(self._ahead_q,), name="relex-read-ahead",
+                             daemon=True).start()
+        self._ahead_q.put((fn, args))
+
+    def close(self) -> None:
+        """Stop the read-ahead thread once it has asked for what it was given (the reads go on)."""
+        if self._ahead_q is not None:
+            self._ahead_q.put(None)
+            self._ahead_q = None
 
     def after_writes(self, fn) -> None:
         """Run ``fn`` on this thread once every output asked for so far is in the output maps (the
@@ -260,9 +283,10 @@ class Streamer:
         written in the dtype it is computed in."""
         return self.backend.name == "cpu" and self._ops(job) is self.backend and not job.on_host
 
-    def open_group(self, jobs: list[Job]):
-        """Map the inputs of ``jobs``: per job the addresses of its T+1 versions, and per file
-        ``[file, buffer, address, lo, hi]`` (the buffer keeps the map; ``[lo, hi)`` the bytes used)."""
+    def _group_places(self, jobs: list[Job]):
+        """The input files of a group's versions (distinct, in order met) and, job-major ((k, T+1)
+        flattened, like the tables of the native calls), each version's file index and bytes
+        [begin, end); with the per-file span [lo, hi) it uses and its bytes in use."""
         # with C-level maps and numpy over all (T+1) x k places at once: a MoE group has tens of thousands
         versions = [self.traj.base.tensors, *(ck.tensors for ck in self.traj.ckpts)]
         names = [job.name for job in jobs]
@@ -272,24 +296,47 @@ class Streamer:
         n = len(owners)
         fi = np.fromiter(map({f: i for i, f in enumerate(fobjs)}.__getitem__, owners), np.int64, n)
         begin = np.fromiter(map(attrgetter("begin"), map(itemgetter(1), chain.from_iterable(locs))), np.int64, n)
-        # job-major, like the tables of the native calls: (k, T+1) flattened
         fi = fi.reshape(len(versions), -1).T.ravel()
         begin = begin.reshape(len(versions), -1).T.ravel()
         end = begin + np.repeat([job.nbytes for job in jobs], len(versions))
-        bufs = [f.buffer() for f in fobjs]
-        base = np.array([b.ctypes.data for b in bufs], dtype=np.int64)
         lo = np.full(len(fobjs), np.iinfo(np.int64).max)
         hi = np.zeros(len(fobjs), dtype=np.int64)
         np.minimum.at(lo, fi, begin)
         np.maximum.at(hi, fi, end)
-        files = {id(f): [f, buf, int(a), int(l), int(h)] for f, buf, a, l, h in zip(fobjs, bufs, base, lo, hi)}
-        # read ahead a file's span unless it is mostly other tensors (a checkpoint stored in
-        # another order than the base): that would read bytes no one asked for
         used = np.bincount(fi, weights=end - begin, minlength=len(fobjs))
-        for (f, _, _, l, h), u in zip(files.values(), used.tolist()):
+        return fobjs, fi, begin, lo, hi, used
+
+    @staticmethod
+    def _prefetch_spans(fobjs, lo, hi, used) -> None:
+        """Page-cache read-ahead of each file's span of a group, unless the span is mostly other
+        tensors (a checkpoint stored in another order than the base): that would read bytes no one asked for."""
+        for f, l, h, u in zip(fobjs, lo.tolist(), hi.tolist(), used.tolist()):
             if h - l <= 2 * u + (1 << 20):
                 f.prefetch_bytes(l, h)
-        rows = (base[fi] + begin).reshape(len(jobs), len(versions))
+
+    def prefetch_group(self, jobs: list[Job]) -> None:
+        """Start the storage reads of the group ``jobs`` (the next one, on the read-ahead thread)
+        while the work before it computes, as for the next tensor: a group that asked for its
+        bytes only when it opened waited for all of them on a cold cache. :meth:`open_group` of
+        the same list takes the places found here and asks no more."""
+        places = self._group_places(jobs)
+        fobjs, _, _, lo, hi, used = places
+        self.read_ahead(self._prefetch_spans, fobjs, lo, hi, used)
+        self._ahead = (jobs, places)
+
+    def open_group(self, jobs: list[Job]):
+        """Map the inputs of ``jobs``: per job the addresses of its T+1 versions, and per file
+        ``[file, buffer, address, lo, hi]`` (the buffer keeps the map; ``[lo, hi)`` the bytes used)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] is jobs:  # read ahead while the work before it ran
+            fobjs, fi, begin, lo, hi, used = ahead[1]
+        else:
+            fobjs, fi, begin, lo, hi, used = self._group_places(jobs)
+            self._prefetch_spans(fobjs, lo, hi, used)
+        bufs = [f.buffer() for f in fobjs]
+        base = np.array([b.ctypes.data for b in bufs], dtype=np.int64)
+        files = {id(f): [f, buf, int(a), int(l), int(h)] for f, buf, a, l, h in zip(fobjs, bufs, base, lo, hi)}
+        rows = (base[fi] + begin).reshape(len(jobs), self.traj.T + 1)
         return rows, files
 
     def gram_group(self, jobs: list[Job], rows) -> np.ndarray:
@@ -350,6 +397,18 @@ class Streamer:
             del src
             loc.file.release(job.name, a, b)
             self._tick((b - a) * dtypes.itemsize(job.dtype))
+
+
+def _read_ahead_loop(q: queue.SimpleQueue) -> None:
+    """The read-ahead thread: runs the prefetches put on ``q`` until None. A prefetch is advice:
+    one that fails (a file gone, out of descriptors) is skipped, and the read that follows it
+    reports what is wrong."""
+    while (task := q.get()) is not None:
+        fn, args = task
+        try:
+            fn(*args)
+        except Exception:
+            pass
 
 
 def _address(files: dict, f, b: int, nbytes: int) -> int:
