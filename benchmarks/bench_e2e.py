@@ -57,7 +57,9 @@ t0 = time.perf_counter()
 r = extrapolate(a["base"], {int(k): v for k, v in a["ck"].items()}, [a["target"]], a["out"], overwrite=True,
                 backend=a["backend"], memory_budget=a.get("budget"))
 dt = time.perf_counter() - t0
-print(json.dumps({"seconds": dt, "bytes_read": r.bytes_read, "peak_rss": hwm(), "backend": r.backend}))
+io = dict(line.split(": ") for line in open("/proc/self/io").read().splitlines())
+print(json.dumps({"seconds": dt, "bytes_read": r.bytes_read, "peak_rss": hwm(), "backend": r.backend,
+                  "storage_read_bytes": int(io["read_bytes"])}))
 """
 
 NAIVE = CHILD_PRELUDE + r"""
