@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -253,20 +254,42 @@ def test_groups_stay_within_their_byte_and_file_caps(tmp, monkeypatch):
     assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])
 
 
+def _read_ahead_threads() -> set:
+    return {t for t in threading.enumerate() if t.name == "relex-read-ahead"}
+
+
+def _wait_read_ahead_gone(before: set) -> None:
+    """Wait (10 s at most) until no read-ahead thread but those of ``before`` runs."""
+    deadline = time.monotonic() + 10
+    while _read_ahead_threads() - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not _read_ahead_threads() - before
+
+
+def _record_asks(monkeypatch, events: list) -> None:
+    """Append ("asked", the thread's name) to ``events`` at each read-ahead advice of an input file."""
+    from relex_kernels.io import reader
+    real = reader.MappedFile._willneed
+
+    def willneed(self, begin, nbytes):
+        events.append(("asked", threading.current_thread().name))
+        return real(self, begin, nbytes)
+    monkeypatch.setattr(reader.MappedFile, "_willneed", willneed)
+
+
 def test_each_group_is_read_ahead_on_its_own_thread_while_the_work_before_it_computes(tmp, monkeypatch):
     """On a cold cache a group that asks for its bytes only when it opens waits for all of them,
-    and asking (posix_fadvise) returns only once the reads are queued. So the executor asks for the
-    next group's spans before the Gram of the group at hand, on the read-ahead thread (only the
-    first group asks on the main thread, when it opens), every input byte of every group is asked
-    for, and the thread ends with the run."""
+    and asking (posix_fadvise) returns only once the reads are queued. So the executor hands the
+    next group's spans to the read-ahead thread before the Gram of the group at hand (only the
+    first group asks on the main thread, when it opens), every input byte of every group is
+    asked for, and the thread ends with the run."""
     from relex_kernels.engine import plan, streaming
-    from relex_kernels.io import reader
     shapes = {n: MANY[n] for n in list(MANY)[:200]}
     base, ck = make_trajectory(tmp, shapes, range(1, 5), shard_bytes=1500)
     monkeypatch.setattr(plan, "GROUP_BYTES", 4000)
     events = []  # (appended from both threads: the list's order is the order in time)
-    real_ahead, real_gram, real_will = (streaming.Streamer.prefetch_group, streaming.Streamer.gram_group,
-                                        reader.MappedFile._willneed)
+    St = streaming.Streamer
+    real_ahead, real_gram, real_queue, real_spans = St.prefetch_group, St.gram_group, St.read_ahead, St._prefetch_spans
 
     def prefetch_group(self, jobs):
         events.append(("ahead", jobs[0].name))
@@ -276,22 +299,33 @@ def test_each_group_is_read_ahead_on_its_own_thread_while_the_work_before_it_com
         events.append(("gram", jobs[0].name))
         return real_gram(self, jobs, rows)
 
-    def willneed(self, begin, nbytes):
-        events.append(("asked", threading.current_thread().name, self.path, begin, begin + nbytes))
-        return real_will(self, begin, nbytes)
+    def read_ahead(self, fn, *args):  # (the spans handed to the thread, recorded as they are handed)
+        if fn == self._prefetch_spans:
+            events.append(("spans", *args[:3]))
+        return real_queue(self, fn, *args)
 
-    monkeypatch.setattr(streaming.Streamer, "prefetch_group", prefetch_group)
-    monkeypatch.setattr(streaming.Streamer, "gram_group", gram_group)
-    monkeypatch.setattr(reader.MappedFile, "_willneed", willneed)
+    def prefetch_spans(fobjs, lo, hi, used):
+        if threading.current_thread() is threading.main_thread():
+            events.append(("spans", fobjs, lo, hi))
+        return real_spans(fobjs, lo, hi, used)
+
+    monkeypatch.setattr(St, "prefetch_group", prefetch_group)
+    monkeypatch.setattr(St, "gram_group", gram_group)
+    monkeypatch.setattr(St, "read_ahead", read_ahead)
+    monkeypatch.setattr(St, "_prefetch_spans", staticmethod(prefetch_spans))
+    _record_asks(monkeypatch, events)
+    before = _read_ahead_threads()
     extrapolate(base, ck, [9], os.path.join(tmp, "a"), backend="cpu", memory_budget=1 << 30)
+    _wait_read_ahead_gone(before)
     grams = [e[1] for e in events if e[0] == "gram"]
     assert len(grams) > 3
     for here, nxt in zip(grams, grams[1:]):
         assert events.index(("ahead", nxt)) < events.index(("gram", here))
     first_gram = events.index(("gram", grams[0]))
-    asked = [(i, *e[1:]) for i, e in enumerate(events) if e[0] == "asked"]
-    assert all(who == "relex-read-ahead" for i, who, *_ in asked if i > first_gram)
-    assert {who for _, who, *_ in asked} == {"MainThread", "relex-read-ahead"}
+    asked = [(i, e[1]) for i, e in enumerate(events) if e[0] == "asked"]
+    assert all(who == "relex-read-ahead" for i, who in asked if i > first_gram)
+    assert {who for _, who in asked} == {"MainThread", "relex-read-ahead"}
+    spans = [(f.path, lo, hi) for e in events if e[0] == "spans" for f, lo, hi in zip(e[1], e[2].tolist(), e[3].tolist())]
     for d in [base, *ck.values()]:  # every byte of every version asked for
         c = Checkpoint(d)
         try:
@@ -299,13 +333,55 @@ def test_each_group_is_read_ahead_on_its_own_thread_while_the_work_before_it_com
                 loc = c.tensors[name]
                 if loc.info.nbytes:
                     assert any(p == loc.file.path and lo <= loc.info.begin and loc.info.begin + loc.info.nbytes <= hi
-                               for _, _, p, lo, hi in asked), (d, name)
+                               for p, lo, hi in spans), (d, name)
         finally:
             c.close()
-    deadline = time.monotonic() + 10
-    while any(t.name == "relex-read-ahead" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert not any(t.name == "relex-read-ahead" for t in threading.enumerate())
+
+
+def test_the_next_tensor_is_read_ahead_from_the_last_range_of_a_cut_one(tmp, monkeypatch):
+    """Behind a tensor cut into ranges, the next tensor is asked for when the cut tensor's last
+    range starts (earlier, the cut tensor's own stream could evict it first); every read-ahead
+    after the first Gram (the next range, the next tensor) runs on the read-ahead thread."""
+    from relex_kernels.engine import plan, streaming
+    from relex_kernels.ops.reference import GRAM_CHUNK
+    shapes = {"big": (6 * GRAM_CHUNK,), "after": (64, 64), "last": (32, 64)}
+    base, ck = make_trajectory(tmp, shapes, range(1, 4), dtype="F32")
+    monkeypatch.setattr(plan, "GROUP_MAX", 1)
+    monkeypatch.setattr(plan, "KERNEL_SCRATCH", 0)
+    monkeypatch.setattr(plan, "MIN_BUDGET", 0)
+    events = []
+    St = streaming.Streamer
+    real_views, real_ahead, real_gram = St.views, St.prefetch_ahead, St.gram
+
+    def views(self, job, a, b):
+        events.append(("views", job.name, a, b))
+        return real_views(self, job, a, b)
+
+    def prefetch_ahead(self, job):
+        events.append(("ahead", job.name))
+        return real_ahead(self, job)
+
+    def gram(self, job, *a, **k):
+        events.append(("gram", job.name))
+        return real_gram(self, job, *a, **k)
+
+    monkeypatch.setattr(St, "views", views)
+    monkeypatch.setattr(St, "prefetch_ahead", prefetch_ahead)
+    monkeypatch.setattr(St, "gram", gram)
+    _record_asks(monkeypatch, events)
+    before = _read_ahead_threads()
+    budget = 5 * (3 + 1 + 1) * 4 * GRAM_CHUNK // 2  # "big" in ranges of two chunks
+    extrapolate(base, ck, [9], os.path.join(tmp, "a"), backend="cpu", memory_budget=budget)
+    _wait_read_ahead_gone(before)
+    big = [e for e in events if e[:2] == ("views", "big")]
+    assert len(big) == 2 * 3  # three ranges, each read in both passes
+    ahead = events.index(("ahead", "after"))
+    assert [e for e in events[ahead:] if e[:2] == ("views", "big")] == [big[-1]]  # only the last range after it
+    assert ("ahead", "last") in events
+    asked = [(i, e[1]) for i, e in enumerate(events) if e[0] == "asked"]
+    first_gram = events.index(("gram", "big"))
+    assert any(i > first_gram for i, _ in asked)
+    assert all(who == "relex-read-ahead" for i, who in asked if i > first_gram)
 
 
 def test_read_ahead_neither_maps_a_file_nor_waits_for_the_maps_lock(tmp):
@@ -339,12 +415,15 @@ def test_read_ahead_asks_in_pieces_the_kernel_reads_whole(tmp, monkeypatch):
     assert reader.readahead_bytes(os.makedev(0, 54321)) == 128 << 10  # no such block device
     assert reader.readahead_bytes(os.stat(tmp).st_dev) >= 4096
     base, _ = make_trajectory(tmp, {"w": (300, 64)}, [1], dtype="F32")
+    gc.collect()  # (the read-ahead thread of a streamer that is gone ends)
+    _wait_read_ahead_gone(set())
     c = Checkpoint(base)
     asked = []
     try:
         loc = c.tensors["w"]
         monkeypatch.setattr(reader, "readahead_bytes", lambda dev: 4096)
-        monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, advice: asked.append((at, n, advice)))
+        monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, advice: asked.append((at, n, advice))
+                            if advice == os.POSIX_FADV_WILLNEED else None)
         loc.file.prefetch("w", 10, 290 * 64)
     finally:
         monkeypatch.undo()

@@ -125,7 +125,12 @@ class Executor:
 
     def _fit(self, item: Item, items, i: int) -> None:
         st, job, jr = self.st, item.job, self.jr
-        self._read_ahead(items, i)
+        # The next item is read ahead while this one computes; behind a tensor cut into ranges,
+        # from the start of its last range: asked for earlier, its pages could be evicted by this
+        # tensor's own stream (an 8B embedding at T = 100 is 124 GB) before they are used.
+        last = item.combine_ranges[-1][0] if len(item.combine_ranges) > 1 and not item.resident else None
+        if last is None:
+            self._read_ahead(items, i)
         if item.needs_gram:
             acc = jr.grams[job.name][1] if item.gram_from else None
             G = st.gram(job, item.gram_ranges, item.resident, acc=acc,
@@ -139,9 +144,16 @@ class Executor:
         else:
             comp = self.comps[job.name] if self.comps is not None else jr.fits[job.name]
         self._record_fit(job, comp)
+        written = self._written_recorder(job.name, item.ranges[-1][1])
+        if last is not None:
+            record = written
+
+            def written(b: int) -> None:
+                record(b)
+                if b == last:
+                    self._read_ahead(items, i)
         st.combine(job, item.combine_ranges, item.resident, fitmath.alphas(comp, self.W), self.writers,
-                   also=item.also, count_read=item.reread,
-                   on_range=self._written_recorder(job.name, item.ranges[-1][1]))
+                   also=item.also, count_read=item.reread, on_range=written)
         st.after_writes(lambda: (check_f16_range(job, self.writers, self.targets), self._done(job.name)))
 
     def _read_ahead(self, items, i: int) -> None:
@@ -152,7 +164,7 @@ class Executor:
         if nxt.kind == "group":
             self.st.prefetch_group(nxt.jobs)
         elif nxt.whole:
-            self.st.read_ahead(self.st.prefetch, nxt.job)
+            self.st.prefetch_ahead(nxt.job)
 
     def _group(self, item: Item, items, i: int) -> None:
         """Fit and write a group of small tensors: the Grams, one eigen-solve for all, the weighted

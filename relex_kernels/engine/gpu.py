@@ -742,6 +742,12 @@ class DeviceStreamer(Streamer):
     def prefetch_group(self, jobs: list[Job]) -> None:
         """Nothing: the device's reader threads read the groups ahead along the plan (:meth:`follow`)."""
 
+    def prefetch_ahead(self, job: Job) -> None:
+        """The host's read-ahead of the next tensor for a tensor computed on the host (F64); a
+        device tensor's bytes are read ahead by the device's reader threads (:meth:`follow`)."""
+        if job.on_host:
+            super().prefetch_ahead(job)
+
     def open_group(self, jobs: list[Job]):
         """Upload the T+1 versions of ``jobs``: (the group on the device, no host spans)."""
         self._landed()
@@ -798,7 +804,7 @@ class DeviceStreamer(Streamer):
         return {}
 
     def close(self) -> None:
-        """Stop the reader and writer threads and wait for the device (idempotent). What still waits
+        """Stop the reader, writer and read-ahead threads and wait for the device (idempotent). What still waits
         for writes (:meth:`after_writes`) is dropped: a finished run drained it, an error's outputs
         go, and a graceful interrupt drains first (:func:`close_streamer`)."""
         if self.closed:

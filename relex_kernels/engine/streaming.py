@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from itertools import chain
 from operator import attrgetter, itemgetter
 
@@ -140,16 +141,21 @@ class Streamer:
     def read_ahead(self, fn, *args) -> None:
         """Run ``fn(*args)`` (a prefetch: advice, never an error) on the read-ahead thread."""
         if self._ahead_q is None:
-            self._ahead_q = queue.SimpleQueue()
-            threading.Thread(target=_read_ahead_loop, args=(self._ahead_q,), name="relex-read-ahead",
-                             daemon=True).start()
+            q = self._ahead_q = queue.SimpleQueue()
+            threading.Thread(target=_read_ahead_loop, args=(q,), name="relex-read-ahead", daemon=True).start()
+            self._ahead_end = weakref.finalize(self, _stop_read_ahead, q)  # (also a streamer never closed)
         self._ahead_q.put((fn, args))
 
+    def prefetch_ahead(self, job: Job) -> None:
+        """:meth:`prefetch` of the next whole tensor, on the read-ahead thread."""
+        self.read_ahead(self.prefetch, job)
+
     def close(self) -> None:
-        """Stop the read-ahead thread once it has asked for what it was given (the reads go on)."""
+        """Stop the read-ahead thread; what it was given and has not asked for yet is dropped (the
+        reads already asked for go on in the kernel)."""
         if self._ahead_q is not None:
-            self._ahead_q.put(None)
             self._ahead_q = None
+            self._ahead_end()
 
     def after_writes(self, fn) -> None:
         """Run ``fn`` on this thread once every output asked for so far is in the output maps (the
@@ -402,13 +408,25 @@ class Streamer:
 def _read_ahead_loop(q: queue.SimpleQueue) -> None:
     """The read-ahead thread: runs the prefetches put on ``q`` until None. A prefetch is advice:
     one that fails (a file gone, out of descriptors) is skipped, and the read that follows it
-    reports what is wrong."""
+    reports what is wrong. (It keeps no reference to a finished task: the streamer it names must
+    be free to go.)"""
     while (task := q.get()) is not None:
-        fn, args = task
         try:
-            fn(*args)
+            task[0](*task[1])
         except Exception:
             pass
+        del task
+
+
+def _stop_read_ahead(q: queue.SimpleQueue) -> None:
+    """End the read-ahead thread of ``q``: the tasks not begun are dropped (after an error or an
+    interrupt, no budget's worth of reads goes on in the background), then None."""
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+    q.put(None)
 
 
 def _address(files: dict, f, b: int, nbytes: int) -> int:

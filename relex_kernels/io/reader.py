@@ -52,7 +52,10 @@ def readahead_bytes(dev: int) -> int:
     node = f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}"
     for queue in (f"{node}/queue", f"{node}/../queue"):  # a disk, or a partition's disk
         try:
-            kb = [int(open(f"{queue}/{key}").read()) for key in ("read_ahead_kb", "max_sectors_kb")]
+            kb = []
+            for key in ("read_ahead_kb", "max_sectors_kb"):
+                with open(f"{queue}/{key}") as fh:
+                    kb.append(int(fh.read()))
         except (OSError, ValueError):
             continue
         return max(kb + [4]) << 10
@@ -220,8 +223,9 @@ def _parsed_header(raw: bytes, sha256: str, data_size: int, path: str, offset: i
 
 class MappedFile:
     """A validated input file mapped read-only, whose tensors (``tensors``: name -> :class:`TensorInfo`,
-    ``begin`` an absolute file offset) are contiguous byte ranges: views, page releases and
-    read-ahead by tensor element range, through the process-wide map cache. Subclasses
+    ``begin`` an absolute file offset) are contiguous byte ranges: views and page releases by
+    tensor element range through the process-wide map cache, read-ahead through a descriptor of
+    its own (:meth:`_willneed`). Subclasses
     parse a format (:class:`SafetensorsFile`; ``torch.save`` zips in :mod:`.torchzip`) and set
     ``path``, ``size``, ``mtime_ns``, ``_identity``, ``header_sha256``, ``tensors``, ``metadata``.
     """
