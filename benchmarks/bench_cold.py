@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine_info import cpu_model, write_results_md  # noqa: E402
+from machine_info import cpu_model, ram_bytes, write_results_md  # noqa: E402
 
 
 def drop_caches() -> None:
@@ -81,7 +81,7 @@ def main() -> None:
     files = traj_files(syn)
     total = sum(os.path.getsize(f) for f in files)
     out = tempfile.mkdtemp(prefix="relex-cold-")
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    ram = ram_bytes()
 
     def cat():
         for f in files:

@@ -39,7 +39,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 sys.path.insert(0, ROOT)
 
-from machine_info import cpu_model  # noqa: E402
+from machine_info import cpu_model, ram_bytes  # noqa: E402
 
 # one subcommand the way `relex CMD ...` runs it (independent of the other commands' modules)
 CHILD = r"""
@@ -53,7 +53,7 @@ sys.exit(mod.run(p.parse_args(sys.argv[2:])))
 
 
 def machine() -> str:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    mem = ram_bytes() / 2**30
     return f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 

@@ -18,6 +18,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def ram_bytes() -> int:
+    """This machine's physical memory."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def user_env(**extra: str) -> dict[str, str]:
     """The environment of a timed fresh process, as users run one: compiled bytecode cached (some
     machines export PYTHONDONTWRITEBYTECODE, which adds ~0.1 s of compiling to a run), plus ``extra``."""

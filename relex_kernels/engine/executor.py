@@ -68,6 +68,15 @@ def check_f16_range(job, writers, targets, a: int = 0, b: int | None = None) -> 
                              "the checkpoints to bf16 or fp32")
 
 
+def _then_at(on_range, at: int, then):
+    """``on_range`` (called with each range's end), which also calls ``then()`` at the end ``at``."""
+    def call(b: int) -> None:
+        on_range(b)
+        if b == at:
+            then()
+    return call
+
+
 class Executor:
     """Runs plan items (:meth:`run`), collecting each fitted tensor's fit and report entry.
 
@@ -128,8 +137,8 @@ class Executor:
         # The next item is read ahead while this one computes; behind a tensor cut into ranges,
         # from the start of its last range: asked for earlier, its pages could be evicted by this
         # tensor's own stream (an 8B embedding at T = 100 is 124 GB) before they are used.
-        last = item.combine_ranges[-1][0] if len(item.combine_ranges) > 1 and not item.resident else None
-        if last is None:
+        cut = len(item.combine_ranges) > 1  # (a resident tensor is one range)
+        if not cut:
             self._read_ahead(items, i)
         if item.needs_gram:
             acc = jr.grams[job.name][1] if item.gram_from else None
@@ -145,13 +154,8 @@ class Executor:
             comp = self.comps[job.name] if self.comps is not None else jr.fits[job.name]
         self._record_fit(job, comp)
         written = self._written_recorder(job.name, item.ranges[-1][1])
-        if last is not None:
-            record = written
-
-            def written(b: int) -> None:
-                record(b)
-                if b == last:
-                    self._read_ahead(items, i)
+        if cut:  # range ends are reported as they are written: the last range starts at its start
+            written = _then_at(written, item.combine_ranges[-1][0], lambda: self._read_ahead(items, i))
         st.combine(job, item.combine_ranges, item.resident, fitmath.alphas(comp, self.W), self.writers,
                    also=item.also, count_read=item.reread, on_range=written)
         st.after_writes(lambda: (check_f16_range(job, self.writers, self.targets), self._done(job.name)))

@@ -274,7 +274,7 @@ class MappedFile:
 
     def release_bytes(self, begin: int, end: int) -> None:
         """:meth:`release` of the file bytes ``[begin, end)`` (several tensors at once)."""
-        self._advise(mmap.MADV_DONTNEED, begin, end - begin)
+        self._dontneed(begin, end - begin)
 
     def prefetch_bytes(self, begin: int, end: int) -> None:
         """:meth:`prefetch` of the file bytes ``[begin, end)``."""
@@ -283,17 +283,18 @@ class MappedFile:
     def _willneed(self, begin: int, nbytes: int) -> None:
         """Ask the kernel to read file bytes ``[begin, begin + nbytes)`` into the page cache:
         ``posix_fadvise(WILLNEED)`` on a descriptor of its own (the same readahead as a map's
-        ``MADV_WILLNEED``), without the maps' lock and without mapping the file. The call returns
-        once the reads are queued, which on a cold cache takes most of their time: the engine
-        makes it on its read-ahead thread, where holding the lock would stall the views of
-        the main thread. In pieces of :func:`readahead_bytes`. Advice only: a file it cannot
-        open is skipped."""
+        ``MADV_WILLNEED``), without mapping the file and without the maps' lock (but to let idle
+        maps go when out of descriptors). The call returns once the reads are queued, which on a
+        cold cache takes most of their time: the engine makes it on its read-ahead thread, where
+        holding the lock would stall the views of the main thread. In pieces of
+        :func:`readahead_bytes`. Advice only: a file it cannot open, or one replaced since it was
+        opened, is skipped (the read that follows says what is wrong)."""
         end = min(begin + nbytes, self.size)
         if end <= begin:
             return
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError:
+            fd = self._open_again()
+        except FormatError:
             return
         step = readahead_bytes(self._identity[0])  # (one advice reads no more: see readahead_bytes)
         try:
@@ -419,7 +420,8 @@ class MappedFile:
             self._mm = None
         return True
 
-    def _advise(self, advice: int, begin: int, nbytes: int) -> None:
+    def _dontneed(self, begin: int, nbytes: int) -> None:
+        """Drop our mapping's pages of file bytes ``[begin, begin + nbytes)`` (not mapped: none)."""
         if nbytes <= 0:
             return
         lo = begin - begin % _PAGE
@@ -428,7 +430,7 @@ class MappedFile:
             if self._mm is None:
                 return  # not mapped: no page of ours to drop
             try:
-                self._map().madvise(advice, lo, hi - lo)
+                self._map().madvise(mmap.MADV_DONTNEED, lo, hi - lo)
             except (OSError, ValueError):
                 pass  # advice only: never fatal
 
@@ -442,7 +444,7 @@ class MappedFile:
         isz = dtypes.itemsize(t.dtype)
         stop = t.numel if stop is None else stop
         b = t.begin + start * isz
-        self._advise(mmap.MADV_DONTNEED, b, (stop - start) * isz)
+        self._dontneed(b, (stop - start) * isz)
 
     def prefetch(self, name: str, start: int = 0, stop: int | None = None) -> None:
         """Ask the kernel to start reading a range ahead of use (overlaps I/O with compute)."""
