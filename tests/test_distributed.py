@@ -416,7 +416,7 @@ def test_gram_is_cut_invariant_and_association_matters(traj_dirs):
         be = get_backend("cpu" if get_backend().name == "cpu" else "reference")
         whole = Streamer(traj, be, 1 << 40).gram(job, [(0, job.numel)], resident=False)
         st = Streamer(traj, be, 40 << 20)  # budget ranges of a few chunks
-        resident, ranges = st.ranges(job, 1)
+        resident, ranges = st.policy.ranges(job, 1)
         assert not resident and len(ranges) > 3
         records = []
         G = st.gram(job, ranges, resident=False, on_range=lambda b, acc: records.append((b, acc.copy())))

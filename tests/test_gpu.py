@@ -181,7 +181,7 @@ def test_gram_resumes_bit_identically_across_blocks(tmp, device_backend):
         st = gpu.make_streamer(traj, get_backend(name), 64 << 20,
                                device_memory_budget=gpu.device_overhead(2, 64 << 20) + (1 << 20))
         job = traj.jobs[0]
-        resident, ranges = st.ranges(job, 1)
+        resident, ranges = st.policy.ranges(job, 1)
         assert not resident
         ranges = [(0, GRAM_BLOCK), (GRAM_BLOCK, GRAM_BLOCK + GRAM_CHUNK), (GRAM_BLOCK + GRAM_CHUNK, n)]
         points = []
@@ -826,7 +826,7 @@ def test_read_ahead_of_a_device_resident_tensor_stays_within_the_host_budget(tmp
     try:
         st = gpu.make_streamer(traj, get_backend("triton"), budget, device_memory_budget=1 << 33)
         job = traj.jobs[0]
-        assert st.ranges(job, 1)[0]  # resident on the device
+        assert st.policy.ranges(job, 1)[0]  # resident on the device
         assert 4 * n * 2 > st.budget  # but its versions exceed the host budget
         asked = []
         for loc in st._locs(job):

@@ -271,9 +271,9 @@ class DeviceStreamer(Streamer):
     so are tensors whose versions or output differ in dtype (fp32 masters beside a bf16 base).
     """
 
-    def __init__(self, traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False, progress=None,
+    def __init__(self, traj, backend: Backend, memory_budget: int, fp16_deltas: bool = False,
                  device_memory_budget: int | None = None):
-        super().__init__(traj, backend, memory_budget, fp16_deltas, progress)
+        super().__init__(traj, backend, memory_budget, fp16_deltas)
         import torch
         self.torch = torch
         self.kern = backend.module.device_kernels()

@@ -140,7 +140,7 @@ class Policy:
             return aligned((self.T + 1) * job.nbytes)
         return (self.T + 1 + n_outputs) * job.nbytes
 
-    def ranges(self, job: Job, n_outputs: int, with_history: bool = True) -> tuple[bool, list[tuple[int, int]]]:
+    def ranges(self, job: Job, n_outputs: int) -> tuple[bool, list[tuple[int, int]]]:
         """(resident, ranges) of ``job`` when it writes ``n_outputs`` outputs."""
         isz, n = dtypes.itemsize(job.dtype), job.numel
         if self.device_cap is not None and not job.on_host:
@@ -149,7 +149,7 @@ class Policy:
                 return True, [(0, n)]
             step = GRAM_BLOCK * max(1, RANGE_BYTES // (GRAM_BLOCK * row))
             return False, [(a, min(n, a + step)) for a in range(0, n, step)]
-        per_elem = ((self.T if with_history else 0) + 1) * isz + n_outputs * isz
+        per_elem = (self.T + 1 + n_outputs) * isz
         if n * per_elem <= self.budget:
             return True, [(0, n)]
         step = max(GRAM_CHUNK, (self.budget // per_elem) // GRAM_CHUNK * GRAM_CHUNK)

@@ -27,7 +27,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import dtypes
 from ..io.writer import ShardedWriter
-from ..ops import DEVICE_BACKENDS, Backend, fp64, get_backend, native
+from ..ops import Backend, fp64, get_backend, native
 from ..ops.reference import GRAM_CHUNK, nonfinite_count
 from .gramsum import GRAM_BLOCK, GramSum
 from .plan import Policy
@@ -43,27 +43,23 @@ COPY_BYTES = 32 << 20
 class Streamer:
     """Runs the passes of :class:`Job` s of one :class:`Trajectory` with one op backend."""
 
-    def __init__(self, traj: Trajectory, backend: Backend, memory_budget: int, fp16_deltas: bool = False,
-                 progress=None, policy: Policy | None = None):
+    def __init__(self, traj: Trajectory, backend: Backend, memory_budget: int, fp16_deltas: bool = False):
         self.traj = traj
         self.backend = backend
         self.reference = get_backend("reference")
         self.fp64 = Backend("fp64", fp64)
-        self.policy = policy or Policy(traj.T, memory_budget)
+        self.policy = Policy(traj.T, memory_budget)
         self.budget = self.policy.budget
         self.fp16_deltas = fp16_deltas
-        self.progress = progress
+        self.progress = None  # a progress bar, set by the run
         self.bytes_read = 0
         self._ahead = None  # (jobs, places) of the group read ahead last (prefetch_group)
         self._ahead_q: queue.SimpleQueue | None = None  # the read-ahead thread's requests
 
     def gram_precision(self) -> str:
         """How the Gram's products are computed (``relex_report.json``): the host kernels multiply
-        and add chunk partials in fp32 (fp64 for F64 tensors) and sum the partials in fp64; a
-        device backend's host-array ops (SPMD ranks) run its kernels at their precision for T."""
-        if self.backend.name in DEVICE_BACKENDS:
-            from ..ops.cuda import gram_precision
-            return self.backend.module.device_kernels().precision(self.traj.T, gram_precision())
+        and add chunk partials in fp32 (fp64 for F64 tensors) and sum the partials in fp64. (A
+        device backend runs on a :class:`.gpu.DeviceStreamer`, which says its own.)"""
         return "ieee"
 
     # -- ranges and pages ------------------------------------------------------------
@@ -71,10 +67,6 @@ class Streamer:
         yield self.traj.base.tensors[job.name]
         for ck in self.traj.ckpts:
             yield ck.tensors[job.name]
-
-    def ranges(self, job: Job, n_outputs: int, with_history: bool = True) -> tuple[bool, list[tuple[int, int]]]:
-        """(resident, ranges) of ``job``: :meth:`.plan.Policy.ranges`."""
-        return self.policy.ranges(job, n_outputs, with_history)
 
     def _subranges(self, job: Job, a: int, b: int) -> list[tuple[int, int]]:
         """``[a, b)`` in the pieces the kernels take one at a time. Whole, apart from the one chunk

@@ -232,11 +232,6 @@ class Trajectory:
             out.append(job)
         return out
 
-    def files(self):
-        yield from self.base.files
-        for ck in self.ckpts:
-            yield from ck.files
-
     def input_dirs(self) -> list[str]:
         return [self.base.path] + [ck.path for ck in self.ckpts]
 

@@ -128,7 +128,7 @@ def test_range_planning_beyond_int32(dtype, n, budget):
     job = Job("t", dtype, (n,), "fit")
     assert job.nbytes == n * dtypes.itemsize(dtype)
     s = Streamer(_Traj(75), get_backend("reference"), budget)
-    resident, ranges = s.ranges(job, 2)
+    resident, ranges = s.policy.ranges(job, 2)
     assert (resident, ranges) == Policy(75, budget).ranges(job, 2)
     assert ranges[0][0] == 0 and ranges[-1][1] == n
     assert all(type(a) is int and type(b) is int for a, b in ranges)
