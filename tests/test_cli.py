@@ -142,3 +142,91 @@ def test_input_errors_name_tensor_step_and_file(run):
     r = relex("extrapolate", "--base", base, "--checkpoints", rundir, "--target-step", 90, "--out", out,
               "--memory-budget", "lots")
     assert r.returncode == 2 and "cannot read size" in r.stderr
+
+
+def test_a_new_users_slips_get_one_line_answers_that_name_the_fix(run):
+    """Slips a first run makes (found by trying the tool as a new user): each gets one line that
+    names what is wrong, and nothing that runs regardless without a word."""
+    tmp, base, rundir = run
+    out = os.path.join(tmp, "out")
+    common = ("extrapolate", "--base", base, "--checkpoints", rundir, "--target-step", 90)
+    # a history that keeps no checkpoint: not 'no checkpoints found' in a directory that has six
+    r = relex(*common, "--history-steps", 0, "--out", out)
+    assert_clean_failure(r, out, "no checkpoints of step <= 0", "start at step 1")
+    # a --checkpoint path that does not exist: named, before 'needs at least 2 checkpoints'
+    r = relex("extrapolate", "--base", base, "--checkpoint", f"5={os.path.join(tmp, 'nope')}", "--target-step", 9,
+              "--out", out)
+    assert_clean_failure(r, out, "nope does not exist")
+    # sizes of zero bytes are refused, not silently replaced by the default
+    for opt in ("--memory-budget", "--shard-size", "--device-memory-budget"):
+        r = relex(*common, "--out", out, opt, "0")
+        assert r.returncode == 2 and "at least one byte" in r.stderr and opt in r.stderr, r.stderr
+    # options that change nothing here, and a budget past RAM: warnings, and the report records what ran
+    r = relex(*common, "--out", out, "-q", "--degree", 3, "--step-scale", 2, "--memory-budget", "64T", check=True)
+    warn = r.stderr.strip().splitlines()
+    assert len(warn) == 3 and all(w.startswith("relex extrapolate: warning: ") for w in warn), warn
+    assert "--degree applies only with --fit poly" in warn[0]
+    assert "--step-scale applies only with --time-axis index" in warn[1]
+    assert "more than this machine's RAM" in warn[2]
+    import json
+    opts = json.load(open(os.path.join(out, "relex_report.json")))["options"]
+    assert opts["degree"] == 2 and opts["step_scale"] == 1.0
+    # given where they apply, no warning
+    r = relex(*common, "--out", out, "-q", "--overwrite", "--fit", "poly", "--degree", 3, "--time-axis", "index",
+              "--step-scale", 2, check=True)
+    assert r.stderr == ""
+    out = os.path.join(tmp, "out2")
+    # a file that is not a fit, for 'relex predict'
+    with open(os.path.join(tmp, "notes.json"), "w") as fh:
+        fh.write('{"steps": [1, 2, 3]}')
+    r = relex("predict", "--fit", os.path.join(tmp, "notes.json"), "--target-step", 90, "--out", out)
+    assert_clean_failure(r, out, "not a relex fit file", "--save-fit")
+    # a Hub id given as --base: relex downloads nothing, and says how to fetch it
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", *common[:2], "Qwen/Qwen3-0.6B", *map(str, common[3:]),
+                        "--out", out], capture_output=True, text=True, cwd=tmp, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert_clean_failure(r, out, "downloads nothing", "huggingface-cli download Qwen/Qwen3-0.6B")
+    assert relex("--version", check=True).stdout.startswith("relex_kernels ")
+
+
+def test_a_resumed_run_says_so(run):
+    tmp, base, rundir = run
+    out = os.path.join(tmp, "out")
+    cmd = ("extrapolate", "--base", base, "--checkpoints", rundir, "--target-step", 90, "--out", out,
+           "--backend", "reference")
+    env = dict(os.environ, PYTHONPATH=ROOT, RELEX_TEST_KILL="done:1", RELEX_JOURNAL_SYNC_SECONDS="0")
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", *map(str, cmd)], capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    r = relex(*cmd, check=True)
+    assert "resumed an interrupted run of this command: 1 tensors were already done" in r.stdout, r.stdout
+    r = relex(*cmd, "--overwrite", check=True)
+    assert "resumed an interrupted run" not in r.stdout
+
+
+def test_run_directory_problems_are_named(tmp, monkeypatch):
+    """An unreadable checkpoint directory is 'cannot list (Permission denied)', not 'holds no weights'
+    (root reads any directory: the refusal is simulated); --prefer hf where a step has only rank
+    files warns that the rank files are read."""
+    import warnings
+
+    from relex_kernels.errors import InputError, RelexWarning
+    from relex_kernels.io import layout
+
+    rd = os.path.join(tmp, "run")
+    for s in (1, 2):
+        os.makedirs(os.path.join(rd, f"global_step_{s}", "actor"))
+        open(os.path.join(rd, f"global_step_{s}", "actor", "model_world_size_1_rank_0.pt"), "wb").close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sorted(layout.discover(rd)) == [1, 2]
+    with pytest.warns(RelexWarning, match=r"--prefer hf: steps 1\.\.2 hold no Hugging Face export"):
+        assert sorted(layout.discover(rd, prefer="hf")) == [1, 2]
+    locked = os.path.join(rd, "global_step_2")
+    listdir = os.listdir
+
+    def refuse(path="."):
+        if os.path.abspath(path).startswith(locked):
+            raise PermissionError(13, "Permission denied", path)
+        return listdir(path)
+    monkeypatch.setattr(os, "listdir", refuse)
+    with pytest.raises(InputError, match=r"cannot list checkpoint directory .*global_step_2 \(Permission denied\)"):
+        layout.discover(rd)

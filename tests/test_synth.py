@@ -251,5 +251,12 @@ def test_failure_midway_leaves_nothing(tmp, monkeypatch):
     with pytest.raises(OSError):
         synthesize(os.path.join(tmp, "r"), size="tiny", steps=[1])
     assert os.listdir(tmp) == []
-    with pytest.raises(OutputError):
-        synthesize(os.path.join(tmp, "no", "parent"), size="tiny", steps=[1])
+    # parents are made as by mkdir -p ('relex synth runs/tiny' in a fresh directory); one that cannot
+    # be (a file in the way) is an OutputError, and nothing is left
+    open(os.path.join(tmp, "file"), "w").close()
+    with pytest.raises(OutputError, match="cannot create the parent directory"):
+        synthesize(os.path.join(tmp, "file", "parent", "r"), size="tiny", steps=[1])
+    assert os.listdir(tmp) == ["file"]
+    monkeypatch.undo()
+    syn = synthesize(os.path.join(tmp, "no", "parent", "r"), size="tiny", steps=[1])
+    assert os.path.isdir(syn.base_dir)

@@ -15,6 +15,7 @@ import sys
 import threading
 import warnings
 
+from .. import __version__
 from ..errors import RelexError, RelexWarning
 from ..io.reader import raise_nofile_limit
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="RELEX: predict far-later RLVR checkpoints from the first few, per tensor, "
                     "by a rank-1 trajectory fit streamed from the checkpoint files.",
         epilog="Run 'relex COMMAND --help' for each command's options. Start with 'relex demo'.")
+    p.add_argument("--version", action="version", version=f"relex_kernels {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         mod = importlib.import_module(f".{name}", __name__)
@@ -58,7 +60,11 @@ def _warning_printer(command: str, default):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:  # (Ctrl-C while the command modules import: a line, not an import traceback)
+        parser = build_parser()
+    except KeyboardInterrupt:
+        print("relex: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
     if getattr(args, "_run", None) is None:
         parser.print_help()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine.run import default_memory_budget, parse_size
+from ..engine.plan import default_memory_budget, parse_positive_size
 from ..io.writer import DEFAULT_SHARD_BYTES
 from ..ops import BACKENDS
 
@@ -17,13 +17,13 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-resume", dest="resume", action="store_false",
                    help="start afresh even if OUT_DIR holds the finished part of an interrupted run of this "
                         "same command (by default it is reused: see tests/reliability/README.md)")
-    g.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
+    g.add_argument("--memory-budget", type=parse_positive_size, default=None, metavar="SIZE",
                    help="bound on mapped input/output pages (e.g. 2G, 512M; default: 1 GiB or a quarter of RAM if less, "
                         f"{default_memory_budget() / 2**30:.1f} GiB here). Tensors whose whole trajectory fits "
                         "are read once; larger ones are chunked and read twice")
-    g.add_argument("--shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
+    g.add_argument("--shard-size", type=parse_positive_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
                    help="largest output shard (default 5GB, the hub's convention)")
-    g.add_argument("--device-memory-budget", type=parse_size, default=None, metavar="SIZE",
+    g.add_argument("--device-memory-budget", type=parse_positive_size, default=None, metavar="SIZE",
                    help="bound on GPU memory of the triton/cuda backends (default: 90%% of the free memory). "
                         "Tensors whose whole trajectory fits are read once; larger ones stream through it twice")
     g.add_argument("--backend", choices=BACKENDS, default=None,

@@ -58,6 +58,10 @@ def run(args) -> int:
     print(f"predicted checkpoint (loads with transformers' from_pretrained): {res.outputs[0]}")
     if args.clean:
         shutil.rmtree(root)
+    elif not args.dir:  # a temporary directory nobody named: say what it holds and how it goes
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+        print(f"the demo's files ({size / 1e6:.0f} MB) stay in {root} to look at: rm -rf {root} "
+              "(or pass --clean next time)")
     return 0
 
 

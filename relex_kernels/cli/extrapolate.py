@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from ..engine import extrapolate
 from ..engine.report import format_summary
-from ..errors import UsageError
+from ..errors import RelexWarning, UsageError
 from ..fit import FITS, MODES, TIME_AXES, FitOptions
 from ..io.layout import LAYOUT_HELP, discover, parse_explicit, select_history
 from .common import add_output_options, add_target_option
@@ -52,11 +53,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("fit (the mathematics: docs/method.md §2-3)")
     f.add_argument("--rank", type=int, default=1, help="temporal subspace rank r (default 1 = RELEX)")
     f.add_argument("--fit", choices=FITS, default="linear", help="coefficient fit (default linear)")
-    f.add_argument("--degree", type=int, default=2, help="polynomial degree with --fit poly (default 2)")
+    f.add_argument("--degree", type=int, default=None, help="polynomial degree with --fit poly (default 2)")
     f.add_argument("--window", type=int, metavar="W", help="fit on the last W history points (default all)")
     f.add_argument("--time-axis", choices=TIME_AXES, default="step",
                    help="fit against real step numbers (default) or the checkpoint index like the authors' scripts")
-    f.add_argument("--step-scale", type=float, default=1.0, metavar="X",
+    f.add_argument("--step-scale", type=float, default=None, metavar="X",
                    help="with --time-axis index: target index = (W-1) + round(S*X) - last step (default 1)")
     f.add_argument("--fp16-deltas", action="store_true",
                    help="emulate the authors' fp16 delta files, for bit-for-bit comparisons")
@@ -82,9 +83,12 @@ def run(args) -> int:
         limit = f" with step <= {args.history_steps}" if args.history_steps is not None else ""
         raise UsageError(f"RELEX needs at least 2 history checkpoints; {where} has {len(hist)}{limit} "
                          f"(found steps {sorted(found)})")
-    opts = FitOptions(rank=args.rank, fit=args.fit, degree=args.degree, window=args.window,
-                      time_axis=args.time_axis, step_scale=args.step_scale, mode=args.mode,
-                      fp16_deltas=args.fp16_deltas)
+    opts = FitOptions(rank=args.rank, fit=args.fit, degree=_applies(args.degree, 2, "--degree", args.fit == "poly",
+                                                                    "--fit poly"),
+                      window=args.window, time_axis=args.time_axis,
+                      step_scale=_applies(args.step_scale, 1.0, "--step-scale", args.time_axis == "index",
+                                          "--time-axis index"),
+                      mode=args.mode, fp16_deltas=args.fp16_deltas)
     res = extrapolate(args.base, hist, args.targets, args.out, opts, memory_budget=args.memory_budget,
                       device_memory_budget=args.device_memory_budget,
                       backend=args.backend, overwrite=args.overwrite, save_fit=args.save_fit,
@@ -94,8 +98,22 @@ def run(args) -> int:
     return 0
 
 
+def _applies(value, default, option: str, applies: bool, needs: str):
+    """``value`` of ``option`` (``default`` when not given); given where it changes nothing, a warning
+    says so and the default is kept (the report then records what ran)."""
+    if value is None:
+        return default
+    if not applies:
+        warnings.warn(f"{option} applies only with {needs}; ignored", RelexWarning, stacklevel=2)
+        return default
+    return value
+
+
 def print_result(res, quiet: bool, rank: int) -> None:
     if not quiet:
+        if res.report.get("resumed_tensors"):
+            print(f"resumed an interrupted run of this command: {res.report['resumed_tensors']} tensors were "
+                  "already done (--no-resume starts afresh)")
         print(format_summary(res.report["summary"], rank))
         gbs = res.bytes_read / max(res.seconds, 1e-9) / 1e9
         print(f"read {res.bytes_read / 1e9:.2f} GB in {res.seconds:.2f} s ({gbs:.2f} GB/s, backend {res.backend})")

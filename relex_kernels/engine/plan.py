@@ -86,11 +86,16 @@ def default_memory_budget() -> int:
     once whenever its trajectory fits the page cache (pass 2 follows pass 1 at once, and
     released pages stay cached), so a larger budget buys little but memory.
     """
+    ram = physical_ram()
+    return DEFAULT_BUDGET_CAP if ram is None else min(ram // 4, DEFAULT_BUDGET_CAP)
+
+
+def physical_ram() -> int | None:
+    """The machine's RAM in bytes (None where the system does not say)."""
     try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
-        return DEFAULT_BUDGET_CAP
-    return min(ram // 4, DEFAULT_BUDGET_CAP)
+        return None
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 1000**2, "MIB": 1 << 20,
@@ -107,6 +112,14 @@ def parse_size(text: str) -> int:
     if not m or m.group(2).upper() not in _UNITS:
         raise SizeError(f"cannot read size {text!r} (examples: 512M, 4G, 1.5GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def parse_positive_size(text: str) -> int:
+    """:func:`parse_size` of a size that must hold at least one byte (a budget, a shard size)."""
+    n = parse_size(text)
+    if n < 1:
+        raise SizeError(f"size {text!r} must be at least one byte (examples: 512M, 4G, 1.5GB)")
+    return n
 
 
 class Policy:

@@ -80,6 +80,15 @@ def _parsed_index(raw: bytes) -> tuple[dict[str, str], list[str]]:
     return wm, names
 
 
+def _hub_hint(path: str) -> str:
+    """For a missing path shaped like a Hugging Face Hub id (``org/name``): relex reads local files only."""
+    parts = path.split("/")
+    if len(parts) == 2 and all(parts) and not path.startswith(".") and not os.path.exists(parts[0]):
+        return (f" (relex reads local directories and downloads nothing: fetch a Hub model first, e.g. "
+                f"'huggingface-cli download {path} --local-dir {parts[1]}')")
+    return ""
+
+
 class Checkpoint:
     """All tensors of one checkpoint directory, located but not read."""
 
@@ -87,7 +96,7 @@ class Checkpoint:
         self.path = os.path.abspath(os.fspath(path))
         self.step = step
         if not os.path.isdir(self.path):
-            raise InputError(f"{self._label()}: {self.path} is not a directory")
+            raise InputError(f"{self._label()}: {self.path} is not a directory" + _hub_hint(os.fspath(path)))
         self.files: list[SafetensorsFile] = []
         self.tensors: dict[str, Located] = {}
         index = os.path.join(self.path, INDEX_NAME)

@@ -50,7 +50,13 @@ def save(path: str, meta: dict, comps: dict[str, Components]) -> None:
 
 def load(path: str) -> tuple[dict, dict[str, Components]]:
     """(meta, {tensor: Components}); raises FormatError for anything that is not a valid fit."""
-    f = SafetensorsFile(path)
+    try:
+        f = SafetensorsFile(path)
+    except FormatError as e:  # (a fit is a safetensors file: anything else is not a fit)
+        if not os.path.isfile(path):
+            raise
+        raise FormatError(f"{path}: not a relex fit file (those 'relex extrapolate --save-fit' writes): "
+                          f"{str(e).removeprefix(f'{path}: ')}") from None
     try:
         raw = f.metadata.get(_KEY)
         if raw is None:

@@ -44,9 +44,15 @@ def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) 
         raise UsageError(f"--prefer must be one of {', '.join(PREFER)}, got {prefer!r}")
     if not os.path.isdir(run_dir):
         raise InputError(f"run directory {run_dir} does not exist or is not a directory")
+    try:
+        entries = sorted(os.listdir(run_dir))
+    except OSError as e:
+        raise InputError(f"cannot list run directory {run_dir} ({e.strerror})") from None
     found: dict[int, str] = {}
     both: list[int] = []
-    for entry in sorted(os.listdir(run_dir)):
+    later: list[int] = []  # steps past max_step, not looked into
+    no_hf: list[int] = []  # --prefer hf where a step has only rank files
+    for entry in entries:
         full = os.path.join(run_dir, entry)
         if not os.path.isdir(full):
             continue
@@ -56,12 +62,17 @@ def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) 
                 continue
             step = int(m.group(1))
             if max_step is not None and step > max_step:
+                later.append(step)
                 break
             cands = [os.path.normpath(os.path.join(full, sub)) for sub in subs]
             have = [c for c in cands if holds_weights(c)]
             if not have:
                 if is_deepspeed(full):
                     raise InputError(f"{full} {DEEPSPEED}")
+                try:
+                    os.listdir(full)
+                except OSError as e:  # (not 'holds no weights': the user can fix permissions)
+                    raise InputError(f"cannot list checkpoint directory {full} ({e.strerror})") from None
                 raise InputError(f"{full} looks like the checkpoint of step {step} but holds no "
                                  f"weights (looked in {', '.join(subs)})")
             shards = [c for c in have if holds_rank_files(c)]
@@ -69,11 +80,16 @@ def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) 
             pick = (shards or exports)[0] if prefer == "shards" else (exports or shards)[0]
             if shards and exports:
                 both.append(step)
+            elif prefer == "hf" and not exports:
+                no_hf.append(step)
             if step in found:
                 raise InputError(f"duplicate step {step} in {run_dir}: {found[step]} and {pick}")
             found[step] = pick
     if not found:
-        ds = [e for e in sorted(os.listdir(run_dir)) if is_deepspeed(os.path.join(run_dir, e))]
+        if later:
+            raise InputError(f"no checkpoints of step <= {max_step} in {run_dir} (--history-steps {max_step}); "
+                             f"its checkpoints start at step {min(later)}")
+        ds = [e for e in entries if is_deepspeed(os.path.join(run_dir, e))]
         if ds:
             raise InputError(f"{os.path.join(run_dir, ds[0])} {DEEPSPEED}")
         raise InputError(f"no checkpoints found in {run_dir} (looked for {LAYOUT_HELP})")
@@ -83,6 +99,9 @@ def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) 
             "the huggingface/ exports (--prefer hf); without it, the FSDP rank files of actor/"
         warnings.warn(f"steps {both[0]}..{both[-1]} hold both FSDP rank files and a Hugging Face export: reading "
                       f"{which}", RelexWarning, stacklevel=2)
+    if no_hf:
+        warnings.warn(f"--prefer hf: steps {no_hf[0]}..{no_hf[-1]} hold no Hugging Face export, only FSDP rank "
+                      "files: reading those", RelexWarning, stacklevel=2)
     return found
 
 
@@ -96,6 +115,9 @@ def parse_explicit(items: list[str]) -> dict[int, str]:
         s = int(step)
         if s in out:
             raise InputError(f"duplicate step {s}: {out[s]} and {path}")
+        if not os.path.isdir(path):
+            raise InputError(f"--checkpoint {item}: {path} " + ("is not a directory" if os.path.exists(path)
+                                                                else "does not exist"))
         out[s] = path
     return out
 

@@ -479,11 +479,12 @@ class SafetensorsFile(MappedFile):
             if self.size < 8:
                 raise FormatError(f"{self.path}: {self.size} bytes is too short for a safetensors file")
             n = struct.unpack("<Q", os.pread(fd, 8, 0))[0]
-            if n > MAX_HEADER:
-                raise FormatError(f"{self.path}: header length {n} exceeds the 100 MB limit")
+            if n > MAX_HEADER:  # (any file that is not safetensors: its first 8 bytes as a length)
+                raise FormatError(f"{self.path}: not a safetensors file, or a corrupt one (its first 8 bytes "
+                                  f"give a header length of {n} bytes, past the format's 100 MB limit)")
             if 8 + n > self.size:
                 raise FormatError(f"{self.path}: header length {n} runs past the end of the "
-                                  f"{self.size}-byte file (truncated?)")
+                                  f"{self.size}-byte file (truncated, or not a safetensors file)")
             raw = os.pread(fd, n, 8)
             if len(raw) != n:
                 raise FormatError(f"{self.path}: short read of the header")

@@ -103,8 +103,10 @@ class SynthRun:
 def _start_output(out_dir: str, overwrite: bool) -> tuple[str, str]:
     final = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(final)
-    if not os.path.isdir(parent):
-        raise OutputError(f"{parent} does not exist (create the parent directory of {final} first)")
+    try:  # (like mkdir -p: 'relex synth runs/tiny' in a fresh directory)
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create the parent directory {parent} of {final} ({e.strerror or e})") from None
     if os.path.lexists(final):
         if not os.path.isdir(final) or os.path.islink(final):
             raise OutputError(f"{final} exists and is not a directory")
