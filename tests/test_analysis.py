@@ -50,6 +50,17 @@ def r2(y, yhat):
     return 1 - ((y - yhat) ** 2).sum() / ((y - y.mean()) ** 2).sum()
 
 
+def ss(y, yhat):
+    """(SS_res, SS_tot about the mean of y)."""
+    return np.array([((y - yhat) ** 2).sum(), ((y - y.mean()) ** 2).sum()])
+
+
+def pooled(terms):
+    """R² of tensors taken together: 1 − Σ SS_res / Σ SS_tot."""
+    tot = np.sum(terms, axis=0)
+    return 1 - tot[0] / tot[1]
+
+
 def test_module_types_and_layers():
     assert module_type("model.layers.3.self_attn.q_proj.weight") == "q"
     assert module_type("model.layers.3.self_attn.q_norm.weight") == "norm"
@@ -72,6 +83,7 @@ def test_analyze_matches_direct_svd(curved, tmp):
     x = np.array(STEPS, dtype=np.float64)
     by_name = {e["name"]: e for e in rep["tensors"]}
     assert sorted(by_name) == sorted(SHAPES)
+    terms = {}  # name -> metric -> (SS_res, SS_tot), from the direct computation
     for name in SHAPES:
         e = by_name[name]
         M = deltas(base, ck, name, STEPS)
@@ -96,6 +108,19 @@ def test_analyze_matches_direct_svd(curved, tmp):
         la = np.polyval(np.polyfit(x[:T], ca[:T], 1), x)
         assert e["r2_out_oracle"] == pytest.approx(r2(ca[T:], la[T:]), abs=1e-4 * max(1, abs(e["r2_out_oracle"])))
         assert e["subspace_cosine"] == pytest.approx(abs(v1 @ va), abs=1e-6)
+        terms[name] = {"r2_in": ss(c[:T], line[:T]), "r2_out": ss(c[T:], line[T:]),
+                       "r2_in_oracle": ss(ca[:T], la[:T]), "r2_out_oracle": ss(ca[T:], la[T:])}
+        for k, t in terms[name].items():
+            np.testing.assert_allclose(e[k + "_ss"], t, rtol=1e-4, atol=1e-9 * t[1] + 1e-14)
+    # the group R²s are pooled: 1 − Σ SS_res / Σ SS_tot over the group's tensors, for the model and
+    # every module type
+    groups = {"model": rep["aggregates"]["model"], **rep["aggregates"]["by_module"]}
+    for g, agg in groups.items():
+        names = [n for n in SHAPES if g == "model" or module_type(n) == g]
+        for k in ("r2_in", "r2_out", "r2_in_oracle", "r2_out_oracle"):
+            want = pooled([terms[n][k] for n in names])
+            assert agg[k]["pooled"] == pytest.approx(want, rel=1e-4, abs=1e-5), (g, k)
+            assert agg[k]["pooled_tensors"] == len(names)
     # aggregates: parameter-weighted mean of ev1 over the model
     n = np.array([by_name[k]["numel"] for k in SHAPES], dtype=np.float64)
     ev = np.array([by_name[k]["ev1"] for k in SHAPES])
@@ -203,6 +228,103 @@ def test_curved_trajectory_scores_worse_than_straight(tmp):
     assert bent["r2_out_oracle"]["weighted_mean"] < straight["r2_out_oracle"]["weighted_mean"]
     for k in range(2):
         assert bts[1.0]["model"]["relex"][k]["rel_error"] > 2 * bts[0.0]["model"]["relex"][k]["rel_error"]
+
+
+def _near_constant_norm_run(root):
+    """A large tensor on a slightly jittered line, and a 16-element norm whose coefficient stops
+    after the history and then varies by 1e-3 of a step: its own R² out is about −1e7."""
+    rng = np.random.default_rng(4)
+    base = os.path.join(root, "base")
+    os.makedirs(base)
+    big, norm = "model.layers.0.mlp.up_proj.weight", "model.layers.0.input_layernorm.weight"
+    th0 = {big: rng.normal(0, 0.02, 2000), norm: rng.uniform(-0.5, 0.5, 16)}
+    v, z = rng.normal(0, 1e-4, 2000), rng.normal(0, 1e-4, 2000)
+    w = rng.normal(0, 3e-6, 16)
+    write_checkpoint(base, {k: ("F32", x.astype(np.float32)) for k, x in th0.items()})
+    ck = {}
+    for s in range(1, 13):
+        g = s if s <= 6 else 6 + 1e-3 * (-1) ** s
+        ck[s] = os.path.join(root, "run", f"step_{s}")
+        os.makedirs(ck[s])
+        write_checkpoint(ck[s], {big: ("F32", (th0[big] + s * v + 0.3 * (-1) ** s * z).astype(np.float32)),
+                                 norm: ("F32", (th0[norm] + g * w).astype(np.float32))})
+    return base, ck, [big, norm]
+
+
+def test_pooled_r2_is_not_swamped_by_a_near_constant_tensor(tmp, capsys):
+    """The model's R² (the summary line, report.md's tables) is 1 − Σ SS_res / Σ SS_tot over the tensors,
+    computed here with numpy from the materialised deltas; a numel-weighted mean of per-tensor R² is
+    driven far below 0 by the 16-element norm, the pooled R² is not."""
+    base, ck, names = _near_constant_norm_run(tmp)
+    steps, T = list(range(1, 13)), 6
+    x = np.array(steps, dtype=np.float64)
+    terms, own = [], {}
+    for name in names:
+        M = deltas(base, ck, name, steps)
+        _, _, Vh = np.linalg.svd(M[:T], full_matrices=False)
+        c = M @ (Vh[0] * np.sign(M[T - 1] @ Vh[0]))
+        line = np.polyval(np.polyfit(x[:T], c[:T], 1), x)
+        terms.append(ss(c[T:], line[T:]))
+        own[name] = r2(c[T:], line[T:])
+    want = pooled(terms)
+    numel = np.array([2000, 16], dtype=np.float64)
+    old = (np.array([own[n] for n in names]) * numel).sum() / numel.sum()
+    assert own[names[1]] < -1e5 and old < -100 and want > 0.9  # the data do what the test is about
+
+    out = os.path.join(tmp, "rep")
+    assert _cli(["analyze", os.path.join(tmp, "run"), "--base", base, "--history-steps", str(T), "--out", out,
+                 "--no-figures"]) == 0
+    printed = capsys.readouterr().out
+    rep = json.load(open(os.path.join(out, "report.json")))
+    m = rep["aggregates"]["model"]["r2_out"]
+    assert m["pooled"] == pytest.approx(want, abs=1e-5)
+    assert m["weighted_mean"] == pytest.approx(old, rel=1e-2)  # still there, documented as a mean of R²s
+    assert m["median"] is not None and m["tensors"] == 2
+    assert f"R² out {m['pooled']:.4f}" in printed and f"{old:.4f}" not in printed
+    assert "pooled" in printed
+    md = open(os.path.join(out, "report.md")).read()
+    row = next(r for r in md.splitlines() if r.startswith("| **model** |")).split(" | ")
+    head = next(r for r in md.splitlines() if r.startswith("| module |")).split(" | ")
+    assert row[head.index("R² out")].startswith(f"{m['pooled']:.3f} / ")  # the table's R² is the pooled one
+
+
+def test_figures_without_matplotlib_and_no_leftovers(curved, tmp, monkeypatch, capsys):
+    """No matplotlib (`pip install -e .` without extras): the reports are written and the figures
+    skipped with one warning; --figures makes it an error before anything is created; a command
+    that fails up front leaves no report directory behind."""
+    from relex_kernels.errors import RelexWarning
+    base, ck = curved
+    run_dir = os.path.dirname(ck[2])
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import matplotlib fails
+    out = os.path.join(tmp, "rep")
+    with pytest.warns(RelexWarning, match=r"figures skipped.*pip install matplotlib"):
+        assert _cli(["analyze", run_dir, "--base", base, "--history-steps", str(H), "--out", out, "-q"]) == 0
+    assert sorted(os.listdir(out)) == ["report.json", "report.md"]
+    assert json.load(open(os.path.join(out, "report.json")))["figures"] == []
+    with pytest.warns(RelexWarning, match="pip install matplotlib"):
+        rep = backtest(base, ck, H, [20], os.path.join(tmp, "bt"), methods=["relex"]).report
+    assert rep["figures"] == [] and sorted(os.listdir(os.path.join(tmp, "bt"))) == ["backtest.json", "backtest.md"]
+    with pytest.warns(RelexWarning, match="pip install matplotlib"):  # the command too
+        assert _cli(["backtest", run_dir, "--base", base, "--history-steps", str(H), "--eval-steps", "20",
+                     "--methods", "relex", "--out", os.path.join(tmp, "bt2"), "-q"]) == 0
+    assert sorted(os.listdir(os.path.join(tmp, "bt2"))) == ["backtest.json", "backtest.md"]
+
+    asked = os.path.join(tmp, "asked", "rep")
+    assert _cli(["analyze", run_dir, "--base", base, "--out", asked, "--figures"]) == 2
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(tmp, "asked"))
+    assert _cli(["analyze", run_dir, "--base", base, "--out", asked, "--figures", "--no-figures"]) == 2
+    assert not os.path.exists(os.path.join(tmp, "asked"))
+    # failures found by the pass (a base that is not there) remove the directories they created ...
+    bad = os.path.join(tmp, "a", "b", "rep")
+    assert _cli(["analyze", run_dir, "--base", os.path.join(tmp, "nope"), "--out", bad, "--no-figures"]) == 2
+    assert not os.path.exists(os.path.join(tmp, "a"))
+    # ... and leave one that was there, with what it held, alone
+    keep = os.path.join(tmp, "keep")
+    os.makedirs(keep)
+    open(os.path.join(keep, "notes.txt"), "w").close()
+    assert _cli(["analyze", run_dir, "--base", os.path.join(tmp, "nope"), "--out", keep, "--no-figures"]) == 2
+    assert os.listdir(keep) == ["notes.txt"]
 
 
 def _direct_prediction(base, ck, hist, name, method, S):

@@ -13,6 +13,8 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from .metrics import SS_SUFFIX, pooled_r2
+
 #: module types in display order (heatmap columns are the per-layer ones)
 MODULE_TYPES = ("q", "k", "v", "o", "gate", "up", "down", "norm", "embedding", "head", "bias", "other")
 LAYER_MODULES = ("q", "k", "v", "o", "gate", "up", "down", "norm")
@@ -54,11 +56,15 @@ def _means(entries: list[dict], keys: Iterable[str]) -> dict:
         pairs = [(e[k], e["numel"]) for e in entries if e.get(k) is not None]
         if not pairs:
             out[k] = {"mean": None, "weighted_mean": None, "median": None, "min": None, "tensors": 0}
-            continue
-        x = np.array([p[0] for p in pairs], dtype=np.float64)
-        w = np.array([p[1] for p in pairs], dtype=np.float64)
-        out[k] = {"mean": float(x.mean()), "weighted_mean": float((x * w).sum() / w.sum()),
-                  "median": float(np.median(x)), "min": float(x.min()), "tensors": int(x.size)}
+        else:
+            x = np.array([p[0] for p in pairs], dtype=np.float64)
+            w = np.array([p[1] for p in pairs], dtype=np.float64)
+            out[k] = {"mean": float(x.mean()), "weighted_mean": float((x * w).sum() / w.sum()),
+                      "median": float(np.median(x)), "min": float(x.min()), "tensors": int(x.size)}
+        if any(k + SS_SUFFIX in e for e in entries):  # an R²: the group's own R², not a mean of R²s
+            terms = [e[k + SS_SUFFIX] for e in entries if e.get(k + SS_SUFFIX) is not None]
+            out[k]["pooled"] = pooled_r2(terms)
+            out[k]["pooled_tensors"] = len(terms)
     return out
 
 
@@ -72,7 +78,9 @@ def by_module_type(entries: list[dict]) -> dict[str, list[dict]]:
 
 def aggregate(entries: list[dict], keys: Iterable[str]) -> dict:
     """Unweighted and parameter-weighted means (and median, min) of ``keys`` over all tensors,
-    per module type and per layer. ``entries`` need ``name``, ``numel`` and the keys (None = not defined)."""
+    per module type and per layer. ``entries`` need ``name``, ``numel`` and the keys (None = not defined).
+    A key whose entries carry ``[SS_res, SS_tot]`` as ``<key>_ss`` (the R² fields) also gets ``pooled``,
+    :func:`.metrics.pooled_r2` over the group, and ``pooled_tensors``, how many tensors it sums."""
     keys = list(keys)
     by_layer: dict[int, list[dict]] = {}
     for e in entries:

@@ -1,7 +1,9 @@
 """PNG figures of the diagnostics (matplotlib, Agg backend: no display needed).
 
 matplotlib is imported only when a figure is drawn, so the rest of the package
-works without it; a missing matplotlib is reported, not a crash.
+works without it (it is not a dependency of ``pip install -e .``): ``analyze`` and
+``backtest`` skip their figures with a warning when it is missing, or fail before
+reading anything when figures were explicitly required (``figures=True``).
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
+import warnings
 
 import numpy as np
 
-from ..errors import UsageError
+from ..errors import RelexWarning, UsageError
 from .aggregate import MODULE_TYPES, layer_index, layer_module_grid, module_type
 
 _COLORS = dict(zip(MODULE_TYPES, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -29,11 +32,41 @@ def _plt():
     return plt
 
 
+def available() -> bool:
+    """Whether matplotlib is installed (without importing it)."""
+    try:
+        return importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require() -> None:
+    """Fail now, before any pass or output directory, when figures are required and matplotlib is missing."""
+    if not available():
+        raise UsageError("figures need matplotlib (pip install matplotlib), or pass --no-figures")
+
+
+def wanted(figures: bool | None) -> bool:
+    """Resolve a ``figures`` argument before any pass: True (required: :func:`require` fails now
+    without matplotlib), False, or None (when matplotlib is installed; else the caller skips them
+    and says so with :func:`warn_skipped` once its reports are written)."""
+    if figures is None:
+        return available()
+    if figures:
+        require()
+    return bool(figures)
+
+
+def warn_skipped(written: str) -> None:
+    """The one-line RelexWarning of figures skipped for want of matplotlib."""
+    warnings.warn(f"figures skipped: they need matplotlib (pip install matplotlib); wrote {written} only",
+                  RelexWarning, stacklevel=3)
+
+
 def preload() -> threading.Thread:
     """Check that matplotlib exists now, and import it in a thread while the Gram pass runs
     (the kernels release the GIL); a second or so that would otherwise come after the pass."""
-    if importlib.util.find_spec("matplotlib") is None:
-        raise UsageError("figures need matplotlib (pip install matplotlib), or pass --no-figures")
+    require()
 
     def work():
         try:

@@ -36,6 +36,9 @@ from ..fit import FitOptions
 #: (tests/test_analysis.py checks the bound against fp64 sums of materialised deltas).
 GRAM_REL_EPS = 2.0 ** -21
 
+#: a per-tensor R² field ``r2_*`` has its ``[SS_res, SS_tot]`` beside it as ``r2_*_ss`` (for :func:`pooled_r2`)
+SS_SUFFIX = "_ss"
+
 
 # -- explained variance and coefficients ------------------------------------------------
 def ev_curve(singular_values: np.ndarray, kmax: int) -> list[float]:
@@ -48,15 +51,36 @@ def ev_curve(singular_values: np.ndarray, kmax: int) -> list[float]:
     return [float(x) for x in np.cumsum(lam)[:k] / total]
 
 
-def r2(y: np.ndarray, yhat: np.ndarray) -> float | None:
-    """1 − SS_res / SS_tot about the mean of ``y``; None for fewer than 2 points or constant ``y``."""
+def r2_terms(y: np.ndarray, yhat: np.ndarray) -> tuple[float, float] | None:
+    """``(SS_res, SS_tot)``: Σ (y − ŷ)² and Σ (y − ȳ)² about the mean of ``y``; None for fewer than 2 points."""
     y = np.asarray(y, dtype=np.float64)
     if y.size < 2:
         return None
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    if not ss_tot > 0:
+    return float(((y - np.asarray(yhat, dtype=np.float64)) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
+
+
+def r2(y: np.ndarray, yhat: np.ndarray) -> float | None:
+    """1 − SS_res / SS_tot about the mean of ``y``; None for fewer than 2 points or constant ``y``."""
+    t = r2_terms(y, yhat)
+    if t is None or not t[1] > 0:
         return None
-    return 1.0 - float(((y - np.asarray(yhat)) ** 2).sum()) / ss_tot
+    return 1.0 - t[0] / t[1]
+
+
+def pooled_r2(terms) -> float | None:
+    """R² of a group of tensors: 1 − Σ SS_res / Σ SS_tot over their ``(SS_res, SS_tot)`` pairs.
+
+    The squared errors of the coefficients are squared errors in parameter space (the rank-1
+    component c·v₁ with ‖v₁‖ = 1), so this is the R² of the group's parameters taken together:
+    weighted by how much each tensor moves, and bounded by its share of the total. A mean of
+    per-tensor R² values is not: a tensor whose coefficient barely varies over the points has
+    SS_tot near 0 and an R² of any size (−1e26 on a bf16 norm), whatever its weight.
+    None when no pair is given or Σ SS_tot is 0."""
+    pairs = [t for t in terms if t is not None]
+    tot = sum(t[1] for t in pairs)
+    if not pairs or not tot > 0:
+        return None
+    return 1.0 - sum(t[0] for t in pairs) / tot
 
 
 def fit_matrix(steps: list[int], T: int, opts: FitOptions) -> np.ndarray:
@@ -74,6 +98,9 @@ def _rank1(G: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
 
 def _fit_stats(c: np.ndarray, c_fit: np.ndarray, T: int) -> dict:
     out = {"r2_in": r2(c[:T], c_fit[:T]), "r2_out": r2(c[T:], c_fit[T:]), "coef_error_out": None}
+    for key, sl in (("r2_in", slice(None, T)), ("r2_out", slice(T, None))):  # what pooled_r2 sums
+        t = r2_terms(c[sl], c_fit[sl])
+        out[key + SS_SUFFIX] = list(t) if t is not None else None
     norm = float(np.sqrt((c[T:] ** 2).sum()))
     if c.size > T and norm > 0:
         out["coef_error_out"] = float(np.sqrt(((c[T:] - c_fit[T:]) ** 2).sum())) / norm
@@ -111,6 +138,7 @@ def analyze_tensor(G: np.ndarray, T: int, fitm: np.ndarray, rank_max: int, steps
     e["ev1_oracle"] = ev_curve(sva, 1)[0] if sva.size else 0.0
     o = _fit_stats(ca, ca_fit, T)
     e["r2_in_oracle"], e["r2_out_oracle"], e["coef_error_out_oracle"] = o["r2_in"], o["r2_out"], o["coef_error_out"]
+    e["r2_in_oracle" + SS_SUFFIX], e["r2_out_oracle" + SS_SUFFIX] = o["r2_in" + SS_SUFFIX], o["r2_out" + SS_SUFFIX]
     e["subspace_cosine"] = (float(abs(u1 @ G[:T, :] @ ua)) / (s1 * sa)) if s1 > 0 and sa > 0 and N > T else None
     if steps is not None and (h := mid_index(steps, T)) is not None:
         e["dist2_mid"], e["dist2_last"] = float(G[h, h]), float(G[T - 1, T - 1])

@@ -6,9 +6,11 @@ the JSON needs nothing else; the same text is in the tables below.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 
 from ..errors import OutputError
 
@@ -23,14 +25,18 @@ TENSOR_FIELDS = {
     "coef": "rank-1 coefficient c(step) for every step of 'steps': s_1·u_1 on the history, the projection "
             "<θ_step − θ₀, v_1> on the history direction v_1 after it",
     "coef_fit": "the straight line fitted to coef on the history, evaluated at every step",
-    "r2_in": "R² of that line on the history points (null: constant coefficient)",
-    "r2_out": "R² of that line on the later points, about their own mean (null: fewer than 2 later points)",
+    "r2_in": "R² = 1 − SS_res / SS_tot of that line on the history points (null: constant coefficient)",
+    "r2_out": "R² of that line on the later points, SS_tot about their own mean (null: fewer than 2 later "
+              "points or a constant coefficient on them)",
+    "r2_in_ss": "[SS_res, SS_tot] of r2_in (null: fewer than 2 points); the aggregates' pooled R² sums these",
+    "r2_out_ss": "[SS_res, SS_tot] of r2_out (null: fewer than 2 later points)",
     "coef_error_out": "‖c − ĉ‖ / ‖c‖ over the later points",
     "ev1_out": "fraction of the later deltas' squared norm on the history direction v_1",
     "coef_oracle": "rank-1 coefficient with the direction taken from all steps (the 'oracle subspace')",
     "coef_oracle_fit": "line fitted to coef_oracle on the history points, at every step",
     "ev1_oracle": "rank-1 explained variance over all steps",
     "r2_in_oracle": "as r2_in, oracle subspace", "r2_out_oracle": "as r2_out, oracle subspace",
+    "r2_in_oracle_ss": "as r2_in_ss, oracle subspace", "r2_out_oracle_ss": "as r2_out_ss, oracle subspace",
     "coef_error_out_oracle": "as coef_error_out, oracle subspace",
     "subspace_cosine": "|cos| between the history and the oracle rank-1 directions (1: no drift)",
     "dist2_mid": "‖θ − θ₀‖² at the history step nearest half the last one (growth.between_steps[0])",
@@ -50,8 +56,12 @@ ANALYZE_FIELDS = {
     "later_steps": "the steps after the history: out-of-sample points",
     "summary_ev1": "rank-1 explained variance over fitted tensors: mean/min/median/max and counts >= 0.90/0.95/0.99",
     "explained_variance_by_rank": "per rank k: unweighted and parameter-weighted mean explained variance",
-    "aggregates": "per metric {mean, weighted_mean (by numel), median, min, tensors}; for the model, by_module, "
-                  "by_layer",
+    "aggregates": "per metric {mean, weighted_mean (by numel), median, min, tensors} over the tensors where it "
+                  "is defined; the R² metrics (r2_*) also {pooled, pooled_tensors}: the group's R² "
+                  "1 − Σ SS_res / Σ SS_tot summed over its tensors (every tensor with 2 or more points, one "
+                  "whose own R² is null for a constant coefficient included) — the headline figure; their "
+                  "weighted_mean and mean are means of per-tensor R², which a tensor with a nearly constant "
+                  "coefficient (SS_tot near 0) can drive to any size; for the model, by_module, by_layer",
     "gram_pass": "the streaming pass: seconds, bytes_read, memory_budget",
     "growth": "how the distance from the base grows over the history: exponent p of ‖θ_x − θ₀‖ ∝ x^p between "
               "between_steps (the step nearest half the last history step, and the last), squared distances "
@@ -90,27 +100,86 @@ def write_text(path: str, text: str) -> None:
     _atomic(path, text)
 
 
+_TMP_PREFIX = ".tmp-"
+
+
 def _atomic(path: str, text: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
+    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=d)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
     except OSError as e:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def prepare_out(out_dir: str, names: list[str], overwrite: bool) -> str:
+    """Check that ``names`` may be written in ``out_dir`` (before anything is created), then create it.
+    :func:`report_dir` also removes it again when the command fails."""
     out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"report directory {out_dir} exists and is not a directory")
+    for n in names:
+        if os.path.exists(os.path.join(out_dir, n)) and not overwrite:
+            raise OutputError(f"{os.path.join(out_dir, n)} already exists; pass --overwrite to replace it")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise OutputError(f"cannot create report directory {out_dir}: {e.strerror}") from None
-    for n in names:
-        if os.path.exists(os.path.join(out_dir, n)) and not overwrite:
-            raise OutputError(f"{os.path.join(out_dir, n)} already exists; pass --overwrite to replace it")
     return out_dir
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """The directories ``os.makedirs(path)`` would create, innermost first."""
+    out = []
+    while not os.path.lexists(path):
+        out.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return out
+
+
+@contextlib.contextmanager
+def report_dir(out_dir: str, names: list[str], overwrite: bool) -> Iterator[str]:
+    """:func:`prepare_out` for the body of a command: if the body fails (an input error found by the
+    pass, a missing tensor, Ctrl-C), the files among ``names`` it created and the directories this
+    created are removed again, so a failed command leaves no empty report directory behind.
+    Files that were there before (replaced with --overwrite) and anything else are left alone."""
+    out_dir = os.path.abspath(out_dir)
+    created = _missing_dirs(out_dir)
+    try:
+        out_dir = prepare_out(out_dir, names, overwrite)
+    except BaseException:
+        _rmdirs(created)  # makedirs can fail half way
+        raise
+    before = set(os.listdir(out_dir))
+    try:
+        yield out_dir
+    except BaseException:
+        for n in set(os.listdir(out_dir)) - before:
+            p = os.path.join(out_dir, n)
+            if (n in names or n.startswith(_TMP_PREFIX)) and os.path.isfile(p) and not os.path.islink(p):
+                try:
+                    os.unlink(p)
+                except OSError:
+                    pass
+        _rmdirs(created)
+        raise
+
+
+def _rmdirs(dirs: list[str]) -> None:
+    """Remove ``dirs`` (innermost first) while they are empty."""
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
 
 
 # -- Markdown ----------------------------------------------------------------------------
@@ -125,7 +194,8 @@ def _agg_table(groups: dict, cols: list[tuple[str, str]], label: str) -> list[st
         cells = []
         for key, _ in cols:
             m = a.get(key, {})
-            cells.append(" / ".join(_f(m.get(x), ".3f") for x in ("weighted_mean", "mean", "median")))
+            first = "pooled" if "pooled" in m else "weighted_mean"  # R²: the group's own, not a mean of R²s
+            cells.append(" / ".join(_f(m.get(x), ".3f") for x in (first, "mean", "median")))
         out.append(f"| {g} | {a['tensors']} | {a['params']:,} | " + " | ".join(cells) + " |")
     return out
 
@@ -173,9 +243,12 @@ def analyze_markdown(rep: dict) -> str:
     L += _growth_lines(rep.get("growth"))
     agg = rep["aggregates"]
     L += ["", "## By module type", "",
-          "Each cell: parameter-weighted mean / unweighted mean / median over the tensors (R² is unbounded "
-          "below, so a few small tensors with noisy coefficients — bf16 norms — can dominate an unweighted "
-          "mean; the median does not move). *R² in*: the straight line of the rank-1 "
+          "Each cell: parameter-weighted mean / unweighted mean / median over the tensors; for R², "
+          "pooled / unweighted mean / median: the pooled R² is the group's own, 1 − Σ SS_res / Σ SS_tot over "
+          "its tensors (the coefficient's squared errors are squared parameter errors, so it weighs each "
+          "tensor by how much it moves). A per-tensor R² is unbounded below: a tensor whose coefficient "
+          "barely varies — a bf16 norm — can drive any mean of per-tensor R² to −1e26; the pooled R² and "
+          "the median do not move. *R² in*: the straight line of the rank-1 "
           "coefficient on the history; *R² out*: the same line on the later checkpoints projected on the "
           "history direction; *(oracle)*: with the direction of all steps. High oracle R² out with low R² "
           "out means the direction drifts; both low means the coefficient curves.", ""]

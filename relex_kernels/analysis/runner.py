@@ -17,7 +17,7 @@ from . import metrics
 from .aggregate import MODULE_TYPES, aggregate, by_module_type, layer_index, module_type
 from .extended_gram import GramPass, extended_grams
 from .report import (ANALYZE_FIELDS, BACKTEST_FIELDS, TENSOR_FIELDS, analyze_markdown, backtest_markdown,
-                     prepare_out, write_json, write_text)
+                     report_dir, write_json, write_text)
 
 AGG_KEYS = ("ev1", "ev1_out", "r2_in", "r2_out", "coef_error_out", "ev1_oracle", "r2_in_oracle", "r2_out_oracle",
             "coef_error_out_oracle", "subspace_cosine")
@@ -56,19 +56,34 @@ def _pass_info(gp: GramPass) -> dict:
 # -- analyze -----------------------------------------------------------------------------
 def analyze(base: str, checkpoints: dict[int, str], out_dir: str, *, history_steps: int | None = None,
             rank_max: int = 5, window: int | None = None, memory_budget: int | None = None,
-            backend: str | None = None, figures: bool = True, overwrite: bool = False,
+            backend: str | None = None, figures: bool | None = None, overwrite: bool = False,
             progress: bool = False) -> Result:
     """Rank-1 diagnostics of a run: ``checkpoints`` ({step: dir}) with step <= ``history_steps`` are
-    the history, the later ones are scored out of sample. Writes report.json, report.md and PNGs."""
+    the history, the later ones are scored out of sample. Writes report.json, report.md and PNGs.
+
+    ``figures``: None (default) draws the PNGs when matplotlib is installed and otherwise skips them
+    with a RelexWarning; True requires them (UsageError without matplotlib); False skips them. A
+    failure leaves no report directory behind that was not there before."""
     t0 = time.perf_counter()
     hist, later = _split(checkpoints, history_steps)
     opts = FitOptions(window=window)
     fitmath.validate(opts, hist)
     if rank_max < 1:
         raise UsageError(f"--rank-max must be >= 1; got {rank_max}")
+    skip_warning = figures is None and not figs.available()
+    figures = figs.wanted(figures)  # fails on a missing matplotlib before the pass when figures are required
     names = ["report.json", "report.md"] + (list(ANALYZE_FIGURES) if figures else [])
-    out_dir = prepare_out(out_dir, names, overwrite)
-    loader = figs.preload() if figures else None  # fails on a missing matplotlib before the pass
+    with report_dir(out_dir, names, overwrite) as out_dir:
+        res = _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, memory_budget, backend,
+                       figures, progress, t0)
+    if skip_warning:
+        figs.warn_skipped("report.json and report.md")
+    return res
+
+
+def _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, memory_budget, backend, figures,
+             progress, t0) -> Result:
+    loader = figs.preload() if figures else None
     gp = extended_grams(base, checkpoints, memory_budget=memory_budget, backend=backend, progress=progress,
                         desc="relex analyze")
     T = len(hist)
@@ -142,10 +157,11 @@ def _rows(terms: np.ndarray, steps: list[int], last: int) -> list[dict]:
 def backtest(base: str, checkpoints: dict[int, str], history_steps: int, eval_steps: list[int],
              out_dir: str | None = None, *, methods: list[str] | None = None, window: int | None = None,
              poly_degree: int = 2, materialize: int | None = None, memory_budget: int | None = None,
-             backend: str | None = None, figures: bool = True, overwrite: bool = False,
+             backend: str | None = None, figures: bool | None = None, overwrite: bool = False,
              progress: bool = False) -> Result:
     """Score predictions of ``eval_steps`` from the history (step <= ``history_steps``) against the
-    real checkpoints, for every method, from one Gram pass over history ∪ eval checkpoints."""
+    real checkpoints, for every method, from one Gram pass over history ∪ eval checkpoints.
+    ``figures`` (with ``out_dir``) as in :func:`analyze`."""
     t0 = time.perf_counter()
     methods = list(methods or metrics.DEFAULT_METHODS)
     if materialize is not None and "relex" not in methods:
@@ -176,12 +192,23 @@ def backtest(base: str, checkpoints: dict[int, str], history_steps: int, eval_st
     run_methods = [m for m in methods if m not in skipped]
     if not run_methods:
         raise UsageError(f"no method can run on {len(hist)} history checkpoints: {skipped}")
+    if out_dir is None:
+        return _backtest(base, checkpoints, hist, eval_steps, None, run_methods, skipped, window, poly_degree,
+                         materialize, memory_budget, backend, False, overwrite, progress, base_opts, t0)
+    skip_warning = figures is None and not figs.available()
+    figures = figs.wanted(figures)
     names = ["backtest.json", "backtest.md"] + (["error_vs_distance.png"] if figures else [])
-    if out_dir is not None:
-        out_dir = prepare_out(out_dir, names, overwrite)
-        loader = figs.preload() if figures else None
-    else:
-        loader = None
+    with report_dir(out_dir, names, overwrite) as out_dir:
+        res = _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, window, poly_degree,
+                        materialize, memory_budget, backend, figures, overwrite, progress, base_opts, t0)
+    if skip_warning:
+        figs.warn_skipped("backtest.json and backtest.md")
+    return res
+
+
+def _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, window, poly_degree, materialize,
+              memory_budget, backend, figures, overwrite, progress, base_opts, t0) -> Result:
+    loader = figs.preload() if out_dir is not None and figures else None
     gp = extended_grams(base, {s: checkpoints[s] for s in hist + eval_steps}, memory_budget=memory_budget,
                         backend=backend, progress=progress, desc="relex backtest")
     T = len(hist)

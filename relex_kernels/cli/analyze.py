@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from ..analysis import analyze
-from ..engine.run import default_memory_budget, parse_size
+from ..engine.plan import default_memory_budget, parse_positive_size
 from ..errors import UsageError
 from ..io.layout import LAYOUT_HELP, discover, parse_explicit
 from ..ops import BACKENDS
@@ -20,11 +20,15 @@ c(step) of every checkpoint and the R² of its straight-line fit, in sample (ste
 <= H) and out of sample (later checkpoints projected on the history direction), and
 the same with the direction taken from all steps (the "oracle subspace"), which
 tells a drifting direction from a curving coefficient. Aggregated by module type
-(q k v o gate up down norm embedding head) and by layer, unweighted and
-parameter-weighted.
+(q k v o gate up down norm embedding head) and by layer: unweighted and
+parameter-weighted means and medians, and for R² the pooled R² of the group,
+1 - sum(SS_res) / sum(SS_tot) over its tensors (the headline: a mean of per-tensor
+R² is driven to any size by a tensor whose coefficient barely varies).
 
 Writes REPORT_DIR/report.json (fields documented inside), report.md, and the PNG
-figures coefficients.png, ev_heatmap.png and spectra.png.
+figures coefficients.png, ev_heatmap.png and spectra.png when matplotlib is
+installed (pip install matplotlib; without it the figures are skipped with a
+warning, and --figures makes that an error).
 
 Checkpoints: RUN is a run directory holding {LAYOUT_HELP};
 or give --checkpoint STEP=PATH for each one instead.
@@ -44,12 +48,13 @@ def add_inputs(p: argparse.ArgumentParser) -> None:
 
 def add_resources(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("resources")
-    g.add_argument("--memory-budget", type=parse_size, default=None, metavar="SIZE",
+    g.add_argument("--memory-budget", type=parse_positive_size, default=None, metavar="SIZE",
                    help="bound on mapped input pages (e.g. 2G, 512M; default: 1 GiB or a quarter of RAM if less, "
                         f"{default_memory_budget() / 2**30:.1f} GiB here)")
     g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="compute backend for the Gram (default: $RELEX_BACKEND or auto)")
-    g.add_argument("--no-figures", action="store_true", help="write the reports only (no matplotlib needed)")
+    g.add_argument("--no-figures", action="store_true",
+                   help="write the reports only (default: figures too when matplotlib is installed)")
     g.add_argument("--overwrite", action="store_true", help="replace existing report files in the output directory")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
@@ -91,9 +96,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(REPORT_DIR/shards, REPORT_DIR/export, REPORT_DIR/compare.md)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for report.json, report.md and PNGs")
     add_resources(p)
+    p.add_argument("--figures", action="store_true",
+                   help="require the PNG figures: an error, before anything is read or written, when "
+                        "matplotlib is missing (default: skip them with a warning)")
+
+
+def figures_arg(args) -> bool | None:
+    """--figures: required (True); --no-figures: none (False); neither: when matplotlib is installed (None)."""
+    if args.figures and args.no_figures:
+        raise UsageError("--figures and --no-figures contradict each other")
+    return False if args.no_figures else (True if args.figures else None)
 
 
 def run(args) -> int:
+    figures_arg(args)
     if args.compare_export:
         return compare_export(args)
     found = found_checkpoints(args)
@@ -108,7 +124,7 @@ def run(args) -> int:
         found = {s: p for s, p in found.items() if s <= args.history_steps or s in later}
     res = analyze(args.base, found, args.out, history_steps=args.history_steps, rank_max=args.rank_max,
                   window=args.window, memory_budget=args.memory_budget, backend=args.backend,
-                  figures=not args.no_figures, overwrite=args.overwrite,
+                  figures=figures_arg(args), overwrite=args.overwrite,
                   progress=not args.quiet and sys.stderr.isatty())
     if not args.quiet:
         print_summary(res.report)
@@ -140,7 +156,7 @@ def compare_export(args) -> int:
         sel = {s: found[s] for s in both}
         res = analyze(args.base, sel, os.path.join(args.out, label), history_steps=args.history_steps,
                       rank_max=args.rank_max, window=args.window, memory_budget=args.memory_budget,
-                      backend=args.backend, figures=not args.no_figures, overwrite=args.overwrite,
+                      backend=args.backend, figures=figures_arg(args), overwrite=args.overwrite,
                       progress=not args.quiet and sys.stderr.isatty())
         reps[label] = res.report
     by = {label: {e["name"]: e for e in rep["tensors"]} for label, rep in reps.items()}
@@ -182,11 +198,11 @@ def print_summary(rep: dict) -> None:
     m = rep["aggregates"]["model"]
     parts = []
     for key, label in (("r2_in", "R² in"), ("r2_out", "R² out"), ("r2_out_oracle", "R² out (oracle subspace)")):
-        w = m[key]["weighted_mean"]
+        w, med = m[key].get("pooled"), m[key]["median"]
         if w is not None:
-            parts.append(f"{label} {w:.4f}")
+            parts.append(f"{label} {w:.4f}" + (f" (median per tensor {med:.4f})" if med is not None else ""))
     if parts:
-        print("parameter-weighted " + ", ".join(parts))
+        print("pooled over all tensors (1 − ΣSS_res/ΣSS_tot): " + ", ".join(parts))
     g = rep["gram_pass"]
     print(f"read {g['bytes_read'] / 1e9:.2f} GB in {g['seconds']:.2f} s ({g['gb_per_s']:.2f} GB/s, backend "
           f"{rep['backend']}); total {rep['seconds']:.2f} s")

@@ -65,7 +65,7 @@ def run(args) -> int:
             raise UsageError(f"no checkpoint after step {args.history_steps} (found steps {sorted(found)})")
     res = backtest(args.base, found, args.history_steps, steps, args.out, methods=methods, window=args.window,
                    poly_degree=args.poly_degree, materialize=args.materialize, memory_budget=args.memory_budget,
-                   backend=args.backend, figures=not args.no_figures, overwrite=args.overwrite,
+                   backend=args.backend, figures=False if args.no_figures else None, overwrite=args.overwrite,
                    progress=not args.quiet and sys.stderr.isatty())
     rep = res.report
     if not args.quiet:
