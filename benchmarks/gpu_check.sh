@@ -2,29 +2,61 @@
 # The GPU check of the device backends, for a machine with an NVIDIA GPU and no network:
 #   1. build the extensions (CPU _C and CUDA _C_cuda) in place — skipped for a module that is
 #      already there when nvcc is missing (carry a prebuilt relex_kernels/_C_cuda*.so);
-#   2. run the GPU tests (tests/test_gpu.py, tests/test_triton_kernels.py: GPU cases only; two
+#   2. a smoke run: a tiny synthetic trajectory extrapolated on each device backend, against the
+#      reference backend (the first sign of life, in seconds, before the long steps);
+#   3. run the GPU tests (tests/test_gpu.py, tests/test_triton_kernels.py: GPU cases only; two
 #      torchrun ranks on the GPU against one process, tests/test_distributed.py);
-#   3. run benchmarks/bench_gpu.py: every figure with the card's name in benchmarks/results/;
-#   4. benchmarks/bench_ingest.py: the reader's preadv vs maps on the GPU host's cores.
-# Each step has its own time limit, sent as SIGINT (-s INT) so that a Python step unwinds: its
-# temporary files go, and the benchmark writes the figures it has; the whole script stays well
-# inside 10 minutes.
-# Usage: bash benchmarks/gpu_check.sh            (RELEX_CHECK_BENCH_ONLY=1: step 3 only)
+#   4. run benchmarks/bench_gpu.py: every figure with the card's name;
+#   5. benchmarks/bench_ingest.py: the reader's preadv vs maps on the GPU host's cores.
+# Everything it writes (the log, bench_gpu's json and md: three files) goes to $RELEX_CHECK_OUT,
+# else $OUT (the folder a remote runner sends back), else benchmarks/results.
+# The whole script keeps within $RELEX_CHECK_SECONDS (default 470 s, under 8 minutes): each step
+# has its own time limit, cut to what is left once the later steps' minimums are kept, sent as
+# SIGINT (-s INT) so that a Python step unwinds (its temporary files go, the benchmark writes the
+# figures it has). Python: $PYTHON, else python3 (a GPU image's python with torch), else python.
+# Usage: bash benchmarks/gpu_check.sh            (RELEX_CHECK_BENCH_ONLY=1: steps 4-5 only)
 set -u
 cd "$(dirname "$0")/.."
-RES=benchmarks/results
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+RES="${RELEX_CHECK_OUT:-${OUT:-benchmarks/results}}"
 mkdir -p "$RES"
 LOG="$RES/gpu_check.log"
 : > "$LOG"
+export PYTHONUNBUFFERED=1
+BUDGET="${RELEX_CHECK_SECONDS:-470}"
 t0=$(date +%s)
 say() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*" | tee -a "$LOG"; }
 status=0
 
-say "host $(hostname); $(nproc) cpus"
+# limit WANT RESERVE: seconds for a step that would like WANT, keeping RESERVE for the steps after it
+limit() {
+  local rest=$(( BUDGET - ($(date +%s) - t0) - $2 ))
+  echo $(( $1 < rest ? $1 : rest ))
+}
+# step NAME WANT RESERVE CMD...: CMD under its limit (output to the log); a step with under 15 s left is skipped
+step() {
+  local name=$1 lim
+  lim=$(limit "$2" "$3")
+  shift 3
+  if [ "$lim" -lt 15 ]; then
+    say "SKIPPED $name: ${lim}s left of the ${BUDGET}s budget"
+    status=1
+    return 1
+  fi
+  say "$name (limit ${lim}s)"
+  timeout -s INT -k 10 "$lim" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  [ $rc -eq 0 ] || { say "$name FAILED (exit $rc$([ $rc -eq 124 ] && echo ', time limit'); see $LOG)"; status=1; }
+  return $rc
+}
+
+say "host $(hostname); $(nproc) cpus; python $PY; results in $RES"
 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-python - <<'PY' 2>&1 | tee -a "$LOG"
-import torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())
+"$PY" - <<'PY' 2>&1 | tee -a "$LOG"
+import sys
+import numpy, torch
+print("python", sys.version.split()[0], "numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available())
 try:
     import triton; print("triton", triton.__version__)
 except ImportError as e:
@@ -37,31 +69,62 @@ if [ -z "${RELEX_CHECK_BENCH_ONLY:-}" ]; then
     cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
     [ -n "$cc" ] && export TORCH_CUDA_ARCH_LIST="$cc"
   fi
-  if python csrc/cuda/build_cuda.py --help >/dev/null 2>&1 && { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDA_HOME:-}" ]; }; then
-    say "building the extensions (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})"
-    RELEX_FORCE_CUDA=1 timeout 150 python setup.py -q build_ext --inplace >>"$LOG" 2>&1 \
-      || { say "BUILD FAILED (see $LOG)"; status=1; }
+  if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDA_HOME:-}" ]; then
+    step "building the extensions (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})" 200 300 \
+      env RELEX_FORCE_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace
   else
     say "nvcc not found: using the modules already in relex_kernels/ ($(ls relex_kernels/_C*.so 2>/dev/null | tr '\n' ' '))"
   fi
-  python -m relex_kernels backends 2>&1 | tee -a "$LOG"
+  "$PY" -m relex_kernels backends 2>&1 | tee -a "$LOG"
 
-  say "GPU tests"
+  step "smoke: a tiny trajectory on every device backend against the reference" 60 260 "$PY" - <<'PY'
+import os, sys, tempfile, time
+import numpy as np
+from relex_kernels.engine import extrapolate
+from relex_kernels.io import Checkpoint, dtypes
+from relex_kernels.synth import synthesize
+
+def values(d):
+    ck = Checkpoint(d)
+    try:
+        return {n: dtypes.to_float32(np.array(loc.file.view(n)), loc.info.dtype) for n, loc in ck.tensors.items()
+                if dtypes.is_fitted(loc.info.dtype)}
+    finally:
+        ck.close()
+
+failed = 0
+with tempfile.TemporaryDirectory(prefix="relex-smoke-") as tmp:
+    syn = synthesize(os.path.join(tmp, "syn"), arch="qwen3", size="tiny", steps=list(range(1, 9)), seed=0, quiet=True)
+    ref = extrapolate(syn.base_dir, syn.checkpoints, [80], os.path.join(tmp, "ref"), backend="reference")
+    want = values(ref.outputs[0])
+    for be in ("cuda", "triton"):
+        t = time.perf_counter()
+        try:
+            got = extrapolate(syn.base_dir, syn.checkpoints, [80], os.path.join(tmp, be), backend=be)
+            have = values(got.outputs[0])
+            same = sum(np.array_equal(have[n], want[n]) for n in want)
+            err = max(float(np.abs(have[n] - want[n]).max(initial=0)) / max(float(np.abs(want[n]).max(initial=0)), 1e-30)
+                      for n in want)
+            print(f"smoke {be}: {time.perf_counter() - t:.1f} s, {same}/{len(want)} tensors bit-equal to the reference,"
+                  f" largest difference {err:.2e} of a tensor's largest value, kernel {got.report.get('kernel')},"
+                  f" gram {got.report.get('gram_precision')}", flush=True)
+        except Exception as e:
+            failed += 1
+            print(f"smoke {be}: FAILED {type(e).__name__}: {e}", flush=True)
+            import traceback; traceback.print_exc()
+sys.exit(1 if failed else 0)
+PY
   # RELEX_CUDA_SYNC=1: a kernel error is raised at the launch that caused it, naming the kernel
-  RELEX_CUDA_SYNC=1 timeout -s INT -k 10 200 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
-      -k "not interpreter_suite and not interpreted" -rs 2>&1 | tail -40 | tee -a "$LOG"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { say "GPU TESTS FAILED"; status=1; }
-  say "SPMD on the GPU: two torchrun ranks sharing it, against one process"
-  RELEX_CUDA_SYNC=1 timeout -s INT -k 10 100 python -m pytest -q -p no:cacheprovider tests/test_distributed.py \
-      -k "gpu_ranks_match_one_process" -rs 2>&1 | tail -15 | tee -a "$LOG"
-  [ "${PIPESTATUS[0]}" -eq 0 ] || { say "SPMD GPU TEST FAILED"; status=1; }
+  step "GPU tests" 150 170 env RELEX_CUDA_SYNC=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    tests/test_triton_kernels.py -k "not interpreter_suite and not interpreted" -rs
+  step "SPMD on the GPU: two torchrun ranks sharing it, against one process" 60 130 env RELEX_CUDA_SYNC=1 \
+    "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py -k "gpu_ranks_match_one_process" -rs
 fi
 
-say "GPU benchmarks"
-timeout -s INT -k 10 240 python benchmarks/bench_gpu.py --out "$RES" 2>&1 | tee -a "$LOG" | tail -80
-[ "${PIPESTATUS[0]}" -eq 0 ] || { say "BENCHMARK FAILED OR INCOMPLETE (see the json)"; status=1; }
-say "device reader ingest, host side (preadv vs maps, 8 reader threads)"
-timeout -s INT -k 10 60 python benchmarks/bench_ingest.py --threads 8 --runs 3 2>&1 | tee -a "$LOG" | tail -5
+step "GPU benchmarks" 240 35 "$PY" benchmarks/bench_gpu.py --out "$RES"
+# (bench_gpu prints its table too: it is in the log)
+step "device reader ingest, host side (preadv vs maps, 8 reader threads)" 60 0 \
+  "$PY" benchmarks/bench_ingest.py --threads 8 --runs 3
 
-say "done, status $status; results in $RES/gpu_*.json|md, log $LOG"
+say "done, status $status; results in $RES (gpu_*.json|md, gpu_check.log)"
 exit $status
