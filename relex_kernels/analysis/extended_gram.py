@@ -65,24 +65,20 @@ def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int
     budget = memory_budget or default_memory_budget()
     t0 = time.perf_counter()
     traj = Trajectory(base, checkpoints)
-    bar = streamer = None
+    streamer = None
     try:
         streamer = Streamer(traj, be, budget)
         work = plan.diagnostics(traj, streamer.policy)  # gram-only items: no pass 2, pages released at once
-        bar = streamer.progress = progress_bar(work.read_bytes(traj.T), progress, desc)
+        streamer.progress = progress_bar(work.read_bytes(traj.T), progress, desc)
         out = []
         Executor(streamer, None, on_gram=lambda it, G: out.append(
             TensorGram(it.job.name, it.job.dtype, it.job.shape, it.job.numel, G))).run(work.items)
-        if bar is not None:
-            bar.close()
-            bar = None
+        streamer.close()  # (the progress bar ends before the caller prints)
         return GramPass(steps=list(traj.steps), tensors=out, seconds=time.perf_counter() - t0,
                         bytes_read=streamer.bytes_read, backend=be.name, memory_budget=budget,
                         base=traj.base.path, checkpoints={ck.step: ck.path for ck in traj.ckpts},
                         tied=traj.tied)
     finally:
-        if bar is not None:
-            bar.close()
         if streamer is not None:
-            streamer.close()  # (its read-ahead thread)
+            streamer.close()  # (its progress bar, its read-ahead thread: also after an error)
         traj.close()

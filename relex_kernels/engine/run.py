@@ -53,7 +53,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                           key_extra)
     outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite, key=key,
                      resume=resume)
-    bar = streamer = None
+    streamer = None
     try:
         if outs.journal.committed:  # killed while renaming finished outputs into place
             return _finish_committed(outs, be.name, t0, comps, before_commit)
@@ -62,13 +62,10 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         streamer = make_streamer(traj, be, budget, opts.fp16_deltas, device_memory_budget)
         work = plan.build(traj, streamer.policy, len(targets), fitted=comps is not None, journal=outs.journal,
                           groupable=streamer.groupable)
-        bar = streamer.progress = progress_bar(work.read_bytes(traj.T), progress)
+        streamer.progress = progress_bar(work.read_bytes(traj.T), progress)
         ex = Executor(streamer, opts, W, writers, targets, comps=comps, journal=outs.journal)
         ex.run(work.items)
-        close_streamer(streamer)
-        if bar is not None:
-            bar.close()
-            bar = None
+        close_streamer(streamer)  # (and its progress bar)
         seconds = time.perf_counter() - t0
         rep = report.run_report(backend=be.name, kernel=be.identity, gram_precision=streamer.gram_precision(),
                                 options=opts.to_dict(), steps=steps,
@@ -80,8 +77,6 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     except BaseException as e:
         try:
             close_streamer(streamer, drain=isinstance(e, KeyboardInterrupt))
-            if bar is not None:
-                bar.close()
         finally:  # (a device error while stopping the pipeline must not leave the partial outputs)
             # an error removes every partial output; an interrupt keeps them for a resume
             outs.abort(keep=isinstance(e, KeyboardInterrupt))

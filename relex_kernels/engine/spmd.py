@@ -160,8 +160,6 @@ class RankRun:
     def _abort(self) -> None:
         try:
             close_streamer(getattr(self, "streamer", None))
-            if getattr(self, "bar", None) is not None:
-                self.bar.close()
         finally:
             self._remove_outputs()
 
@@ -264,7 +262,7 @@ class RankRun:
             else:
                 payload[item.slot] = G
 
-        self.bar = self.streamer.progress = progress_bar(self.plan.read_bytes(T), self.progress and rank == 0)
+        self.streamer.progress = progress_bar(self.plan.read_bytes(T), self.progress and rank == 0)
         self.ex = Executor(self.streamer, self.opts, self.W, self.writers, self.targets, comps=self.comps,
                            on_gram=on_gram, after_item=lambda item: _test_hook(rank, "work"))
         self.ex.run(self.plan.items)
@@ -298,10 +296,7 @@ class RankRun:
         _test_hook(rank, "pass2")
         self.ex.after_item = None
         self.ex.run(self.plan.after)
-        close_streamer(self.streamer)  # (a device pipeline's threads and buffers: pass 2 is the last use)
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        close_streamer(self.streamer)  # (its bar, a device pipeline's threads and buffers: pass 2 is the last use)
         spans = _spans(self.plan.split.of(rank), self.writers, self.tied)
         if rank == 0:  # the headers rank 0 wrote share their last page with the first tensor
             for w in self.writers:

@@ -143,8 +143,11 @@ class Streamer:
         self.read_ahead(self.prefetch, job)
 
     def close(self) -> None:
-        """Stop the read-ahead thread; what it was given and has not asked for yet is dropped (the
-        reads already asked for go on in the kernel)."""
+        """Close the progress bar and stop the read-ahead thread; what it was given and has not asked
+        for yet is dropped (the reads already asked for go on in the kernel)."""
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
         if self._ahead_q is not None:
             self._ahead_q = None
             self._ahead_end()
