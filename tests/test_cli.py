@@ -157,6 +157,10 @@ def test_a_new_users_slips_get_one_line_answers_that_name_the_fix(run):
     r = relex("extrapolate", "--base", base, "--checkpoint", f"5={os.path.join(tmp, 'nope')}", "--target-step", 9,
               "--out", out)
     assert_clean_failure(r, out, "nope does not exist")
+    # a verl step directory given whole: its weights are one level down, and the error says where
+    whole = [x for s in (1, 2) for x in ("--checkpoint", f"{s}={rundir}/global_step_{s}")]
+    r = relex("extrapolate", "--base", base, *whole, "--target-step", 9, "--out", out)
+    assert_clean_failure(r, out, "its checkpoint is in", os.path.join("global_step_1", "actor", "huggingface"))
     # sizes of zero bytes are refused, not silently replaced by the default
     for opt in ("--memory-budget", "--shard-size", "--device-memory-budget"):
         r = relex(*common, "--out", out, opt, "0")

@@ -89,6 +89,15 @@ def _hub_hint(path: str) -> str:
     return ""
 
 
+def _inner_checkpoints(path: str) -> str:
+    """A hint naming the checkpoint directories inside ``path`` (a verl ``global_step_N`` holds its
+    weights in ``actor/`` and ``actor/huggingface/``), for an error about ``path`` itself."""
+    from .layout import holds_weights  # (layout imports this module)
+    inner = [sub for sub in ("actor", "actor/huggingface", "huggingface")
+             if holds_weights(os.path.join(path, sub))]
+    return f"; its checkpoint is in {' or '.join(os.path.join(path, s) for s in inner)}" if inner else ""
+
+
 class Checkpoint:
     """All tensors of one checkpoint directory, located but not read."""
 
@@ -153,7 +162,8 @@ class Checkpoint:
                 if is_deepspeed(self.path, names):
                     raise InputError(f"{self._label()}: {self.path} {DEEPSPEED}")
                 raise InputError(f"{self._label()}: {self.path} has no {SINGLE_NAME} or {INDEX_NAME}"
-                                 + (f" (found {len(cands)} .safetensors files and no index)" if cands else ""))
+                                 + (f" (found {len(cands)} .safetensors files and no index)" if cands else "")
+                                 + _inner_checkpoints(self.path))
             single = os.path.join(self.path, cands[0])
         f = SafetensorsFile(single)
         self.files.append(f)
