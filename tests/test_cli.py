@@ -71,11 +71,16 @@ def test_extrapolate_cli_writes_output_and_report(run):
     assert rep["history_steps"] == [1, 2, 3, 4]
     r = relex("predict", "--fit", os.path.join(tmp, "f.fit"), "--target-step", 80, "--out", out, check=True)
     assert os.path.isdir(os.path.join(out, "step_80"))
+    # the report now describes the predict run: one warning line says the earlier one is replaced
+    warn = r.stderr.strip().splitlines()
+    assert len(warn) == 1 and "the earlier run's report, on step_40, step_60 (kept), is replaced" in warn[0], warn
+    assert list(json.load(open(os.path.join(out, "relex_report.json")))["outputs"]) == ["80"]
     # refuses to overwrite, then replaces with --overwrite
     r = relex("extrapolate", "--base", base, "--checkpoints", rundir, "--target-step", 40, "--out", out)
     assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
-    relex("extrapolate", "--base", base, "--checkpoints", rundir, "--target-step", 40, "--out", out,
-          "--overwrite", check=True)
+    r = relex("extrapolate", "--base", base, "--checkpoints", rundir, "--target-step", 40, "--out", out,
+              "--overwrite", check=True)
+    assert "report, on step_80 (kept), is replaced" in r.stderr  # (the predict run's; step_40 is replaced itself)
 
 
 def _ck(d, tensors):

@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 
-from ..errors import InputError, OutputError
+from ..errors import InputError, OutputError, RelexWarning
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import journal as journal_mod
 from .journal import Journal
@@ -234,6 +235,20 @@ class OutputSet:
             raise OutputError(f"writing the output in {self.out_dir} failed: {e.strerror or e}{what}") from None
         return self.finish_commit()
 
+    def _warn_replaced_report(self) -> None:
+        """A RelexWarning when this run's report replaces that of an earlier run whose outputs stay
+        (``relex predict`` of a new target into the OUT_DIR of ``relex extrapolate``)."""
+        try:
+            with open(os.path.join(self.out_dir, REPORT_NAME)) as fh:
+                old = json.load(fh).get("outputs", {})
+            kept = sorted(int(t) for t in old if int(t) not in self.targets and os.path.isdir(self.final(int(t))))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return  # no earlier report (or not one of ours): nothing to say
+        if kept:
+            warnings.warn(f"{os.path.join(self.out_dir, REPORT_NAME)} now describes this run; the earlier run's "
+                          f"report, on {', '.join(target_dir_name(t) for t in kept)} (kept), is replaced: give "
+                          "each run its own --out to keep both", RelexWarning, stacklevel=2)
+
     def finish_commit(self) -> list[str]:
         """Rename every complete target into place (also finishes the commit of a run killed during it)."""
         done = []
@@ -251,6 +266,7 @@ class OutputSet:
                     journal_mod.hook("rename")
                 done.append(final)
             if os.path.exists(os.path.join(self.state_dir, REPORT_NAME)):
+                self._warn_replaced_report()
                 os.replace(os.path.join(self.state_dir, REPORT_NAME), os.path.join(self.out_dir, REPORT_NAME))
             _fsync_dir(self.out_dir)
             journal_mod.hook("moved")
