@@ -188,9 +188,11 @@ def main() -> None:
                  f"{med_cpu[k] / med_cpu['extrapolate']:.2f} |")
     L += ["", "## `relex analyze`: rank-1 coefficients of representative tensors", "",
           f"Rank-1 explained variance over {s['tensors']} tensors: mean {s['mean']:.4f}, min {s['min']:.4f}. "
-          f"Parameter-weighted R² of the coefficient's line: in sample {agg['r2_in']['weighted_mean']:.4f}, "
-          f"out of sample {agg['r2_out']['weighted_mean']:.4f} (history subspace), "
-          f"{agg['r2_out_oracle']['weighted_mean']:.4f} (oracle subspace).", "",
+          f"Pooled R² of the coefficient's line (1 − Σ SS_res / Σ SS_tot over the tensors): in sample "
+          f"{agg['r2_in']['pooled']:.4f}, out of sample {agg['r2_out']['pooled']:.4f} (history subspace), "
+          f"{agg['r2_out_oracle']['pooled']:.4f} (oracle subspace); the parameter-weighted means of per-tensor "
+          f"R²: {agg['r2_in']['weighted_mean']:.4f}, {agg['r2_out']['weighted_mean']:.4f}, "
+          f"{agg['r2_out_oracle']['weighted_mean']:.4f}.", "",
           f"![coefficient trajectories]({figs['coefficients.png']})", "",
           f"![rank-1 explained variance, layer x module]({figs['ev_heatmap.png']})", "",
           "## `relex backtest`: relative error ‖θ̂ − θ_S‖ / ‖θ_S − θ₀‖ over the whole model", "",

@@ -10,20 +10,27 @@
 #   5. benchmarks/bench_ingest.py: the reader's preadv vs maps on the GPU host's cores.
 # Everything it writes (the log, bench_gpu's json and md: three files) goes to $RELEX_CHECK_OUT,
 # else $OUT (the folder a remote runner sends back), else benchmarks/results.
-# The whole script keeps within $RELEX_CHECK_SECONDS (default 470 s, under 8 minutes): each step
-# has its own time limit, cut to what is left once the later steps' minimums are kept, sent as
-# SIGINT (-s INT) so that a Python step unwinds (its temporary files go, the benchmark writes the
-# figures it has). Python: $PYTHON, else python3 (a GPU image's python with torch), else python.
+# The steps keep within $RELEX_CHECK_SECONDS (default 440 s): each has its own time limit, cut to
+# what is left once the later steps' minimums are kept (a step left under 15 s is skipped and
+# reported), sent as SIGINT (-s INT) so that a Python step unwinds (its temporary files go, the
+# benchmark writes the figures it has), then KILL 10 s later. With the probes before them (seconds,
+# each under its own limit) the script ends in under 8 minutes unless steps must be killed.
+# Python: $PYTHON, else python3 (a GPU image's python with torch), else python.
 # Usage: bash benchmarks/gpu_check.sh            (RELEX_CHECK_BENCH_ONLY=1: steps 4-5 only)
 set -u
+BUDGET="${RELEX_CHECK_SECONDS:-440}"
+case "$BUDGET" in
+  ''|*[!0-9]*) echo "RELEX_CHECK_SECONDS must be a number of seconds, got '$BUDGET'" >&2; exit 2;;
+esac
+RES="${RELEX_CHECK_OUT:-${OUT:-}}"
+[ -n "$RES" ] && mkdir -p "$RES" && RES="$(cd "$RES" && pwd)"  # (relative to the caller's directory)
 cd "$(dirname "$0")/.."
-PY="${PYTHON:-$(command -v python3 || command -v python)}"
-RES="${RELEX_CHECK_OUT:-${OUT:-benchmarks/results}}"
+RES="${RES:-benchmarks/results}"
 mkdir -p "$RES"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
 LOG="$RES/gpu_check.log"
 : > "$LOG"
 export PYTHONUNBUFFERED=1
-BUDGET="${RELEX_CHECK_SECONDS:-470}"
 t0=$(date +%s)
 say() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*" | tee -a "$LOG"; }
 status=0
@@ -46,17 +53,20 @@ step() {
   say "$name (limit ${lim}s)"
   timeout -s INT -k 10 "$lim" "$@" 2>&1 | tee -a "$LOG"
   local rc=${PIPESTATUS[0]}
-  [ $rc -eq 0 ] || { say "$name FAILED (exit $rc$([ $rc -eq 124 ] && echo ', time limit'); see $LOG)"; status=1; }
+  local why=""
+  { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && why=", time limit"
+  [ "$rc" -eq 0 ] || { say "$name FAILED (exit $rc$why; see $LOG)"; status=1; }
   return $rc
 }
 
 say "host $(hostname); $(nproc) cpus; python $PY; results in $RES"
-nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
-"$PY" - <<'PY' 2>&1 | tee -a "$LOG"
+timeout 20 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader 2>&1 \
+  | tee -a "$LOG"
+timeout 60 "$PY" - <<'PY' 2>&1 | tee -a "$LOG"
 import sys
 import numpy, torch
-print("python", sys.version.split()[0], "numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.version.cuda,
-      "available", torch.cuda.is_available())
+print("python", sys.version.split()[0], "numpy", numpy.__version__, "torch", torch.__version__,
+      "cuda", torch.version.cuda, "available", torch.cuda.is_available())
 try:
     import triton; print("triton", triton.__version__)
 except ImportError as e:
@@ -66,16 +76,17 @@ PY
 if [ -z "${RELEX_CHECK_BENCH_ONLY:-}" ]; then
   # only the card's own architecture: a fraction of the default sm_80;sm_90 compile time
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-    cc=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
+    cc=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
     [ -n "$cc" ] && export TORCH_CUDA_ARCH_LIST="$cc"
   fi
   if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDA_HOME:-}" ]; then
     step "building the extensions (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})" 200 300 \
       env RELEX_FORCE_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace
   else
-    say "nvcc not found: using the modules already in relex_kernels/ ($(ls relex_kernels/_C*.so 2>/dev/null | tr '\n' ' '))"
+    built=$(ls relex_kernels/_C*.so 2>/dev/null | tr '\n' ' ')
+    say "nvcc not found: using the modules already in relex_kernels/ ($built)"
   fi
-  "$PY" -m relex_kernels backends 2>&1 | tee -a "$LOG"
+  timeout 60 "$PY" -m relex_kernels backends 2>&1 | tee -a "$LOG"
 
   step "smoke: a tiny trajectory on every device backend against the reference" 60 260 "$PY" - <<'PY'
 import os, sys, tempfile, time
@@ -103,8 +114,8 @@ with tempfile.TemporaryDirectory(prefix="relex-smoke-") as tmp:
             got = extrapolate(syn.base_dir, syn.checkpoints, [80], os.path.join(tmp, be), backend=be)
             have = values(got.outputs[0])
             same = sum(np.array_equal(have[n], want[n]) for n in want)
-            err = max(float(np.abs(have[n] - want[n]).max(initial=0)) / max(float(np.abs(want[n]).max(initial=0)), 1e-30)
-                      for n in want)
+            err = max(float(np.abs(have[n] - want[n]).max(initial=0))
+                      / max(float(np.abs(want[n]).max(initial=0)), 1e-30) for n in want)
             print(f"smoke {be}: {time.perf_counter() - t:.1f} s, {same}/{len(want)} tensors bit-equal to the reference,"
                   f" largest difference {err:.2e} of a tensor's largest value, kernel {got.report.get('kernel')},"
                   f" gram {got.report.get('gram_precision')}", flush=True)

@@ -117,8 +117,9 @@ def validate_target(opts: FitOptions, steps: list[int], target: int) -> None:
     """A target that makes no sense for the mode is a :class:`UsageError`."""
     if opts.mode == "extrapolate":
         if target <= steps[-1]:
-            raise UsageError(f"target step {target} is not after the last history step {steps[-1]}; "
-                             "to reproduce a history step, run 'relex extrapolate' with --mode reconstruct or fit-reconstruct")
+            raise UsageError(f"target step {target} is not after the last history step {steps[-1]}; to "
+                             "reproduce a history step, run 'relex extrapolate' with --mode reconstruct or "
+                             "fit-reconstruct")
     elif target not in steps:
         raise UsageError(f"--mode {opts.mode} reproduces a history checkpoint; target step {target} is "
                          f"not one of the history steps {steps}")

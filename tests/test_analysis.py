@@ -452,3 +452,30 @@ def test_registered_in_relex_command():
         pytest.skip(f"relex parser incomplete: {e}")
     assert parser.parse_args(["backtest", "r", "--base", "b", "--history-steps", "3", "--eval-steps", "4"]).command \
         == "backtest"
+
+
+def test_a_broken_matplotlib_costs_the_figures_not_the_reports(curved, tmp, monkeypatch):
+    """matplotlib installed but failing when it draws (an ABI mismatch): by default the reports are
+    written, no figure file stays and one warning says why; with figures=True the error stands."""
+    from relex_kernels.analysis import figures as figs
+    from relex_kernels.errors import RelexWarning
+    base, ck = curved
+    drawn = []
+
+    def half_then_fail(path, *a, **k):  # the first figure is written, the next one breaks half way
+        open(path, "wb").close()
+        drawn.append(path)
+        if len(drawn) > 1:
+            raise RuntimeError("numpy.core.multiarray failed to import")
+        return True
+    for name in ("coefficient_figure", "heatmap_figure", "spectra_figure", "error_distance_figure"):
+        monkeypatch.setattr(figs, name, half_then_fail)
+    out = os.path.join(tmp, "rep")
+    with pytest.warns(RelexWarning, match="figures skipped: matplotlib failed.*failed to import"):
+        rep = analyze(base, ck, out, history_steps=H, figures=None).report
+    assert rep["figures"] == [] and sorted(os.listdir(out)) == ["report.json", "report.md"]
+    assert json.load(open(os.path.join(out, "report.json")))["figures"] == []
+    drawn.clear()
+    with pytest.raises(RuntimeError):
+        analyze(base, ck, os.path.join(tmp, "req"), history_steps=H, figures=True)
+    assert not os.path.exists(os.path.join(tmp, "req"))

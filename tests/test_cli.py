@@ -161,7 +161,14 @@ def test_a_new_users_slips_get_one_line_answers_that_name_the_fix(run):
     # a --checkpoint path that does not exist: named, before 'needs at least 2 checkpoints'
     r = relex("extrapolate", "--base", base, "--checkpoint", f"5={os.path.join(tmp, 'nope')}", "--target-step", 9,
               "--out", out)
-    assert_clean_failure(r, out, "nope does not exist")
+    assert_clean_failure(r, out, "nope: No such file or directory")
+    # ... but a later step that is not read (a live run) need not exist yet
+    live = [x for s in (1, 2) for x in ("--checkpoint", f"{s}={rundir}/global_step_{s}/actor/huggingface")]
+    r = relex("extrapolate", "--base", base, *live, "--checkpoint", f"9={os.path.join(tmp, 'nope')}",
+              "--history-steps", 2, "--target-step", 40, "--out", os.path.join(tmp, "live"), "-q", check=True)
+    # a value that is wrong whether or not it applies is still an error
+    r = relex(*common, "--out", out, "--step-scale", "-1")
+    assert_clean_failure(r, out, "--step-scale must be positive")
     # a verl step directory given whole: its weights are one level down, and the error says where
     whole = [x for s in (1, 2) for x in ("--checkpoint", f"{s}={rundir}/global_step_{s}")]
     r = relex("extrapolate", "--base", base, *whole, "--target-step", 9, "--out", out)
@@ -227,8 +234,13 @@ def test_run_directory_problems_are_named(tmp, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert sorted(layout.discover(rd)) == [1, 2]
-    with pytest.warns(RelexWarning, match=r"--prefer hf: steps 1\.\.2 hold no Hugging Face export"):
+    with pytest.warns(RelexWarning, match=r"--prefer hf: no Hugging Face export at steps 1\.\.2 \(2 of them\)"):
         assert sorted(layout.discover(rd, prefer="hf")) == [1, 2]
+    # (named in number order: global_step_10 lists before global_step_2)
+    os.makedirs(os.path.join(rd, "global_step_10", "actor"))
+    open(os.path.join(rd, "global_step_10", "actor", "model_world_size_1_rank_0.pt"), "wb").close()
+    with pytest.warns(RelexWarning, match=r"at steps 1\.\.10 \(3 of them\)"):
+        layout.discover(rd, prefer="hf")
     locked = os.path.join(rd, "global_step_2")
     listdir = os.listdir
 
@@ -239,3 +251,29 @@ def test_run_directory_problems_are_named(tmp, monkeypatch):
     monkeypatch.setattr(os, "listdir", refuse)
     with pytest.raises(InputError, match=r"cannot list checkpoint directory .*global_step_2 \(Permission denied\)"):
         layout.discover(rd)
+
+
+def test_a_budget_past_the_memory_there_is_warns(tmp, monkeypatch):
+    """Against the machine's RAM or the container's limit where that is less (cgroup v2 'max' is
+    no limit), for all the ranks of a node together."""
+    import warnings
+
+    from relex_kernels.engine import plan
+    from relex_kernels.errors import RelexWarning
+
+    limit = os.path.join(tmp, "memory.max")
+    monkeypatch.setattr(plan, "CGROUP_MEMORY_LIMITS", (limit,))
+    monkeypatch.setattr(plan, "physical_ram", lambda: 16 << 30)
+    with open(limit, "w") as fh:
+        fh.write("max\n")
+    assert plan.usable_memory() == (16 << 30, "this machine's RAM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan.warn_budget_past_memory(8 << 30)  # fits
+    with pytest.warns(RelexWarning, match=r"2 ranks x 10.0 GiB\) is more than this machine's RAM \(16.0 GiB"):
+        plan.warn_budget_past_memory(10 << 30, ranks=2)
+    with open(limit, "w") as fh:
+        fh.write(str(4 << 30))
+    assert plan.usable_memory() == (4 << 30, "this container's memory limit")
+    with pytest.warns(RelexWarning, match=r"\(8.0 GiB\) is more than this container's memory limit \(4.0 GiB"):
+        plan.warn_budget_past_memory(8 << 30)

@@ -251,6 +251,9 @@ def test_failure_midway_leaves_nothing(tmp, monkeypatch):
     with pytest.raises(OSError):
         synthesize(os.path.join(tmp, "r"), size="tiny", steps=[1])
     assert os.listdir(tmp) == []
+    with pytest.raises(OSError):  # the parents made for it go too
+        synthesize(os.path.join(tmp, "a", "b", "r"), size="tiny", steps=[1])
+    assert os.listdir(tmp) == []
     # parents are made as by mkdir -p ('relex synth runs/tiny' in a fresh directory); one that cannot
     # be (a file in the way) is an OutputError, and nothing is left
     open(os.path.join(tmp, "file"), "w").close()

@@ -63,6 +63,7 @@ def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int
         raise UsageError("no checkpoints to analyse")
     be = get_backend(backend)
     budget = memory_budget or default_memory_budget()
+    plan.warn_budget_past_memory(budget)
     t0 = time.perf_counter()
     traj = Trajectory(base, checkpoints)
     streamer = None

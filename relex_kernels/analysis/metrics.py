@@ -52,7 +52,8 @@ def ev_curve(singular_values: np.ndarray, kmax: int) -> list[float]:
 
 
 def r2_terms(y: np.ndarray, yhat: np.ndarray) -> tuple[float, float] | None:
-    """``(SS_res, SS_tot)``: Σ (y − ŷ)² and Σ (y − ȳ)² about the mean of ``y``; None for fewer than 2 points."""
+    """``(SS_res, SS_tot)``: Σ (y − ŷ)² and Σ (y − ȳ)² about the mean of ``y``; None for fewer
+    than 2 points."""
     y = np.asarray(y, dtype=np.float64)
     if y.size < 2:
         return None
@@ -72,9 +73,12 @@ def pooled_r2(terms) -> float | None:
 
     The squared errors of the coefficients are squared errors in parameter space (the rank-1
     component c·v₁ with ‖v₁‖ = 1), so this is the R² of the group's parameters taken together:
-    weighted by how much each tensor moves, and bounded by its share of the total. A mean of
-    per-tensor R² values is not: a tensor whose coefficient barely varies over the points has
-    SS_tot near 0 and an R² of any size (−1e26 on a bf16 norm), whatever its weight.
+    each tensor counts by its squared error against the spread of all (the tensors that move most
+    — embedding, head — weigh most). A tensor's error is not bounded by its own spread out of
+    sample (nor in sample with a window), but it counts in parameter units, not divided by that
+    spread: a tensor whose coefficient barely varies over the points has SS_tot near 0 and an R²
+    of any size (−1e26 on a bf16 norm), which drives any mean of per-tensor R² values, whatever
+    its weight, and not this.
     None when no pair is given or Σ SS_tot is 0."""
     pairs = [t for t in terms if t is not None]
     tot = sum(t[1] for t in pairs)

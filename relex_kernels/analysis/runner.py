@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from .. import fit as fitmath
 from ..engine.report import summary
-from ..errors import UsageError
+from ..errors import RelexWarning, UsageError
 from ..fit import FitOptions
 from . import figures as figs
 from . import metrics
@@ -71,18 +73,19 @@ def analyze(base: str, checkpoints: dict[int, str], out_dir: str, *, history_ste
     if rank_max < 1:
         raise UsageError(f"--rank-max must be >= 1; got {rank_max}")
     skip_warning = figures is None and not figs.available()
+    required = figures is True
     figures = figs.wanted(figures)  # fails on a missing matplotlib before the pass when figures are required
     names = ["report.json", "report.md"] + (list(ANALYZE_FIGURES) if figures else [])
     with report_dir(out_dir, names, overwrite) as out_dir:
         res = _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, memory_budget, backend,
-                       figures, progress, t0)
+                       figures, progress, t0, required=required)
     if skip_warning:
         figs.warn_skipped("report.json and report.md")
     return res
 
 
 def _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, memory_budget, backend, figures,
-             progress, t0) -> Result:
+             progress, t0, *, required: bool = False) -> Result:
     loader = figs.preload() if figures else None
     gp = extended_grams(base, checkpoints, memory_budget=memory_budget, backend=backend, progress=progress,
                         desc="relex analyze")
@@ -115,17 +118,37 @@ def _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, me
     if loader is not None:
         loader.join()
     if figures and entries:
-        figs.coefficient_figure(os.path.join(out_dir, "coefficients.png"), entries, gp.steps, T)
-        rep["figures"].append("coefficients.png")
-        if figs.heatmap_figure(os.path.join(out_dir, "ev_heatmap.png"), entries):
-            rep["figures"].append("ev_heatmap.png")
-        figs.spectra_figure(os.path.join(out_dir, "spectra.png"), entries)
-        rep["figures"].append("spectra.png")
+        with _figures(out_dir, ANALYZE_FIGURES, rep["figures"], required, "report.json and report.md"):
+            figs.coefficient_figure(os.path.join(out_dir, "coefficients.png"), entries, gp.steps, T)
+            rep["figures"].append("coefficients.png")
+            if figs.heatmap_figure(os.path.join(out_dir, "ev_heatmap.png"), entries):
+                rep["figures"].append("ev_heatmap.png")
+            figs.spectra_figure(os.path.join(out_dir, "spectra.png"), entries)
+            rep["figures"].append("spectra.png")
     rep["seconds"] = time.perf_counter() - t0
     write_json(os.path.join(out_dir, "report.json"), rep)
     write_text(os.path.join(out_dir, "report.md"), analyze_markdown(rep))
     files = [os.path.join(out_dir, n) for n in ["report.json", "report.md"] + rep["figures"]]
     return Result(rep, files, time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _figures(out_dir: str, names, drawn: list[str], required: bool, reports: str):
+    """Draw the figures ``names`` (listed in ``drawn`` as they are written); unless they were required,
+    a matplotlib that is installed but fails (an ABI mismatch, a broken backend) costs the figures,
+    not the reports: every file of ``names`` goes (one half written too), ``drawn`` is emptied, and
+    one warning says why."""
+    try:
+        yield
+    except Exception as e:
+        if required:
+            raise
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out_dir, name))
+        drawn.clear()
+        warnings.warn(f"figures skipped: matplotlib failed ({type(e).__name__}: {e}); wrote {reports} only",
+                      RelexWarning, stacklevel=3)
 
 
 def _growth(entries: list[dict], hist: list[int], later: list[int]) -> dict | None:
@@ -196,18 +219,21 @@ def backtest(base: str, checkpoints: dict[int, str], history_steps: int, eval_st
         return _backtest(base, checkpoints, hist, eval_steps, None, run_methods, skipped, window, poly_degree,
                          materialize, memory_budget, backend, False, overwrite, progress, base_opts, t0)
     skip_warning = figures is None and not figs.available()
+    required = figures is True
     figures = figs.wanted(figures)
     names = ["backtest.json", "backtest.md"] + (["error_vs_distance.png"] if figures else [])
     with report_dir(out_dir, names, overwrite) as out_dir:
         res = _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, window, poly_degree,
-                        materialize, memory_budget, backend, figures, overwrite, progress, base_opts, t0)
+                        materialize, memory_budget, backend, figures, overwrite, progress, base_opts, t0,
+                        required=required)
     if skip_warning:
         figs.warn_skipped("backtest.json and backtest.md")
     return res
 
 
 def _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, window, poly_degree, materialize,
-              memory_budget, backend, figures, overwrite, progress, base_opts, t0) -> Result:
+              memory_budget, backend, figures, overwrite, progress, base_opts, t0, *,
+              required: bool = False) -> Result:
     loader = figs.preload() if out_dir is not None and figures else None
     gp = extended_grams(base, {s: checkpoints[s] for s in hist + eval_steps}, memory_budget=memory_budget,
                         backend=backend, progress=progress, desc="relex backtest")
@@ -256,8 +282,10 @@ def _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped
         if loader is not None:
             loader.join()
         if figures:
-            figs.error_distance_figure(os.path.join(out_dir, "error_vs_distance.png"), model, last)
-            rep["figures"].append("error_vs_distance.png")
+            with _figures(out_dir, ["error_vs_distance.png"], rep["figures"], required,
+                          "backtest.json and backtest.md"):
+                figs.error_distance_figure(os.path.join(out_dir, "error_vs_distance.png"), model, last)
+                rep["figures"].append("error_vs_distance.png")
         write_json(os.path.join(out_dir, "backtest.json"), rep)
         write_text(os.path.join(out_dir, "backtest.md"), backtest_markdown(rep))
         files = [os.path.join(out_dir, n) for n in ["backtest.json", "backtest.md"] + rep["figures"]]

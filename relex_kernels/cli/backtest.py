@@ -26,8 +26,8 @@ the Gram over history ∪ eval checkpoints: one streaming pass, however many met
 and eval steps. The figures are before rounding to the storage dtype; --materialize S
 writes the RELEX prediction of S with the engine and measures it after rounding.
 
-Writes, with --out, REPORT_DIR/backtest.json, backtest.md and error_vs_distance.png;
-prints the error table in any case.
+Writes, with --out, REPORT_DIR/backtest.json, backtest.md and error_vs_distance.png
+(the figure when matplotlib is installed); prints the error table in any case.
 
 Checkpoints: RUN is a run directory holding {LAYOUT_HELP};
 or give --checkpoint STEP=PATH for each one instead.

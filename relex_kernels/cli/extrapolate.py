@@ -10,7 +10,7 @@ from ..engine import extrapolate
 from ..engine.report import format_summary
 from ..errors import RelexWarning, UsageError
 from ..fit import FITS, MODES, TIME_AXES, FitOptions
-from ..io.layout import LAYOUT_HELP, discover, parse_explicit, select_history
+from ..io.layout import LAYOUT_HELP, check_dirs, discover, parse_explicit, select_history
 from .common import add_output_options, add_target_option
 
 NAME = "extrapolate"
@@ -78,11 +78,15 @@ def run(args) -> int:
         found = discover(args.checkpoints, prefer=args.prefer, max_step=args.history_steps)
         run_dir = args.checkpoints
     hist = select_history(found, args.history_steps)
+    if args.explicit:
+        check_dirs(hist)
     if len(hist) < 2:
         where = args.checkpoints if run_dir else "the --checkpoint list"
         limit = f" with step <= {args.history_steps}" if args.history_steps is not None else ""
         raise UsageError(f"RELEX needs at least 2 history checkpoints; {where} has {len(hist)}{limit} "
                          f"(found steps {sorted(found)})")
+    if args.step_scale is not None and not args.step_scale > 0:  # (wrong whether or not it applies)
+        raise UsageError(f"--step-scale must be positive; got {args.step_scale}")
     opts = FitOptions(rank=args.rank, fit=args.fit, degree=_applies(args.degree, 2, "--degree", args.fit == "poly",
                                                                     "--fit poly"),
                       window=args.window, time_axis=args.time_axis,

@@ -25,10 +25,11 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from operator import itemgetter
 
-from ..errors import UsageError
+from ..errors import RelexWarning, UsageError
 from ..io import dtypes
 from ..io.reader import max_maps
 from ..ops.reference import GRAM_CHUNK
@@ -96,6 +97,40 @@ def physical_ram() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return None
+
+
+#: where a container's memory limit is (cgroup v2, v1)
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def usable_memory() -> tuple[int, str] | None:
+    """(bytes, what) of the memory this process may use: the machine's RAM, or its container's
+    limit (cgroup v2 ``memory.max``, v1 ``memory.limit_in_bytes``) where that is less."""
+    best = None
+    ram = physical_ram()
+    if ram is not None:
+        best = (ram, "this machine's RAM")
+    for path in CGROUP_MEMORY_LIMITS:
+        try:
+            with open(path) as fh:
+                limit = int(fh.read().strip())
+        except (OSError, ValueError):  # (absent, or 'max': no limit)
+            continue
+        if best is None or limit < best[0]:
+            best = (limit, "this container's memory limit")
+    return best
+
+
+def warn_budget_past_memory(budget: int, ranks: int = 1) -> None:
+    """A RelexWarning when ``ranks`` processes of this node, each with a memory budget of ``budget``,
+    would map more than the memory there is: pages planned to stay mapped are evicted and read again."""
+    mem = usable_memory()
+    if mem is None or budget * ranks <= mem[0]:
+        return
+    each = f"{ranks} ranks x " if ranks > 1 else ""
+    warnings.warn(f"the memory budget ({each}{budget / 2**30:.1f} GiB) is more than {mem[1]} "
+                  f"({mem[0] / 2**30:.1f} GiB): tensors planned to stay resident will be evicted and read again; "
+                  "the default (omit --memory-budget) is a quarter of RAM, at most 1 GiB", RelexWarning, stacklevel=3)
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 1000**2, "MIB": 1 << 20,

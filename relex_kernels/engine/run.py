@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 import os
 import time
-import warnings
 
 from .. import fit as fitmath
-from ..errors import InputError, OutputError, RelexError, RelexWarning, UsageError
+from ..errors import InputError, OutputError, RelexError, UsageError
 from ..fit import FitOptions
 from ..io.writer import DEFAULT_SHARD_BYTES
 from ..ops import resolve_backend
@@ -42,11 +41,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     steps = traj.steps
     W = fitmath.target_weights(opts, steps, targets)  # (K, T)
     budget = memory_budget or default_memory_budget()
-    ram = plan.physical_ram()
-    if ram is not None and budget > ram:  # (mapped pages past RAM are evicted and read again)
-        warnings.warn(f"the memory budget ({budget / 2**30:.1f} GiB) is more than this machine's RAM "
-                      f"({ram / 2**30:.1f} GiB): tensors planned to stay resident will be evicted and read "
-                      "again; the default (omit it) is a quarter of RAM, at most 1 GiB", RelexWarning, stacklevel=3)
+    plan.warn_budget_past_memory(budget)
     # the journal key: everything the output bytes depend on (not the memory budget: the
     # Gram is the same bit for bit however a tensor is cut into ranges)
     key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.identity, shard_bytes, traj.jobs,

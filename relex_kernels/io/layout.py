@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 
 import warnings
 
@@ -97,12 +98,18 @@ def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) 
         which = ("the FSDP rank files of actor/ (the training weights, at training precision); "
                  "--prefer hf reads the huggingface/ exports") if prefer == "shards" else \
             "the huggingface/ exports (--prefer hf); without it, the FSDP rank files of actor/"
-        warnings.warn(f"steps {both[0]}..{both[-1]} hold both FSDP rank files and a Hugging Face export: reading "
-                      f"{which}", RelexWarning, stacklevel=2)
+        warnings.warn(f"FSDP rank files and a Hugging Face export both at {_steps(both)}: reading {which}",
+                      RelexWarning, stacklevel=2)
     if no_hf:
-        warnings.warn(f"--prefer hf: steps {no_hf[0]}..{no_hf[-1]} hold no Hugging Face export, only FSDP rank "
-                      "files: reading those", RelexWarning, stacklevel=2)
+        warnings.warn(f"--prefer hf: no Hugging Face export at {_steps(no_hf)}, only FSDP rank files: "
+                      "reading those", RelexWarning, stacklevel=2)
     return found
+
+
+def _steps(steps: list[int]) -> str:
+    """'step 5', 'steps 5..40 (8 of them)': the steps found in directory order, named in number order."""
+    s = sorted(steps)
+    return f"step {s[0]}" if len(s) == 1 else f"steps {s[0]}..{s[-1]} ({len(s)} of them)"
 
 
 def parse_explicit(items: list[str]) -> dict[int, str]:
@@ -115,11 +122,21 @@ def parse_explicit(items: list[str]) -> dict[int, str]:
         s = int(step)
         if s in out:
             raise InputError(f"duplicate step {s}: {out[s]} and {path}")
-        if not os.path.isdir(path):
-            raise InputError(f"--checkpoint {item}: {path} " + ("is not a directory" if os.path.exists(path)
-                                                                else "does not exist"))
         out[s] = path
     return out
+
+
+def check_dirs(found: dict[int, str]) -> None:
+    """Each checkpoint given as ``--checkpoint STEP=PATH`` that a run will read is a directory: the
+    first that is not is named (before 'needs at least 2 checkpoints' would hide it). Called on
+    the selected steps only: a later step of a live run may not exist yet."""
+    for step, path in sorted(found.items()):
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise InputError(f"--checkpoint {step}={path}: {e.strerror}") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise InputError(f"--checkpoint {step}={path}: not a directory")
 
 
 def select_history(found: dict[int, str], history_steps: int | None) -> dict[int, str]:

@@ -100,13 +100,36 @@ class SynthRun:
         return tensor_values(plan, self.params, [], step, walk=False).reshape(plan.shape)
 
 
-def _start_output(out_dir: str, overwrite: bool) -> tuple[str, str]:
+def _start_output(out_dir: str, overwrite: bool) -> tuple[str, str, list[str]]:
+    """(final directory, the temporary one it is written in, the parent directories made for it)."""
     final = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(final)
+    made = []  # innermost first: what a failure removes again (with nothing else in them)
+    p = parent
+    while not os.path.lexists(p) and os.path.dirname(p) != p:
+        made.append(p)
+        p = os.path.dirname(p)
     try:  # (like mkdir -p: 'relex synth runs/tiny' in a fresh directory)
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
+        _remove_empty(made)
         raise OutputError(f"cannot create the parent directory {parent} of {final} ({e.strerror or e})") from None
+    try:
+        return final, _start_tmp(final, parent, overwrite), made
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _remove_empty(dirs: list[str]) -> None:
+    for d in dirs:
+        try:
+            os.rmdir(d)
+        except OSError:
+            return
+
+
+def _start_tmp(final: str, parent: str, overwrite: bool) -> str:
     if os.path.lexists(final):
         if not os.path.isdir(final) or os.path.islink(final):
             raise OutputError(f"{final} exists and is not a directory")
@@ -123,7 +146,7 @@ def _start_output(out_dir: str, overwrite: bool) -> tuple[str, str]:
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(tmp, 0o777 & ~mask)
-    return final, tmp
+    return tmp
 
 
 def _commit(tmp: str, final: str) -> None:
@@ -197,7 +220,7 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
                     for s in truth_steps if s not in outputs})
     total = ckpt_bytes * len(outputs)
 
-    final, tmp = _start_output(out_dir, overwrite)
+    final, tmp, made = _start_output(out_dir, overwrite)
     writers: list[ShardedWriter] = []
     try:
         free = shutil.disk_usage(tmp).free
@@ -246,6 +269,7 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
         for w in writers:
             w.close(sync=False)
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)  # (the parents made for it: a failed run leaves nothing)
         raise
     return SynthRun.load(final)
 
