@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 
 from ..errors import OutputError
+from ..io.dirs import missing_dirs, remove_empty
 
 TENSOR_FIELDS = {
     "name": "tensor name in the checkpoint",
@@ -133,18 +134,6 @@ def prepare_out(out_dir: str, names: list[str], overwrite: bool) -> str:
     return out_dir
 
 
-def _missing_dirs(path: str) -> list[str]:
-    """The directories ``os.makedirs(path)`` would create, innermost first."""
-    out = []
-    while not os.path.lexists(path):
-        out.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return out
-
-
 @contextlib.contextmanager
 def report_dir(out_dir: str, names: list[str], overwrite: bool) -> Iterator[str]:
     """:func:`prepare_out` for the body of a command: if the body fails (an input error found by the
@@ -152,11 +141,11 @@ def report_dir(out_dir: str, names: list[str], overwrite: bool) -> Iterator[str]
     created are removed again, so a failed command leaves no empty report directory behind.
     Files that were there before (replaced with --overwrite) and anything else are left alone."""
     out_dir = os.path.abspath(out_dir)
-    created = _missing_dirs(out_dir)
+    created = missing_dirs(out_dir)
     try:
         out_dir = prepare_out(out_dir, names, overwrite)
     except BaseException:
-        _rmdirs(created)  # makedirs can fail half way
+        remove_empty(created)  # makedirs can fail half way
         raise
     before = set(os.listdir(out_dir))
     try:
@@ -169,17 +158,8 @@ def report_dir(out_dir: str, names: list[str], overwrite: bool) -> Iterator[str]
                     os.unlink(p)
                 except OSError:
                     pass
-        _rmdirs(created)
+        remove_empty(created)
         raise
-
-
-def _rmdirs(dirs: list[str]) -> None:
-    """Remove ``dirs`` (innermost first) while they are empty."""
-    for d in dirs:
-        try:
-            os.rmdir(d)
-        except OSError:
-            return
 
 
 # -- Markdown ----------------------------------------------------------------------------

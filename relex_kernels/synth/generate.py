@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import OutputError, RelexError, UsageError
 from ..io import dtypes
+from ..io.dirs import missing_dirs, remove_empty
 from ..io.reader import SafetensorsFile
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import configs, layouts
@@ -104,29 +105,17 @@ def _start_output(out_dir: str, overwrite: bool) -> tuple[str, str, list[str]]:
     """(final directory, the temporary one it is written in, the parent directories made for it)."""
     final = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(final)
-    made = []  # innermost first: what a failure removes again (with nothing else in them)
-    p = parent
-    while not os.path.lexists(p) and os.path.dirname(p) != p:
-        made.append(p)
-        p = os.path.dirname(p)
+    made = missing_dirs(parent)  # what a failure removes again (with nothing else in them)
     try:  # (like mkdir -p: 'relex synth runs/tiny' in a fresh directory)
         os.makedirs(parent, exist_ok=True)
     except OSError as e:
-        _remove_empty(made)
+        remove_empty(made)
         raise OutputError(f"cannot create the parent directory {parent} of {final} ({e.strerror or e})") from None
     try:
         return final, _start_tmp(final, parent, overwrite), made
     except BaseException:
-        _remove_empty(made)
+        remove_empty(made)
         raise
-
-
-def _remove_empty(dirs: list[str]) -> None:
-    for d in dirs:
-        try:
-            os.rmdir(d)
-        except OSError:
-            return
 
 
 def _start_tmp(final: str, parent: str, overwrite: bool) -> str:
@@ -269,7 +258,7 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
         for w in writers:
             w.close(sync=False)
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_empty(made)  # (the parents made for it: a failed run leaves nothing)
+        remove_empty(made)  # (the parents made for it: a failed run leaves nothing)
         raise
     return SynthRun.load(final)
 
