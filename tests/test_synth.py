@@ -194,7 +194,7 @@ def test_truth_steps_continue_the_same_trajectory(tmp):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layouts_are_discovered(tmp, layout):
     run = synthesize(os.path.join(tmp, "r"), size="tiny", steps=[2, 10], layout=layout)
-    from relex_kernels.io.layout import holds_weights
+    from relex_kernels.io.checkpoint import holds_weights
     from relex_kernels.synth.layouts import TORCH_LAYOUTS
     for s, d in run.checkpoints.items():
         if layout in TORCH_LAYOUTS:  # rank files / DCP chunks, written by torch (tests/test_fsdp_inputs.py)

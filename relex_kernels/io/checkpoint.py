@@ -89,10 +89,19 @@ def _hub_hint(path: str) -> str:
     return ""
 
 
+def holds_weights(path: str) -> bool:
+    """Whether directory ``path`` holds a checkpoint of a format :class:`Checkpoint` reads."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return (INDEX_NAME in names or any(n.endswith(".safetensors") for n in names)
+            or holds_rank_files(path) or is_dcp(path))
+
+
 def _inner_checkpoints(path: str) -> str:
     """A hint naming the checkpoint directories inside ``path`` (a verl ``global_step_N`` holds its
     weights in ``actor/`` and ``actor/huggingface/``), for an error about ``path`` itself."""
-    from .layout import holds_weights  # (layout imports this module)
     inner = [sub for sub in ("actor", "actor/huggingface", "huggingface")
              if holds_weights(os.path.join(path, sub))]
     return f"; its checkpoint is in {' or '.join(os.path.join(path, s) for s in inner)}" if inner else ""

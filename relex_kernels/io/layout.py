@@ -9,8 +9,7 @@ import stat
 import warnings
 
 from ..errors import InputError, RelexWarning, UsageError
-from .checkpoint import DEEPSPEED, INDEX_NAME, is_deepspeed
-from .dcp import is_dcp
+from .checkpoint import DEEPSPEED, holds_weights, is_deepspeed
 from .fsdp import holds_rank_files
 
 #: directory-name patterns, and for each the sub-paths tried in order (verl: the FSDP rank
@@ -23,15 +22,6 @@ _PATTERNS = [
 LAYOUT_HELP = ("global_step_N/actor (verl FSDP rank files), global_step_N/actor/huggingface, "
                "global_step_N/huggingface, global_step_N, checkpoint-N, step_N (each may be a DCP directory)")
 PREFER = ("shards", "hf")
-
-
-def holds_weights(path: str) -> bool:
-    try:
-        names = os.listdir(path)
-    except OSError:
-        return False
-    return (INDEX_NAME in names or any(n.endswith(".safetensors") for n in names)
-            or holds_rank_files(path) or is_dcp(path))
 
 
 def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) -> dict[int, str]:
