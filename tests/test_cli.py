@@ -277,3 +277,34 @@ def test_a_budget_past_the_memory_there_is_warns(tmp, monkeypatch):
     assert plan.usable_memory() == (4 << 30, "this container's memory limit")
     with pytest.warns(RelexWarning, match=r"\(8.0 GiB\) is more than this container's memory limit \(4.0 GiB"):
         plan.warn_budget_past_memory(8 << 30)
+
+
+def test_a_finished_command_run_again_is_already_complete(run):
+    """A requeued job: the same command after it finished exits 0 without recomputing; other
+    options, a damaged output or --save-fit still need --overwrite."""
+    import json
+    tmp, base, rundir = run
+    out = os.path.join(tmp, "out")
+    cmd = ("extrapolate", "--base", base, "--checkpoints", rundir, "--target-step", 40, "--target-step", 60,
+           "--out", out, "--shard-size", "200")  # (sharded: an index and its files)
+    relex(*cmd, check=True)
+    step = os.path.join(out, "step_40")
+    assert os.path.isfile(os.path.join(step, "model.safetensors.index.json"))
+    stamp = {f: os.stat(os.path.join(step, f)).st_mtime_ns for f in os.listdir(step)}
+    r = relex(*cmd, check=True)
+    assert r.stdout.startswith("already complete: ") and os.path.join(out, "step_60") in r.stdout, r.stdout
+    assert {f: os.stat(os.path.join(step, f)).st_mtime_ns for f in os.listdir(step)} == stamp  # nothing written
+    assert json.load(open(os.path.join(out, "relex_report.json")))["run_key"]
+    # other options: not this run's outputs
+    r = relex(*cmd, "--rank", 2)
+    assert_clean_failure(r, os.path.join(tmp, "elsewhere"), "already exists", "--overwrite")
+    # a fit to save needs the run itself
+    r = relex(*cmd, "--save-fit", os.path.join(tmp, "f.fit"))
+    assert_clean_failure(r, os.path.join(tmp, "elsewhere"), "already exists")
+    # a weight file gone: not whole, so not taken as done
+    shard = sorted(f for f in os.listdir(step) if f.endswith(".safetensors"))[-1]
+    os.unlink(os.path.join(step, shard))
+    r = relex(*cmd)
+    assert_clean_failure(r, os.path.join(tmp, "elsewhere"), "step_40 already exists")
+    r = relex(*cmd, "--overwrite", check=True)
+    assert "already complete" not in r.stdout and os.path.isfile(os.path.join(step, shard))

@@ -114,6 +114,12 @@ def _applies(value, default, option: str, applies: bool, needs: str):
 
 
 def print_result(res, quiet: bool, rank: int) -> None:
+    if res.report.get("already_complete"):  # (a rerun of a finished command: a requeued job, say)
+        print("already complete: this command's outputs are in place, written by an earlier run with the same "
+              "inputs and options (--overwrite recomputes them)")
+        for p in res.outputs:
+            print(p)
+        return
     if not quiet:
         if res.report.get("resumed_tensors"):
             print(f"resumed an interrupted run of this command: {res.report['resumed_tensors']} tensors were "

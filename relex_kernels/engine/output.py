@@ -21,6 +21,7 @@ import tempfile
 import warnings
 
 from ..errors import InputError, OutputError, RelexWarning
+from ..io.checkpoint import INDEX_NAME, SINGLE_NAME
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import journal as journal_mod
 from .journal import Journal
@@ -72,7 +73,10 @@ class OutputSet:
     """The K target directories of one run, from reservation to commit (or abort)."""
 
     def __init__(self, out_dir: str, targets: list[int], input_dirs: list[str], overwrite: bool,
-                 key: str = "", resume: bool = True):
+                 key: str = "", resume: bool = True, reuse_complete: bool = False):
+        """``reuse_complete``: when every target is already in place, written by a run with this
+        ``key`` (its report says so), take them as this run's instead of refusing to overwrite them:
+        :attr:`complete` is then that run's report, and nothing is locked or written."""
         self.out_dir = os.path.abspath(out_dir)
         self.state_dir = os.path.join(self.out_dir, STATE_NAME)
         self.targets = list(targets)
@@ -95,12 +99,18 @@ class OutputSet:
         self.partials: dict[int, str] = {}
         self.writers: list[ShardedWriter] = []
         self.journal: Journal | None = None
+        self.complete: dict | None = None
         try:
             self._clean_stale()
             if resume:
                 self.journal = self._resumable()
             if self.journal is None:
                 shutil.rmtree(self.state_dir, ignore_errors=True)
+            if reuse_complete and self.journal is None and not overwrite:
+                self.complete = self._finished_before()
+                if self.complete is not None:  # (a rerun of a finished command: a requeued job)
+                    self._unlock()
+                    return
             if self.journal is None or not self.journal.committed:
                 for t in self.targets:
                     final = self.final(t)
@@ -118,6 +128,18 @@ class OutputSet:
             if self._lock_fd is not None:  # not given up already (keeping a resumable state)
                 self.abort()
             raise
+
+    def _finished_before(self) -> dict | None:
+        """The report of an earlier run with this key whose outputs are all in place, else None."""
+        try:
+            with open(os.path.join(self.out_dir, REPORT_NAME)) as fh:
+                rep = json.load(fh)
+            if (not self.key or rep.get("run_key") != self.key
+                    or sorted(rep["outputs"]) != sorted(str(t) for t in self.targets)):
+                return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+        return rep if all(_whole_checkpoint(self.final(t)) for t in self.targets) else None
 
     def final(self, t: int) -> str:
         return os.path.join(self.out_dir, target_dir_name(t))
@@ -312,6 +334,24 @@ class OutputSet:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _whole_checkpoint(d: str) -> bool:
+    """Whether output directory ``d`` holds every weight file its index names (or its one file),
+    none of them empty: what a rerun checks before taking an earlier run's output as its own."""
+    def there(name: str) -> bool:
+        try:
+            return os.path.getsize(os.path.join(d, name)) > 0
+        except OSError:
+            return False
+    try:
+        with open(os.path.join(d, INDEX_NAME)) as fh:
+            shards = set(json.load(fh)["weight_map"].values())
+    except FileNotFoundError:
+        return there(SINGLE_NAME)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return bool(shards) and all(map(there, shards))
 
 
 def _fsync_dir(path: str) -> None:

@@ -47,7 +47,10 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.identity, shard_bytes, traj.jobs,
                           key_extra)
     outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite, key=key,
-                     resume=resume)
+                     resume=resume, reuse_complete=before_commit is None)
+    if outs.complete is not None:  # this very run finished before (a fit to save needs the run itself)
+        rep = {**outs.complete, "already_complete": True}
+        return RunResult([outs.final(t) for t in targets], rep, time.perf_counter() - t0, 0, be.name)
     streamer = None
     try:
         if outs.journal.committed:  # killed while renaming finished outputs into place
@@ -66,7 +69,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                                 options=opts.to_dict(), steps=steps,
                                 targets=targets, outputs={str(t): outs.final(t) for t in targets}, seconds=seconds,
                                 bytes_read=streamer.bytes_read, memory_budget=budget, entries=ex.entries,
-                                resumed=ex.reused, **stage_fields(streamer), **(extra_report or {}))
+                                resumed=ex.reused, run_key=key, **stage_fields(streamer), **(extra_report or {}))
         done = outs.commit(traj.base_dir, rep,
                            before_commit=(lambda: before_commit(ex.fits)) if before_commit is not None else None)
     except BaseException as e:
