@@ -122,6 +122,10 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
     beside a bf16 base): it is computed in the widest, each version read exactly, and written
     in the base's dtype, or in ``out_dtype`` (``"bf16"``, ``"fp16"``, ``"fp32"``) for every
     fitted tensor.
+
+    Run again with the same arguments after it finished, it returns the outputs in place
+    without reading anything (``report["already_complete"]``, no ``fits``); ``overwrite=True``
+    recomputes them.
     """
     base, checkpoints = apicheck.path("base", base), apicheck.checkpoints(checkpoints)
     targets, out_dir, opts = apicheck.targets(targets), apicheck.path("out_dir", out_dir), apicheck.options(opts)
