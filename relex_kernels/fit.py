@@ -254,17 +254,37 @@ def weights(opts: FitOptions, steps: list[int], target: int) -> np.ndarray:
     return w
 
 
+#: steps are below 2^53, so that a float64 holds each exactly
+MAX_STEP = 2 ** 53
+#: the largest norm of a target's weights w̃ (a line through steps 1..100 to step 10^9: ~10^7)
+MAX_WEIGHT = 1e12
+
+
 def target_weights(opts: FitOptions, steps: list[int], targets: list[int]) -> np.ndarray:
     """(K, T) weights ``w̃`` of ``targets``, after every check of the options, the steps and the
     targets (at least one, each valid for the mode, none repeated) — before any tensor is read."""
     validate(opts, steps)
     if not targets:
         raise UsageError("give at least one target step")
+    for t in list(steps) + list(targets):
+        if not abs(t) < MAX_STEP:  # (a float of the step must hold it exactly)
+            digits = str(abs(t))
+            raise UsageError(f"step {t if len(digits) <= 20 else f'of {len(digits)} digits'} is too large "
+                             "(steps are below 2^53)")
     for t in targets:
         validate_target(opts, steps, t)
     if len(set(targets)) != len(targets):
         raise UsageError(f"target steps repeat: {targets}")
-    return np.stack([weights(opts, steps, t) for t in targets])
+    W = np.stack([weights(opts, steps, t) for t in targets])
+    # α = U Uᵀ w̃ is no larger than w̃, and a delta no larger than the square root of its finite
+    # fp32 Gram entry: a w̃ within MAX_WEIGHT keeps every prediction far inside the fp32 and bf16
+    # range (fp16 outputs are checked as written). Past it the target is absurdly far away.
+    norms = np.sqrt((W * W).sum(axis=1))
+    for t, n in zip(targets, norms.tolist()):
+        if not n <= MAX_WEIGHT:
+            raise UsageError(f"target step {t} is too far from the history (steps {steps[0]}..{steps[-1]}): its "
+                             f"weights reach {n:.3g}, and the prediction would overflow; predict a nearer step")
+    return W
 
 
 def alphas(comp: Components, w_tilde: np.ndarray) -> np.ndarray:

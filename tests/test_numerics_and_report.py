@@ -364,3 +364,19 @@ def test_group_weights_and_report_entries_are_each_tensor_alone():
             assert e["explained_variance_rank1"] == (float(lam[0] / lam.sum()) if lam.sum() > 0 else 0.0)
             assert e["singular_values"] == [float(x) for x in c.singular_values]
             assert e["components"] == c.u.shape[1] and e["shape"] == [3, 4]
+
+
+def test_targets_too_far_or_too_large_are_refused_before_any_read():
+    """A target whose weights would overflow the prediction (bf16/fp32 outputs have no check as
+    written, unlike fp16) and steps no float64 holds: one UsageError each, from the shared weights."""
+    from relex_kernels.errors import UsageError
+    from relex_kernels.fit import MAX_WEIGHT, FitOptions, target_weights
+    steps = list(range(1, 101))
+    w = target_weights(FitOptions(), steps, [10**9])  # far, and fine
+    assert np.isfinite(w).all() and np.linalg.norm(w) < MAX_WEIGHT
+    with pytest.raises(UsageError, match=r"target step 10{15} is too far from the history \(steps 1\.\.100\)"):
+        target_weights(FitOptions(), steps, [10**15])
+    with pytest.raises(UsageError, match="step of 401 digits is too large"):
+        target_weights(FitOptions(), steps, [10**400])
+    with pytest.raises(UsageError, match=f"step {2**53} is too large"):
+        target_weights(FitOptions(), steps[:-1] + [2**53], [2**53 + 5])

@@ -256,6 +256,42 @@ def test_kernels_use_the_callers_thread_count(monkeypatch):
     assert native._num_threads is None  # nothing left behind
 
 
+def test_the_callers_thread_count_holds_for_calls_from_several_threads(monkeypatch):
+    """Two Python threads calling the kernels at once: each call still takes torch's thread count
+    (a setting shared by the threads, reset by whichever call ended first, let the other fall back
+    to OpenMP's default: a pool of every core inside a training process)."""
+    import threading
+    if not native.available()[0]:
+        pytest.skip("native kernels not built")
+    seen, real, lock = [], native.combine, threading.Lock()
+
+    def spy(*a, **k):
+        n = native.get_num_threads()
+        with lock:
+            seen.append(n)
+        return real(*a, **k)
+
+    monkeypatch.setattr(native, "combine", spy)
+    monkeypatch.delenv("RELEX_NUM_THREADS", raising=False)
+    b, h = torch.zeros(4096), [torch.ones(4096)] * 3
+    go = threading.Barrier(2)
+
+    def work():
+        go.wait()
+        for _ in range(300):
+            rk.combine(b, h, [0.5, 0.25, 0.25], backend="cpu")
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+    finally:
+        torch.set_num_threads(prev)
+    assert len(seen) == 600 and set(seen) == {1}, sorted(set(seen))
+    assert native.get_num_threads() == native._C.max_threads()  # nothing left behind
+
+
 def test_the_device_path_with_a_stand_in_device(monkeypatch):
     """The device runner (packed (T+1, n) blocks, groups of chunks, device accumulators) gives the
     bits of the reference backend when its kernels are the reference's."""
@@ -306,3 +342,44 @@ def test_importing_the_package_does_not_import_torch():
             "relex_kernels.extrapolate; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_each_target_of_a_state_dict_has_its_own_storage():
+    """Keeping (or torch.save-ing) one target's tensors keeps that target's bytes, not all K."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(64, 32, generator=g)}
+    d = torch.randn(64, 32, generator=g)
+    cks = {s: {"w": base["w"] + 1e-2 * s * d + 1e-4 * torch.randn(64, 32, generator=g)} for s in (1, 2, 3, 4)}
+    preds = rk.extrapolate_state_dict(base, cks, [10, 20, 30], backend="reference")
+    for t, sd in preds.items():
+        w = sd["w"]
+        assert w.untyped_storage().nbytes() == w.numel() * w.element_size(), t
+    one = rk.extrapolate_tensor(base["w"], [cks[s]["w"] for s in (1, 2, 3, 4)], [1, 2, 3, 4], [10],
+                                backend="reference")[0]
+    assert torch.equal(one, preds[10]["w"])
+
+
+def test_a_tied_pair_given_by_name_is_checked():
+    g = torch.Generator().manual_seed(1)
+    base = {"emb": torch.randn(50, 16, generator=g), "head": torch.randn(50, 16, generator=g),
+            "lin.weight": torch.randn(16, 16, generator=g)}
+    cks = {s: {n: t + 1e-2 * s for n, t in base.items()} for s in (1, 2, 3)}
+    with pytest.raises(ArgumentError, match=r"head head .*\(50, 16\).* embedding lin.weight .*\(16, 16\).* differ"):
+        rk.extrapolate_state_dict(base, cks, [10], tied=("head", "lin.weight"), backend="reference")
+    with pytest.raises(ArgumentError, match="two tensors, got 'lin.weight' twice"):
+        rk.extrapolate_state_dict(base, cks, [10], tied=("lin.weight", "lin.weight"), backend="reference")
+    with pytest.raises(ArgumentError, match="no \\(head, embedding\\) pair of known names \\(heads lm_head.weight"):
+        rk.extrapolate_state_dict(base, cks, [10], tied=True, backend="reference")
+    out = rk.extrapolate_state_dict(base, cks, [10], tied=("head", "emb"), backend="reference")[10]
+    assert out["head"] is out["emb"]
+
+
+def test_combine_refuses_alphas_it_cannot_use_and_never_returns_inf():
+    w0 = torch.zeros(100)
+    hs = [torch.full((100,), float(i)) for i in (1, 2, 3)]
+    cases = [(torch.zeros(0, 3), ShapeError, "K >= 1"), ("abc", ArgumentError, "alphas must be numbers"),
+             ([1e39, 0, 0], NonFiniteError, "past the fp32 range"),
+             ([1e38, 1e38, 1e38], NonFiniteError, "overflows torch.float32 at 100 of 100")]
+    for alphas, err, words in cases:
+        with pytest.raises(err, match=words):
+            rk.combine(w0, hs, alphas, backend="reference")

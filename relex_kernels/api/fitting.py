@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +91,7 @@ class Fit:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(bytes(z["meta"]).decode())
                 u, s, sv = z["u"], z["s"], z["singular_values"]
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
             raise FormatError(f"{path}: not a relex tensor fit ({e})") from None
         if meta.get("format") != _FORMAT:
             raise FormatError(f"{path}: not a relex tensor fit (format {meta.get('format')!r})")

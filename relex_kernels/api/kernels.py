@@ -15,8 +15,6 @@ idle kernel threads sleep (``OMP_WAIT_POLICY=passive`` unless the environment se
 
 from __future__ import annotations
 
-import contextlib
-import os
 
 import numpy as np
 import torch
@@ -30,17 +28,10 @@ from ._tensors import DTYPE_NAMES, check_versions, empty_outputs, raw
 __all__ = ["gram", "GramAccumulator", "combine"]
 
 
-@contextlib.contextmanager
 def _caller_threads():
-    """The native kernels take torch's thread count for the call, unless one was set for them."""
-    if native._num_threads is not None or os.environ.get("RELEX_NUM_THREADS", "").strip():
-        yield
-        return
-    native.set_num_threads(max(1, torch.get_num_threads()))
-    try:
-        yield
-    finally:
-        native.set_num_threads(None)
+    """The native kernels take torch's thread count for the call (of this Python thread alone),
+    unless one was set for them."""
+    return native.calls_on_threads(torch.get_num_threads())
 
 
 class _Runner:
@@ -224,14 +215,21 @@ def gram(base, history, *, fp16_deltas: bool = False, backend: str | None = None
 def _alphas(alphas, K_T: tuple[int, int] | None = None) -> np.ndarray:
     if isinstance(alphas, torch.Tensor):
         alphas = alphas.detach().to("cpu", torch.float64).numpy()
-    a = np.asarray(alphas, dtype=np.float64)
+    try:
+        a = np.asarray(alphas, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ArgumentError(f"alphas must be numbers, (K, T) or (T,); got {type(alphas).__name__}") from None
     if a.ndim == 1:
         a = a[None]
-    if a.ndim != 2 or (K_T is not None and a.shape[1] != K_T[1]):
-        raise ShapeError(f"alphas must be (K, T) or (T,) with T = {K_T[1] if K_T else 'len(history)'}; "
-                         f"got shape {a.shape}")
+    if a.ndim != 2 or a.shape[0] == 0 or (K_T is not None and a.shape[1] != K_T[1]):
+        raise ShapeError(f"alphas must be (K, T) with K >= 1, or (T,), with T = "
+                         f"{K_T[1] if K_T else 'len(history)'}; got shape {a.shape}")
     if not np.isfinite(a).all():
         raise NonFiniteError("alphas hold NaN/Inf")
+    with np.errstate(over="ignore"):  # (the kernels take them in fp32, as the engine does)
+        in_fp32 = np.isfinite(a.astype(np.float32)).all()
+    if not in_fp32:
+        raise NonFiniteError("alphas past the fp32 range (|a| > 3.4e38)")
     return a
 
 
@@ -249,8 +247,11 @@ def combine(base, history, alphas, out=None, *, fp16_deltas: bool = False, backe
     out = empty_outputs(base, a.shape[0], out)
     runner = _Runner(base, backend)
     runner.combine(_flat(base), [_flat(h) for h in history], a, out, fp16_deltas)
-    if base.dtype == torch.float16 and not bool(torch.isfinite(out).all()):
+    if not bool(torch.isfinite(out).all()):  # (finite inputs: the weighted sum left the dtype's range)
         bad = int((~torch.isfinite(out)).sum())
-        raise NonFiniteError(f"the prediction leaves the F16 range (|x| > 65504) at {bad} of {out.numel()} "
-                             "elements; predict a nearer step, or compute in bf16 or fp32")
+        if base.dtype == torch.float16:
+            raise NonFiniteError(f"the prediction leaves the F16 range (|x| > 65504) at {bad} of {out.numel()} "
+                                 "elements; predict a nearer step, or compute in bf16 or fp32")
+        raise NonFiniteError(f"the prediction overflows {base.dtype} at {bad} of {out.numel()} elements: the "
+                             "alphas are too large for these deltas (predict a nearer step)")
     return out

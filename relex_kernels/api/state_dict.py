@@ -42,7 +42,8 @@ def _predict(base, history, steps: list[int], W: np.ndarray, options: FitOptions
     fit = Fit.from_gram(G, steps, options, numel=base.numel(), dtype=base.dtype)
     alphas = torch.from_numpy(fitmath.alphas(fit.components, W))
     out = combine(base, history, alphas, fp16_deltas=options.fp16_deltas, backend=backend)
-    return list(out.unbind(0))
+    # each target its own storage: a view would keep (and torch.save would write) all K of them
+    return list(out.unbind(0)) if len(out) == 1 else [o.clone() for o in out.unbind(0)]
 
 
 def _getter(m, what: str):
@@ -66,6 +67,12 @@ def _tied_pair(base, get, names: list[str], tied) -> tuple[str, str] | None:
         missing = [x for x in tied if x not in names]
         if missing:
             raise ArgumentError(f"tied names {missing} are not in the base state dict")
+        if tied[0] == tied[1]:
+            raise ArgumentError(f"tied names a head and an embedding: two tensors, got {tied[0]!r} twice")
+        h, e = get(tied[0]), get(tied[1])
+        if tuple(h.shape) != tuple(e.shape) or h.dtype != e.dtype:  # (the head is written as the embedding)
+            raise ArgumentError(f"tied: head {tied[0]} ({h.dtype}, {tuple(h.shape)}) and embedding {tied[1]} "
+                                f"({e.dtype}, {tuple(e.shape)}) differ, so they cannot be one tensor")
         return tied
     for head in HEAD_NAMES:
         for emb in EMBED_NAMES:
@@ -76,8 +83,9 @@ def _tied_pair(base, get, names: list[str], tied) -> tuple[str, str] | None:
                 if same or tied is True:
                     return head, emb
     if tied is True:
-        raise ArgumentError("tied=True but the base has no (head, embedding) pair of known names; "
-                            "give tied=(head name, embedding name)")
+        raise ArgumentError(f"tied=True but the base has no (head, embedding) pair of known names (heads "
+                            f"{', '.join(HEAD_NAMES)}; embeddings {', '.join(EMBED_NAMES)}); give "
+                            "tied=(head name, embedding name)")
     return None
 
 
@@ -90,8 +98,10 @@ def extrapolate_state_dict(base, checkpoints, targets, options: FitOptions = Fit
     ``keys()`` and ``__getitem__`` or ``get_tensor`` (``safetensors.safe_open`` handles): only
     one tensor's T+1 versions are held at a time. Float tensors are fitted (the bytes of
     ``relex extrapolate``), others are copied from the base; a head tied to the embedding
-    (``tied``: None = when the base's head and embedding share storage) is written as the
-    predicted embedding, the same tensor object in the result. NaN/Inf in an input and fp16
+    (``tied``: None = when the base's head and embedding, under the Hugging Face names of
+    :data:`~relex_kernels.engine.trajectory.HEAD_NAMES` and ``EMBED_NAMES``, share storage; True:
+    that pair by name; or a ``(head name, embedding name)`` pair of the same shape and dtype) is
+    written as the predicted embedding, the same tensor object in the result. NaN/Inf in an input and fp16
     predictions past ±65504 are errors naming the tensor.
 
     Returns ``{target: {name: tensor}}`` in the base's key order.

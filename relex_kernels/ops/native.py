@@ -21,7 +21,9 @@ then says why, and every kernel raises :class:`~relex_kernels.errors.BackendErro
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,6 +57,8 @@ else:
     _IMPORT_ERROR = ""
 
 _num_threads: int | None = None
+#: a thread count for the calls of one Python thread only (:func:`calls_on_threads`)
+_this_thread = threading.local()
 
 
 def available() -> tuple[bool, str]:
@@ -87,6 +91,19 @@ def set_num_threads(n: int | None) -> None:
     _num_threads = None if n is None else int(n)
 
 
+@contextlib.contextmanager
+def calls_on_threads(n: int):
+    """Within the block, this Python thread's kernel calls use ``n`` threads unless
+    :func:`set_num_threads` or ``$RELEX_NUM_THREADS`` chose a number (another Python thread's
+    calls meanwhile are not affected: the torch API runs each call on its caller's torch threads)."""
+    prev = getattr(_this_thread, "n", None)
+    _this_thread.n = max(1, int(n))
+    try:
+        yield
+    finally:
+        _this_thread.n = prev
+
+
 def get_num_threads() -> int:
     """The threads the next call uses; a bad ``$RELEX_NUM_THREADS`` is a UsageError."""
     if _num_threads is not None:
@@ -100,6 +117,9 @@ def get_num_threads() -> int:
         if n < 1:
             raise UsageError(f"RELEX_NUM_THREADS must be a positive integer, got {env!r}")
         return n
+    mine = getattr(_this_thread, "n", None)
+    if mine is not None:
+        return mine
     return _C.max_threads() if _C is not None else 1
 
 
