@@ -308,3 +308,13 @@ def test_a_finished_command_run_again_is_already_complete(run):
     assert_clean_failure(r, os.path.join(tmp, "elsewhere"), "step_40 already exists")
     r = relex(*cmd, "--overwrite", check=True)
     assert "already complete" not in r.stdout and os.path.isfile(os.path.join(step, shard))
+
+
+def test_output_piped_into_a_reader_that_leaves_is_no_error():
+    """'relex backends | head -1': the reader closes the pipe; no BrokenPipeError traceback."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    p = subprocess.Popen([sys.executable, "-m", "relex_kernels", "backends"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env)
+    p.stdout.close()  # the reader is gone before the first line
+    err = p.stderr.read().decode()
+    assert p.wait() == 0 and "Traceback" not in err, err

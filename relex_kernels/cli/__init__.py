@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -89,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         msg = " ".join(str(e).splitlines())  # one line, whatever a file name holds
         print(f"relex {args.command}: error: {msg}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:  # 'relex backends | head': the reader left; nothing is wrong
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # (Python's own flush at exit would fail again)
+        return 0
     except KeyboardInterrupt as e:
         what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         print(f"relex {args.command}: {what}; no output was completed (the same command resumes "
