@@ -308,6 +308,16 @@ def test_a_finished_command_run_again_is_already_complete(run):
     assert_clean_failure(r, os.path.join(tmp, "elsewhere"), "step_40 already exists")
     r = relex(*cmd, "--overwrite", check=True)
     assert "already complete" not in r.stdout and os.path.isfile(os.path.join(step, shard))
+    # another command killed while renaming its step_40 into place: step_40 is no longer this
+    # command's output, whatever report is left, so the rerun must not take it as complete
+    other = ["extrapolate", "--base", base, "--checkpoints", rundir, "--target-step", 40, "--out", out,
+             "--shard-size", "200", "--rank", 2, "--overwrite"]
+    env = dict(os.environ, PYTHONPATH=ROOT, RELEX_TEST_KILL="rename:1")
+    k = subprocess.run([sys.executable, "-m", "relex_kernels", *map(str, other)], env=env, capture_output=True,
+                       text=True)
+    assert k.returncode != 0 and not os.path.exists(os.path.join(out, "relex_report.json")), k.stderr
+    r = relex(*cmd)
+    assert r.returncode == 2 and "already complete" not in r.stdout and "already exists" in r.stderr, r.stdout
 
 
 def test_output_piped_into_a_reader_that_leaves_is_no_error():

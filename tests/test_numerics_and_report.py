@@ -380,3 +380,6 @@ def test_targets_too_far_or_too_large_are_refused_before_any_read():
         target_weights(FitOptions(), steps, [10**400])
     with pytest.raises(UsageError, match=f"step {2**53} is too large"):
         target_weights(FitOptions(), steps[:-1] + [2**53], [2**53 + 5])
+    for scale in (1e306, 1e200):  # a target time past float64, or weights past MAX_WEIGHT
+        with pytest.raises(UsageError, match="too far from the history"):
+            target_weights(FitOptions(time_axis="index", step_scale=scale), steps, [10**5])

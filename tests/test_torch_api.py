@@ -372,6 +372,12 @@ def test_a_tied_pair_given_by_name_is_checked():
         rk.extrapolate_state_dict(base, cks, [10], tied=True, backend="reference")
     out = rk.extrapolate_state_dict(base, cks, [10], tied=("head", "emb"), backend="reference")[10]
     assert out["head"] is out["emb"]
+    # tied=True finds the pair by name, and checks it the same way
+    hf = {"model.embed_tokens.weight": torch.randn(60, 16, generator=g),
+          "lm_head.weight": torch.randn(50, 16, generator=g).to(torch.bfloat16)}
+    hf_cks = {s: {n: t + 1e-2 * s for n, t in hf.items()} for s in (1, 2, 3)}
+    with pytest.raises(ArgumentError, match=r"head lm_head.weight \(torch.bfloat16, \(50, 16\)\).* differ"):
+        rk.extrapolate_state_dict(hf, hf_cks, [10], tied=True, backend="reference")
 
 
 def test_combine_refuses_alphas_it_cannot_use_and_never_returns_inf():

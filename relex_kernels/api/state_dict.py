@@ -56,6 +56,15 @@ def _getter(m, what: str):
                         f"and __getitem__ or get_tensor such as safetensors.safe_open); got {type(m).__name__}")
 
 
+def _same_kind(get, pair: tuple[str, str]) -> tuple[str, str]:
+    """``pair`` (head, embedding), checked: the head is written as the predicted embedding."""
+    h, e = get(pair[0]), get(pair[1])
+    if tuple(h.shape) != tuple(e.shape) or h.dtype != e.dtype:
+        raise ArgumentError(f"tied: head {pair[0]} ({h.dtype}, {tuple(h.shape)}) and embedding {pair[1]} "
+                            f"({e.dtype}, {tuple(e.shape)}) differ, so they cannot be one tensor")
+    return pair
+
+
 def _tied_pair(base, get, names: list[str], tied) -> tuple[str, str] | None:
     """(head, embedding) written as one tensor, or None. ``tied``: None (auto: the base's head *is*
     its embedding — one storage, as ``model.state_dict()`` of a tied model gives), False, or a pair."""
@@ -69,19 +78,17 @@ def _tied_pair(base, get, names: list[str], tied) -> tuple[str, str] | None:
             raise ArgumentError(f"tied names {missing} are not in the base state dict")
         if tied[0] == tied[1]:
             raise ArgumentError(f"tied names a head and an embedding: two tensors, got {tied[0]!r} twice")
-        h, e = get(tied[0]), get(tied[1])
-        if tuple(h.shape) != tuple(e.shape) or h.dtype != e.dtype:  # (the head is written as the embedding)
-            raise ArgumentError(f"tied: head {tied[0]} ({h.dtype}, {tuple(h.shape)}) and embedding {tied[1]} "
-                                f"({e.dtype}, {tuple(e.shape)}) differ, so they cannot be one tensor")
-        return tied
+        return _same_kind(get, tied)
     for head in HEAD_NAMES:
         for emb in EMBED_NAMES:
             if head in names and emb in names:
                 h, e = get(head), get(emb)
                 same = (isinstance(h, torch.Tensor) and isinstance(e, torch.Tensor) and h.shape == e.shape
                         and h.dtype == e.dtype and h.device == e.device and h.data_ptr() == e.data_ptr())
-                if same or tied is True:
+                if same:
                     return head, emb
+                if tied is True:
+                    return _same_kind(get, (head, emb))
     if tied is True:
         raise ArgumentError(f"tied=True but the base has no (head, embedding) pair of known names (heads "
                             f"{', '.join(HEAD_NAMES)}; embeddings {', '.join(EMBED_NAMES)}); give "

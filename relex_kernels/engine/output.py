@@ -12,6 +12,7 @@ An error (bad input, full disk) removes the state; only a kill or an interrupt
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -275,6 +276,14 @@ class OutputSet:
         """Rename every complete target into place (also finishes the commit of a run killed during it)."""
         done = []
         try:
+            # The report in OUT_DIR names the run whose outputs are there (a rerun of that run takes
+            # them as its own): it goes before any target of this run is renamed in, and this run's
+            # comes after the last, so that a kill in between leaves no report, never a wrong one.
+            new_report = os.path.exists(os.path.join(self.state_dir, REPORT_NAME))
+            if new_report:
+                self._warn_replaced_report()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.out_dir, REPORT_NAME))
             for t in self.targets:
                 final, part = self.final(t), self._partial(t)
                 if os.path.isdir(part):
@@ -287,8 +296,7 @@ class OutputSet:
                         os.rename(part, final)
                     journal_mod.hook("rename")
                 done.append(final)
-            if os.path.exists(os.path.join(self.state_dir, REPORT_NAME)):
-                self._warn_replaced_report()
+            if new_report:
                 os.replace(os.path.join(self.state_dir, REPORT_NAME), os.path.join(self.out_dir, REPORT_NAME))
             _fsync_dir(self.out_dir)
             journal_mod.hook("moved")

@@ -49,7 +49,8 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite, key=key,
                      resume=resume, reuse_complete=before_commit is None)
     if outs.complete is not None:  # this very run finished before (a fit to save needs the run itself)
-        rep = {**outs.complete, "already_complete": True}
+        rep = {**outs.complete, "already_complete": True,  # (the paths as they are now: OUT_DIR may have moved)
+               "outputs": {str(t): outs.final(t) for t in targets}}
         return RunResult([outs.final(t) for t in targets], rep, time.perf_counter() - t0, 0, be.name)
     streamer = None
     try:
