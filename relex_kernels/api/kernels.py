@@ -85,8 +85,11 @@ class _Runner:
     def combine(self, base, hist, alphas: np.ndarray, out: torch.Tensor, fp16_deltas: bool) -> None:
         K = alphas.shape[0]
         if self.kern is None:
-            flat = out.view(K, -1)
-            outs = [raw(flat[k]) for k in range(K)]  # views of `out` (contiguous rows)
+            if isinstance(out, list):  # K tensors of their own
+                outs = [raw(o.view(-1)) for o in out]
+            else:
+                flat = out.view(K, -1)
+                outs = [raw(flat[k]) for k in range(K)]  # views of `out` (contiguous rows)
             with _caller_threads():
                 self.ops.combine(raw(base), [raw(h) for h in hist], alphas, self.dtype, outs,
                                  fp16_deltas=fp16_deltas)
@@ -247,6 +250,25 @@ def combine(base, history, alphas, out=None, *, fp16_deltas: bool = False, backe
     base, history = check_versions(base, history)
     a = _alphas(alphas, (0, len(history)))
     out = empty_outputs(base, a.shape[0], out)
+    return _combine_into(base, history, a, out, fp16_deltas, backend)
+
+
+def combine_separate(base, history, alphas, *, fp16_deltas: bool = False,
+                     backend: str | None = None) -> list[torch.Tensor]:
+    """:func:`combine`, each of the K results a tensor with storage of its own (kept or saved
+    alone, a view of one (K, ...) result would keep all K); on the host written in place."""
+    base, history = check_versions(base, history)
+    a = _alphas(alphas, (0, len(history)))
+    if a.shape[0] == 1 or base.device.type != "cpu":  # (a device writes one (K, n) block)
+        out = _combine_into(base, history, a, empty_outputs(base, a.shape[0], None), fp16_deltas, backend)
+        return list(out.unbind(0)) if a.shape[0] == 1 else [o.clone() for o in out.unbind(0)]
+    outs = [torch.empty_like(base, memory_format=torch.contiguous_format) for _ in range(a.shape[0])]
+    _combine_into(base, history, a, outs, fp16_deltas, backend)
+    return outs
+
+
+def _combine_into(base, history, a: np.ndarray, out, fp16_deltas: bool, backend) -> torch.Tensor:
+    """Run the K sums into ``out``: a (K, ...) tensor, or (host) a list of K contiguous tensors."""
     runner = _Runner(base, backend)
     runner.combine(_flat(base), [_flat(h) for h in history], a, out, fp16_deltas)
     # Finite inputs: a sum past the dtype's range is inf. fp16's range is within reach of a real
@@ -254,11 +276,12 @@ def combine(base, history, alphas, out=None, *, fp16_deltas: bool = False, backe
     # |α|₁ <= 1e6 an overflow needs inputs past 1e32, far beyond any model's weights; the pass
     # over the outputs is skipped (it cost as much as the kernel).
     check = base.dtype == torch.float16 or float(np.abs(a).sum(axis=1).max()) > 1e6
-    if check and not bool(torch.isfinite(out).all()):
-        bad = int((~torch.isfinite(out)).sum())
-        if base.dtype == torch.float16:
-            raise NonFiniteError(f"the prediction leaves the F16 range (|x| > 65504) at {bad} of {out.numel()} "
-                                 "elements; predict a nearer step, or compute in bf16 or fp32")
-        raise NonFiniteError(f"the prediction overflows {base.dtype} at {bad} of {out.numel()} elements: the "
-                             "alphas are too large for these deltas (predict a nearer step)")
+    for o in (out if isinstance(out, list) else [out]):
+        if check and not bool(torch.isfinite(o).all()):
+            bad = int((~torch.isfinite(o)).sum())
+            if base.dtype == torch.float16:
+                raise NonFiniteError(f"the prediction leaves the F16 range (|x| > 65504) at {bad} of {o.numel()} "
+                                     "elements; predict a nearer step, or compute in bf16 or fp32")
+            raise NonFiniteError(f"the prediction overflows {base.dtype} at {bad} of {o.numel()} elements: the "
+                                 "alphas are too large for these deltas (predict a nearer step)")
     return out

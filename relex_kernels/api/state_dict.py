@@ -14,7 +14,7 @@ from ..errors import ArgumentError, InputError, RelexError, ShapeError
 from ..fit import FitOptions
 from ._tensors import DTYPE_NAMES, check_versions
 from .fitting import Fit
-from .kernels import combine, gram
+from .kernels import combine_separate, gram
 
 __all__ = ["extrapolate_tensor", "extrapolate_state_dict"]
 
@@ -41,9 +41,9 @@ def _predict(base, history, steps: list[int], W: np.ndarray, options: FitOptions
     G = gram(base, history, fp16_deltas=options.fp16_deltas, backend=backend)
     fit = Fit.from_gram(G, steps, options, numel=base.numel(), dtype=base.dtype)
     alphas = torch.from_numpy(fitmath.alphas(fit.components, W))
-    out = combine(base, history, alphas, fp16_deltas=options.fp16_deltas, backend=backend)
-    # each target its own storage: a view would keep (and torch.save would write) all K of them
-    return list(out.unbind(0)) if len(out) == 1 else [o.clone() for o in out.unbind(0)]
+    # each target its own storage: a view of one (K, ...) result would keep (and torch.save would
+    # write) all K of them
+    return combine_separate(base, history, alphas, fp16_deltas=options.fp16_deltas, backend=backend)
 
 
 def _getter(m, what: str):
