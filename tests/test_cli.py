@@ -251,6 +251,9 @@ def test_run_directory_problems_are_named(tmp, monkeypatch):
     monkeypatch.setattr(os, "listdir", refuse)
     with pytest.raises(InputError, match=r"cannot list checkpoint directory .*global_step_2 \(Permission denied\)"):
         layout.discover(rd)
+    locked = os.path.join(rd, "global_step_1", "actor")  # one level down: the actor/ of a readable step
+    with pytest.raises(InputError, match=r"cannot list checkpoint directory .*global_step_1/actor \(Permission"):
+        layout.discover(rd)
 
 
 def test_a_budget_past_the_memory_there_is_warns(tmp, monkeypatch):

@@ -60,10 +60,13 @@ def discover(run_dir: str, prefer: str = "shards", max_step: int | None = None) 
             if not have:
                 if is_deepspeed(full):
                     raise InputError(f"{full} {DEEPSPEED}")
-                try:
-                    os.listdir(full)
-                except OSError as e:  # (not 'holds no weights': the user can fix permissions)
-                    raise InputError(f"cannot list checkpoint directory {full} ({e.strerror})") from None
+                for c in [full] + cands:  # (not 'holds no weights': the user can fix permissions)
+                    try:
+                        os.listdir(c)
+                    except (FileNotFoundError, NotADirectoryError):
+                        continue
+                    except OSError as e:
+                        raise InputError(f"cannot list checkpoint directory {c} ({e.strerror})") from None
                 raise InputError(f"{full} looks like the checkpoint of step {step} but holds no "
                                  f"weights (looked in {', '.join(subs)})")
             shards = [c for c in have if holds_rank_files(c)]
