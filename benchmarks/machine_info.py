@@ -19,8 +19,9 @@ def cpu_model() -> str:
 
 
 def ram_bytes() -> int:
-    """This machine's physical memory."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """This machine's physical memory (the engine's own reading of it)."""
+    from relex_kernels.engine.plan import physical_ram
+    return physical_ram() or 0
 
 
 def user_env(**extra: str) -> dict[str, str]:

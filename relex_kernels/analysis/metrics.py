@@ -60,12 +60,9 @@ def r2_terms(y: np.ndarray, yhat: np.ndarray) -> tuple[float, float] | None:
     return float(((y - np.asarray(yhat, dtype=np.float64)) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
 
 
-def r2(y: np.ndarray, yhat: np.ndarray) -> float | None:
-    """1 − SS_res / SS_tot about the mean of ``y``; None for fewer than 2 points or constant ``y``."""
-    t = r2_terms(y, yhat)
-    if t is None or not t[1] > 0:
-        return None
-    return 1.0 - t[0] / t[1]
+def _r2_of(t: tuple[float, float] | None) -> float | None:
+    """1 − SS_res / SS_tot of :func:`r2_terms`; None for fewer than 2 points or a constant ``y``."""
+    return None if t is None or not t[1] > 0 else 1.0 - t[0] / t[1]
 
 
 def pooled_r2(terms) -> float | None:
@@ -101,10 +98,11 @@ def _rank1(G: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
 
 
 def _fit_stats(c: np.ndarray, c_fit: np.ndarray, T: int) -> dict:
-    out = {"r2_in": r2(c[:T], c_fit[:T]), "r2_out": r2(c[T:], c_fit[T:]), "coef_error_out": None}
-    for key, sl in (("r2_in", slice(None, T)), ("r2_out", slice(T, None))):  # what pooled_r2 sums
+    out = {"coef_error_out": None}
+    for key, sl in (("r2_in", slice(None, T)), ("r2_out", slice(T, None))):
         t = r2_terms(c[sl], c_fit[sl])
-        out[key + SS_SUFFIX] = list(t) if t is not None else None
+        out[key] = _r2_of(t)
+        out[key + SS_SUFFIX] = list(t) if t is not None else None  # (what pooled_r2 sums)
     norm = float(np.sqrt((c[T:] ** 2).sum()))
     if c.size > T and norm > 0:
         out["coef_error_out"] = float(np.sqrt(((c[T:] - c_fit[T:]) ** 2).sum())) / norm
