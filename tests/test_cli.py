@@ -272,14 +272,14 @@ def test_a_budget_past_the_memory_there_is_warns(tmp, monkeypatch):
     assert plan.usable_memory() == (16 << 30, "this machine's RAM")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        plan.warn_budget_past_memory(8 << 30)  # fits
+        plan.resolve_budget(8 << 30)  # fits
     with pytest.warns(RelexWarning, match=r"2 ranks x 10.0 GiB\) is more than this machine's RAM \(16.0 GiB"):
-        plan.warn_budget_past_memory(10 << 30, ranks=2)
+        plan.resolve_budget(10 << 30, ranks=2)
     with open(limit, "w") as fh:
         fh.write(str(4 << 30))
     assert plan.usable_memory() == (4 << 30, "this container's memory limit")
     with pytest.warns(RelexWarning, match=r"\(8.0 GiB\) is more than this container's memory limit \(4.0 GiB"):
-        plan.warn_budget_past_memory(8 << 30)
+        plan.resolve_budget(8 << 30)
 
 
 def test_a_finished_command_run_again_is_already_complete(run):

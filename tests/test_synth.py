@@ -12,7 +12,8 @@ from relex_kernels.io import Checkpoint
 from relex_kernels.io.dtypes import from_float32, to_float32
 from relex_kernels.synth import LAYOUTS, SynthRun, parse_steps, synthesize
 from relex_kernels.synth import generate as synth_generate
-from relex_kernels.synth.layouts import every_steps, parse_bytes
+from relex_kernels.engine.plan import parse_positive_size as parse_bytes
+from relex_kernels.synth.layouts import every_steps
 
 
 def _read(ckpt_dir):

@@ -17,7 +17,6 @@ import numpy as np
 
 from ..engine import plan
 from ..engine.executor import Executor, progress_bar
-from ..engine.plan import default_memory_budget
 from ..engine.streaming import Streamer
 from ..engine.trajectory import Trajectory
 from ..errors import UsageError
@@ -62,8 +61,7 @@ def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int
     if not checkpoints:
         raise UsageError("no checkpoints to analyse")
     be = get_backend(backend)
-    budget = memory_budget or default_memory_budget()
-    plan.warn_budget_past_memory(budget)
+    budget = plan.resolve_budget(memory_budget)
     t0 = time.perf_counter()
     traj = Trajectory(base, checkpoints)
     streamer = None
@@ -74,7 +72,6 @@ def extended_grams(base: str, checkpoints: dict[int, str], *, memory_budget: int
         out = []
         Executor(streamer, None, on_gram=lambda it, G: out.append(
             TensorGram(it.job.name, it.job.dtype, it.job.shape, it.job.numel, G))).run(work.items)
-        streamer.close()  # (the progress bar ends before the caller prints)
         return GramPass(steps=list(traj.steps), tensors=out, seconds=time.perf_counter() - t0,
                         bytes_read=streamer.bytes_read, backend=be.name, memory_budget=budget,
                         base=traj.base.path, checkpoints={ck.step: ck.path for ck in traj.ckpts},

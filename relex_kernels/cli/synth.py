@@ -93,7 +93,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..synth import parse_steps, synthesize
-    from ..synth.layouts import every_steps, parse_bytes
+    from ..engine.plan import parse_positive_size
+    from ..synth.layouts import every_steps
 
     if args.every is not None or args.num is not None:
         if args.steps is not None:
@@ -104,7 +105,7 @@ def run(args) -> int:
     else:
         steps = parse_steps(args.steps or "1-8")
     truth = parse_steps(args.truth) if args.truth else []
-    shard = parse_bytes(args.shard_size) if args.shard_size else None
+    shard = parse_positive_size(args.shard_size) if args.shard_size else None
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be >= 1")
     t0 = time.perf_counter()

@@ -87,8 +87,23 @@ def default_memory_budget() -> int:
     once whenever its trajectory fits the page cache (pass 2 follows pass 1 at once, and
     released pages stay cached), so a larger budget buys little but memory.
     """
-    ram = physical_ram()
-    return DEFAULT_BUDGET_CAP if ram is None else min(ram // 4, DEFAULT_BUDGET_CAP)
+    mem = usable_memory()
+    return DEFAULT_BUDGET_CAP if mem is None else min(mem[0] // 4, DEFAULT_BUDGET_CAP)
+
+
+def resolve_budget(memory_budget: int | None, ranks: int = 1, warn: bool = True) -> int:
+    """The memory budget of each of ``ranks`` processes of this node: ``memory_budget``, or the
+    default shared among them. A budget given past the memory there is (all ranks together) is a
+    RelexWarning with ``warn``: pages planned to stay mapped would be evicted and read again."""
+    if not memory_budget:
+        return max(1, default_memory_budget() // ranks)
+    mem = usable_memory()
+    if warn and mem is not None and memory_budget * ranks > mem[0]:
+        each = f"{ranks} ranks x " if ranks > 1 else ""
+        warnings.warn(f"the memory budget ({each}{memory_budget / 2**30:.1f} GiB) is more than {mem[1]} "
+                      f"({mem[0] / 2**30:.1f} GiB): tensors planned to stay resident will be evicted and read "
+                      "again; the default is a quarter of the memory, at most 1 GiB", RelexWarning, stacklevel=3)
+    return memory_budget
 
 
 def physical_ram() -> int | None:
@@ -121,18 +136,6 @@ def usable_memory() -> tuple[int, str] | None:
     return best
 
 
-def warn_budget_past_memory(budget: int, ranks: int = 1) -> None:
-    """A RelexWarning when ``ranks`` processes of this node, each with a memory budget of ``budget``,
-    would map more than the memory there is: pages planned to stay mapped are evicted and read again."""
-    mem = usable_memory()
-    if mem is None or budget * ranks <= mem[0]:
-        return
-    each = f"{ranks} ranks x " if ranks > 1 else ""
-    warnings.warn(f"the memory budget ({each}{budget / 2**30:.1f} GiB) is more than {mem[1]} "
-                  f"({mem[0] / 2**30:.1f} GiB): tensors planned to stay resident will be evicted and read again; "
-                  "the default (omit --memory-budget) is a quarter of RAM, at most 1 GiB", RelexWarning, stacklevel=3)
-
-
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 1000**2, "MIB": 1 << 20,
           "G": 1 << 30, "GB": 1000**3, "GIB": 1 << 30, "T": 1 << 40, "TB": 1000**4, "TIB": 1 << 40}
 
@@ -142,8 +145,8 @@ class SizeError(UsageError, argparse.ArgumentTypeError):
 
 
 def parse_size(text: str) -> int:
-    """'512M', '4G', '1.5GB', '1000000' -> bytes (K/M/G/T and KiB… are powers of 1024, KB… of 1000)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    """'512M', '4G', '1.5GB', '1000000', '1e6' -> bytes (K/M/G/T and KiB… are powers of 1024, KB… of 1000)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     if not m or m.group(2).upper() not in _UNITS:
         raise SizeError(f"cannot read size {text!r} (examples: 512M, 4G, 1.5GB)")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])

@@ -40,8 +40,6 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     be = resolve_backend(backend)
     steps = traj.steps
     W = fitmath.target_weights(opts, steps, targets)  # (K, T)
-    budget = memory_budget or default_memory_budget()
-    plan.warn_budget_past_memory(budget)
     # the journal key: everything the output bytes depend on (not the memory budget: the
     # Gram is the same bit for bit however a tensor is cut into ranges)
     key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.identity, shard_bytes, traj.jobs,
@@ -52,6 +50,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         rep = {**outs.complete, "already_complete": True,  # (the paths as they are now: OUT_DIR may have moved)
                "outputs": {str(t): outs.final(t) for t in targets}}
         return RunResult([outs.final(t) for t in targets], rep, time.perf_counter() - t0, 0, be.name)
+    budget = plan.resolve_budget(memory_budget)
     streamer = None
     try:
         if outs.journal.committed:  # killed while renaming finished outputs into place

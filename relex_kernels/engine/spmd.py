@@ -30,7 +30,7 @@ from .executor import Executor, progress_bar
 from .gpu import close_streamer, make_streamer, stage_fields
 from .gramsum import GRAM_BLOCK, sum_blocks
 from .output import STATE_NAME, OutputSet, target_dir_name
-from .plan import default_memory_budget, warn_budget_past_memory
+from .plan import resolve_budget
 from .report import RunResult
 from .trajectory import Trajectory
 
@@ -144,9 +144,8 @@ class RankRun:
         self.shard_bytes, self.progress, self.input_dirs = shard_bytes, progress, input_dirs
         self.extra_report, self.key_extra, self.before_commit = extra_report, key_extra, before_commit
         self.device_memory_budget = device_memory_budget
-        self.budget = memory_budget or max(1, default_memory_budget() // env.local_world)
-        if env.rank == 0:  # (the node's ranks share its memory: rank 0 says so for all)
-            warn_budget_past_memory(self.budget, env.local_world)
+        # (the node's ranks share its memory: rank 0 warns for all)
+        self.budget = resolve_budget(memory_budget, env.local_world, warn=env.rank == 0)
         self.outs: OutputSet | None = None
         self.writers: list[ShardedWriter] = []
         self.t0 = time.perf_counter()

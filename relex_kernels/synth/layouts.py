@@ -76,24 +76,3 @@ def every_steps(every: int, num: int) -> list[int]:
     if every < 1 or num < 1:
         raise UsageError("--every and --num must be >= 1")
     return [every * (k + 1) for k in range(num)]
-
-
-_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4,
-          "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-          "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
-
-
-def parse_bytes(text: str) -> int:
-    """``"5GB"``, ``"200M"``, ``"1e6"`` -> bytes (K/M/G/T and KiB.. are powers of 1024, KB.. of 1000,
-    as ``--memory-budget`` / ``--shard-size`` read them elsewhere in the CLI)."""
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).upper() if m else None
-    if not m or unit not in _UNITS:
-        raise UsageError(f"cannot read size {text!r} (examples: 5GB, 200M, 64MiB)")
-    try:
-        n = int(float(m.group(1)) * _UNITS[unit])
-    except ValueError:
-        raise UsageError(f"cannot read size {text!r}") from None
-    if n < 1:
-        raise UsageError(f"size {text!r} must be positive")
-    return n
