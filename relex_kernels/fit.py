@@ -278,6 +278,7 @@ def target_weights(opts: FitOptions, steps: list[int], targets: list[int]) -> np
     try:  # (a target time past float64, e.g. --step-scale 1e306 on the index axis)
         with np.errstate(over="raise", invalid="raise"):
             W = np.stack([weights(opts, steps, t) for t in targets])
+            norms = np.linalg.norm(W, axis=1)
     except (OverflowError, FloatingPointError):
         raise UsageError(f"target steps {targets} are too far from the history (steps {steps[0]}..{steps[-1]}"
                          f"{f', step scale {opts.step_scale:g}' if opts.time_axis == 'index' else ''}): "
@@ -285,8 +286,6 @@ def target_weights(opts: FitOptions, steps: list[int], targets: list[int]) -> np
     # α = U Uᵀ w̃ is no larger than w̃, and a delta no larger than the square root of its finite
     # fp32 Gram entry: a w̃ within MAX_WEIGHT keeps every prediction far inside the fp32 and bf16
     # range (fp16 outputs are checked as written). Past it the target is absurdly far away.
-    big = np.abs(W).max(axis=1, keepdims=True)
-    norms = (big * np.sqrt(((W / np.where(big > 0, big, 1)) ** 2).sum(axis=1, keepdims=True)))[:, 0]  # (scaled)
     for t, n in zip(targets, norms.tolist()):
         if not n <= MAX_WEIGHT:
             raise UsageError(f"target step {t} is too far from the history (steps {steps[0]}..{steps[-1]}): its "

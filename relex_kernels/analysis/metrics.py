@@ -60,11 +60,6 @@ def r2_terms(y: np.ndarray, yhat: np.ndarray) -> tuple[float, float] | None:
     return float(((y - np.asarray(yhat, dtype=np.float64)) ** 2).sum()), float(((y - y.mean()) ** 2).sum())
 
 
-def _r2_of(t: tuple[float, float] | None) -> float | None:
-    """1 − SS_res / SS_tot of :func:`r2_terms`; None for fewer than 2 points or a constant ``y``."""
-    return None if t is None or not t[1] > 0 else 1.0 - t[0] / t[1]
-
-
 def pooled_r2(terms) -> float | None:
     """R² of a group of tensors: 1 − Σ SS_res / Σ SS_tot over their ``(SS_res, SS_tot)`` pairs.
 
@@ -97,15 +92,17 @@ def _rank1(G: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
     return comp.u[:, 0], float(comp.s[0]), comp.singular_values
 
 
-def _fit_stats(c: np.ndarray, c_fit: np.ndarray, T: int) -> dict:
-    out = {"coef_error_out": None}
+def _fit_stats(c: np.ndarray, c_fit: np.ndarray, T: int, tag: str = "") -> dict:
+    """R² in and out of sample (with their SS pairs) and the later coefficients' error, keys ending
+    in ``tag``."""
+    out = {"coef_error_out" + tag: None}
     for key, sl in (("r2_in", slice(None, T)), ("r2_out", slice(T, None))):
         t = r2_terms(c[sl], c_fit[sl])
-        out[key] = _r2_of(t)
-        out[key + SS_SUFFIX] = list(t) if t is not None else None  # (what pooled_r2 sums)
+        out[key + tag] = pooled_r2([t])  # (R² of one pair: None for < 2 points or a constant y)
+        out[key + tag + SS_SUFFIX] = list(t) if t is not None else None  # (what pooled_r2 sums)
     norm = float(np.sqrt((c[T:] ** 2).sum()))
     if c.size > T and norm > 0:
-        out["coef_error_out"] = float(np.sqrt(((c[T:] - c_fit[T:]) ** 2).sum())) / norm
+        out["coef_error_out" + tag] = float(np.sqrt(((c[T:] - c_fit[T:]) ** 2).sum())) / norm
     return out
 
 
@@ -138,9 +135,7 @@ def analyze_tensor(G: np.ndarray, T: int, fitm: np.ndarray, rank_max: int, steps
     e["coef_oracle"] = [float(x) for x in ca]
     e["coef_oracle_fit"] = [float(x) for x in ca_fit]
     e["ev1_oracle"] = ev_curve(sva, 1)[0] if sva.size else 0.0
-    o = _fit_stats(ca, ca_fit, T)
-    e["r2_in_oracle"], e["r2_out_oracle"], e["coef_error_out_oracle"] = o["r2_in"], o["r2_out"], o["coef_error_out"]
-    e["r2_in_oracle" + SS_SUFFIX], e["r2_out_oracle" + SS_SUFFIX] = o["r2_in" + SS_SUFFIX], o["r2_out" + SS_SUFFIX]
+    e.update(_fit_stats(ca, ca_fit, T, "_oracle"))
     e["subspace_cosine"] = (float(abs(u1 @ G[:T, :] @ ua)) / (s1 * sa)) if s1 > 0 and sa > 0 and N > T else None
     if steps is not None and (h := mid_index(steps, T)) is not None:
         e["dist2_mid"], e["dist2_last"] = float(G[h, h]), float(G[T - 1, T - 1])

@@ -85,11 +85,7 @@ class _Runner:
     def combine(self, base, hist, alphas: np.ndarray, out: torch.Tensor, fp16_deltas: bool) -> None:
         K = alphas.shape[0]
         if self.kern is None:
-            if isinstance(out, list):  # K tensors of their own
-                outs = [raw(o.view(-1)) for o in out]
-            else:
-                flat = out.view(K, -1)
-                outs = [raw(flat[k]) for k in range(K)]  # views of `out` (contiguous rows)
+            outs = [raw(o.view(-1)) for o in out]  # K tensors of their own, or the rows of one
             with _caller_threads():
                 self.ops.combine(raw(base), [raw(h) for h in hist], alphas, self.dtype, outs,
                                  fp16_deltas=fp16_deltas)
@@ -276,12 +272,11 @@ def _combine_into(base, history, a: np.ndarray, out, fp16_deltas: bool, backend)
     # |α|₁ <= 1e6 an overflow needs inputs past 1e32, far beyond any model's weights; the pass
     # over the outputs is skipped (it cost as much as the kernel).
     check = base.dtype == torch.float16 or float(np.abs(a).sum(axis=1).max()) > 1e6
-    for o in (out if isinstance(out, list) else [out]):
-        if check and not bool(torch.isfinite(o).all()):
-            bad = int((~torch.isfinite(o)).sum())
-            if base.dtype == torch.float16:
-                raise NonFiniteError(f"the prediction leaves the F16 range (|x| > 65504) at {bad} of {o.numel()} "
-                                     "elements; predict a nearer step, or compute in bf16 or fp32")
-            raise NonFiniteError(f"the prediction overflows {base.dtype} at {bad} of {o.numel()} elements: the "
-                                 "alphas are too large for these deltas (predict a nearer step)")
+    for o in (out if check else []):
+        bad = int((~torch.isfinite(o)).sum())
+        if bad:
+            f16 = base.dtype == torch.float16
+            what = "leaves the F16 range (|x| > 65504)" if f16 else f"overflows {base.dtype}"
+            raise NonFiniteError(f"the prediction {what} at {bad} of {o.numel()} elements; predict a nearer step"
+                                 + (", or compute in bf16 or fp32" if f16 else " (the alphas are too large)"))
     return out

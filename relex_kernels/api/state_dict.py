@@ -56,9 +56,9 @@ def _getter(m, what: str):
                         f"and __getitem__ or get_tensor such as safetensors.safe_open); got {type(m).__name__}")
 
 
-def _same_kind(get, pair: tuple[str, str]) -> tuple[str, str]:
-    """``pair`` (head, embedding), checked: the head is written as the predicted embedding."""
-    h, e = get(pair[0]), get(pair[1])
+def _same_kind(pair: tuple[str, str], h, e) -> tuple[str, str]:
+    """``pair`` (head, embedding) of tensors ``h``, ``e``, checked: the head is written as the
+    predicted embedding."""
     if tuple(h.shape) != tuple(e.shape) or h.dtype != e.dtype:
         raise ArgumentError(f"tied: head {pair[0]} ({h.dtype}, {tuple(h.shape)}) and embedding {pair[1]} "
                             f"({e.dtype}, {tuple(e.shape)}) differ, so they cannot be one tensor")
@@ -78,7 +78,7 @@ def _tied_pair(base, get, names: list[str], tied) -> tuple[str, str] | None:
             raise ArgumentError(f"tied names {missing} are not in the base state dict")
         if tied[0] == tied[1]:
             raise ArgumentError(f"tied names a head and an embedding: two tensors, got {tied[0]!r} twice")
-        return _same_kind(get, tied)
+        return _same_kind(tied, get(tied[0]), get(tied[1]))
     for head in HEAD_NAMES:
         for emb in EMBED_NAMES:
             if head in names and emb in names:
@@ -88,7 +88,7 @@ def _tied_pair(base, get, names: list[str], tied) -> tuple[str, str] | None:
                 if same:
                     return head, emb
                 if tied is True:
-                    return _same_kind(get, (head, emb))
+                    return _same_kind((head, emb), h, e)
     if tied is True:
         raise ArgumentError(f"tied=True but the base has no (head, embedding) pair of known names (heads "
                             f"{', '.join(HEAD_NAMES)}; embeddings {', '.join(EMBED_NAMES)}); give "

@@ -21,8 +21,8 @@ import shutil
 import tempfile
 import warnings
 
-from ..errors import InputError, OutputError, RelexWarning
-from ..io.checkpoint import INDEX_NAME, SINGLE_NAME
+from ..errors import FormatError, InputError, OutputError, RelexWarning
+from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, read_weight_map
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import journal as journal_mod
 from .journal import Journal
@@ -352,12 +352,11 @@ def _whole_checkpoint(d: str) -> bool:
             return os.path.getsize(os.path.join(d, name)) > 0
         except OSError:
             return False
-    try:
-        with open(os.path.join(d, INDEX_NAME)) as fh:
-            shards = set(json.load(fh)["weight_map"].values())
-    except FileNotFoundError:
+    if not os.path.lexists(os.path.join(d, INDEX_NAME)):
         return there(SINGLE_NAME)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    try:
+        _, shards = read_weight_map(os.path.join(d, INDEX_NAME))
+    except FormatError:
         return False
     return bool(shards) and all(map(there, shards))
 

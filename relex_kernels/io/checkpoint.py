@@ -46,7 +46,7 @@ class Located(NamedTuple):  # a tuple: a MoE checkpoint holds tens of thousands,
     info: TensorInfo
 
 
-def _weight_map(index: str) -> tuple[dict[str, str], list[str]]:
+def read_weight_map(index: str) -> tuple[dict[str, str], list[str]]:
     """The index's ``weight_map`` (tensor name -> shard file name; shared, never modified) and its
     shard names, sorted; FormatError for an index that does not parse or names no plain files."""
     try:
@@ -64,7 +64,7 @@ def _weight_map(index: str) -> tuple[dict[str, str], list[str]]:
 #: index of thousands of entries takes a millisecond to parse and check
 @lru_cache(maxsize=8)
 def _parsed_index(raw: bytes) -> tuple[dict[str, str], list[str]]:
-    """:func:`_weight_map` of the index bytes ``raw``; ValueError saying what is wrong."""
+    """:func:`read_weight_map` of the index bytes ``raw``; ValueError saying what is wrong."""
     try:
         obj = json.loads(raw.decode("utf-8"))
     except ValueError as e:  # (UnicodeDecodeError is one)
@@ -180,7 +180,7 @@ class Checkpoint:
             self.tensors[name] = Located(f, info)
 
     def _open_index(self, index: str) -> None:
-        wm, names = _weight_map(index)
+        wm, names = read_weight_map(index)
         shards: dict[str, SafetensorsFile] = {}
         for shard in names:
             p = os.path.join(self.path, shard)
