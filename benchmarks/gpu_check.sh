@@ -2,8 +2,8 @@
 # The GPU check of the device backends, for a machine with an NVIDIA GPU and no network:
 #   1. build the extensions (CPU _C and CUDA _C_cuda) in place — skipped for a module that is
 #      already there when nvcc is missing (carry a prebuilt relex_kernels/_C_cuda*.so);
-#   2. a smoke run: a tiny synthetic trajectory extrapolated on each device backend, against the
-#      reference backend (the first sign of life, in seconds, before the long steps);
+#   2. a smoke run: tests/test_gpu.py's extrapolation on each device backend against the reference
+#      backend (the first sign of life, in seconds, before the long steps);
 #   3. run the GPU tests (tests/test_gpu.py, tests/test_triton_kernels.py: GPU cases only; two
 #      torchrun ranks on the GPU against one process, tests/test_distributed.py);
 #   4. run benchmarks/bench_gpu.py: every figure with the card's name;
@@ -88,43 +88,10 @@ if [ -z "${RELEX_CHECK_BENCH_ONLY:-}" ]; then
   fi
   timeout 60 "$PY" -m relex_kernels backends 2>&1 | tee -a "$LOG"
 
-  step "smoke: a tiny trajectory on every device backend against the reference" 60 260 "$PY" - <<'PY'
-import os, sys, tempfile, time
-import numpy as np
-from relex_kernels.engine import extrapolate
-from relex_kernels.io import Checkpoint, dtypes
-from relex_kernels.synth import synthesize
-
-def values(d):
-    ck = Checkpoint(d)
-    try:
-        return {n: dtypes.to_float32(np.array(loc.file.view(n)), loc.info.dtype) for n, loc in ck.tensors.items()
-                if dtypes.is_fitted(loc.info.dtype)}
-    finally:
-        ck.close()
-
-failed = 0
-with tempfile.TemporaryDirectory(prefix="relex-smoke-") as tmp:
-    syn = synthesize(os.path.join(tmp, "syn"), arch="qwen3", size="tiny", steps=list(range(1, 9)), seed=0, quiet=True)
-    ref = extrapolate(syn.base_dir, syn.checkpoints, [80], os.path.join(tmp, "ref"), backend="reference")
-    want = values(ref.outputs[0])
-    for be in ("cuda", "triton"):
-        t = time.perf_counter()
-        try:
-            got = extrapolate(syn.base_dir, syn.checkpoints, [80], os.path.join(tmp, be), backend=be)
-            have = values(got.outputs[0])
-            same = sum(np.array_equal(have[n], want[n]) for n in want)
-            err = max(float(np.abs(have[n] - want[n]).max(initial=0))
-                      / max(float(np.abs(want[n]).max(initial=0)), 1e-30) for n in want)
-            print(f"smoke {be}: {time.perf_counter() - t:.1f} s, {same}/{len(want)} tensors bit-equal to the reference,"
-                  f" largest difference {err:.2e} of a tensor's largest value, kernel {got.report.get('kernel')},"
-                  f" gram {got.report.get('gram_precision')}", flush=True)
-        except Exception as e:
-            failed += 1
-            print(f"smoke {be}: FAILED {type(e).__name__}: {e}", flush=True)
-            import traceback; traceback.print_exc()
-sys.exit(1 if failed else 0)
-PY
+  # the first sign of life, in seconds: one small run per device backend against the reference engine
+  smoke="test_pipeline_outputs_match_reference_engine and resident and not double"
+  step "smoke: one extrapolation on each device backend against the reference" 60 260 "$PY" -m pytest -q -x \
+    -p no:cacheprovider tests/test_gpu.py -k "$smoke" -rs
   # RELEX_CUDA_SYNC=1: a kernel error is raised at the launch that caused it, naming the kernel
   step "GPU tests" 150 170 env RELEX_CUDA_SYNC=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     tests/test_triton_kernels.py -k "not interpreter_suite and not interpreted" -rs
