@@ -384,6 +384,32 @@ def test_the_next_tensor_is_read_ahead_from_the_last_range_of_a_cut_one(tmp, mon
     assert all(who == "relex-read-ahead" for i, who in asked if i > first_gram)
 
 
+def test_a_gram_only_pass_reads_the_next_tensor_ahead_from_its_last_range(tmp, monkeypatch):
+    """The diagnostics pass (gram items, one pass): behind a tensor cut into ranges the next tensor
+    is asked for when the cut tensor's last range starts, as behind a fit item's pass 2."""
+    from relex_kernels.analysis.extended_gram import extended_grams
+    from relex_kernels.engine import plan, streaming
+    from relex_kernels.ops.reference import GRAM_CHUNK
+    base, ck = make_trajectory(tmp, {"big": (6 * GRAM_CHUNK,), "after": (64, 64)}, range(1, 4), dtype="F32")
+    monkeypatch.setattr(plan, "GROUP_MAX", 1)
+    monkeypatch.setattr(plan, "KERNEL_SCRATCH", 0)
+    monkeypatch.setattr(plan, "MIN_BUDGET", 0)
+    events = []
+    St = streaming.Streamer
+    real_views, real_ahead = St.views, St.prefetch_ahead
+    monkeypatch.setattr(St, "views", lambda self, job, a, b: (events.append(("views", job.name, a, b)),
+                                                              real_views(self, job, a, b))[1])
+    monkeypatch.setattr(St, "prefetch_ahead", lambda self, job: (events.append(("ahead", job.name)),
+                                                                 real_ahead(self, job))[1])
+    before = _read_ahead_threads()
+    extended_grams(base, ck, memory_budget=2 * (3 + 1) * 4 * GRAM_CHUNK, backend="cpu")  # ranges of two chunks
+    _wait_read_ahead_gone(before)
+    big = [e for e in events if e[:2] == ("views", "big")]
+    assert len(big) == 3
+    ahead = events.index(("ahead", "after"))
+    assert [e for e in events[ahead:] if e[:2] == ("views", "big")] == [big[-1]]
+
+
 def test_read_ahead_neither_maps_a_file_nor_waits_for_the_maps_lock(tmp):
     """A prefetch asks the kernel through a descriptor of its own: it does not map the file, and the
     read-ahead thread never waits for the lock under which the main thread makes its views."""

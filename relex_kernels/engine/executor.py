@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 
 import numpy as np
 
@@ -66,15 +67,6 @@ def check_f16_range(job, writers, targets, a: int = 0, b: int | None = None) -> 
             raise InputError(f"tensor {job.name}: the prediction for step {t} leaves the F16 range "
                              f"(|x| > 65504) at {bad} of {job.numel} elements; predict a nearer step, or convert "
                              "the checkpoints to bf16 or fp32")
-
-
-def _then_at(on_range, at: int, then):
-    """``on_range`` (called with each range's end), which also calls ``then()`` at the end ``at``."""
-    def call(b: int) -> None:
-        on_range(b)
-        if b == at:
-            then()
-    return call
 
 
 class Executor:
@@ -134,16 +126,14 @@ class Executor:
 
     def _fit(self, item: Item, items, i: int) -> None:
         st, job, jr = self.st, item.job, self.jr
-        # The next item is read ahead while this one computes; behind a tensor cut into ranges,
-        # from the start of its last range: asked for earlier, its pages could be evicted by this
-        # tensor's own stream (an 8B embedding at T = 100 is 124 GB) before they are used.
-        cut = len(item.combine_ranges) > 1  # (a resident tensor is one range)
-        if not cut:
-            self._read_ahead(items, i)
+        # The next item is read ahead while this one computes, from the start of the last range
+        # this one reads (the streamer's then=): pass 2's when it reads the inputs anew
+        ahead = partial(self._read_ahead, items, i)
         if item.needs_gram:
             acc = jr.grams[job.name][1] if item.gram_from else None
             G = st.gram(job, item.gram_ranges, item.resident, acc=acc,
-                        on_range=self._gram_recorder(job.name, item.ranges[-1][1]))
+                        on_range=self._gram_recorder(job.name, item.ranges[-1][1]),
+                        then=None if item.reread else ahead)
             if self.on_gram is not None:
                 self.on_gram(item, G)
             comp = fitmath.components(G, self.opts.rank, job.numel, job.dtype)
@@ -153,11 +143,10 @@ class Executor:
         else:
             comp = self.comps[job.name] if self.comps is not None else jr.fits[job.name]
         self._record_fit(job, comp)
-        written = self._written_recorder(job.name, item.ranges[-1][1])
-        if cut:  # range ends are reported as they are written: the last range starts at its start
-            written = _then_at(written, item.combine_ranges[-1][0], lambda: self._read_ahead(items, i))
         st.combine(job, item.combine_ranges, item.resident, fitmath.alphas(comp, self.W), self.writers,
-                   also=item.also, count_read=item.reread, on_range=written)
+                   also=item.also, count_read=item.reread,
+                   on_range=self._written_recorder(job.name, item.ranges[-1][1]),
+                   then=ahead if item.reread or not item.needs_gram else None)
         st.after_writes(lambda: (check_f16_range(job, self.writers, self.targets), self._done(job.name)))
 
     def _read_ahead(self, items, i: int) -> None:
@@ -206,8 +195,7 @@ class Executor:
 
     def _gram(self, item: Item, items, i: int) -> None:
         """Pass 1 only: a Gram block sum of a split piece (SPMD) or a diagnostics Gram."""
-        self._read_ahead(items, i)
-        G = self.st.gram(item.job, item.gram_ranges, item.resident)
+        G = self.st.gram(item.job, item.gram_ranges, item.resident, then=partial(self._read_ahead, items, i))
         if self.on_gram is not None:
             self.on_gram(item, G)
 
@@ -215,7 +203,8 @@ class Executor:
         """Pass 2 only: the weighted sums of a split piece, from the fit every rank derived."""
         job = item.job
         self.st.combine(job, item.combine_ranges, item.resident, fitmath.alphas(self.fits[job.name], self.W),
-                        self.writers, also=item.also, count_read=item.reread)
+                        self.writers, also=item.also, count_read=item.reread,
+                        then=partial(self._read_ahead, items, i))
         a, b = item.combine_ranges[0][0], item.combine_ranges[-1][1]
         self.st.after_writes(lambda: check_f16_range(job, self.writers, self.targets, a, b))
 

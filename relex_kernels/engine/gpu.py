@@ -565,13 +565,16 @@ class DeviceStreamer(Streamer):
             fn()
 
     # -- pass 1 ----------------------------------------------------------------------
-    def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None) -> np.ndarray:
+    def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None,
+             then=None) -> np.ndarray:
         """The Gram over ``ranges`` (the sum and journal points of :meth:`Streamer.gram`)."""
         torch, T = self.torch, self.traj.T
         self._landed()
         self._release_resident()
         if job.on_host:  # (module docstring)
-            return Streamer.gram(self, job, ranges, resident, acc, on_range)
+            return Streamer.gram(self, job, ranges, resident, acc, on_range, then)
+        if then is not None:  # (the device's readers follow the plan: only an F64 host job is helped)
+            then()
         f64 = dict(dtype=torch.float64, device=self.dev)
         with self._on(self.compute):
             dev_acc = None if acc is None else torch.from_numpy(np.array(acc, dtype=np.float64)).to(self.dev)
@@ -673,12 +676,14 @@ class DeviceStreamer(Streamer):
             self.out_pool.put(buf)
 
     def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers, also: str | None = None,
-                count_read: bool = True, on_range=None) -> None:
+                count_read: bool = True, on_range=None, then=None) -> None:
         """Write ``len(writers)`` outputs (see :meth:`Streamer.combine`); returns once they are on their
         way, ``on_range`` runs once they are in the maps (module docstring)."""
         self._landed()
         if job.on_host:
-            return Streamer.combine(self, job, ranges, resident, alphas, writers, also, count_read, on_range)
+            return Streamer.combine(self, job, ranges, resident, alphas, writers, also, count_read, on_range, then)
+        if then is not None:
+            then()
         torch, T, K = self.torch, self.traj.T, len(writers)
         self._outputs(K)
         tdt = self.kern_dtype(job.dtype)

@@ -118,12 +118,16 @@ class Streamer:
         for loc in self._locs(job):
             loc.file.prefetch(job.name, a, b)
 
-    def _read_ahead(self, job: Job, ranges, i: int, resident: bool) -> None:
+    def _read_ahead(self, job: Job, ranges, i: int, resident: bool, then=None) -> None:
         """Before range ``i`` of a tensor cut into ranges, start the storage reads of range ``i+1``
         (page-cache read-ahead, asynchronous): on a cold cache they overlap this range's kernels.
-        A resident tensor was read ahead whole, while the tensor before it computed."""
+        A resident tensor was read ahead whole, while the tensor before it computed. Before the
+        last range, ``then()``: the caller's read-ahead of the work after this tensor, asked for
+        no earlier (an 8B embedding at T = 100 is 124 GB: its own stream would evict it)."""
         if not resident and i + 1 < len(ranges):
             self.read_ahead(self.prefetch, job, *ranges[i + 1])
+        if then is not None and i == len(ranges) - 1:
+            then()
 
     # The read-ahead calls run on a thread of their own, in the order asked. Asking the kernel
     # for a tensor's pages (posix_fadvise WILLNEED) returns only once every read is queued on
@@ -172,20 +176,22 @@ class Streamer:
         return self.backend if self.backend.supports(job.dtype) else self.reference
 
     # -- pass 1 ----------------------------------------------------------------------
-    def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None) -> np.ndarray:
+    def gram(self, job: Job, ranges, resident: bool, acc: np.ndarray | None = None, on_range=None,
+             then=None) -> np.ndarray:
         """The Gram over ``ranges``, added to ``acc`` (a resumed partial sum) when given.
 
         Two-level sum (:class:`.gramsum.GramSum`). ``on_range(b, acc)`` is called
         after each range ``[a, b)`` that ends where ``acc`` alone is the whole state — at
         a block boundary or inside block 0 — so a run resumed from it (the journal) sums
-        the same bits. Ranges that start inside a block must start inside block 0.
+        the same bits. Ranges that start inside a block must start inside block 0. ``then()``
+        runs before the last range (:meth:`_read_ahead`).
         """
         T = self.traj.T
         gs = GramSum(job.numel, lambda: np.zeros((T, T), dtype=np.float64), ranges[0][0] if ranges else 0,
                      None if acc is None else acc.copy(), job.name)
         ops = self._ops(job)
         for i, (a, b) in enumerate(ranges):
-            self._read_ahead(job, ranges, i, resident)
+            self._read_ahead(job, ranges, i, resident, then)
             for p0, p1 in self._subranges(job, a, b):
                 base, hist = self.views(job, p0, p1)
                 for c0, c1, blk in gs.pieces(p0, p1):
@@ -236,19 +242,19 @@ class Streamer:
 
     # -- pass 2 ----------------------------------------------------------------------
     def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers: list[ShardedWriter],
-                also: str | None = None, count_read: bool = True, on_range=None) -> None:
+                also: str | None = None, count_read: bool = True, on_range=None, then=None) -> None:
         """Write ``len(writers)`` outputs; ``also`` names a tied head written with the same values.
 
         ``count_read``: whether this pass reads the inputs anew (False when pass 1 left
         them resident), for the progress bar and the bytes-read figure. ``on_range(b)``
         is called once the outputs of each range ``[a, b)`` are written (here at once; a
-        device pipeline's writer threads land them later: :meth:`after_writes`).
+        device pipeline's writer threads land them later: :meth:`after_writes`). ``then``: as
+        for :meth:`gram` (:meth:`_read_ahead`).
         """
         T = self.traj.T
         ops = self._ops(job)  # each converts the fp64 alphas (fp32 but for the fp64 path)
         for i, (a, b) in enumerate(ranges):
-            if count_read:
-                self._read_ahead(job, ranges, i, resident)
+            self._read_ahead(job, ranges, i, resident or not count_read, then)
             for p0, p1 in self._subranges(job, a, b):
                 base, hist = self.views(job, p0, p1)
                 outs = [w.view(job.name, p0, p1) for w in writers]
