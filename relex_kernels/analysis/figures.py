@@ -11,11 +11,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import threading
-import warnings
 
 import numpy as np
 
-from ..errors import RelexWarning, UsageError
+from ..errors import UsageError
 from .aggregate import MODULE_TYPES, layer_index, layer_module_grid, module_type
 
 _COLORS = dict(zip(MODULE_TYPES, ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
@@ -32,41 +31,19 @@ def _plt():
     return plt
 
 
-def available() -> bool:
-    """Whether matplotlib is installed (without importing it)."""
-    try:
-        return importlib.util.find_spec("matplotlib") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def require() -> None:
     """Fail now, before any pass or output directory, when figures are required and matplotlib is missing."""
-    if not available():
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # (a module entry of None: import blocked)
+        found = False
+    if not found:
         raise UsageError("figures need matplotlib (pip install matplotlib), or pass --no-figures")
 
 
-def wanted(figures: bool | None) -> bool:
-    """Resolve a ``figures`` argument before any pass: True (required: :func:`require` fails now
-    without matplotlib), False, or None (when matplotlib is installed; else the caller skips them
-    and says so with :func:`warn_skipped` once its reports are written)."""
-    if figures is None:
-        return available()
-    if figures:
-        require()
-    return bool(figures)
-
-
-def warn_skipped(written: str) -> None:
-    """The one-line RelexWarning of figures skipped for want of matplotlib."""
-    warnings.warn(f"figures skipped: they need matplotlib (pip install matplotlib); wrote {written} only",
-                  RelexWarning, stacklevel=3)
-
-
 def preload() -> threading.Thread:
-    """Check that matplotlib exists now, and import it in a thread while the Gram pass runs
-    (the kernels release the GIL); a second or so that would otherwise come after the pass."""
-    require()
+    """Import matplotlib in a thread while the Gram pass runs (the kernels release the GIL): a
+    second or so that would otherwise come after the pass. A failure shows when a figure is drawn."""
 
     def work():
         try:

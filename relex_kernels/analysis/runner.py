@@ -72,21 +72,17 @@ def analyze(base: str, checkpoints: dict[int, str], out_dir: str, *, history_ste
     fitmath.validate(opts, hist)
     if rank_max < 1:
         raise UsageError(f"--rank-max must be >= 1; got {rank_max}")
-    skip_warning = figures is None and not figs.available()
-    required = figures is True
-    figures = figs.wanted(figures)  # fails on a missing matplotlib before the pass when figures are required
-    names = ["report.json", "report.md"] + (list(ANALYZE_FIGURES) if figures else [])
+    if figures:
+        figs.require()  # (required: fail before the pass)
+    names = ["report.json", "report.md"] + (list(ANALYZE_FIGURES) if figures is not False else [])
     with report_dir(out_dir, names, overwrite) as out_dir:
-        res = _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, memory_budget, backend,
-                       figures, progress, t0, required=required)
-    if skip_warning:
-        figs.warn_skipped("report.json and report.md")
-    return res
+        return _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, memory_budget, backend,
+                        figures, progress, t0)
 
 
 def _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, memory_budget, backend, figures,
-             progress, t0, *, required: bool = False) -> Result:
-    loader = figs.preload() if figures else None
+             progress, t0) -> Result:
+    loader = figs.preload() if figures is not False else None
     gp = extended_grams(base, checkpoints, memory_budget=memory_budget, backend=backend, progress=progress,
                         desc="relex analyze")
     T = len(hist)
@@ -117,8 +113,8 @@ def _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, me
     }
     if loader is not None:
         loader.join()
-    if figures and entries:
-        with _figures(out_dir, ANALYZE_FIGURES, rep["figures"], required, "report.json and report.md"):
+    if figures is not False and entries:
+        with _figures(out_dir, ANALYZE_FIGURES, rep["figures"], figures, "report.json and report.md"):
             figs.coefficient_figure(os.path.join(out_dir, "coefficients.png"), entries, gp.steps, T)
             rep["figures"].append("coefficients.png")
             if figs.heatmap_figure(os.path.join(out_dir, "ev_heatmap.png"), entries):
@@ -133,22 +129,22 @@ def _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, me
 
 
 @contextlib.contextmanager
-def _figures(out_dir: str, names, drawn: list[str], required: bool, reports: str):
-    """Draw the figures ``names`` (listed in ``drawn`` as they are written); unless they were required,
-    a matplotlib that is installed but fails (an ABI mismatch, a broken backend) costs the figures,
-    not the reports: every file of ``names`` goes (one half written too), ``drawn`` is emptied, and
-    one warning says why."""
+def _figures(out_dir: str, names, drawn: list[str], figures: bool | None, reports: str):
+    """Draw the figures ``names`` (listed in ``drawn`` as they are written); unless they were required
+    (``figures`` True), a matplotlib that is missing or fails (an ABI mismatch, a broken backend)
+    costs the figures, not the reports: every file of ``names`` goes (one half written too),
+    ``drawn`` is emptied, and one warning says why."""
     try:
         yield
     except Exception as e:
-        if required:
+        if figures:
             raise
         for name in names:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(out_dir, name))
         drawn.clear()
-        warnings.warn(f"figures skipped: matplotlib failed ({type(e).__name__}: {e}); wrote {reports} only",
-                      RelexWarning, stacklevel=3)
+        why = e if isinstance(e, UsageError) else f"matplotlib failed ({type(e).__name__}: {e})"
+        warnings.warn(f"figures skipped: {why}; wrote {reports} only", RelexWarning, stacklevel=3)
 
 
 def _growth(entries: list[dict], hist: list[int], later: list[int]) -> dict | None:
@@ -216,25 +212,18 @@ def backtest(base: str, checkpoints: dict[int, str], history_steps: int, eval_st
     if not run_methods:
         raise UsageError(f"no method can run on {len(hist)} history checkpoints: {skipped}")
     if out_dir is None:
-        return _backtest(base, checkpoints, hist, eval_steps, None, run_methods, skipped, window, poly_degree,
-                         materialize, memory_budget, backend, False, overwrite, progress, base_opts, t0)
-    skip_warning = figures is None and not figs.available()
-    required = figures is True
-    figures = figs.wanted(figures)
-    names = ["backtest.json", "backtest.md"] + (["error_vs_distance.png"] if figures else [])
-    with report_dir(out_dir, names, overwrite) as out_dir:
-        res = _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, window, poly_degree,
-                        materialize, memory_budget, backend, figures, overwrite, progress, base_opts, t0,
-                        required=required)
-    if skip_warning:
-        figs.warn_skipped("backtest.json and backtest.md")
-    return res
+        figures = False  # (no report: no figure)
+    elif figures:
+        figs.require()  # (required: fail before the pass)
+    names = ["backtest.json", "backtest.md"] + (["error_vs_distance.png"] if figures is not False else [])
+    with report_dir(out_dir, names, overwrite) if out_dir is not None else contextlib.nullcontext() as out_dir:
+        return _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, window, poly_degree,
+                         materialize, memory_budget, backend, figures, overwrite, progress, base_opts, t0)
 
 
 def _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, window, poly_degree, materialize,
-              memory_budget, backend, figures, overwrite, progress, base_opts, t0, *,
-              required: bool = False) -> Result:
-    loader = figs.preload() if out_dir is not None and figures else None
+              memory_budget, backend, figures, overwrite, progress, base_opts, t0) -> Result:
+    loader = figs.preload() if figures is not False else None
     gp = extended_grams(base, {s: checkpoints[s] for s in hist + eval_steps}, memory_budget=memory_budget,
                         backend=backend, progress=progress, desc="relex backtest")
     T = len(hist)
@@ -281,8 +270,8 @@ def _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped
     if out_dir is not None:
         if loader is not None:
             loader.join()
-        if figures:
-            with _figures(out_dir, ["error_vs_distance.png"], rep["figures"], required,
+        if figures is not False:
+            with _figures(out_dir, ["error_vs_distance.png"], rep["figures"], figures,
                           "backtest.json and backtest.md"):
                 figs.error_distance_figure(os.path.join(out_dir, "error_vs_distance.png"), model, last)
                 rep["figures"].append("error_vs_distance.png")
