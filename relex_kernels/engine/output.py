@@ -101,6 +101,7 @@ class OutputSet:
         self.writers: list[ShardedWriter] = []
         self.journal: Journal | None = None
         self.complete: dict | None = None
+        self.prior_report = load_report(os.path.join(self.out_dir, REPORT_NAME))  # (the run there before)
         try:
             self._clean_stale()
             if resume:
@@ -132,15 +133,16 @@ class OutputSet:
 
     def _finished_before(self) -> dict | None:
         """The report of an earlier run with this key whose outputs are all in place, else None."""
-        try:
-            with open(os.path.join(self.out_dir, REPORT_NAME)) as fh:
-                rep = json.load(fh)
-            if (not self.key or rep.get("run_key") != self.key
-                    or sorted(rep["outputs"]) != sorted(str(t) for t in self.targets)):
-                return None
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        rep = self.prior_report
+        if (rep is None or not self.key or rep.get("run_key") != self.key or not self.has_targets(rep)
+                or not all(_whole_checkpoint(self.final(t)) for t in self.targets)):
             return None
-        return rep if all(_whole_checkpoint(self.final(t)) for t in self.targets) else None
+        return rep
+
+    def has_targets(self, rep: dict) -> bool:
+        """Whether report ``rep`` is of a run with this run's targets."""
+        outputs = rep.get("outputs")
+        return isinstance(outputs, dict) and sorted(outputs) == sorted(str(t) for t in self.targets)
 
     def final(self, t: int) -> str:
         return os.path.join(self.out_dir, target_dir_name(t))
@@ -262,10 +264,9 @@ class OutputSet:
         """A RelexWarning when this run's report replaces that of an earlier run whose outputs stay
         (``relex predict`` of a new target into the OUT_DIR of ``relex extrapolate``)."""
         try:
-            with open(os.path.join(self.out_dir, REPORT_NAME)) as fh:
-                old = json.load(fh).get("outputs", {})
+            old = (self.prior_report or {}).get("outputs", {})
             kept = sorted(int(t) for t in old if int(t) not in self.targets and os.path.isdir(self.final(int(t))))
-        except (OSError, ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError):
             return  # no earlier report (or not one of ours): nothing to say
         if kept:
             warnings.warn(f"{os.path.join(self.out_dir, REPORT_NAME)} now describes this run; the earlier run's "
@@ -342,6 +343,16 @@ class OutputSet:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def load_report(path: str) -> dict | None:
+    """A run's report (JSON object) at ``path``; None when it is missing or not one."""
+    try:
+        with open(path) as fh:
+            rep = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return rep if isinstance(rep, dict) else None
 
 
 def _whole_checkpoint(d: str) -> bool:

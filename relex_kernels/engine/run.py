@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
@@ -15,7 +14,7 @@ from ..io import fitfile
 from . import apicheck, journal, plan, report
 from .executor import Executor, progress_bar
 from .gpu import close_streamer, make_streamer, stage_fields
-from .output import OutputSet, _inside
+from .output import REPORT_NAME, OutputSet, _inside, load_report
 from .plan import default_memory_budget, parse_size
 from .report import RunResult
 from .trajectory import OUT_DTYPES, Trajectory
@@ -84,17 +83,13 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
 
 def _finish_committed(outs: OutputSet, backend: str, t0: float, comps, before_commit=None) -> RunResult:
     """The previous run wrote everything and died during the renames: finish them."""
-    path = os.path.join(outs.state_dir, "relex_report.json")
+    path = os.path.join(outs.state_dir, REPORT_NAME)
     if not os.path.exists(path):  # killed after finish_commit moved it beside the outputs
-        path = os.path.join(outs.out_dir, "relex_report.json")
-    try:
-        with open(path) as fh:
-            rep = json.load(fh)
-        if sorted(rep["outputs"]) != sorted(str(t) for t in outs.targets):
-            raise ValueError("targets differ")
-    except (OSError, ValueError, KeyError, TypeError):
+        path = os.path.join(outs.out_dir, REPORT_NAME)
+    rep = load_report(path)
+    if rep is None or not outs.has_targets(rep):
         raise OutputError(f"cannot finish the interrupted run in {outs.out_dir}: its report {path} is "
-                          "missing or belongs to another run; run again with --no-resume") from None
+                          "missing or belongs to another run; run again with --no-resume")
     fits = dict(comps) if comps is not None else dict(outs.journal.fits)
     if before_commit is not None:
         before_commit(fits)
