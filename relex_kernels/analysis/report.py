@@ -101,21 +101,20 @@ def write_text(path: str, text: str) -> None:
     _atomic(path, text)
 
 
-_TMP_PREFIX = ".tmp-"
-
-
 def _atomic(path: str, text: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=d)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # (an interrupt too: no temporary file stays)
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
 
 
 def prepare_out(out_dir: str, names: list[str], overwrite: bool) -> str:
@@ -153,7 +152,7 @@ def report_dir(out_dir: str, names: list[str], overwrite: bool) -> Iterator[str]
     except BaseException:
         for n in set(os.listdir(out_dir)) - before:
             p = os.path.join(out_dir, n)
-            if (n in names or n.startswith(_TMP_PREFIX)) and os.path.isfile(p) and not os.path.islink(p):
+            if n in names and os.path.isfile(p) and not os.path.islink(p):
                 try:
                     os.unlink(p)
                 except OSError:
