@@ -331,3 +331,15 @@ def test_output_piped_into_a_reader_that_leaves_is_no_error():
     p.stdout.close()  # the reader is gone before the first line
     err = p.stderr.read().decode()
     assert p.wait() == 0 and "Traceback" not in err, err
+
+
+def test_a_failed_run_removes_the_parents_it_made_for_its_output(run):
+    tmp, base, rundir = run
+    ok = os.path.join(rundir, "global_step_1", "actor", "huggingface")
+    nan = dtypes.from_float32(np.full((16, 8), np.nan, np.float32), "BF16")
+    _ck(os.path.join(tmp, "nan"), {"a.weight": ("BF16", nan), "b": ("BF16", np.zeros(5, np.uint16))})
+    out = os.path.join(tmp, "new", "deeper", "out")  # found bad only once the run has begun
+    r = relex("extrapolate", "--base", base, "--checkpoint", f"1={ok}", "--checkpoint", f"4={os.path.join(tmp, 'nan')}",
+              "--target-step", 9, "--out", out)
+    assert_clean_failure(r, out, "NaN/Inf")
+    assert not os.path.exists(os.path.join(tmp, "new"))

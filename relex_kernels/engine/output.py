@@ -23,6 +23,7 @@ import warnings
 
 from ..errors import FormatError, InputError, OutputError, RelexWarning
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, read_weight_map
+from ..io.dirs import missing_dirs, remove_empty
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import journal as journal_mod
 from .journal import Journal
@@ -90,7 +91,7 @@ class OutputSet:
                 if _inside(d, os.path.join(self.out_dir, target_dir_name(t))):
                     raise OutputError(f"output {os.path.join(self.out_dir, target_dir_name(t))} would "
                                       f"replace input {d}")
-        self._created = not os.path.lexists(self.out_dir)  # a failed run removes what it created
+        self._created = missing_dirs(self.out_dir)  # a failed run removes what it created (parents too)
         try:
             os.makedirs(self.out_dir, exist_ok=True)
         except OSError as e:
@@ -331,11 +332,9 @@ class OutputSet:
         if not (keep and self.journal is not None) and not committed:
             shutil.rmtree(self.state_dir, ignore_errors=True)
             if self._created and self._lock_fd is not None:
-                try:  # leave no trace: the lock (still held while it goes) and the directory
+                with contextlib.suppress(OSError):  # leave no trace: the lock (held while it goes), the directories
                     os.unlink(os.path.join(self.out_dir, LOCK_NAME))
-                    os.rmdir(self.out_dir)
-                except OSError:
-                    pass
+                remove_empty(self._created)
         self.partials = {}
         self._unlock()
 
