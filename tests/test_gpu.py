@@ -940,3 +940,106 @@ def test_resident_trajectories_share_one_device_arena(tmp, device_backend, monke
     assert_same(ref.outputs[0], got.outputs[0], exact)
     assert len(taken) >= 4, taken  # several resident tensors, one after the other
     assert len([w for w in made if w.startswith("the resident trajectories")]) == 1, made
+
+
+class _SlowGram(devicedouble.RefKernels):
+    """Gram kernels that take a while: the reader has the next group ready before the engine waits."""
+
+    def gram(self, *args, **kw):
+        time.sleep(0.01)
+        super().gram(*args, **kw)
+
+
+def _count_uploads_ahead(monkeypatch) -> list:
+    """Spy: the number of groups each device streamer uploaded ahead and used, appended at its close."""
+    used, close = [], gpu.DeviceStreamer.close
+
+    def counting_close(self):
+        if not self.closed:
+            used.append(self.uploads_ahead)
+        close(self)
+    monkeypatch.setattr(gpu.DeviceStreamer, "close", counting_close)
+    return used
+
+
+@pytest.mark.parametrize("path", ["per-tensor", "groups"])
+def test_the_next_group_is_uploaded_before_the_device_wait_and_used(tmp, async_streams, path, monkeypatch):
+    """The next group of the plan goes up while the engine waits for the Grams and solves (the
+    copy overlaps them), into the next stage slot; its use waits for the copy: with copies that
+    land late, the reference engine's bytes, and most groups were uploaded ahead."""
+    devicedouble.install(monkeypatch.setattr, _SlowGram)
+    if path == "groups":
+        monkeypatch.setattr(plan, "GROUP_MAX", GROUPED_MAX)
+        base, ck = _grouped_traj(tmp)
+    else:
+        per_tensor(monkeypatch)
+        base, ck = _traj(tmp)
+    # per tensor, nothing resident on the device: every tensor is streamed through the stage slots, twice
+    budgets = SMALL if path == "groups" else dict(
+        memory_budget=SMALL["memory_budget"], device_memory_budget=gpu.device_overhead(len(STEPS), SMALL["memory_budget"]))
+    used = _count_uploads_ahead(monkeypatch)
+    ref = extrapolate(base, ck, [20, 40], os.path.join(tmp, "ref"), backend="reference")
+    got = extrapolate(base, ck, [20, 40], os.path.join(tmp, "got"), backend="triton", **budgets)
+    for r, g in zip(ref.outputs, got.outputs):
+        assert_same(r, g, True)
+    monkeypatch.setattr(gpu.DeviceStreamer, "_look_ahead", lambda self: None)
+    alone = extrapolate(base, ck, [20, 40], os.path.join(tmp, "alone"), backend="triton", **budgets)
+    assert got.bytes_read == alone.bytes_read  # (a group uploaded ahead is counted once, where it is used)
+    # per tensor: its pass-2 group goes up while its Gram is waited for; in groups: each next group
+    # while the one before computes
+    want = len(GROUPED) // GROUPED_MAX if path == "groups" else len(got.report["tensors"])
+    assert used[0] >= want, (used, want)
+    assert all(s.ops > 0 for s in async_streams) and not any(s.errors for s in async_streams)
+
+
+def test_the_stand_ins_catch_a_group_uploaded_ahead_used_before_its_copy(tmp, async_streams, monkeypatch):
+    """The check above can fail: let the compute stream use a group uploaded ahead without waiting for
+    its copy (which lands 30-50 ms late here) and the outputs go wrong."""
+    devicedouble.install(monkeypatch.setattr, _SlowGram)
+    per_tensor(monkeypatch)
+    monkeypatch.setattr(sys.modules[__name__], "COPY_DELAYS", (0.03, 0.05))
+    from fakestreams import FakeEvent
+    ahead, look, uploaded = set(), gpu.DeviceStreamer._look_ahead, gpu.DeviceStreamer._uploaded
+
+    def spied_look(self):
+        look(self)
+        if self.ahead is not None:
+            ahead.add(id(self.ahead[2]))
+
+    def no_wait_if_ahead(self, key, ev, read):  # (a fresh event is complete: no wait)
+        uploaded(self, key, FakeEvent() if id(ev) in ahead else ev, read)
+    monkeypatch.setattr(gpu.DeviceStreamer, "_look_ahead", spied_look)
+    monkeypatch.setattr(gpu.DeviceStreamer, "_uploaded", no_wait_if_ahead)
+    assert _differs_from_reference(tmp, memory_budget=SMALL["memory_budget"],
+                                   device_memory_budget=gpu.device_overhead(len(STEPS), SMALL["memory_budget"]))
+    assert ahead
+
+
+def test_a_group_uploaded_ahead_and_not_asked_for_is_dropped(tmp, monkeypatch):
+    """The engine asks for another group than the one uploaded ahead (out of the plan's order): that
+    one is read and uploaded, and the slot of the one ahead is reused in turn."""
+    devicedouble.install(monkeypatch.setattr)
+    per_tensor(monkeypatch)
+    n = 8 * GRAM_CHUNK
+    base, ck = make_trajectory(tmp, {"a": (n,), "b": (n,)}, [1, 2, 3], dtype="BF16")
+    traj = Trajectory(base, ck)
+    st = gpu.make_streamer(traj, get_backend("triton"), 8 << 20, device_memory_budget=gpu.device_overhead(3, 8 << 20))
+    try:
+        items = plan.build(traj, st.policy, 1, fitted=False, groupable=st.groupable).items
+        st.follow(items)
+        a, b = (traj.jobs[i] for i in (0, 1))
+        ranges = [(0, a.numel)]
+        ref = gpu.Streamer(traj, get_backend("reference"), 8 << 20)
+        np.testing.assert_array_equal(st.gram(a, ranges, False), ref.gram(a, ranges, False))
+        deadline = time.monotonic() + 30
+        while st.ahead is None and time.monotonic() < deadline:  # the reader has a's pass-2 group ready
+            st._look_ahead()
+            time.sleep(0.01)
+        assert st.ahead is not None and st.ahead[0][:2] == (a.name, 2)
+        G = st.gram(b, ranges, False)  # not a's pass 2, which the plan has next
+        assert st.uploads_ahead == 0
+        np.testing.assert_array_equal(G, ref.gram(b, ranges, False))
+        np.testing.assert_array_equal(st.gram(a, ranges, False), ref.gram(a, ranges, False))
+        ref.close()
+    finally:
+        st.close()

@@ -16,7 +16,10 @@ GRAM_BLOCK, so groups never straddle a Gram block):
   boundaries and while the device computes;
 * the H2D copy runs on its own stream into a device stage slot (ring of
   ``N_STAGE``) or, for a tensor whose whole trajectory fits the device budget, into
-  its resident buffer — then pass 2 reads nothing;
+  its resident buffer — then pass 2 reads nothing; before the engine waits for the
+  device (a tensor's or a group's Grams, then the solve on the host), the plan's next
+  group goes up into the next stage slot if the reader has it (:meth:`_look_ahead`), so
+  that copy overlaps the wait and the solve instead of following them;
 * the Gram kernels run on the compute stream as each group lands; the combine
   kernel writes the outputs of a group into a device slot, a D2H copy on a third
   stream brings them to a pinned buffer, and writer threads copy them into the
@@ -240,14 +243,20 @@ class _Reader:
         self.thread.join()
         self.thread = None
 
-    def take(self, key):
-        """The pinned buffer (torch, numpy) holding group ``key``; raises the reader's error."""
+    def take(self, key, wait: bool = True):
+        """The pinned buffer (torch, numpy) holding group ``key``; raises the reader's error.
+        ``wait=False``: None unless the reader has it ready now (it starts no reader either)."""
         restarted = False
         while True:
             if self.thread is None:
+                if not wait:
+                    return None
                 self._start(key)
                 restarted = True
-            item = self.q.get()
+            try:
+                item = self.q.get(block=wait)
+            except queue.Empty:
+                return None
             if item is None:  # the plan ran out
                 self.thread.join()
                 self.thread = None
@@ -262,6 +271,8 @@ class _Reader:
                 return item[1]
             self.pool.put(item[1])
             self.cancel()  # the engine asked out of the predicted order (a resumed run)
+            if not wait:
+                return None
 
 
 class DeviceStreamer(Streamer):
@@ -298,6 +309,11 @@ class DeviceStreamer(Streamer):
         self.policy = Policy(T, memory_budget, self.resident_cap, stage=self.stage)
         self.jobs = {j.name: j for j in traj.jobs}
         self.keys: list = []  # the group keys of the plan being run, in order (follow)
+        self.key_at: dict = {}  # each key's place in keys
+        self.on_arena: set = set()  # the tensors whose pass-1 groups go into the arena (follow)
+        self.next_key = 0  # the place in keys after the group uploaded last
+        self.ahead = None  # (key, slot, event, input bytes) of the group uploaded ahead (_look_ahead)
+        self.uploads_ahead = 0  # how many were used (tests)
         if self.cuda:
             self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.dev) for _ in range(3))
         else:
@@ -377,10 +393,14 @@ class DeviceStreamer(Streamer):
             if it.combine_ranges and (it.kind == "combine" or it.reread or not it.needs_gram):
                 keys += [(job.name, 2, ga, gb) for a, b in it.combine_ranges for ga, gb in self.groups(job, a, b)]
         self.keys = keys
+        self.key_at = {}
+        for i, key in enumerate(keys):
+            self.key_at.setdefault(key, i)
+        self.next_key = 0
         T = self.traj.T
-        self.arena_bytes = max([(T + 1) * it.job.nbytes for it in items
-                                if it.kind == "fit" and it.resident and not it.reused and not it.job.on_host],
-                               default=0)
+        arena = [it.job for it in items if it.kind == "fit" and it.resident and not it.reused and not it.job.on_host]
+        self.on_arena = {job.name for job in arena}
+        self.arena_bytes = max([(T + 1) * job.nbytes for job in arena], default=0)
 
     def _plan_from(self, key):
         """Group keys: ``key``, then those the plan asks for after it."""
@@ -494,13 +514,25 @@ class DeviceStreamer(Streamer):
         stream waits for them. ``read``: input bytes they hold (default: all)."""
         with self._timed("wait_read"):
             buf = self.reader.take(key)
+        self._uploaded(key, self._h2d(buf, dst, nbytes), nbytes if read is None else read)
+
+    def _h2d(self, buf, dst, nbytes: int):
+        """Issue the copy of the first ``nbytes`` of pinned ``buf`` into device bytes ``dst``; the
+        buffer goes back to the reader once it is done. Returns the copy's event."""
         ev = self._event()
         with self._timed("h2d"):
             self._copy(self.h2d, dst[:nbytes], buf[0][:nbytes])
             ev.record(self.h2d)
         self.pool.put(buf, ev)  # the reader refills it after the copy (a synchronous stand-in's event: done)
+        return ev
+
+    def _uploaded(self, key, ev, read: int) -> None:
+        """The group ``key`` copied in by ``ev`` is used next: the compute stream waits for the copy."""
         self.compute.wait_event(ev)
-        self._tick(nbytes if read is None else read)
+        self._tick(read)
+        at = self.key_at.get(key)
+        if at is not None:
+            self.next_key = at + 1
 
     def _range_bytes(self, job: Job, a: int, b: int) -> int:
         return (self.traj.T + 1) * (b - a) * dtypes.itemsize(job.dtype)
@@ -520,13 +552,51 @@ class DeviceStreamer(Streamer):
         return s, self._block(job, self.slots[s], b - a)
 
     def _upload_staged(self, key, nbytes: int, read: int | None = None) -> int:
-        """:meth:`_upload` into the next stage slot, once its last user finished; returns the slot."""
+        """:meth:`_upload` into the next stage slot, once its last user finished; returns the slot
+        (the one uploaded ahead, if it holds ``key``)."""
+        ahead, self.ahead = self.ahead, None
+        if ahead is not None and ahead[0] == key:
+            self.uploads_ahead += 1
+            self._uploaded(key, ahead[2], ahead[3])
+            return ahead[1]
+        # (a group uploaded ahead and not asked for: its slot is simply the next one written; the
+        # copies into it are in the order of the h2d stream)
+        s = self._next_stage_slot()
+        self._upload(key, nbytes, self.slots[s], read)
+        return s
+
+    def _next_stage_slot(self) -> int:
+        """The next stage slot of the ring; the h2d stream's next copy into it waits for its last user."""
         s = self.next_slot
         self.next_slot = (s + 1) % N_STAGE
         if self.slot_free[s] is not None:
             self.h2d.wait_event(self.slot_free[s])
-        self._upload(key, nbytes, self.slots[s], read)
         return s
+
+    def _look_ahead(self) -> None:
+        """Upload the plan's next group into the next stage slot now, if the reader has it ready,
+        before the engine waits for the device (a group's or a tensor's Grams) and solves on the
+        host: the copy then overlaps that wait and the solve instead of following them. The compute
+        stream waits for it only where the group is used (:meth:`_upload_staged`). Not for a group
+        that goes into the arena, which the tensor computing now may still be using."""
+        if self.ahead is not None or self.next_key >= len(self.keys):
+            return
+        key = self.keys[self.next_key]
+        if key[1] == 1 and key[0] in self.on_arena:
+            return
+        if key[1] == 0:
+            jobs = [self.jobs[n] for n in key[0]]
+            nbytes, read = self._layout(jobs, self.traj.T + 1)[1], (self.traj.T + 1) * sum(j.nbytes for j in jobs)
+        else:
+            nbytes = read = self._range_bytes(self.jobs[key[0]], key[2], key[3])
+        try:
+            buf = self.reader.take(key, wait=False)
+        except Exception:  # the read failed: the engine's own request for the group reads again and reports it
+            return
+        if buf is None:
+            return
+        s = self._next_stage_slot()
+        self.ahead = (key, s, self._h2d(buf, self.slots[s], nbytes), read)
 
     def _release_slot(self, s: int) -> None:
         ev = self._event()
@@ -599,8 +669,10 @@ class DeviceStreamer(Streamer):
                         self._release_slot(s)
                 if on_range is not None and gs.resumable(b):
                     on_range(b, gs.state().cpu().numpy())
+            total = gs.result()
+            self._look_ahead()
             with self._timed("wait_gram"):
-                G = gs.result().cpu().numpy()
+                G = total.cpu().numpy()
         if not np.isfinite(G).all():
             self._release_resident()
             self._raise_nonfinite(job)
@@ -745,7 +817,9 @@ class DeviceStreamer(Streamer):
         return not job.on_host and 0 < job.numel <= self.group_len(job)
 
     def prefetch_group(self, jobs: list[Job]) -> None:
-        """Nothing: the device's reader threads read the groups ahead along the plan (:meth:`follow`)."""
+        """Upload the next group now if it is read (:meth:`_look_ahead`): the device's reader threads
+        read the groups ahead along the plan (:meth:`follow`)."""
+        self._look_ahead()
 
     def prefetch_ahead(self, job: Job) -> None:
         """The host's read-ahead of the next tensor for a tensor computed on the host (F64); a
@@ -783,6 +857,7 @@ class DeviceStreamer(Streamer):
                 # GramSum adds each tensor's one block to a zeroed total: 0 + x, which is x + 0 bit for
                 # bit (a -0.0 becomes +0.0 either way)
                 blocks.add_(0.0)
+            self._look_ahead()
             with self._timed("wait_gram"):
                 Gs = blocks.cpu().numpy()
         self._check_finite(jobs, Gs)
@@ -824,4 +899,4 @@ class DeviceStreamer(Streamer):
         else:
             for stream in (self.h2d, self.compute, self.d2h):
                 stream.synchronize()
-        self.res = self.arena = self.slots = self.out_slots = self.scratch = self.grams = None
+        self.res = self.arena = self.slots = self.out_slots = self.scratch = self.grams = self.ahead = None
