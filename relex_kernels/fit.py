@@ -94,19 +94,20 @@ def validate(opts: FitOptions, steps: list[int]) -> None:
     if opts.time_axis not in TIME_AXES:
         raise UsageError(f"unknown time axis {opts.time_axis!r} (choose from {', '.join(TIME_AXES)})")
     if not 1 <= opts.rank <= T:
-        raise UsageError(f"--rank must be between 1 and the number of history checkpoints ({T}); got {opts.rank}")
+        raise UsageError(f"rank (--rank) must be between 1 and the number of history checkpoints ({T}); "
+                         f"got {opts.rank}")
     W = window(opts, T)
     if not 2 <= W <= T:
-        raise UsageError(f"--window must be between 2 and the number of history checkpoints ({T}); got {W}")
+        raise UsageError(f"window (--window) must be between 2 and the number of history checkpoints ({T}); got {W}")
     if opts.fit == "poly" and not 1 <= opts.degree <= W - 1:
-        raise UsageError(f"--degree {opts.degree} needs a window of at least {opts.degree + 1} points "
+        raise UsageError(f"degree (--degree) {opts.degree} needs a window of at least {opts.degree + 1} points "
                          f"and must be >= 1; the window has {W}")
     if not opts.step_scale > 0:
-        raise UsageError(f"--step-scale must be positive; got {opts.step_scale}")
+        raise UsageError(f"step_scale (--step-scale) must be positive; got {opts.step_scale}")
     if opts.step_scale != 1 and opts.mode != "extrapolate":
         # a history step is not a label to scale: like the authors' script, refuse rather than fit at a wrong τ
-        raise UsageError(f"--step-scale {opts.step_scale:g} applies only to --mode extrapolate; --mode {opts.mode} "
-                         "reproduces a history step at its own index (leave --step-scale at 1)")
+        raise UsageError(f"step_scale (--step-scale) {opts.step_scale:g} applies only to mode extrapolate; "
+                         f"mode {opts.mode} reproduces a history step at its own index (leave it at 1)")
 
 
 def window(opts: FitOptions, T: int) -> int:
@@ -121,7 +122,7 @@ def validate_target(opts: FitOptions, steps: list[int], target: int) -> None:
                              "reproduce a history step, run 'relex extrapolate' with --mode reconstruct or "
                              "fit-reconstruct")
     elif target not in steps:
-        raise UsageError(f"--mode {opts.mode} reproduces a history checkpoint; target step {target} is "
+        raise UsageError(f"mode (--mode) {opts.mode} reproduces a history checkpoint; target step {target} is "
                          f"not one of the history steps {steps}")
 
 

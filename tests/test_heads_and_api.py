@@ -181,6 +181,17 @@ def test_step_scale_outside_extrapolate_is_refused_by_the_api(small, tmp, mode):
     assert not os.path.exists(os.path.join(tmp, "out"))
 
 
+@pytest.mark.parametrize("name, opts", [("rank", dict(rank=9)), ("window", dict(window=1)),
+                                         ("degree", dict(fit="poly", degree=9)), ("step_scale", dict(step_scale=-1.0))])
+def test_a_bad_option_is_named_as_the_api_spells_it_and_as_the_cli_does(small, tmp, name, opts):
+    """An embedding tool reads the FitOptions field it passed; a command-line user the flag."""
+    root, base, ck = small
+    with pytest.raises(UsageError) as ei:
+        relex_kernels.extrapolate(base, ck, [30], os.path.join(tmp, "out"), FitOptions(**opts))
+    flag = "--" + name.replace("_", "-")
+    assert str(ei.value).startswith(f"{name} ({flag})"), str(ei.value)
+
+
 def test_step_scale_outside_extrapolate_is_refused_by_the_cli(small, tmp, capsys):
     root, base, ck = small
     out = os.path.join(tmp, "out")

@@ -304,8 +304,8 @@ class DeviceStreamer(Streamer):
         fixed = device_overhead(T, memory_budget)
         self.resident_cap = self.device_budget - fixed
         if self.resident_cap < 0:
-            raise UsageError(f"--device-memory-budget {self.device_budget / 2**20:.0f} MiB is below the "
-                             f"{fixed / 2**20:.0f} MiB the pipeline needs for T={T}")
+            raise UsageError(f"device memory budget (--device-memory-budget) {self.device_budget / 2**20:.0f} MiB "
+                             f"is below the {fixed / 2**20:.0f} MiB the pipeline needs for T={T}")
         self.policy = Policy(T, memory_budget, self.resident_cap, stage=self.stage)
         self.jobs = {j.name: j for j in traj.jobs}
         self.keys: list = []  # the group keys of the plan being run, in order (follow)

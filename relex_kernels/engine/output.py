@@ -119,7 +119,7 @@ class OutputSet:
                     final = self.final(t)
                     if os.path.exists(final) and not overwrite:
                         self.abort(keep=True)
-                        raise OutputError(f"{final} already exists; pass --overwrite to replace it")
+                        raise OutputError(f"{final} already exists; pass --overwrite (overwrite=True) to replace it")
             if self.journal is None:
                 self._fresh_state()
             else:

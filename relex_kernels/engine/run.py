@@ -131,14 +131,14 @@ def extrapolate(base: str, checkpoints: dict[int, str], targets: list[int], out_
     fitmath.validate(opts, sorted(checkpoints))
     if save_fit is not None:
         if os.path.isdir(save_fit):
-            raise OutputError(f"--save-fit {save_fit} is a directory; give a file name")
+            raise OutputError(f"save_fit (--save-fit) {save_fit} is a directory; give a file name")
         if not os.path.isdir(os.path.dirname(os.path.abspath(save_fit))):
-            raise OutputError(f"--save-fit: directory of {save_fit} does not exist")
+            raise OutputError(f"save_fit (--save-fit): directory of {save_fit} does not exist")
     traj = Trajectory(base, checkpoints, out_dtype=out_dt)
     try:
         inputs = traj.input_dirs() + ([run_dir] if run_dir else [])
         if save_fit is not None and any(_inside(save_fit, d) for d in inputs):
-            raise OutputError(f"--save-fit {save_fit} lies inside an input directory; choose a path outside "
+            raise OutputError(f"save_fit (--save-fit) {save_fit} lies inside an input directory; choose a path outside "
                               "the base and run directories")
 
         saved = []
