@@ -24,11 +24,15 @@ Figures:
 6. many small tensors (MoE-shaped) end to end: small tensors in groups (one upload, one wait
    for the Grams, one batched solve per group) against each tensor alone, same run, same
    bytes written (identical), with the pipeline's stage seconds.
+
+Sections 5 and 6 also time each device backend with the upload of the next group ahead of the
+device wait switched off (``upload ahead`` no), in the same run: the before/after of that overlap.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -329,6 +333,20 @@ def _ulp_diff(a_dir: str, b_dir: str) -> dict:
     return {"elements": total, "identical_fraction": same / max(total, 1), "max_ulp": worst}
 
 
+@contextlib.contextmanager
+def upload_ahead(on: bool):
+    """The device pipeline with (the engine's default) or without the upload of the plan's next group
+    before it waits for the device (engine/gpu.py ``_look_ahead``): the A/B of that overlap."""
+    from relex_kernels.engine import gpu
+    kept = gpu.DeviceStreamer._look_ahead
+    if not on:
+        gpu.DeviceStreamer._look_ahead = lambda self: None
+    try:
+        yield
+    finally:
+        gpu.DeviceStreamer._look_ahead = kept
+
+
 def bench_e2e(s: dict, b: dict, work: str) -> dict:
     from relex_kernels.engine import extrapolate
     from relex_kernels.fit import FitOptions
@@ -340,11 +358,20 @@ def bench_e2e(s: dict, b: dict, work: str) -> dict:
     out["trajectory_bytes"] = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(root) for f in fs)
     backends = [n for n in ("cuda", "triton", "cpu") if availability()[n][0]]
     for name in backends:
-        for rep in range(2):  # the first run warms the page cache (and compiles the Triton kernels)
+        device = name != "cpu"
+        # the first run warms the page cache (and compiles the Triton kernels); a device backend's
+        # third runs without the upload ahead (its outputs: the same bytes, compared below)
+        for rep in range(3 if device else 2):
             od = os.path.join(work, f"out_{name}_{rep}")
-            r = extrapolate(base, cks, [10 * s["e2e_T"]], od, FitOptions(), backend=name, resume=False)
+            with upload_ahead(rep < 2):
+                r = extrapolate(base, cks, [10 * s["e2e_T"]], od, FitOptions(), backend=name, resume=False)
             if rep:
-                out["runs"].append(_rate_row(r, b, backend=name, bytes_read=r.bytes_read))
+                out["runs"].append(_rate_row(r, b, backend=name, bytes_read=r.bytes_read,
+                                             upload_ahead=("yes" if rep < 2 else "no") if device else ""))
+        if device:
+            step = f"step_{10 * s['e2e_T']}"
+            out[f"{name}_upload_ahead_vs_not"] = _ulp_diff(os.path.join(work, f"out_{name}_1", step),
+                                                           os.path.join(work, f"out_{name}_2", step))
     # outputs: device backends against the CPU backend (same contract) on this trajectory
     if "cpu" in backends:
         ref_dir = os.path.join(work, "out_cpu_1", f"step_{10 * s['e2e_T']}")
@@ -381,17 +408,21 @@ def bench_many(s: dict, b: dict, work: str) -> dict:
     kept = plan.GROUP_MAX
     try:
         for name in [x for x in ("cuda", "triton") if availability()[x][0]]:
-            for mode, gmax in (("per tensor", 1), ("grouped", kept)):
+            for mode, gmax, ahead in (("per tensor", 1, True), ("grouped", kept, True),
+                                      ("grouped, no upload ahead", kept, False)):
                 plan.GROUP_MAX = gmax
                 # one untimed run per backend first: it warms the page cache and compiles the kernels
                 for _ in range(2 if mode == "per tensor" else 1):
-                    od = os.path.join(work, f"many_{name}_{gmax}")
+                    od = os.path.join(work, f"many_{name}_{gmax}" + ("" if ahead else "_alone"))
                     shutil.rmtree(od, ignore_errors=True)
-                    r = extrapolate(base, cks, [10 * T], od, backend=name, resume=False)
+                    with upload_ahead(ahead):
+                        r = extrapolate(base, cks, [10 * T], od, backend=name, resume=False)
                 out["runs"].append(_rate_row(r, b, backend=name, mode=mode,
                                              **{f"{k}_s": v for k, v in r.report.get("device_stages", {}).items()}))
             a, c = (os.path.join(work, f"many_{name}_{m}", f"step_{10 * T}") for m in (1, kept))
             out[f"{name}_grouped_vs_per_tensor"] = _ulp_diff(a, c)
+            out[f"{name}_upload_ahead_vs_not"] = _ulp_diff(c, os.path.join(work, f"many_{name}_{kept}_alone",
+                                                                           f"step_{10 * T}"))
     finally:
         plan.GROUP_MAX = kept
         shutil.rmtree(root, ignore_errors=True)
@@ -441,16 +472,20 @@ def markdown(res: dict) -> str:
         e = res["e2e"]
         lines += ["## end to end (warm page cache)", "",
                   f"trajectory {e['trajectory_bytes'] / 1e9:.2f} GB, generated in {e['generate_seconds']:.0f} s", "",
-                  table(e["runs"], ["backend", "seconds", "bytes_read", "input_GBps", "vs_pinned_h2d"]), "",
+                  table(e["runs"], ["backend", "upload_ahead", "seconds", "bytes_read", "input_GBps",
+                                    "vs_pinned_h2d"]), "",
                   "outputs vs reference backend (rank 2, small run): " + json.dumps(e.get("vs_reference")), "",
-                  "outputs vs cpu backend (large run): " + json.dumps(e.get("vs_cpu_backend")), ""]
+                  "outputs vs cpu backend (large run): " + json.dumps(e.get("vs_cpu_backend")), "",
+                  "outputs with vs without the upload ahead: " + json.dumps({k: v for k, v in e.items()
+                                                                            if k.endswith("_upload_ahead_vs_not")}), ""]
     if isinstance(res.get("many"), dict) and "runs" in res["many"]:
         m = res["many"]
         lines += [f"## many small tensors: {m['tensors']} x {m['shape']} bf16, T = {m['T']}", "",
                   table(m["runs"], ["backend", "mode", "seconds", "input_GBps", "vs_pinned_h2d", "wait_read_s",
                                     "wait_gram_s", "wait_out_s", "wait_write_s"]), "",
-                  "grouped outputs vs per tensor: " + json.dumps({k: v for k, v in m.items()
-                                                                   if k.endswith("_vs_per_tensor")}), ""]
+                  "grouped outputs vs per tensor, and with vs without the upload ahead: "
+                  + json.dumps({k: v for k, v in m.items() if k.endswith(("_vs_per_tensor", "_upload_ahead_vs_not"))}),
+                  ""]
     errs = {k: v for k, v in res.items() if isinstance(v, dict) and "error" in v}
     if errs:
         lines += ["## sections that failed", ""] + [f"- {k}: {v['error'].splitlines()[-1]}" for k, v in errs.items()]
