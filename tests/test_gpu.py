@@ -13,12 +13,14 @@ Nothing here queries CUDA at import.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -713,9 +715,11 @@ def test_reader_follows_the_plan_without_restarts(tmp, device_backend, mode, mon
         starts.append(key)
         return real_start(self, key)
 
-    def take(self, key):
-        taken.append(key)
-        return real_take(self, key)
+    def take(self, key, wait=True):
+        buf = real_take(self, key, wait)
+        if buf is not None:  # (an upload ahead asks without waiting, and may get nothing yet)
+            taken.append(key)
+        return buf
 
     monkeypatch.setattr(gpu._Reader, "_start", start)
     monkeypatch.setattr(gpu._Reader, "take", take)
@@ -1043,3 +1047,135 @@ def test_a_group_uploaded_ahead_and_not_asked_for_is_dropped(tmp, monkeypatch):
         ref.close()
     finally:
         st.close()
+
+
+class _FakeReaderOwner:
+    """What :class:`gpu._Reader` asks of its streamer: the plan after a key, a timer, the fill of a
+    group (here one byte per group: the key's place in the plan; ``fail``: that key's fill raises)."""
+
+    def __init__(self, keys, fail=None):
+        self.keys, self.fail, self.fills = keys, fail, []
+
+    def _plan_from(self, key):
+        return iter(self.keys[self.keys.index(key):])
+
+    def _timed(self, stage):
+        return contextlib.nullcontext()
+
+    def _fill(self, key, arr):
+        self.fills.append(key)
+        if key == self.fail:
+            raise OSError(f"cannot read {key}")
+        arr[:] = self.keys.index(key)
+
+
+def _when_read(reader, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while reader.q.qsize() < n and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_a_take_that_does_not_wait_leaves_what_it_finds_to_the_next_take():
+    """take(wait=False) of a group that is not the next one read (or whose read failed) answers None at
+    once and keeps the reader and its reads: the next take gets that group, or raises its error,
+    without reading it again."""
+    import torch
+    owner = _FakeReaderOwner(["a", "b", "c"], fail="c")
+    pool = gpu._Pool(torch, 3, 16, False)
+    rows = ThreadPoolExecutor(1)
+    reader = gpu._Reader(owner, pool, rows)
+    try:
+        assert reader.take("b", wait=False) is None  # no reader yet: none started
+        assert reader.thread is None
+        a = reader.take("a")
+        assert (a[1] == 0).all()
+        pool.put(a)
+        _when_read(reader, 2)  # b and c's error (then the end of the plan)
+        assert reader.take("c", wait=False) is None  # b is next: kept, the reader goes on
+        assert reader.thread is not None and owner.fills == ["a", "b", "c"]
+        b = reader.take("b")
+        assert (b[1] == 1).all()
+        pool.put(b)
+        assert reader.take("c", wait=False) is None  # its read failed: the error waits for the engine's take
+        with pytest.raises(OSError, match="cannot read c"):
+            reader.take("c")
+        assert owner.fills == ["a", "b", "c"]  # nothing read twice
+    finally:
+        reader.cancel()
+        rows.shutdown()
+    assert pool.q.qsize() == 3  # every pinned buffer back in the pool
+
+
+def _check_slot_ring(monkeypatch) -> list:
+    """Spy on the stage-slot ring: a slot is handed out for an upload only once its last user has
+    recorded when it is free (the event the h2d stream then waits for) and no upload ahead still
+    holds it. The CPU stand-ins run kernels as they are issued, so a slot overwritten under a kernel
+    that still reads it cannot show in the bytes here: this checks the bookkeeping the device's
+    ordering rests on. Returns the violations (and counts uploads ahead under "ahead")."""
+    D, found = gpu.DeviceStreamer, []
+    real = {n: getattr(D, n) for n in ("_next_stage_slot", "_upload_staged", "_look_ahead", "_release_slot",
+                                        "_download")}
+
+    def state(self):
+        if not hasattr(self, "_ring"):
+            self._ring = {"user": {}, "ahead": {}}
+        return self._ring
+
+    def next_stage_slot(self):
+        s = real["_next_stage_slot"](self)
+        r = state(self)
+        if r["user"].get(s) is not None or r["ahead"].get(s) is not None:
+            found.append((s, r["user"].get(s), r["ahead"].get(s)))
+        return s
+
+    def upload_staged(self, key, nbytes, read=None):
+        r = state(self)
+        r["ahead"].clear()  # used or dropped here
+        s = real["_upload_staged"](self, key, nbytes, read)
+        r["user"][s] = key
+        return s
+
+    def look_ahead(self):
+        before = self.ahead
+        real["_look_ahead"](self)
+        if before is None and self.ahead is not None:
+            state(self)["ahead"][self.ahead[1]] = self.ahead[0]
+            found_ahead.append(self.ahead[0])
+
+    def release_slot(self, s):
+        real["_release_slot"](self, s)
+        state(self)["user"][s] = None
+
+    def download(self, o, nbytes, s, *args):
+        real["_download"](self, o, nbytes, s, *args)
+        if s is not None:
+            state(self)["user"][s] = None
+
+    found_ahead: list = []
+    for name, fn in (("_next_stage_slot", next_stage_slot), ("_upload_staged", upload_staged),
+                     ("_look_ahead", look_ahead), ("_release_slot", release_slot), ("_download", download)):
+        monkeypatch.setattr(D, name, fn)
+    return found, found_ahead
+
+
+@pytest.mark.parametrize("stages", [gpu.N_STAGE, 1])
+def test_no_stage_slot_is_handed_out_while_in_use(tmp, stages, monkeypatch):
+    """Per tensor and in groups, streamed and resident, with uploads ahead: every slot handed out was
+    released by its last user. With one slot the upload ahead would take the slot of the group in
+    use: the check sees it (so it can fail)."""
+    devicedouble.install(monkeypatch.setattr, _SlowGram)
+    monkeypatch.setattr(gpu, "N_STAGE", stages)
+    monkeypatch.setattr(plan, "GROUP_MAX", GROUPED_MAX)
+    from relex_kernels.errors import InputError
+    bad, ahead = _check_slot_ring(monkeypatch)
+    for make, sub in ((_grouped_traj, "g"), (_traj, "t")):
+        base, ck = make(os.path.join(tmp, sub))
+        try:
+            extrapolate(base, ck, [20], os.path.join(tmp, sub, "o"), backend="triton", **SMALL)
+        except InputError:  # (one slot: the group in use overwritten, its Gram garbage)
+            assert stages < 2
+    assert ahead
+    if stages >= 2:
+        assert bad == []
+    else:
+        assert bad

@@ -74,7 +74,7 @@ from .streaming import Streamer
 from .trajectory import Job
 
 N_PINNED = 3  # pinned input buffers: one being filled, one in flight, one ahead
-N_STAGE = 2  # device stage slots of streamed tensors
+N_STAGE = 2  # device stage slots of streamed tensors (>= 2: a group uploaded ahead takes the next one)
 N_OUT = 3  # pinned output buffers (and 2 device output slots)
 MAX_STAGE = 256 << 20
 #: the pipeline's stages as timed in ``relex_report.json`` (``device_stages``): ``read`` is the
@@ -205,6 +205,7 @@ class _Reader:
     def __init__(self, owner: "DeviceStreamer", pool: _Pool, rows: ThreadPoolExecutor):
         self.owner, self.pool, self.rows = owner, pool, rows
         self.thread = self.q = self.stop = None
+        self.peeked = None  # the queue's head, taken off by a take(wait=False) that did not answer with it
 
     def _run(self, keys, q: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -232,6 +233,9 @@ class _Reader:
         self.thread.start()
 
     def cancel(self) -> None:
+        if self.peeked is not None:
+            self.pool.put(self.peeked[1])
+            self.peeked = None
         if self.thread is None:
             return
         self.stop.set()
@@ -245,7 +249,10 @@ class _Reader:
 
     def take(self, key, wait: bool = True):
         """The pinned buffer (torch, numpy) holding group ``key``; raises the reader's error.
-        ``wait=False``: None unless the reader has it ready now (it starts no reader either)."""
+
+        ``wait=False``: the buffer if the reader has it ready now, else None, at once: it starts no
+        reader, and what it finds instead (another group, the group's read error) stays at the
+        head of the queue for the next take, which answers or raises as it would have."""
         restarted = False
         while True:
             if self.thread is None:
@@ -253,16 +260,22 @@ class _Reader:
                     return None
                 self._start(key)
                 restarted = True
-            try:
-                item = self.q.get(block=wait)
-            except queue.Empty:
-                return None
+            if self.peeked is not None:
+                item, self.peeked = self.peeked, None
+            else:
+                try:
+                    item = self.q.get(block=wait)
+                except queue.Empty:
+                    return None
             if item is None:  # the plan ran out
                 self.thread.join()
                 self.thread = None
                 if restarted:  # even the requested key was not read: the reader thread failed
                     raise RuntimeError(f"internal: the reader stopped before group {key}")
                 continue
+            if not wait and (item[0] != key or item[2] is not None):
+                self.peeked = item
+                return None
             if item[0] == key or restarted:  # a fresh plan starts with the key itself
                 if item[2] is not None:
                     self.pool.put(item[1])
@@ -271,8 +284,6 @@ class _Reader:
                 return item[1]
             self.pool.put(item[1])
             self.cancel()  # the engine asked out of the predicted order (a resumed run)
-            if not wait:
-                return None
 
 
 class DeviceStreamer(Streamer):
@@ -397,6 +408,7 @@ class DeviceStreamer(Streamer):
         for i, key in enumerate(keys):
             self.key_at.setdefault(key, i)
         self.next_key = 0
+        self.ahead = None  # (one left from another plan is not used: its slot is the next one written, in h2d order)
         T = self.traj.T
         arena = [it.job for it in items if it.kind == "fit" and it.resident and not it.reused and not it.job.on_host]
         self.on_arena = {job.name for job in arena}
@@ -577,8 +589,10 @@ class DeviceStreamer(Streamer):
         """Upload the plan's next group into the next stage slot now, if the reader has it ready,
         before the engine waits for the device (a group's or a tensor's Grams) and solves on the
         host: the copy then overlaps that wait and the solve instead of following them. The compute
-        stream waits for it only where the group is used (:meth:`_upload_staged`). Not for a group
-        that goes into the arena, which the tensor computing now may still be using."""
+        stream waits for it only where the group is used (:meth:`_upload_staged`). Needs two stage
+        slots at least (:data:`N_STAGE`): the group in use keeps its own. Not for the pass-1 groups of
+        a tensor resident on the device: those go into the arena (:meth:`gram`), which the tensor
+        computing now may still be reading — a run of resident tensors gets no such overlap."""
         if self.ahead is not None or self.next_key >= len(self.keys):
             return
         key = self.keys[self.next_key]
@@ -589,10 +603,7 @@ class DeviceStreamer(Streamer):
             nbytes, read = self._layout(jobs, self.traj.T + 1)[1], (self.traj.T + 1) * sum(j.nbytes for j in jobs)
         else:
             nbytes = read = self._range_bytes(self.jobs[key[0]], key[2], key[3])
-        try:
-            buf = self.reader.take(key, wait=False)
-        except Exception:  # the read failed: the engine's own request for the group reads again and reports it
-            return
+        buf = self.reader.take(key, wait=False)
         if buf is None:
             return
         s = self._next_stage_slot()
