@@ -315,6 +315,10 @@ def test_figures_without_matplotlib_and_no_leftovers(curved, tmp, monkeypatch, c
     assert not os.path.exists(os.path.join(tmp, "asked"))
     assert _cli(["analyze", run_dir, "--base", base, "--out", asked, "--figures", "--no-figures"]) == 2
     assert not os.path.exists(os.path.join(tmp, "asked"))
+    assert _cli(["backtest", run_dir, "--base", base, "--history-steps", str(H), "--eval-steps", "20",
+                 "--methods", "relex", "--out", asked, "--figures", "-q"]) == 2  # backtest's --figures too
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not os.path.exists(os.path.join(tmp, "asked"))
     # failures found by the pass (a base that is not there) remove the directories they created ...
     bad = os.path.join(tmp, "a", "b", "rep")
     assert _cli(["analyze", run_dir, "--base", os.path.join(tmp, "nope"), "--out", bad, "--no-figures"]) == 2

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 
 from ..errors import OutputError
-from ..io.dirs import missing_dirs, remove_empty
+from ..io.dirs import make_dirs, remove_empty
 
 TENSOR_FIELDS = {
     "name": "tensor name in the checkpoint",
@@ -117,42 +117,29 @@ def _atomic(path: str, text: str) -> None:
         raise
 
 
-def prepare_out(out_dir: str, names: list[str], overwrite: bool) -> str:
-    """Check that ``names`` may be written in ``out_dir`` (before anything is created), then create it.
-    :func:`report_dir` also removes it again when the command fails."""
+@contextlib.contextmanager
+def report_dir(out_dir: str, names: list[str], overwrite: bool) -> Iterator[str]:
+    """Check that ``names`` may be written in ``out_dir`` (before anything is created), create it, and
+    run the body of a command in it: if the body fails (an input error found by the pass, a missing
+    tensor, Ctrl-C), the files among ``names`` it created and the directories this created are
+    removed again, so a failed command leaves no empty report directory behind. Files that were
+    there before (replaced with --overwrite) and anything else are left alone."""
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputError(f"report directory {out_dir} exists and is not a directory")
-    for n in names:
-        if os.path.exists(os.path.join(out_dir, n)) and not overwrite:
-            raise OutputError(f"{os.path.join(out_dir, n)} already exists; pass --overwrite to replace it")
+    there = [n for n in names if os.path.lexists(os.path.join(out_dir, n))]
+    if there and not overwrite:
+        raise OutputError(f"{os.path.join(out_dir, there[0])} already exists; pass --overwrite to replace it")
     try:
-        os.makedirs(out_dir, exist_ok=True)
+        created = make_dirs(out_dir)
     except OSError as e:
         raise OutputError(f"cannot create report directory {out_dir}: {e.strerror}") from None
-    return out_dir
-
-
-@contextlib.contextmanager
-def report_dir(out_dir: str, names: list[str], overwrite: bool) -> Iterator[str]:
-    """:func:`prepare_out` for the body of a command: if the body fails (an input error found by the
-    pass, a missing tensor, Ctrl-C), the files among ``names`` it created and the directories this
-    created are removed again, so a failed command leaves no empty report directory behind.
-    Files that were there before (replaced with --overwrite) and anything else are left alone."""
-    out_dir = os.path.abspath(out_dir)
-    created = missing_dirs(out_dir)
-    try:
-        out_dir = prepare_out(out_dir, names, overwrite)
-    except BaseException:
-        remove_empty(created)  # makedirs can fail half way
-        raise
-    before = set(os.listdir(out_dir))
     try:
         yield out_dir
     except BaseException:
-        for n in set(os.listdir(out_dir)) - before:
+        for n in set(names) - set(there):
             p = os.path.join(out_dir, n)
-            if n in names and os.path.isfile(p) and not os.path.islink(p):
+            if os.path.isfile(p) and not os.path.islink(p):
                 try:
                     os.unlink(p)
                 except OSError:

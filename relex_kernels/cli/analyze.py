@@ -55,6 +55,9 @@ def add_resources(p: argparse.ArgumentParser) -> None:
                    help="compute backend for the Gram (default: $RELEX_BACKEND or auto)")
     g.add_argument("--no-figures", action="store_true",
                    help="write the reports only (default: figures too when matplotlib is installed)")
+    g.add_argument("--figures", action="store_true",
+                   help="require the PNG figures: an error, before anything is read or written, when "
+                        "matplotlib is missing (default: skip them with a warning)")
     g.add_argument("--overwrite", action="store_true", help="replace existing report files in the output directory")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no summary")
 
@@ -96,9 +99,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(REPORT_DIR/shards, REPORT_DIR/export, REPORT_DIR/compare.md)")
     p.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for report.json, report.md and PNGs")
     add_resources(p)
-    p.add_argument("--figures", action="store_true",
-                   help="require the PNG figures: an error, before anything is read or written, when "
-                        "matplotlib is missing (default: skip them with a warning)")
 
 
 def figures_arg(args) -> bool | None:
@@ -109,9 +109,9 @@ def figures_arg(args) -> bool | None:
 
 
 def run(args) -> int:
-    figures_arg(args)
+    figures = figures_arg(args)
     if args.compare_export:
-        return compare_export(args)
+        return compare_export(args, figures)
     found = found_checkpoints(args)
     later = parse_steps(args.later_steps, "--later-steps")
     if later is not None:
@@ -124,7 +124,7 @@ def run(args) -> int:
         found = {s: p for s, p in found.items() if s <= args.history_steps or s in later}
     res = analyze(args.base, found, args.out, history_steps=args.history_steps, rank_max=args.rank_max,
                   window=args.window, memory_budget=args.memory_budget, backend=args.backend,
-                  figures=figures_arg(args), overwrite=args.overwrite,
+                  figures=figures, overwrite=args.overwrite,
                   progress=not args.quiet and sys.stderr.isatty())
     if not args.quiet:
         print_summary(res.report)
@@ -135,7 +135,7 @@ def run(args) -> int:
 LABELS = {"shards": "rank files", "export": "HF export"}
 
 
-def compare_export(args) -> int:
+def compare_export(args, figures: bool | None) -> int:
     """``--compare-export``: the same analysis over the rank files and over the exports, side by side."""
     import json
     import os
@@ -156,7 +156,7 @@ def compare_export(args) -> int:
         sel = {s: found[s] for s in both}
         res = analyze(args.base, sel, os.path.join(args.out, label), history_steps=args.history_steps,
                       rank_max=args.rank_max, window=args.window, memory_budget=args.memory_budget,
-                      backend=args.backend, figures=figures_arg(args), overwrite=args.overwrite,
+                      backend=args.backend, figures=figures, overwrite=args.overwrite,
                       progress=not args.quiet and sys.stderr.isatty())
         reps[label] = res.report
     by = {label: {e["name"]: e for e in rep["tensors"]} for label, rep in reps.items()}

@@ -10,7 +10,7 @@ from ..analysis.metrics import DEFAULT_METHODS, parse_methods
 from ..analysis.report import backtest_table
 from ..errors import UsageError
 from ..io.layout import LAYOUT_HELP
-from .analyze import add_inputs, add_resources, found_checkpoints, parse_steps
+from .analyze import add_inputs, add_resources, figures_arg, found_checkpoints, parse_steps
 
 NAME = "backtest"
 HELP = "predict held-out real checkpoints from the history and score RELEX against baselines"
@@ -65,7 +65,7 @@ def run(args) -> int:
             raise UsageError(f"no checkpoint after step {args.history_steps} (found steps {sorted(found)})")
     res = backtest(args.base, found, args.history_steps, steps, args.out, methods=methods, window=args.window,
                    poly_degree=args.poly_degree, materialize=args.materialize, memory_budget=args.memory_budget,
-                   backend=args.backend, figures=False if args.no_figures else None, overwrite=args.overwrite,
+                   backend=args.backend, figures=figures_arg(args), overwrite=args.overwrite,
                    progress=not args.quiet and sys.stderr.isatty())
     rep = res.report
     if not args.quiet:

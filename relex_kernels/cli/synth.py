@@ -6,6 +6,7 @@ import argparse
 import os
 import time
 
+from ..engine.plan import parse_positive_size
 from ..errors import UsageError
 
 NAME = "synth"
@@ -83,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--master-dtype", choices=STORAGE_DTYPES, default=None,
                    help="verl-fsdp / dcp: dtype of the run's checkpoints (e.g. F32: fp32 master weights "
                         "beside a --dtype BF16 base, as verl saves them; default --dtype)")
-    g.add_argument("--shard-size", default=None, metavar="SIZE",
+    g.add_argument("--shard-size", type=parse_positive_size, default=None, metavar="SIZE",
                    help="shard the safetensors files at SIZE (e.g. 200M, 2GB; default one file up to 5GB)")
     g.add_argument("--threads", type=int, default=None, help="generator threads (default: up to 2)")
     g.add_argument("--overwrite", action="store_true",
@@ -93,7 +94,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from ..synth import parse_steps, synthesize
-    from ..engine.plan import parse_positive_size
     from ..synth.layouts import every_steps
 
     if args.every is not None or args.num is not None:
@@ -105,13 +105,12 @@ def run(args) -> int:
     else:
         steps = parse_steps(args.steps or "1-8")
     truth = parse_steps(args.truth) if args.truth else []
-    shard = parse_positive_size(args.shard_size) if args.shard_size else None
     if args.threads is not None and args.threads < 1:
         raise UsageError("--threads must be >= 1")
     t0 = time.perf_counter()
     r = synthesize(args.out_dir, arch=args.arch, size=args.size, steps=steps, seed=args.seed,
                    layout=args.layout, noise=args.noise, drift=args.drift, curvature=args.curvature,
-                   curvature_dir=args.curvature_dir, spread=args.spread, dtype=args.dtype, shard_bytes=shard,
+                   curvature_dir=args.curvature_dir, spread=args.spread, dtype=args.dtype, shard_bytes=args.shard_size,
                    tie=args.tie, store_tied_head=args.store_tied_head, truth_steps=truth,
                    overwrite=args.overwrite, quiet=args.quiet, threads=args.threads, world_size=args.world_size,
                    master_dtype=args.master_dtype)

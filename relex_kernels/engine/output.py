@@ -23,7 +23,7 @@ import warnings
 
 from ..errors import FormatError, InputError, OutputError, RelexWarning
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, read_weight_map
-from ..io.dirs import missing_dirs, remove_empty
+from ..io.dirs import make_dirs, remove_empty
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import journal as journal_mod
 from .journal import Journal
@@ -91,9 +91,8 @@ class OutputSet:
                 if _inside(d, os.path.join(self.out_dir, target_dir_name(t))):
                     raise OutputError(f"output {os.path.join(self.out_dir, target_dir_name(t))} would "
                                       f"replace input {d}")
-        self._created = missing_dirs(self.out_dir)  # a failed run removes what it created (parents too)
-        try:
-            os.makedirs(self.out_dir, exist_ok=True)
+        try:  # a failed run removes what it created (parents too)
+            self._created = make_dirs(self.out_dir)
         except OSError as e:
             raise OutputError(f"cannot create output directory {self.out_dir}: {e.strerror}") from None
         self._lock_fd = self._lock()

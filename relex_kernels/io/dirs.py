@@ -5,6 +5,18 @@ from __future__ import annotations
 import os
 
 
+def make_dirs(path: str) -> list[str]:
+    """``os.makedirs(path, exist_ok=True)``; returns the directories it created (innermost first: what
+    :func:`remove_empty` takes away again). One that fails half way removes what it made, then raises."""
+    made = missing_dirs(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except BaseException:
+        remove_empty(made)
+        raise
+    return made
+
+
 def missing_dirs(path: str) -> list[str]:
     """The directories ``os.makedirs(path)`` would create, innermost first."""
     out = []

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..errors import OutputError, RelexError, UsageError
 from ..io import dtypes
-from ..io.dirs import missing_dirs, remove_empty
+from ..io.dirs import make_dirs, remove_empty
 from ..io.reader import SafetensorsFile
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import configs, layouts
@@ -105,11 +105,9 @@ def _start_output(out_dir: str, overwrite: bool) -> tuple[str, str, list[str]]:
     """(final directory, the temporary one it is written in, the parent directories made for it)."""
     final = os.path.abspath(os.fspath(out_dir))
     parent = os.path.dirname(final)
-    made = missing_dirs(parent)  # what a failure removes again (with nothing else in them)
-    try:  # (like mkdir -p: 'relex synth runs/tiny' in a fresh directory)
-        os.makedirs(parent, exist_ok=True)
+    try:  # (like mkdir -p: 'relex synth runs/tiny' in a fresh directory; a failure removes what it made)
+        made = make_dirs(parent)
     except OSError as e:
-        remove_empty(made)
         raise OutputError(f"cannot create the parent directory {parent} of {final} ({e.strerror or e})") from None
     try:
         return final, _start_tmp(final, parent, overwrite), made
