@@ -232,6 +232,7 @@ def _extrapolate_cases(base, ck, out):
         ("opts: FitOptions.step_scale", dict(good, opts=FitOptions(step_scale="2"))),
         ("opts: FitOptions.window", dict(good, opts=FitOptions(window=3.5))),
         ("memory_budget", dict(good, memory_budget="4G")),
+        ("memory_budget", dict(good, memory_budget=0)),  # (not the default: the command refuses 0 too)
         ("device_memory_budget", dict(good, device_memory_budget=-1)),
         ("shard_bytes", dict(good, shard_bytes=None)),
         ("backend", dict(good, backend=1)),

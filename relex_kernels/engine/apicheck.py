@@ -72,11 +72,11 @@ def flag(name: str, v) -> bool:
 
 
 def size(name: str, v, optional: bool = False) -> int | None:
-    """A byte count: an int >= 0 (``None`` too when ``optional``); see :func:`~.run.parse_size` for '4G'."""
+    """A byte count: an int >= 1 (``None`` too when ``optional``); see :func:`~.run.parse_size` for '4G'."""
     if v is None and optional:
         return None
-    if not is_int(v) or v < 0:
-        raise ArgumentError(f"{name} must be a number of bytes (an int >= 0{', or None' if optional else ''}; "
+    if not is_int(v) or v < 1:
+        raise ArgumentError(f"{name} must be a number of bytes (an int >= 1{', or None' if optional else ''}; "
                             f"relex_kernels.engine.parse_size('4G') reads sizes); got {_got(v)}")
     return int(v)
 

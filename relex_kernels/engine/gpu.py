@@ -323,7 +323,7 @@ class DeviceStreamer(Streamer):
         self.key_at: dict = {}  # each key's place in keys
         self.on_arena: set = set()  # the tensors whose pass-1 groups go into the arena (follow)
         self.next_key = 0  # the place in keys after the group uploaded last
-        self.ahead = None  # (key, slot, event, input bytes) of the group uploaded ahead (_look_ahead)
+        self.ahead = None  # (key, slot, event of the copy) of the group uploaded ahead (_look_ahead)
         self.uploads_ahead = 0  # how many were used (tests)
         if self.cuda:
             self.h2d, self.compute, self.d2h = (torch.cuda.Stream(self.dev) for _ in range(3))
@@ -417,9 +417,8 @@ class DeviceStreamer(Streamer):
     def _plan_from(self, key):
         """Group keys: ``key``, then those the plan asks for after it."""
         yield key
-        try:
-            i = self.keys.index(key)
-        except ValueError:
+        i = self.key_at.get(key)
+        if i is None:
             return  # asked out of the plan (a caller driving the passes itself): no read-ahead
         yield from self.keys[i + 1:]
 
@@ -569,7 +568,7 @@ class DeviceStreamer(Streamer):
         ahead, self.ahead = self.ahead, None
         if ahead is not None and ahead[0] == key:
             self.uploads_ahead += 1
-            self._uploaded(key, ahead[2], ahead[3])
+            self._uploaded(key, ahead[2], nbytes if read is None else read)
             return ahead[1]
         # (a group uploaded ahead and not asked for: its slot is simply the next one written; the
         # copies into it are in the order of the h2d stream)
@@ -598,16 +597,15 @@ class DeviceStreamer(Streamer):
         key = self.keys[self.next_key]
         if key[1] == 1 and key[0] in self.on_arena:
             return
-        if key[1] == 0:
-            jobs = [self.jobs[n] for n in key[0]]
-            nbytes, read = self._layout(jobs, self.traj.T + 1)[1], (self.traj.T + 1) * sum(j.nbytes for j in jobs)
-        else:
-            nbytes = read = self._range_bytes(self.jobs[key[0]], key[2], key[3])
         buf = self.reader.take(key, wait=False)
         if buf is None:
             return
+        if key[1] == 0:
+            nbytes = self._layout([self.jobs[n] for n in key[0]], self.traj.T + 1)[1]
+        else:
+            nbytes = self._range_bytes(self.jobs[key[0]], key[2], key[3])
         s = self._next_stage_slot()
-        self.ahead = (key, s, self._h2d(buf, self.slots[s], nbytes), read)
+        self.ahead = (key, s, self._h2d(buf, self.slots[s], nbytes))
 
     def _release_slot(self, s: int) -> None:
         ev = self._event()
@@ -828,9 +826,8 @@ class DeviceStreamer(Streamer):
         return not job.on_host and 0 < job.numel <= self.group_len(job)
 
     def prefetch_group(self, jobs: list[Job]) -> None:
-        """Upload the next group now if it is read (:meth:`_look_ahead`): the device's reader threads
-        read the groups ahead along the plan (:meth:`follow`)."""
-        self._look_ahead()
+        """Nothing: the device's reader threads read the groups ahead along the plan (:meth:`follow`),
+        and the next group goes up before the device wait (:meth:`_look_ahead`)."""
 
     def prefetch_ahead(self, job: Job) -> None:
         """The host's read-ahead of the next tensor for a tensor computed on the host (F64); a

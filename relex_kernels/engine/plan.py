@@ -95,7 +95,7 @@ def resolve_budget(memory_budget: int | None, ranks: int = 1, warn: bool = True)
     """The memory budget of each of ``ranks`` processes of this node: ``memory_budget``, or the
     default shared among them. A budget given past the memory there is (all ranks together) is a
     RelexWarning with ``warn``: pages planned to stay mapped would be evicted and read again."""
-    if not memory_budget:
+    if memory_budget is None:
         return max(1, default_memory_budget() // ranks)
     mem = usable_memory()
     if warn and mem is not None and memory_budget * ranks > mem[0]:

@@ -84,9 +84,10 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
 def _finish_committed(outs: OutputSet, backend: str, t0: float, comps, before_commit=None) -> RunResult:
     """The previous run wrote everything and died during the renames: finish them."""
     path = os.path.join(outs.state_dir, REPORT_NAME)
-    if not os.path.exists(path):  # killed after finish_commit moved it beside the outputs
-        path = os.path.join(outs.out_dir, REPORT_NAME)
-    rep = load_report(path)
+    if os.path.exists(path):
+        rep = load_report(path)
+    else:  # killed after finish_commit moved it beside the outputs (OutputSet read it there)
+        path, rep = os.path.join(outs.out_dir, REPORT_NAME), outs.prior_report
     if rep is None or not outs.has_targets(rep):
         raise OutputError(f"cannot finish the interrupted run in {outs.out_dir}: its report {path} is "
                           "missing or belongs to another run; run again with --no-resume")

@@ -99,11 +99,15 @@ def holds_weights(path: str) -> bool:
             or holds_rank_files(path) or is_dcp(path))
 
 
+#: where a verl ``global_step_N`` holds a checkpoint, in the order discovery tries them: the FSDP rank
+#: files of actor/ (the training weights, fp32 by default), then the Hugging Face exports
+VERL_SUBDIRS = ("actor", "actor/huggingface", "huggingface")
+
+
 def _inner_checkpoints(path: str) -> str:
     """A hint naming the checkpoint directories inside ``path`` (a verl ``global_step_N`` holds its
     weights in ``actor/`` and ``actor/huggingface/``), for an error about ``path`` itself."""
-    inner = [sub for sub in ("actor", "actor/huggingface", "huggingface")
-             if holds_weights(os.path.join(path, sub))]
+    inner = [sub for sub in VERL_SUBDIRS if holds_weights(os.path.join(path, sub))]
     return f"; its checkpoint is in {' or '.join(os.path.join(path, s) for s in inner)}" if inner else ""
 
 

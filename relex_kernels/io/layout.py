@@ -9,13 +9,13 @@ import stat
 import warnings
 
 from ..errors import InputError, RelexWarning, UsageError
-from .checkpoint import DEEPSPEED, holds_weights, is_deepspeed
+from .checkpoint import DEEPSPEED, VERL_SUBDIRS, holds_weights, is_deepspeed
 from .fsdp import holds_rank_files
 
-#: directory-name patterns, and for each the sub-paths tried in order (verl: the FSDP rank
-#: files of actor/ first — the training weights, fp32 by default — then the HF export)
+#: directory-name patterns, and for each the sub-paths tried in order (verl: its sub-directories,
+#: io.checkpoint.VERL_SUBDIRS, then the step directory itself)
 _PATTERNS = [
-    (re.compile(r"^global_step_(\d+)$"), ("actor", "actor/huggingface", "huggingface", ".")),
+    (re.compile(r"^global_step_(\d+)$"), (*VERL_SUBDIRS, ".")),
     (re.compile(r"^checkpoint-(\d+)$"), (".",)),
     (re.compile(r"^step_(\d+)$"), (".",)),
 ]
