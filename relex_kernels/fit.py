@@ -87,6 +87,8 @@ def validate(opts: FitOptions, steps: list[int]) -> None:
                          f"(steps {steps}); raise --history-steps or add checkpoints")
     if any(b <= a for a, b in zip(steps, steps[1:])):
         raise UsageError(f"history steps must be strictly increasing: {steps}")
+    for s in steps:
+        _check_step(s)
     if opts.mode not in MODES:
         raise UsageError(f"unknown mode {opts.mode!r} (choose from {', '.join(MODES)})")
     if opts.fit not in FITS:
@@ -114,8 +116,17 @@ def window(opts: FitOptions, T: int) -> int:
     return T if opts.window is None else opts.window
 
 
+def _check_step(s: int) -> None:
+    """A step a float64 holds exactly (|s| < :data:`MAX_STEP`), else a :class:`UsageError`."""
+    if not abs(s) < MAX_STEP:
+        digits = str(abs(s))
+        raise UsageError(f"step {s if len(digits) <= 20 else f'of {len(digits)} digits'} is too large "
+                         "(steps are below 2^53)")
+
+
 def validate_target(opts: FitOptions, steps: list[int], target: int) -> None:
     """A target that makes no sense for the mode is a :class:`UsageError`."""
+    _check_step(target)
     if opts.mode == "extrapolate":
         if target <= steps[-1]:
             raise UsageError(f"target step {target} is not after the last history step {steps[-1]}; to "
@@ -267,31 +278,28 @@ def target_weights(opts: FitOptions, steps: list[int], targets: list[int]) -> np
     validate(opts, steps)
     if not targets:
         raise UsageError("give at least one target step")
-    for t in list(steps) + list(targets):
-        if not abs(t) < MAX_STEP:  # (a float of the step must hold it exactly)
-            digits = str(abs(t))
-            raise UsageError(f"step {t if len(digits) <= 20 else f'of {len(digits)} digits'} is too large "
-                             "(steps are below 2^53)")
     for t in targets:
         validate_target(opts, steps, t)
     if len(set(targets)) != len(targets):
         raise UsageError(f"target steps repeat: {targets}")
-    try:  # (a target time past float64, e.g. --step-scale 1e306 on the index axis)
-        with np.errstate(over="raise", invalid="raise"):
-            W = np.stack([weights(opts, steps, t) for t in targets])
-            norms = np.linalg.norm(W, axis=1)
-    except (OverflowError, FloatingPointError):
-        raise UsageError(f"target steps {targets} are too far from the history (steps {steps[0]}..{steps[-1]}"
-                         f"{f', step scale {opts.step_scale:g}' if opts.time_axis == 'index' else ''}): "
-                         "their weights overflow; predict a nearer step") from None
     # α = U Uᵀ w̃ is no larger than w̃, and a delta no larger than the square root of its finite
     # fp32 Gram entry: a w̃ within MAX_WEIGHT keeps every prediction far inside the fp32 and bf16
-    # range (fp16 outputs are checked as written). Past it the target is absurdly far away.
-    for t, n in zip(targets, norms.tolist()):
+    # range (fp16 outputs are checked as written). Past it the target is absurdly far away; weights
+    # that overflow float64 (inf, nan) fail the same test.
+    scale = f", step scale {opts.step_scale:g}" if opts.time_axis == "index" else ""
+    rows = []
+    for t in targets:
+        try:  # (round() of a target time past float64, e.g. --step-scale 1e306 on the index axis)
+            with np.errstate(all="ignore"):
+                w = weights(opts, steps, t)
+                n = float(np.linalg.norm(w))
+        except OverflowError:
+            n = float("inf")
         if not n <= MAX_WEIGHT:
-            raise UsageError(f"target step {t} is too far from the history (steps {steps[0]}..{steps[-1]}): its "
-                             f"weights reach {n:.3g}, and the prediction would overflow; predict a nearer step")
-    return W
+            raise UsageError(f"target step {t} is too far from the history (steps {steps[0]}..{steps[-1]}{scale}): "
+                             f"its weights reach {n:.3g}, and the prediction would overflow; predict a nearer step")
+        rows.append(w)
+    return np.stack(rows)
 
 
 def alphas(comp: Components, w_tilde: np.ndarray) -> np.ndarray:

@@ -380,6 +380,36 @@ def test_a_tied_pair_given_by_name_is_checked():
         rk.extrapolate_state_dict(hf, hf_cks, [10], tied=True, backend="reference")
 
 
+def test_a_lazy_handles_tied_pair_is_checked_from_its_header(tmp):
+    """A safe_open base: the pair's shapes and dtypes come from the file's header, no tensor is
+    loaded for the check (an embedding is the largest tensor of a model)."""
+    from safetensors.torch import save_file
+    g = torch.Generator().manual_seed(2)
+    sd = {"emb": torch.randn(60, 16, generator=g), "head": torch.randn(50, 16, generator=g)}
+    save_file(sd, os.path.join(tmp, "base.safetensors"))
+
+    class Counting:  # a safe_open handle that counts the tensors it loads
+        def __init__(self, f):
+            self.f, self.loaded = f, []
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_slice(self, name):
+            return self.f.get_slice(name)
+
+        def get_tensor(self, name):
+            self.loaded.append(name)
+            return self.f.get_tensor(name)
+
+    with safe_open(os.path.join(tmp, "base.safetensors"), "pt") as f:
+        base = Counting(f)
+        cks = {s: {n: t + 1e-2 * s for n, t in sd.items()} for s in (1, 2, 3)}
+        with pytest.raises(ArgumentError, match=r"head head \(F32, \(50, 16\)\) and embedding emb \(F32, \(60, 16\)\)"):
+            rk.extrapolate_state_dict(base, cks, [10], tied=("head", "emb"), backend="reference")
+        assert base.loaded == []
+
+
 def test_combine_refuses_alphas_it_cannot_use_and_never_returns_inf():
     w0 = torch.zeros(100)
     hs = [torch.full((100,), float(i)) for i in (1, 2, 3)]

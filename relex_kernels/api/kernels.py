@@ -249,29 +249,32 @@ def combine(base, history, alphas, out=None, *, fp16_deltas: bool = False, backe
     return _combine_into(base, history, a, out, fp16_deltas, backend)
 
 
-def combine_separate(base, history, alphas, *, fp16_deltas: bool = False,
-                     backend: str | None = None) -> list[torch.Tensor]:
+def combine_separate(base, history, alphas, *, fp16_deltas: bool = False, backend: str | None = None,
+                     bounded: bool = False) -> list[torch.Tensor]:
     """:func:`combine`, each of the K results a tensor with storage of its own (kept or saved
-    alone, a view of one (K, ...) result would keep all K); on the host written in place."""
+    alone, a view of one (K, ...) result would keep all K); on the host written in place.
+    ``bounded``: the alphas come from weights :func:`~relex_kernels.fit.target_weights` accepted,
+    which keep bf16/fp32/fp64 results in range: only fp16 results are checked."""
     base, history = check_versions(base, history)
     a = _alphas(alphas, (0, len(history)))
-    if a.shape[0] == 1 or base.device.type != "cpu":  # (a device writes one (K, n) block)
-        out = _combine_into(base, history, a, empty_outputs(base, a.shape[0], None), fp16_deltas, backend)
-        return list(out.unbind(0)) if a.shape[0] == 1 else [o.clone() for o in out.unbind(0)]
-    outs = [torch.empty_like(base, memory_format=torch.contiguous_format) for _ in range(a.shape[0])]
-    _combine_into(base, history, a, outs, fp16_deltas, backend)
-    return outs
+    K = a.shape[0]
+    if base.device.type == "cpu":
+        outs = [torch.empty_like(base, memory_format=torch.contiguous_format) for _ in range(K)]
+        return _combine_into(base, history, a, outs, fp16_deltas, backend, bounded)
+    out = _combine_into(base, history, a, empty_outputs(base, K, None), fp16_deltas, backend, bounded)
+    return [out[0]] if K == 1 else [o.clone() for o in out.unbind(0)]  # (a device writes one (K, n) block)
 
 
-def _combine_into(base, history, a: np.ndarray, out, fp16_deltas: bool, backend) -> torch.Tensor:
-    """Run the K sums into ``out``: a (K, ...) tensor, or (host) a list of K contiguous tensors."""
+def _combine_into(base, history, a: np.ndarray, out, fp16_deltas: bool, backend, bounded: bool = False):
+    """Run the K sums into ``out`` and return it: a (K, ...) tensor, or (host) a list of K contiguous
+    tensors."""
     runner = _Runner(base, backend)
     runner.combine(_flat(base), [_flat(h) for h in history], a, out, fp16_deltas)
     # Finite inputs: a sum past the dtype's range is inf. fp16's range is within reach of a real
-    # prediction: always checked. bf16/fp32/fp64 (to 3.4e38) only with large alphas: with
-    # |α|₁ <= 1e6 an overflow needs inputs past 1e32, far beyond any model's weights; the pass
-    # over the outputs is skipped (it cost as much as the kernel).
-    check = base.dtype == torch.float16 or float(np.abs(a).sum(axis=1).max()) > 1e6
+    # prediction: always checked. bf16/fp32/fp64 (to 3.4e38) only with large alphas not known to be
+    # bounded: with |α|₁ <= 1e6 an overflow needs inputs past 1e32, far beyond any model's weights;
+    # the pass over the outputs is skipped (it cost as much as the kernel).
+    check = base.dtype == torch.float16 or (not bounded and float(np.abs(a).sum(axis=1).max()) > 1e6)
     for o in (out if check else []):
         bad = int((~torch.isfinite(o)).sum())
         if bad:

@@ -42,13 +42,18 @@ def _predict(base, history, steps: list[int], W: np.ndarray, options: FitOptions
     fit = Fit.from_gram(G, steps, options, numel=base.numel(), dtype=base.dtype)
     alphas = torch.from_numpy(fitmath.alphas(fit.components, W))
     # each target its own storage: a view of one (K, ...) result would keep (and torch.save would
-    # write) all K of them
-    return combine_separate(base, history, alphas, fp16_deltas=options.fp16_deltas, backend=backend)
+    # write) all K of them; W passed target_weights' bound (only fp16 outputs need a check)
+    return combine_separate(base, history, alphas, fp16_deltas=options.fp16_deltas, backend=backend, bounded=True)
+
+
+def _lazy(m) -> bool:
+    """Whether ``m`` is a lazy handle (``safetensors.safe_open``: ``get_tensor`` loads a tensor)."""
+    return hasattr(m, "get_tensor") and hasattr(m, "keys")
 
 
 def _getter(m, what: str):
-    """``name -> tensor`` of a mapping, or of a lazy handle (``safetensors.safe_open``: ``get_tensor``)."""
-    if hasattr(m, "get_tensor") and hasattr(m, "keys"):
+    """``name -> tensor`` of a mapping, or of a lazy handle (:func:`_lazy`)."""
+    if _lazy(m):
         return m.get_tensor
     if isinstance(m, Mapping) or (hasattr(m, "keys") and hasattr(m, "__getitem__")):
         return m.__getitem__
@@ -56,12 +61,23 @@ def _getter(m, what: str):
                         f"and __getitem__ or get_tensor such as safetensors.safe_open); got {type(m).__name__}")
 
 
-def _same_kind(pair: tuple[str, str], h, e) -> tuple[str, str]:
-    """``pair`` (head, embedding) of tensors ``h``, ``e``, checked: the head is written as the
-    predicted embedding."""
-    if tuple(h.shape) != tuple(e.shape) or h.dtype != e.dtype:
-        raise ArgumentError(f"tied: head {pair[0]} ({h.dtype}, {tuple(h.shape)}) and embedding {pair[1]} "
-                            f"({e.dtype}, {tuple(e.shape)}) differ, so they cannot be one tensor")
+def _kind(base, get, name: str) -> tuple[tuple[int, ...], object]:
+    """(shape, dtype) of ``base``'s tensor ``name``: from a lazy handle's header where it has one
+    (``safe_open``'s ``get_slice``: nothing read), else from the tensor."""
+    if _lazy(base) and hasattr(base, "get_slice"):
+        sl = base.get_slice(name)
+        return tuple(sl.get_shape()), sl.get_dtype()
+    t = get(name)
+    return tuple(t.shape), t.dtype
+
+
+def _same_kind(pair: tuple[str, str], base, get) -> tuple[str, str]:
+    """``pair`` (head, embedding) of ``base``, checked to be of one shape and dtype: the head is
+    written as the predicted embedding."""
+    (hs, hd), (es, ed) = _kind(base, get, pair[0]), _kind(base, get, pair[1])
+    if hs != es or hd != ed:
+        raise ArgumentError(f"tied: head {pair[0]} ({hd}, {hs}) and embedding {pair[1]} ({ed}, {es}) differ, "
+                            "so they cannot be one tensor")
     return pair
 
 
@@ -78,17 +94,19 @@ def _tied_pair(base, get, names: list[str], tied) -> tuple[str, str] | None:
             raise ArgumentError(f"tied names {missing} are not in the base state dict")
         if tied[0] == tied[1]:
             raise ArgumentError(f"tied names a head and an embedding: two tensors, got {tied[0]!r} twice")
-        return _same_kind(tied, get(tied[0]), get(tied[1]))
+        return _same_kind(tied, base, get)
+    lazy = _lazy(base)  # (tensors loaded one by one share no storage)
     for head in HEAD_NAMES:
         for emb in EMBED_NAMES:
             if head in names and emb in names:
-                h, e = get(head), get(emb)
-                same = (isinstance(h, torch.Tensor) and isinstance(e, torch.Tensor) and h.shape == e.shape
-                        and h.dtype == e.dtype and h.device == e.device and h.data_ptr() == e.data_ptr())
-                if same:
-                    return head, emb
                 if tied is True:
-                    return _same_kind((head, emb), h, e)
+                    return _same_kind((head, emb), base, get)
+                if lazy:
+                    continue
+                h, e = get(head), get(emb)
+                if (isinstance(h, torch.Tensor) and isinstance(e, torch.Tensor) and h.shape == e.shape
+                        and h.dtype == e.dtype and h.device == e.device and h.data_ptr() == e.data_ptr()):
+                    return head, emb
     if tied is True:
         raise ArgumentError(f"tied=True but the base has no (head, embedding) pair of known names (heads "
                             f"{', '.join(HEAD_NAMES)}; embeddings {', '.join(EMBED_NAMES)}); give "
