@@ -60,8 +60,8 @@ step() {
 }
 
 say "host $(hostname); $(nproc) cpus; python $PY; results in $RES"
-timeout 20 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader 2>&1 \
-  | tee -a "$LOG"
+gpus=$(timeout 20 nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv,noheader 2>&1)
+echo "$gpus" | tee -a "$LOG"
 timeout 60 "$PY" - <<'PY' 2>&1 | tee -a "$LOG"
 import sys
 import numpy, torch
@@ -73,14 +73,17 @@ except ImportError as e:
     print("triton missing:", e)
 PY
 
+# the seconds each step needs at least: a step's limit keeps those of the steps after it
+MIN_SMOKE=40 MIN_TESTS=90 MIN_SPMD=40 MIN_BENCH=95 MIN_INGEST=35
 if [ -z "${RELEX_CHECK_BENCH_ONLY:-}" ]; then
   # only the card's own architecture: a fraction of the default sm_80;sm_90 compile time
   if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-    cc=$(timeout 20 nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' ')
-    [ -n "$cc" ] && export TORCH_CUDA_ARCH_LIST="$cc"
+    cc=$(echo "$gpus" | head -1 | cut -d, -f2 | tr -d ' ')
+    case "$cc" in [0-9]*.[0-9]*) export TORCH_CUDA_ARCH_LIST="$cc";; esac
   fi
   if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDA_HOME:-}" ]; then
-    step "building the extensions (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})" 200 300 \
+    step "building the extensions (TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-default})" 200 \
+      $((MIN_SMOKE + MIN_TESTS + MIN_SPMD + MIN_BENCH + MIN_INGEST)) \
       env RELEX_FORCE_CUDA=1 MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace
   else
     built=$(ls relex_kernels/_C*.so 2>/dev/null | tr '\n' ' ')
@@ -90,16 +93,20 @@ if [ -z "${RELEX_CHECK_BENCH_ONLY:-}" ]; then
 
   # the first sign of life, in seconds: one small run per device backend against the reference engine
   smoke="test_pipeline_outputs_match_reference_engine and resident and not double"
-  step "smoke: one extrapolation on each device backend against the reference" 60 260 "$PY" -m pytest -q -x \
+  step "smoke: one extrapolation on each device backend against the reference" 60 \
+    $((MIN_TESTS + MIN_SPMD + MIN_BENCH + MIN_INGEST)) "$PY" -m pytest -q -x \
     -p no:cacheprovider tests/test_gpu.py -k "$smoke" -rs
-  # RELEX_CUDA_SYNC=1: a kernel error is raised at the launch that caused it, naming the kernel
-  step "GPU tests" 150 170 env RELEX_CUDA_SYNC=1 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
-    tests/test_triton_kernels.py -k "not interpreter_suite and not interpreted" -rs
-  step "SPMD on the GPU: two torchrun ranks sharing it, against one process" 60 130 env RELEX_CUDA_SYNC=1 \
+  # RELEX_CUDA_SYNC=1: a kernel error is raised at the launch that caused it, naming the kernel (the
+  # smoke's tests ran above)
+  step "GPU tests" 150 $((MIN_SPMD + MIN_BENCH + MIN_INGEST)) env RELEX_CUDA_SYNC=1 "$PY" -m pytest -q \
+    -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py \
+    -k "not interpreter_suite and not interpreted and not ($smoke)" -rs
+  step "SPMD on the GPU: two torchrun ranks sharing it, against one process" 60 $((MIN_BENCH + MIN_INGEST)) \
+    env RELEX_CUDA_SYNC=1 \
     "$PY" -m pytest -q -p no:cacheprovider tests/test_distributed.py -k "gpu_ranks_match_one_process" -rs
 fi
 
-step "GPU benchmarks" 240 35 "$PY" benchmarks/bench_gpu.py --out "$RES"
+step "GPU benchmarks" 240 "$MIN_INGEST" "$PY" benchmarks/bench_gpu.py --out "$RES"
 # (bench_gpu prints its table too: it is in the log)
 step "device reader ingest, host side (preadv vs maps, 8 reader threads)" 60 0 \
   "$PY" benchmarks/bench_ingest.py --threads 8 --runs 3

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from relex_kernels.analysis.report import headline
+
 METHODS = ("relex", "keep-last", "secant", "rank2", "rank5")
 
 
@@ -111,9 +113,9 @@ def markdown(rep, name: str = "real_rl") -> str:
               "history positions; R² out / ev1 out: later checkpoints projected on the history direction.", "",
               "| module | tensors | ev1 | R² in | ev1 out | R² out |", "|---|---|---|---|---|---|"]
         for mod, s in a.items():
-            # the pooled R² of the module where the report has it (relex analyze's headline), else the
-            # parameter-weighted mean of per-tensor values (ev1; R² of reports made before pooling)
-            g = lambda k: s.get(k, {}).get("pooled", s.get(k, {}).get("weighted_mean"))  # noqa: E731
+            # relex analyze's headline: the pooled R² of the module, else the parameter-weighted mean
+            # (ev1; R² of reports made before pooling)
+            g = lambda k: headline(s.get(k, {}))  # noqa: E731
             L.append(f"| {mod} | {s['tensors']} | {_f(g('ev1'))} | {_f(g('r2_in'))} | {_f(g('ev1_out'))} | "
                      f"{_f(g('r2_out'))} |")
         L.append("")

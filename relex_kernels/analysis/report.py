@@ -153,6 +153,12 @@ def _f(x, fmt=".4f") -> str:
     return "–" if x is None else format(x, fmt)
 
 
+def headline(metric: dict):
+    """A group's headline value of one aggregated metric: its pooled R² where the metric is an R²
+    (the group's own, not a mean of R²s), else the parameter-weighted mean; None when absent."""
+    return metric.get("pooled" if "pooled" in metric else "weighted_mean")
+
+
 def _agg_table(groups: dict, cols: list[tuple[str, str]], label: str) -> list[str]:
     head = f"| {label} | tensors | params | " + " | ".join(c[1] for c in cols) + " |"
     out = [head, "|" + "---|" * (3 + len(cols))]
@@ -160,8 +166,7 @@ def _agg_table(groups: dict, cols: list[tuple[str, str]], label: str) -> list[st
         cells = []
         for key, _ in cols:
             m = a.get(key, {})
-            first = "pooled" if "pooled" in m else "weighted_mean"  # R²: the group's own, not a mean of R²s
-            cells.append(" / ".join(_f(m.get(x), ".3f") for x in (first, "mean", "median")))
+            cells.append(" / ".join(_f(x, ".3f") for x in (headline(m), m.get("mean"), m.get("median"))))
         out.append(f"| {g} | {a['tensors']} | {a['params']:,} | " + " | ".join(cells) + " |")
     return out
 

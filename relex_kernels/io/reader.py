@@ -430,7 +430,7 @@ class MappedFile:
             if self._mm is None:
                 return  # not mapped: no page of ours to drop
             try:
-                self._map().madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
             except (OSError, ValueError):
                 pass  # advice only: never fatal
 
