@@ -76,11 +76,11 @@ def analyze(base: str, checkpoints: dict[int, str], out_dir: str, *, history_ste
         figs.require()  # (required: fail before the pass)
     names = ["report.json", "report.md"] + (list(ANALYZE_FIGURES) if figures is not False else [])
     with report_dir(out_dir, names, overwrite) as out_dir:
-        return _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, memory_budget, backend,
+        return _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, memory_budget, backend,
                         figures, progress, t0)
 
 
-def _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, memory_budget, backend, figures,
+def _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, memory_budget, backend, figures,
              progress, t0) -> Result:
     loader = figs.preload() if figures is not False else None
     gp = extended_grams(base, checkpoints, memory_budget=memory_budget, backend=backend, progress=progress,
@@ -104,7 +104,7 @@ def _analyze(base, checkpoints, out_dir, hist, later, opts, rank_max, window, me
         "relex_kernels": _version(), "command": "analyze", "base": gp.base,
         "checkpoints": {str(s): p for s, p in gp.checkpoints.items()},
         "steps": gp.steps, "history_steps": hist, "later_steps": later,
-        "options": {"rank_max": rank_max, "window": window, "time_axis": "step"},
+        "options": {"rank_max": rank_max, "window": opts.window, "time_axis": "step"},
         "backend": gp.backend, "tied_head": gp.tied[0] if gp.tied else None,
         "tensors_fitted": len(entries), "gram_pass": _pass_info(gp),
         "summary_ev1": summary(entries, "ev1"), "explained_variance_by_rank": ev_rank,
@@ -217,11 +217,11 @@ def backtest(base: str, checkpoints: dict[int, str], history_steps: int, eval_st
         figs.require()  # (required: fail before the pass)
     names = ["backtest.json", "backtest.md"] + (["error_vs_distance.png"] if figures is not False else [])
     with report_dir(out_dir, names, overwrite) if out_dir is not None else contextlib.nullcontext() as out_dir:
-        return _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, window, poly_degree,
+        return _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, poly_degree,
                          materialize, memory_budget, backend, figures, overwrite, progress, base_opts, t0)
 
 
-def _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, window, poly_degree, materialize,
+def _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped, poly_degree, materialize,
               memory_budget, backend, figures, overwrite, progress, base_opts, t0) -> Result:
     loader = figs.preload() if figures is not False else None
     gp = extended_grams(base, {s: checkpoints[s] for s in hist + eval_steps}, memory_budget=memory_budget,
@@ -255,7 +255,7 @@ def _backtest(base, checkpoints, hist, eval_steps, out_dir, run_methods, skipped
         "relex_kernels": _version(), "command": "backtest", "base": gp.base,
         "checkpoints": {str(s): p for s, p in gp.checkpoints.items()},
         "history_steps": hist, "eval_steps": eval_steps, "distances": [s - last for s in eval_steps],
-        "options": {"window": window, "poly_degree": poly_degree, "time_axis": "step"},
+        "options": {"window": base_opts.window, "poly_degree": poly_degree, "time_axis": "step"},
         "methods": {m: metrics.METHODS.get(m, f"rank-{m[4:]} subspace, straight-line fit of each coefficient")
                     for m in run_methods},
         "skipped": skipped, "backend": gp.backend, "tensors_fitted": len(gp.tensors), "gram_pass": _pass_info(gp),
