@@ -94,6 +94,27 @@ void combine_table(uintptr_t table, size_t count, int T, int K, bool fp16_deltas
     relex::combine_many(tb.ins.data(), alphas.data(), K, tb.outs.data(), count, num_threads);
 }
 
+void eigh_small(uintptr_t a, size_t count, int n, uintptr_t w, uintptr_t v, uintptr_t ok, int num_threads) {
+    relex::eigh_small(ptr<const double>(a), count, n, ptr<double>(w), ptr<double>(v), ptr<uint8_t>(ok), num_threads);
+}
+
+// Each row of a rows x cols float64 array (C order) as text, its values as Python's repr()
+// writes them, separated by ", " (json.dumps's list separator).
+py::list float_rows_text(uintptr_t addr, size_t rows, size_t cols) {
+    const double* x = ptr<const double>(addr);
+    py::list out(rows);
+    std::string s;
+    for (size_t r = 0; r < rows; ++r) {
+        s.clear();
+        for (size_t c = 0; c < cols; ++c) {
+            if (c) s += ", ";
+            relex::append_float_text(x[r * cols + c], s);
+        }
+        out[r] = py::str(s);
+    }
+    return out;
+}
+
 uint64_t read_probe(const std::vector<uintptr_t>& bufs, size_t nbytes, int num_threads) {
     const std::vector<const void*> b = const_ptrs(bufs);
     return relex::read_probe(b.data(), int(b.size()), nbytes, num_threads);
@@ -152,6 +173,14 @@ PYBIND11_MODULE(_C, m) {
           py::arg("fp16_deltas"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
           "combine of `count` tensors: rows of uint64 (n, dtype, alphas, base, hist[T], outs[K]) at\n"
           "address `table`; alphas of a row: K x T float32, C order.");
+    m.attr("EIGH_MAX_T") = py::int_(relex::kEighMaxT);
+    m.def("eigh_small", &eigh_small, py::arg("a"), py::arg("count"), py::arg("n"), py::arg("w"), py::arg("v"),
+          py::arg("ok"), py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+          "All eigenpairs of `count` symmetric n x n float64 matrices at address a (n <= EIGH_MAX_T):\n"
+          "w (count x n, ascending), v (count x n x n, columns the eigenvectors); ok[b] (uint8) = 0\n"
+          "where matrix b is not finite or did not converge.");
+    m.def("float_rows_text", &float_rows_text, py::arg("addr"), py::arg("rows"), py::arg("cols"),
+          "Each row of a rows x cols float64 array as its values' Python repr() joined by ', '.");
     m.def("read_probe", &read_probe, py::arg("bufs"), py::arg("nbytes"), py::arg("num_threads"),
           py::call_guard<py::gil_scoped_release>(),
           "Read nbytes of every buffer (a checksum is returned): the read-bandwidth bound.");

@@ -21,16 +21,12 @@ import sys
 
 import numpy as np
 import pytest
+from native_required import native_or_skip_module
 
 from relex_kernels.io import dtypes
 from relex_kernels.ops import reference as ref
 
-native = pytest.importorskip("relex_kernels.ops.native")
-_OK, _WHY = native.available()
-if not _OK:
-    if os.environ.get("CI") or os.environ.get("RELEX_REQUIRE_NATIVE"):
-        raise RuntimeError(f"the native CPU extension must be built in CI: {_WHY}")
-    pytest.skip(f"native kernels not built: {_WHY}", allow_module_level=True)
+native = native_or_skip_module()
 
 from relex_kernels import _C  # noqa: E402
 

@@ -84,6 +84,38 @@ def test_resume_under_another_simd_path_starts_afresh(tmp, monkeypatch):
     assert rep["kernel"] == f"cpu/{other}"
 
 
+def test_resume_with_another_eigen_solver_starts_afresh(tmp, monkeypatch):
+    """The report names the T x T solver; a run killed with the extension's solver and resumed with
+    numpy's (an install without the extension) equals an uninterrupted run with numpy's."""
+    from relex_kernels import fit
+    from relex_kernels.ops import native as native_ops
+    native_or_skip()
+    monkeypatch.setenv("RELEX_JOURNAL_SYNC_SECONDS", "0")
+    base, ck = make_trajectory(tmp, {"a": (300, 301), "b": (200, 333)}, range(1, 6), dtype="F32")
+    out = os.path.join(tmp, "out")
+    assert fit.eigen_solver(5) == "native"
+
+    def interrupt(point):
+        if point == "done":
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(journal, "hook", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            extrapolate(base, ck, [20], out, backend="cpu")
+    monkeypatch.setattr(native_ops, "eigh_max_t", lambda: 0)
+    assert fit.eigen_solver(5) == "lapack"
+    resumed = extrapolate(base, ck, [20], out, backend="cpu")
+    whole = extrapolate(base, ck, [20], os.path.join(tmp, "whole"), backend="cpu")
+    assert resumed.report["resumed_tensors"] == 0
+    assert resumed.report["eigen_solver"] == whole.report["eigen_solver"] == "lapack"
+    assert files_of(resumed.outputs[0]) == files_of(whole.outputs[0])
+    monkeypatch.undo()
+    native_run = extrapolate(base, ck, [20], os.path.join(tmp, "native"), backend="cpu")
+    assert native_run.report["eigen_solver"] == "native"
+    assert native_run.report["run_key"] != whole.report["run_key"]
+
+
 def test_spmd_ranks_on_different_kernels_refuse(tmp):
     """Two ranks whose Gram kernels differ stop before any work, naming each rank's kernel."""
     import socket

@@ -74,4 +74,14 @@ void gram_many(const Inputs* ins, double* const* accs, size_t count, int nthread
 void combine_many(const Inputs* ins, const float* const* alphas, int K, void* const* outs, size_t count,
                   int nthreads);
 
+// eigh.cpp: all eigenpairs of `count` symmetric n x n float64 matrices (row-major, the lower
+// triangle read), n <= kEighMaxT: w[b] ascending, V[b] row-major with column j the eigenvector
+// of w[b][j]; ok[b] = 0 where matrix b holds a non-finite value or did not converge
+constexpr int kEighMaxT = 48;
+void eigh_small(const double* A, size_t count, int n, double* w, double* V, uint8_t* ok, int nthreads);
+
+// float_text.cpp: x as Python's repr() writes it (JSON's NaN, Infinity, -Infinity for the
+// others), appended to out
+void append_float_text(double x, std::string& out);
+
 }  // namespace relex

@@ -94,12 +94,13 @@ def hook(point: str) -> None:
 
 # -- key -----------------------------------------------------------------------------
 def run_key(fingerprint, options: dict, targets: list[int], kernel: str, shard_bytes: int, jobs,
-            extra: dict | None = None) -> str:
+            extra: dict | None = None, *, solver: str) -> str:
     """Hash of everything the bytes of the outputs depend on; ``kernel``: :attr:`~..ops.Backend.identity`
-    (a run resumed on another SIMD path, Gram precision or device would mix two kernels' Grams)."""
+    (a run resumed on another SIMD path, Gram precision or device would mix two kernels' Grams);
+    ``solver``: :func:`~..fit.eigen_solver` (the fits' last bits)."""
     doc = {
         "version": VERSION, "package": __version__, "inputs": fingerprint, "options": options,
-        "targets": list(targets), "kernel": kernel, "shard_bytes": int(shard_bytes),
+        "targets": list(targets), "kernel": kernel, "solver": solver, "shard_bytes": int(shard_bytes),
         "jobs": [[j.name, j.dtype, list(j.shape), j.kind, j.out_dtype] for j in jobs], "extra": extra or {},
     }
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()

@@ -26,6 +26,7 @@ from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, read_weight_map
 from ..io.dirs import make_dirs, remove_empty
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import journal as journal_mod
+from . import report as report_mod
 from .journal import Journal
 
 LOCK_NAME = ".relex.lock"
@@ -381,13 +382,13 @@ def _fsync_dir(path: str) -> None:
 def _json_text(obj) -> str:
     """``obj`` as JSON indented by 1, but a top-level ``tensors`` list (the report's entries:
     thousands in a MoE model, where Python's indenting encoder took a quarter of a second)
-    holds one compact line per entry, from the C encoder."""
+    holds one compact line per entry, from the native float text or the C encoder."""
     tensors = obj.get("tensors") if isinstance(obj, dict) else None
     if not isinstance(tensors, list) or not tensors:
         return json.dumps(obj, indent=1)
     mark = f"relex-tensors-{os.getpid()}-{id(tensors)}"
     text = json.dumps({**obj, "tensors": mark}, indent=1)
-    lines = journal_mod.encode_each(json.dumps, tensors, "name", ", ")
+    lines = report_mod.entry_lines(tensors) or journal_mod.encode_each(json.dumps, tensors, "name", ", ")
     return text.replace(json.dumps(mark), "[\n  " + ",\n  ".join(lines) + "\n ]", 1)
 
 

@@ -42,7 +42,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     # the journal key: everything the output bytes depend on (not the memory budget: the
     # Gram is the same bit for bit however a tensor is cut into ranges)
     key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.identity, shard_bytes, traj.jobs,
-                          key_extra)
+                          key_extra, solver=fitmath.eigen_solver(traj.T))
     outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite, key=key,
                      resume=resume, reuse_complete=before_commit is None)
     if outs.complete is not None:  # this very run finished before (a fit to save needs the run itself)
@@ -65,6 +65,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         close_streamer(streamer)  # (and its progress bar)
         seconds = time.perf_counter() - t0
         rep = report.run_report(backend=be.name, kernel=be.identity, gram_precision=streamer.gram_precision(),
+                                eigen_solver=fitmath.eigen_solver(traj.T),
                                 options=opts.to_dict(), steps=steps,
                                 targets=targets, outputs={str(t): outs.final(t) for t in targets}, seconds=seconds,
                                 bytes_read=streamer.bytes_read, memory_budget=budget, entries=ex.entries,

@@ -232,7 +232,7 @@ class RankRun:
         self.slots = self.plan.slots
         self.kernel = self.be.identity
         key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, self.kernel, self.shard_bytes,
-                              traj.jobs, self.key_extra)
+                              traj.jobs, self.key_extra, solver=fitmath.eigen_solver(traj.T))
         self.digest = self.plan.split.digest(key)
         specs = [j.spec for j in traj.jobs]
         if rank == 0:
@@ -326,6 +326,7 @@ class RankRun:
         }
         return report.run_report(
             backend=self.be.name, kernel=self.kernel, gram_precision=self.streamer.gram_precision(),
+            eigen_solver=fitmath.eigen_solver(self.traj.T),
             options=self.opts.to_dict(), steps=traj.steps,
             targets=self.targets,
             outputs={str(t): os.path.join(self.out_dir, target_dir_name(t)) for t in self.targets},

@@ -278,6 +278,40 @@ def combine_table(table: np.ndarray, T: int, K: int, fp16_deltas: bool) -> None:
     _lib().combine_table(table.ctypes.data, table.shape[0], T, K, bool(fp16_deltas), get_num_threads())
 
 
+# Host helpers of the engine beside the kernels (the same extension and threads): the T x T
+# eigen-solves of a group of tensors and the report's numbers as text.
+
+
+def eigh_max_t() -> int:
+    """The largest T :func:`eigh_small` solves; 0 without the extension."""
+    return int(_C.EIGH_MAX_T) if _C is not None else 0
+
+
+def eigh_small(Gs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``np.linalg.eigh`` of a (k, T, T) stack of symmetric float64 matrices (the lower triangle
+    is read), T <= :func:`eigh_max_t`: ``(w, V, ok)``, w (k, T) ascending, V (k, T, T) with the
+    eigenvectors as columns, ok (k,) False where a matrix is not finite or did not converge
+    (its w and V are then undefined). A matrix's bits depend neither on the stack nor on the
+    thread count (csrc/cpu/eigh.cpp)."""
+    lib = _lib()
+    Gs = np.ascontiguousarray(Gs, dtype=np.float64)
+    if Gs.ndim != 3 or Gs.shape[1] != Gs.shape[2] or not 1 <= Gs.shape[1] <= lib.EIGH_MAX_T:
+        raise ValueError(f"eigh_small needs a (k, T, T) stack with 1 <= T <= {lib.EIGH_MAX_T}, got {Gs.shape}")
+    k, T = Gs.shape[0], Gs.shape[1]
+    w, V, ok = np.empty((k, T)), np.empty((k, T, T)), np.empty(k, dtype=np.uint8)
+    lib.eigh_small(Gs.ctypes.data, k, T, w.ctypes.data, V.ctypes.data, ok.ctypes.data, get_num_threads())
+    return w, V, ok.view(bool)
+
+
+def float_rows_text(a: np.ndarray) -> list[str]:
+    """Each row of a 2-D float64 array as ``", ".join(map(json.dumps, row))`` (Python's repr of
+    each value; NaN, Infinity, -Infinity), at C speed."""
+    a = np.ascontiguousarray(a, dtype=np.float64)
+    if a.ndim != 2:
+        raise ValueError(f"float_rows_text needs a 2-D array, got shape {a.shape}")
+    return _lib().float_rows_text(a.ctypes.data, a.shape[0], a.shape[1])
+
+
 def read_bandwidth_probe(buffers: Sequence[np.ndarray]) -> int:
     """Read every byte of equally sized 1-D buffers with the kernels' threads (benchmarks)."""
     lib = _lib()
