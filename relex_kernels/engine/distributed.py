@@ -310,7 +310,7 @@ def kernel_mismatch(kernels: list[str]) -> str | None:
     which = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {k}" for k, rs in ranks.items())
     return (f"the ranks would sum the Gram with different kernels ({which}), and their Gram blocks would "
             "match no single run: give every rank the same --backend, RELEX_SIMD and RELEX_GRAM_PRECISION on "
-            "nodes of the same kind")
+            "nodes of the same kind, and the same build of relex_kernels (its extension solves the T x T Grams)")
 
 
 def _test_hook(rank: int, point: str) -> None:

@@ -182,7 +182,8 @@ class RankRun:
         digest = np.zeros(g.world)
         digest[rank] = float(int(getattr(self, "digest", "0" * 13)[:13], 16))  # 52 bits: exact in fp64
         got = g.status("setup", err, digest)
-        mismatch = kernel_mismatch(g.gather("setup", self.kernel))
+        # (the T x T solver too: each rank fits every Gram, and the fits must be the same bits)
+        mismatch = kernel_mismatch(g.gather("setup", f"{self.kernel}, {fitmath.eigen_solver(traj.T)} eigen-solver"))
         if mismatch:
             raise DistributedError(mismatch)
         if np.unique(got).size != 1:
