@@ -179,8 +179,10 @@ PYBIND11_MODULE(_C, m) {
           "All eigenpairs of `count` symmetric n x n float64 matrices at address a (n <= EIGH_MAX_T):\n"
           "w (count x n, ascending), v (count x n x n, columns the eigenvectors); ok[b] (uint8) = 0\n"
           "where matrix b is not finite or did not converge.");
+    m.attr("FLOAT_TEXT") = py::bool_(relex::float_text_supported());
     m.def("float_rows_text", &float_rows_text, py::arg("addr"), py::arg("rows"), py::arg("cols"),
-          "Each row of a rows x cols float64 array as its values' Python repr() joined by ', '.");
+          "Each row of a rows x cols float64 array as its values' Python repr() joined by ', '\n"
+          "(where FLOAT_TEXT: a build whose standard library has floating-point std::to_chars).");
     m.def("read_probe", &read_probe, py::arg("bufs"), py::arg("nbytes"), py::arg("num_threads"),
           py::call_guard<py::gil_scoped_release>(),
           "Read nbytes of every buffer (a checksum is returned): the read-bandwidth bound.");

@@ -52,17 +52,28 @@ def hard_cases(T: int) -> list[np.ndarray]:
              q @ np.diag(np.r_[5.0, np.full(T - 1, 2.0)]) @ q.T,  # a repeated eigenvalue
              1e-200 * np.ones((T, T)) + 1e-201 * np.eye(T),       # squares below float64's range
              1e160 * (np.ones((T, T)) + np.eye(T))]               # squares past it
+    sym = rng.standard_normal((T, T))
+    graded = q @ np.diag(np.logspace(-300, 300, T)) @ q.T
+    arrow = np.eye(T) * 1e-300
+    arrow[0, :] = arrow[:, 0] = 1.0
+    arrow[0, 0] = 1e300
+    cases += [1e200 * (sym + sym.T), 1e-200 * (sym + sym.T),  # indefinite, at fp64 Grams' extremes
+              1e300 * (q @ np.diag(np.linspace(0.1, 1.0, T)) @ q.T), graded, arrow]
     return [0.5 * (c + c.T) for c in cases]
 
 
 def check_eigh(G: np.ndarray, w: np.ndarray, V: np.ndarray) -> None:
     T = G.shape[-1]
-    scale = max(np.abs(G).max(), np.finfo(np.float64).tiny)
-    want = np.linalg.eigvalsh(G)
+    eps = np.finfo(np.float64).eps
+    # compared at unit scale (the products below would overflow or underflow at 1e+-300)
+    scale = 2.0 ** np.frexp(max(np.abs(G).max(), np.finfo(np.float64).tiny))[1]
+    Gs, ws = G / scale, w / scale
+    want = np.linalg.eigvalsh(Gs)
+    assert np.all(np.isfinite(w)) and np.all(np.isfinite(V))
     assert np.all(np.diff(w) >= 0), "eigenvalues not ascending"
-    assert np.abs(w - want).max() <= 64 * T * np.finfo(np.float64).eps * scale
-    assert np.abs(V.T @ V - np.eye(T)).max() <= 64 * T * np.finfo(np.float64).eps
-    assert np.abs(V @ np.diag(w) @ V.T - G).max() <= 64 * T * np.finfo(np.float64).eps * scale
+    assert np.abs(ws - want).max() <= 64 * T * eps
+    assert np.abs(V.T @ V - np.eye(T)).max() <= 64 * T * eps
+    assert np.abs(V @ np.diag(ws) @ V.T - Gs).max() <= 64 * T * eps
 
 
 @pytest.mark.parametrize("T", sorted({1, 2, 3, 8, 16, 17, 32, MAX_T}))
@@ -167,7 +178,7 @@ def test_float_text_is_json_dumps_text():
         native.float_rows_text(np.zeros(3))
 
 
-def test_report_entry_lines_are_json_dumps_lines():
+def test_report_entry_lines_are_json_dumps_lines(monkeypatch):
     class Job:
         def __init__(self, name, shape):
             self.name, self.dtype, self.shape = name, "BF16", shape
@@ -181,6 +192,9 @@ def test_report_entry_lines_are_json_dumps_lines():
     lines = report.entry_lines(entries)
     assert lines == [json.dumps(e) for e in entries]
     # any other form goes to json: the caller's fallback
+    monkeypatch.setattr(native, "float_text_available", lambda: False)  # (a build without std::to_chars)
+    assert report.entry_lines(entries) is None
+    monkeypatch.undo()
     for mutate in (lambda e: e.__setitem__("components", True), lambda e: e["singular_values"].__setitem__(0, 1),
                    lambda e: e.__setitem__("extra", 1), lambda e: e["singular_values"].pop(),
                    lambda e: e["shape"].__setitem__(0, 2.0)):

@@ -111,9 +111,18 @@ def test_resume_with_another_eigen_solver_starts_afresh(tmp, monkeypatch):
     assert resumed.report["eigen_solver"] == whole.report["eigen_solver"] == "lapack"
     assert files_of(resumed.outputs[0]) == files_of(whole.outputs[0])
     monkeypatch.undo()
-    native_run = extrapolate(base, ck, [20], os.path.join(tmp, "native"), backend="cpu")
+    fit_path = os.path.join(tmp, "run.fit")
+    native_run = extrapolate(base, ck, [20], os.path.join(tmp, "native"), backend="cpu", save_fit=fit_path)
     assert native_run.report["eigen_solver"] == "native"
     assert native_run.report["run_key"] != whole.report["run_key"]
+    # a saved fit solves nothing: its predictions (and their resume) do not depend on the solver
+    from relex_kernels.engine import predict
+    monkeypatch.setattr(native_ops, "eigh_max_t", lambda: 0)
+    without = predict(fit_path, [20], os.path.join(tmp, "p1"), backend="cpu")
+    monkeypatch.undo()
+    with_ext = predict(fit_path, [20], os.path.join(tmp, "p2"), backend="cpu")
+    assert without.report["eigen_solver"] == with_ext.report["eigen_solver"] == "saved fit"
+    assert without.report["run_key"] == with_ext.report["run_key"]
 
 
 def test_spmd_ranks_on_different_kernels_refuse(tmp):

@@ -46,13 +46,21 @@ inline double safe_hypot(double a, double b) {
 constexpr int kMaxIter = 60;
 
 // A (n x n, row-major, symmetric: the lower triangle is read) -> w (ascending) and V
-// (row-major; column j the unit eigenvector of w[j]). False when A holds a NaN or an infinity
-// or the iteration did not converge (w and V then undefined).
+// (row-major; column j the unit eigenvector of w[j]). False when A holds a NaN or an infinity,
+// the iteration did not converge or a result is not finite (w and V then undefined).
 bool eigh_one(const double* A, int n, double* w, double* Vout) {
-    for (int i = 0; i < n * n; ++i)
+    double amax = 0.0;
+    for (int i = 0; i < n * n; ++i) {
         if (!std::isfinite(A[i])) return false;
+        amax = std::max(amax, std::fabs(A[i]));
+    }
+    // Solved scaled by a power of two to 1 <= max|a| < 2 (exact, and every step below is
+    // homogeneous, so a matrix of ordinary scale gets the same bits either way): at the scales of
+    // fp64 Grams (1e+-300) the QL step's product e[l+1]*e[l] overflowed to NaN or underflowed
+    // (LAPACK's steqr scales too). The eigenvalues are scaled back at the end.
+    const int ex = amax > 0.0 ? std::ilogb(amax) : 0;
     double V[kEighMaxT * kEighMaxT], Z[kEighMaxT * kEighMaxT], d[kEighMaxT], e[kEighMaxT];
-    std::memcpy(V, A, sizeof(double) * size_t(n) * size_t(n));
+    for (int i = 0; i < n * n; ++i) V[i] = std::ldexp(A[i], -ex);
     auto v = [&](int i, int j) -> double& { return V[i * n + j]; };
 
     // tred2: Householder reduction, row i = n-1 .. 1; d the diagonal, e the off-diagonal
@@ -184,7 +192,11 @@ bool eigh_one(const double* A, int n, double* w, double* Vout) {
         d[l] += f;
         e[l] = 0.0;
     }
-    // ascending, ties in the order found
+    for (int i = 0; i < n; ++i)
+        if (!std::isfinite(d[i])) return false;
+    for (int i = 0; i < n * n; ++i)
+        if (!std::isfinite(Z[i])) return false;
+    // ascending (a selection sort: ties in a fixed, not the original, order)
     int idx[kEighMaxT];
     for (int i = 0; i < n; ++i) idx[i] = i;
     for (int i = 0; i < n - 1; ++i) {
@@ -194,11 +206,11 @@ bool eigh_one(const double* A, int n, double* w, double* Vout) {
         std::swap(idx[i], idx[k]);
     }
     for (int j = 0; j < n; ++j) {
-        w[j] = d[idx[j]];
+        w[j] = std::ldexp(d[idx[j]], ex);
         const double* z = Z + idx[j] * n;
         for (int k = 0; k < n; ++k) Vout[k * n + j] = z[k];
     }
-    return true;
+    return std::isfinite(w[0]) && std::isfinite(w[n - 1]);  // (scaled back past float64's range)
 }
 
 }  // namespace

@@ -4,11 +4,12 @@
 // Why here: relex_report.json holds every tensor's T singular values, and a MoE model has
 // thousands of tensors; float.__repr__ through json's encoder took ~45 ms of a 3072-tensor run
 // (0.5 us a value), this ~20x less. The text is json.dumps's, byte for byte
-// (tests/test_native_kernels.py compares them over random bit patterns and the edge values).
+// (tests/test_native_eigh_and_text.py compares them over random bit patterns and the edge values).
 #include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 
 #include "kernels.h"
@@ -17,21 +18,16 @@ namespace relex {
 
 namespace {
 
+#if defined(__cpp_lib_to_chars) && __cpp_lib_to_chars >= 201611L
+#define RELEX_FLOAT_TEXT 1
+
 // The shortest digits of finite x > 0 that read back to x (the closest such, as Python's dtoa
-// picks), with x = 0.d1d2... * 10^decpt; returns the digit count.
+// picks), with x = 0.d1d2... * 10^decpt; returns the digit count. (No printf fallback: its
+// correctly rounded digits are not the shortest at powers of two, and it follows the locale.)
 int shortest_digits(double x, char* digits, int* decpt) {
     char buf[64];
-#if defined(__cpp_lib_to_chars) && __cpp_lib_to_chars >= 201611L
     const auto res = std::to_chars(buf, buf + sizeof(buf) - 1, x, std::chars_format::scientific);
     *res.ptr = '\0';
-#else
-    // (a standard library without floating-point to_chars: the correctly rounded text of each
-    // length in turn, the first that reads back; 17 digits always do)
-    for (int prec = 0; prec < 17; ++prec) {
-        std::snprintf(buf, sizeof(buf), "%.*e", prec, x);
-        if (std::strtod(buf, nullptr) == x) break;
-    }
-#endif
     int nd = 0;
     const char* p = buf;
     for (; *p && *p != 'e'; ++p)
@@ -40,8 +36,12 @@ int shortest_digits(double x, char* digits, int* decpt) {
     *decpt = std::atoi(p + 1) + 1;
     return nd;
 }
+#endif
 
 }  // namespace
+
+#ifdef RELEX_FLOAT_TEXT
+bool float_text_supported() { return true; }
 
 void append_float_text(double x, std::string& out) {
     if (std::isnan(x)) {
@@ -87,5 +87,14 @@ void append_float_text(double x, std::string& out) {
         out.append(digits + decpt, size_t(nd - decpt));
     }
 }
+#else
+// A standard library without floating-point std::to_chars (libstdc++ before GCC 11, libc++):
+// the report's floats go through Python's repr instead.
+bool float_text_supported() { return false; }
+
+void append_float_text(double, std::string&) {
+    throw std::logic_error("float text needs a standard library with floating-point std::to_chars");
+}
+#endif
 
 }  // namespace relex

@@ -81,7 +81,8 @@ constexpr int kEighMaxT = 48;
 void eigh_small(const double* A, size_t count, int n, double* w, double* V, uint8_t* ok, int nthreads);
 
 // float_text.cpp: x as Python's repr() writes it (JSON's NaN, Infinity, -Infinity for the
-// others), appended to out
+// others), appended to out; only where float_text_supported() (else it throws)
+bool float_text_supported();
 void append_float_text(double x, std::string& out);
 
 }  // namespace relex

@@ -52,9 +52,9 @@ def entry_lines(entries: list[dict]) -> list[str] | None:
     """``[json.dumps(e) for e in entries]`` for entries of :func:`tensor_entries`' form, with the
     floats written by the native extension: a MoE model's report holds tens of thousands of
     singular values, whose repr took json's encoder ~45 ms in a 3072-tensor run (the text is the
-    same, byte for byte). None without the extension or when an entry has another form (its keys,
-    or a value of another type): the caller then encodes them with json."""
-    if not entries or not native.available()[0]:
+    same, byte for byte). None without that part of the extension or when an entry has another form
+    (its keys, or a value of another type): the caller then encodes them with json."""
+    if not entries or not native.float_text_available():
         return None
     if not all(map(ENTRY_KEYS.__eq__, map(tuple, entries))):
         return None
@@ -86,7 +86,8 @@ def run_report(*, backend: str, kernel: str, options: dict, steps, targets, outp
     ``kernel``: :attr:`~relex_kernels.ops.Backend.identity`, which the output bits depend on;
     ``gram_precision``: the products of the Gram as they ran at this T (``ieee`` fp32, or on a
     device ``tf32x3`` / ``tf32`` when ``auto`` or ``RELEX_GRAM_PRECISION`` chose them);
-    ``eigen_solver``: :func:`~relex_kernels.fit.eigen_solver`, what solved the T x T Grams.
+    ``eigen_solver``: :func:`~relex_kernels.fit.eigen_solver`, what solved the T x T Grams
+    (``saved fit``: none did).
     """
     return {
         "relex_kernels": __version__,

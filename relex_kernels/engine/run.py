@@ -41,8 +41,10 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     W = fitmath.target_weights(opts, steps, targets)  # (K, T)
     # the journal key: everything the output bytes depend on (not the memory budget: the
     # Gram is the same bit for bit however a tensor is cut into ranges)
+    # (a saved fit solves nothing: its predictions do not depend on this install's solver)
+    solver = fitmath.eigen_solver(traj.T) if comps is None else "saved fit"
     key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.identity, shard_bytes, traj.jobs,
-                          key_extra, solver=fitmath.eigen_solver(traj.T))
+                          key_extra, solver=solver)
     outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite, key=key,
                      resume=resume, reuse_complete=before_commit is None)
     if outs.complete is not None:  # this very run finished before (a fit to save needs the run itself)
@@ -65,7 +67,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
         close_streamer(streamer)  # (and its progress bar)
         seconds = time.perf_counter() - t0
         rep = report.run_report(backend=be.name, kernel=be.identity, gram_precision=streamer.gram_precision(),
-                                eigen_solver=fitmath.eigen_solver(traj.T),
+                                eigen_solver=solver,
                                 options=opts.to_dict(), steps=steps,
                                 targets=targets, outputs={str(t): outs.final(t) for t in targets}, seconds=seconds,
                                 bytes_read=streamer.bytes_read, memory_budget=budget, entries=ex.entries,

@@ -183,7 +183,7 @@ class RankRun:
         digest[rank] = float(int(getattr(self, "digest", "0" * 13)[:13], 16))  # 52 bits: exact in fp64
         got = g.status("setup", err, digest)
         # (the T x T solver too: each rank fits every Gram, and the fits must be the same bits)
-        mismatch = kernel_mismatch(g.gather("setup", f"{self.kernel}, {fitmath.eigen_solver(traj.T)} eigen-solver"))
+        mismatch = kernel_mismatch(g.gather("setup", f"{self.kernel}, eigen-solver {self.solver}"))
         if mismatch:
             raise DistributedError(mismatch)
         if np.unique(got).size != 1:
@@ -232,8 +232,9 @@ class RankRun:
                                groupable=self.streamer.groupable, world=self.env.world, rank=rank)
         self.slots = self.plan.slots
         self.kernel = self.be.identity
+        self.solver = fitmath.eigen_solver(traj.T) if self.comps is None else "saved fit"
         key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, self.kernel, self.shard_bytes,
-                              traj.jobs, self.key_extra, solver=fitmath.eigen_solver(traj.T))
+                              traj.jobs, self.key_extra, solver=self.solver)
         self.digest = self.plan.split.digest(key)
         specs = [j.spec for j in traj.jobs]
         if rank == 0:
@@ -327,7 +328,7 @@ class RankRun:
         }
         return report.run_report(
             backend=self.be.name, kernel=self.kernel, gram_precision=self.streamer.gram_precision(),
-            eigen_solver=fitmath.eigen_solver(self.traj.T),
+            eigen_solver=self.solver,
             options=self.opts.to_dict(), steps=traj.steps,
             targets=self.targets,
             outputs={str(t): os.path.join(self.out_dir, target_dir_name(t)) for t in self.targets},

@@ -303,9 +303,17 @@ def eigh_small(Gs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return w, V, ok.view(bool)
 
 
+def float_text_available() -> bool:
+    """Whether :func:`float_rows_text` runs: the extension, built with a standard library that has
+    floating-point ``std::to_chars`` (GCC >= 11's; not every libc++)."""
+    return _C is not None and bool(getattr(_C, "FLOAT_TEXT", False))
+
+
 def float_rows_text(a: np.ndarray) -> list[str]:
     """Each row of a 2-D float64 array as ``", ".join(map(json.dumps, row))`` (Python's repr of
-    each value; NaN, Infinity, -Infinity), at C speed."""
+    each value; NaN, Infinity, -Infinity), at C speed; where :func:`float_text_available`."""
+    if not float_text_available():
+        raise BackendError("float_rows_text needs the extension built with floating-point std::to_chars")
     a = np.ascontiguousarray(a, dtype=np.float64)
     if a.ndim != 2:
         raise ValueError(f"float_rows_text needs a 2-D array, got shape {a.shape}")
