@@ -9,7 +9,6 @@ reading anything when figures were explicitly required (``figures=True``).
 from __future__ import annotations
 
 import importlib.util
-import os
 import threading
 
 import numpy as np
@@ -210,7 +209,3 @@ def error_distance_figure(path: str, model_rows: dict[str, list[dict]], last_ste
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def figure_path(out_dir: str, name: str) -> str:
-    return os.path.join(out_dir, name)

@@ -69,12 +69,6 @@ def raw(x: torch.Tensor) -> np.ndarray:
     return flat.view(dtypes.raw_numpy(DTYPE_NAMES[x.dtype]))
 
 
-def from_raw(a: np.ndarray, dtype: torch.dtype, shape) -> torch.Tensor:
-    """A torch tensor of ``dtype`` and ``shape`` over the raw array ``a`` (no copy)."""
-    bits = a.view(np.int16) if a.dtype.itemsize == 2 else a
-    return torch.from_numpy(bits).view(dtype).reshape(shape)
-
-
 def empty_outputs(base: torch.Tensor, K: int, out) -> torch.Tensor:
     """The (K, *shape) output tensor: ``out`` checked, or a new one of base's dtype and device."""
     shape = (K, *base.shape)

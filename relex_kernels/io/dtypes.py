@@ -54,10 +54,6 @@ def is_fitted(name: str) -> bool:
     return name in FITTED
 
 
-def is_float(name: str) -> bool:
-    return name.startswith("F") or name == "BF16"
-
-
 def to_float32(raw: np.ndarray, name: str) -> np.ndarray:
     """Widen a raw view of dtype ``name`` to a new fp32 array (exact for all fitted types)."""
     if name == "BF16":

@@ -69,10 +69,6 @@ ENDOFTEXT_ID, IM_START_ID, IM_END_ID = _N_REGULAR, _N_REGULAR + 1, _N_REGULAR + 
 SPECIALS = {"<|endoftext|>": ENDOFTEXT_ID, "<|im_start|>": IM_START_ID, "<|im_end|>": IM_END_ID}
 
 
-def tokenizer_size() -> int:
-    return IM_END_ID + 1
-
-
 def _added(content: str, i: int) -> dict:
     return {"id": i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
             "normalized": False, "special": True}
