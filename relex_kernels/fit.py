@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -208,11 +207,6 @@ def components_many(Gs: np.ndarray, rank: int, ns, dtypes) -> list[Components]:
     return list(map(Components, us, ss, list(s), ev.tolist()))
 
 
-#: a stack of Grams solved by numpy on several threads from this many matrices on (numpy's
-#: solver releases the GIL; each matrix gets the same LAPACK call, so the same bits, either way)
-_THREADED_EIGH = 128
-
-
 def eigen_solver(T: int) -> str:
     """What solves the T x T Grams of this process: ``native`` (the extension's Householder + QL,
     csrc/cpu/eigh.cpp, T <= its EIGH_MAX_T) or ``lapack`` (numpy's eigh). The fits' last bits
@@ -224,24 +218,15 @@ def _eigh_stack(Gs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All eigenpairs of a (k, T, T) stack. Up to the extension's EIGH_MAX_T rows its solver, on the
     kernels' threads (3072 Grams at T = 16: ~20 ms against numpy's 84 ms in a 2-core run); a matrix
     it does not solve (not finite, not converged) gets numpy's answer, or numpy's error, as before.
-    Otherwise numpy's ``eigh``, in slices on up to one thread per core this process may run on (a
-    pinned SPMD rank: its own) when the stack is large (a MoE group: hundreds)."""
-    k, T = Gs.shape[0], Gs.shape[-1]
-    if k and eigen_solver(T) == "native":
+    Otherwise (or without the extension) numpy's ``eigh`` in one call: on a thread pool its
+    OpenBLAS threads oversubscribed the cores (a pool of 2 at T = 100 took 1.7-1.9x one thread's time)."""
+    if Gs.shape[0] and eigen_solver(Gs.shape[-1]) == "native":
         w, V, ok = native.eigh_small(Gs)
         if not ok.all():
             bad = np.flatnonzero(~ok)
             w[bad], V[bad] = np.linalg.eigh(Gs[bad])
         return w, V
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = min(cores, 8, k // _THREADED_EIGH)
-    if threads < 2:
-        return np.linalg.eigh(Gs)
-    from concurrent.futures import ThreadPoolExecutor
-    cuts = np.linspace(0, k, threads + 1).astype(int)
-    with ThreadPoolExecutor(threads) as pool:
-        parts = list(pool.map(lambda ab: np.linalg.eigh(Gs[ab[0]:ab[1]]), zip(cuts[:-1], cuts[1:])))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    return np.linalg.eigh(Gs)
 
 
 def _time_coords(opts: FitOptions, steps: list[int]) -> np.ndarray:

@@ -4,13 +4,14 @@
 // syevd spends most of its ~23 us per matrix in the calls between its BLAS-2 steps; the same
 // two algorithms written out here take ~13 us, on every thread of the process without the GIL
 // (3072 Grams at T = 16 on a 2-core Zen 4: numpy 84 ms in a run, here ~20 ms). Above ~48 rows
-// LAPACK's blocked, divide-and-conquer path is faster: the Python side calls this for
-// T <= kEighMaxT only.
+// LAPACK's blocked, divide-and-conquer path is faster on one core (T = 64: 1.3x, T = 128: 3.7x;
+// benchmarks/results/eigh_cpu.md), and the solver's choice may not depend on the thread count
+// (it decides the bits): the Python side calls this for T <= kEighMaxT only.
 //
 // The algorithms: Householder reduction to tridiagonal form with the transformations
 // accumulated (EISPACK tred2), then the implicit QL iteration with Wilkinson shifts
 // (EISPACK tql2), the family of LAPACK's steqr: backward stable, eigenvalues within a few
-// ulps of ||G||, eigenvectors orthonormal to ~1e-15 (tests/test_native_kernels.py compares
+// ulps of ||G||, eigenvectors orthonormal to ~1e-15 (tests/test_native_eigh_and_text.py compares
 // them with numpy's). The QL rotations are applied to the rows of Z = V^T, so that the inner
 // loop runs over contiguous memory.
 //
@@ -23,6 +24,8 @@
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "driver.h"
 
@@ -48,7 +51,7 @@ constexpr int kMaxIter = 60;
 // A (n x n, row-major, symmetric: the lower triangle is read) -> w (ascending) and V
 // (row-major; column j the unit eigenvector of w[j]). False when A holds a NaN or an infinity,
 // the iteration did not converge or a result is not finite (w and V then undefined).
-bool eigh_one(const double* A, int n, double* w, double* Vout) {
+bool eigh_one(const double* A, int n, double* w, double* Vout, double* work) {
     double amax = 0.0;
     for (int i = 0; i < n * n; ++i) {
         if (!std::isfinite(A[i])) return false;
@@ -59,7 +62,9 @@ bool eigh_one(const double* A, int n, double* w, double* Vout) {
     // fp64 Grams (1e+-300) the QL step's product e[l+1]*e[l] overflowed to NaN or underflowed
     // (LAPACK's steqr scales too). The eigenvalues are scaled back at the end.
     const int ex = amax > 0.0 ? std::ilogb(amax) : 0;
-    double V[kEighMaxT * kEighMaxT], Z[kEighMaxT * kEighMaxT], d[kEighMaxT], e[kEighMaxT];
+    double* const V = work;  // n x n, then Z: n x n (the caller's scratch, 2 n^2 doubles)
+    double* const Z = work + size_t(n) * size_t(n);
+    double d[kEighMaxT], e[kEighMaxT];
     for (int i = 0; i < n * n; ++i) V[i] = std::ldexp(A[i], -ex);
     auto v = [&](int i, int j) -> double& { return V[i * n + j]; };
 
@@ -221,11 +226,16 @@ void eigh_small(const double* A, size_t count, int n, double* w, double* V, uint
                                     std::to_string(n));
     if (count && (!A || !w || !V || !ok)) throw std::invalid_argument("eigh_small: null pointer");
     const size_t nn = size_t(n) * size_t(n);
-    // a few dozen matrices per thread at least: below that, starting threads costs more
-    const int nt = threads_for(nthreads, count / 32);
+    // a few dozen small matrices per thread at least (below that, starting threads costs more);
+    // from T = 32 on, every matrix is worth a thread
+    const int nt = threads_for(nthreads, n >= 32 ? count : count / 32);
+    // each thread's scratch (V and Z), on the heap rather than the stack of whatever thread calls
+    // (36 KB at T = 48), allocated before the parallel region (an exception must not escape it)
+    std::vector<double> work(size_t(nt) * 2 * nn);
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t b = 0; b < int64_t(count); ++b)
-        ok[b] = eigh_one(A + size_t(b) * nn, n, w + size_t(b) * size_t(n), V + size_t(b) * nn) ? 1 : 0;
+        ok[b] = uint8_t(eigh_one(A + size_t(b) * nn, n, w + size_t(b) * size_t(n), V + size_t(b) * nn,
+                                 work.data() + size_t(thread_id()) * 2 * nn));
 }
 
 }  // namespace relex
