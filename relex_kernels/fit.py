@@ -207,10 +207,13 @@ def components_many(Gs: np.ndarray, rank: int, ns, dtypes) -> list[Components]:
     return list(map(Components, us, ss, list(s), ev.tolist()))
 
 
-def eigen_solver(T: int) -> str:
+def eigen_solver(T: int, fitted: bool = False) -> str:
     """What solves the T x T Grams of this process: ``native`` (the extension's Householder + QL,
-    csrc/cpu/eigh.cpp, T <= its EIGH_MAX_T) or ``lapack`` (numpy's eigh). The fits' last bits
-    depend on it, so the report and the run journal's key carry it."""
+    csrc/cpu/eigh.cpp, T <= its EIGH_MAX_T) or ``lapack`` (numpy's eigh); ``saved fit`` for a run
+    from a saved fit (``fitted``), which solves nothing. The fits' last bits depend on it, so the
+    report and the run journal's key carry it."""
+    if fitted:
+        return "saved fit"
     return "native" if 1 <= T <= native.eigh_max_t() else "lapack"
 
 

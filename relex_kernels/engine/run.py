@@ -41,8 +41,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
     W = fitmath.target_weights(opts, steps, targets)  # (K, T)
     # the journal key: everything the output bytes depend on (not the memory budget: the
     # Gram is the same bit for bit however a tensor is cut into ranges)
-    # (a saved fit solves nothing: its predictions do not depend on this install's solver)
-    solver = fitmath.eigen_solver(traj.T) if comps is None else "saved fit"
+    solver = fitmath.eigen_solver(traj.T, fitted=comps is not None)
     key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, be.identity, shard_bytes, traj.jobs,
                           key_extra, solver=solver)
     outs = OutputSet(out_dir, targets, list(traj.input_dirs()) + list(input_dirs), overwrite, key=key,

@@ -232,7 +232,7 @@ class RankRun:
                                groupable=self.streamer.groupable, world=self.env.world, rank=rank)
         self.slots = self.plan.slots
         self.kernel = self.be.identity
-        self.solver = fitmath.eigen_solver(traj.T) if self.comps is None else "saved fit"
+        self.solver = fitmath.eigen_solver(traj.T, fitted=self.comps is not None)
         key = journal.run_key(traj.fingerprint(), opts.to_dict(), targets, self.kernel, self.shard_bytes,
                               traj.jobs, self.key_extra, solver=self.solver)
         self.digest = self.plan.split.digest(key)
