@@ -9,11 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 
 from ..errors import OutputError
-from ..io.dirs import make_dirs, remove_empty
+from ..io.dirs import make_dirs, remove_empty, write_text_atomic
 
 TENSOR_FIELDS = {
     "name": "tensor name in the checkpoint",
@@ -102,19 +101,10 @@ def write_text(path: str, text: str) -> None:
 
 
 def _atomic(path: str, text: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException as e:  # (an interrupt too: no temporary file stays)
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-        raise
+        write_text_atomic(path, text)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 @contextlib.contextmanager

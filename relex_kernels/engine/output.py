@@ -23,7 +23,7 @@ import warnings
 
 from ..errors import FormatError, InputError, OutputError, RelexWarning
 from ..io.checkpoint import INDEX_NAME, SINGLE_NAME, read_weight_map
-from ..io.dirs import make_dirs, remove_empty
+from ..io.dirs import make_dirs, remove_empty, write_text_atomic
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
 from . import journal as journal_mod
 from . import report as report_mod
@@ -249,7 +249,7 @@ class OutputSet:
                 for src in side_files(base_dir):
                     shutil.copy2(src, os.path.join(self.partials[t], os.path.basename(src)))
             if report is not None:  # moved beside the outputs with them, by finish_commit
-                _write_json_atomic(os.path.join(self.state_dir, REPORT_NAME), report)
+                write_text_atomic(os.path.join(self.state_dir, REPORT_NAME), _json_text(report) + "\n", sync=True)
             self.writers = []
             if before_commit is not None:
                 before_commit()
@@ -390,18 +390,3 @@ def _json_text(obj) -> str:
     text = json.dumps({**obj, "tensors": mark}, indent=1)
     lines = report_mod.entry_lines(tensors) or journal_mod.encode_each(json.dumps, tensors, "name", ", ")
     return text.replace(json.dumps(mark), "[\n  " + ",\n  ".join(lines) + "\n ]", 1)
-
-
-def _write_json_atomic(path: str, obj) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(_json_text(obj))
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

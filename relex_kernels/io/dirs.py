@@ -1,8 +1,28 @@
-"""Directories a command makes for its output, and removes again when it fails."""
+"""Directories a command makes for its output, and removes again when it fails; files written
+whole or not at all."""
 
 from __future__ import annotations
 
 import os
+import tempfile
+
+
+def write_text_atomic(path: str, text: str, sync: bool = False) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename, so a reader
+    sees the old file or the whole new one (``sync``: on disk before the rename). On any failure,
+    an interrupt too, the temporary file is removed and the error raised as it came."""
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
 def make_dirs(path: str) -> list[str]:
