@@ -95,14 +95,13 @@ def _tied_pair(base, get, names: list[str], tied) -> tuple[str, str] | None:
         if tied[0] == tied[1]:
             raise ArgumentError(f"tied names a head and an embedding: two tensors, got {tied[0]!r} twice")
         return _same_kind(tied, base, get)
-    lazy = _lazy(base)  # (tensors loaded one by one share no storage)
+    if tied is None and _lazy(base):  # (tensors loaded one by one share no storage: never one tensor)
+        return None
     for head in HEAD_NAMES:
         for emb in EMBED_NAMES:
             if head in names and emb in names:
                 if tied is True:
                     return _same_kind((head, emb), base, get)
-                if lazy:
-                    continue
                 h, e = get(head), get(emb)
                 if (isinstance(h, torch.Tensor) and isinstance(e, torch.Tensor) and h.shape == e.shape
                         and h.dtype == e.dtype and h.device == e.device and h.data_ptr() == e.data_ptr()):
