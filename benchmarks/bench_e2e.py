@@ -39,7 +39,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from machine_info import cpu_model, user_env  # noqa: E402
+from machine_info import cpu_model, user_env, write_results_md  # noqa: E402
 
 CHILD_PRELUDE = r"""
 import json, os, sys, time
@@ -268,7 +268,10 @@ def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: 
         # run the previous one's output is deleted and the disk synced, untimed: each run writes
         # into a fresh directory, as a user's run does, and pays for no other run's writeback
         # or file deletion (on this VM's ext4, mounted with `discard`, deleting 0.4 GB added
-        # 0.2-0.5 s to the next run)
+        # 0.2-0.5 s to the next run). The input is then read once more, untimed: a host that
+        # reclaims idle page cache (this VM's dropped ~15 MB/s of it while idle) would otherwise
+        # hand the later runs a partly cold cache; each run's bytes fetched from storage are kept
+        # to show that it did not.
         results = {c: [] for c in contenders}
         out_bytes = sum(os.path.getsize(os.path.join(syn.base_dir, f)) for f in os.listdir(syn.base_dir)
                         if f.endswith(".safetensors"))  # the output has the base's size
@@ -278,6 +281,7 @@ def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: 
             for be, budget, simd in contenders:
                 shutil.rmtree(arg["out"], ignore_errors=True)
                 os.sync()
+                warm(files)
                 results[(be, budget, simd)].append(
                     child(ENGINE, dict(arg, backend=be, budget=budget), env={"RELEX_SIMD": simd} if simd else None))
         row["write"] = {"bytes": out_bytes, "seconds": statistics.median(writes), "runs": writes}
@@ -297,6 +301,7 @@ def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: 
                                    "input_GBps": rs[0]["bytes_read"] / sec / 1e9,
                                    "bytes_read": rs[0]["bytes_read"],
                                    "peak_rss": max(r["peak_rss"] for r in rs), "x_bound": sec / b,
+                                   "storage_read_bytes": [r["storage_read_bytes"] for r in rs],
                                    "x_bound_with_write": sec / max(b, row["write"]["seconds"])}
             print(f"  engine[{be}]: {sec:.2f} s  {row[f'engine_{be}']['input_GBps']:.2f} GB/s  "
                   f"peak {row[f'engine_{be}']['peak_rss'] / 2**20:.0f} MiB  ({sec / b:.2f}x the bound)",
@@ -341,6 +346,7 @@ def main() -> None:
     baselines = [] if a.baselines == "none" else a.baselines.split(",")
     os.makedirs(a.cache, exist_ok=True)
     syn, label = ensure_traj(a.cache, a.size, a.steps)
+    warm(traj_files(syn))  # a trajectory kept from an earlier run may have left the page cache
     bw = read_bandwidth(traj_files(syn))
     gemm = gemm_rate()
     gemm_avx2 = gemm_rate_avx2() if a.avx2 else None
@@ -372,8 +378,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".json", "w") as fh:
         json.dump(res, fh, indent=1)
-    with open(a.out + ".md", "w") as fh:
-        fh.write(to_markdown(res))
+    write_results_md(a.out + ".md", to_markdown(res).splitlines())  # keeps the file's notes
     print(f"wrote {a.out}.json and .md")
 
 
@@ -388,23 +393,27 @@ def to_markdown(res: dict) -> str:
              f"baselines: median of {res['baseline_runs']}.",
              "",
              "| contender | wall time (s), median (min-max) | input GB/s | peak RSS (MiB) | temp disk (GB) | x bound "
-             "| x bound with the write |",
-             "|---|---|---|---|---|---|---|",
+             "| x bound with the write | fetched from storage, most of a run (GB) |",
+             "|---|---|---|---|---|---|---|---|",
              f"| bound: max(read at {res['read_bandwidth'] / gb:.1f} GB/s, Gram at GEMM rate) | "
-             f"{m['bound_seconds']:.2f} | {m['input_bytes'] / m['bound_seconds'] / gb:.2f} | | | 1.00 | |"]
+             f"{m['bound_seconds']:.2f} | {m['input_bytes'] / m['bound_seconds'] / gb:.2f} | | | 1.00 | | |"]
     if m.get("bound_avx2_seconds"):
         lines.append(f"| bound for the AVX2 path (AVX2 GEMM {res['gemm_flops_avx2'] / gb:.0f} GFLOP/s) | "
-                     f"{m['bound_avx2_seconds']:.2f} | {m['input_bytes'] / m['bound_avx2_seconds'] / gb:.2f} | | | 1.00 | |")
+                     f"{m['bound_avx2_seconds']:.2f} | {m['input_bytes'] / m['bound_avx2_seconds'] / gb:.2f} "
+                     "| | | 1.00 | | |")
     if "write" in m:
         w = m["write"]
         lines.append(f"| writing the {w['bytes'] / gb:.2f} GB output alone: pwrite + fsync, same disk | "
-                     f"{w['seconds']:.2f} ({min(w['runs']):.2f}-{max(w['runs']):.2f}) | | | | | |")
-        lines.append(f"| bound with the write: max(read, Gram, write) | {m['bound_with_write_seconds']:.2f} | | | | | 1.00 |")
+                     f"{w['seconds']:.2f} ({min(w['runs']):.2f}-{max(w['runs']):.2f}) | | | | | | |")
+        lines.append(f"| bound with the write: max(read, Gram, write) | {m['bound_with_write_seconds']:.2f} "
+                     "| | | | | 1.00 | |")
     for k, v in m.items():
         if k.startswith("engine_"):
-            lines.append(f"| relex (backend {k[7:]}) | {v['seconds']:.2f} ({min(v['runs']):.2f}-{max(v['runs']):.2f}) | "
-                         f"{v['input_GBps']:.2f} | {v['peak_rss'] / 2**20:.0f} | 0 | {v['x_bound']:.2f} | "
-                         f"{v['x_bound_with_write']:.2f} |")
+            lines.append(f"| relex (backend {k[7:]}) | {v['seconds']:.2f} "
+                         f"({min(v['runs']):.2f}-{max(v['runs']):.2f}) | {v['input_GBps']:.2f} | "
+                         f"{v['peak_rss'] / 2**20:.0f} | 0 | {v['x_bound']:.2f} | {v['x_bound_with_write']:.2f} | "
+                         + (f"{max(v['storage_read_bytes']) / gb:.2f} |" if v.get("storage_read_bytes")
+                            else "not recorded |"))
     for k in ("naive", "authors"):
         if k in m:
             v = m[k]
@@ -412,7 +421,7 @@ def to_markdown(res: dict) -> str:
                 "authors' two-stage way (fp16 delta files)"
             lines.append(f"| {label} | {v['seconds']:.2f} | {m['input_bytes'] / v['seconds'] / gb:.2f} | "
                          f"{v['peak_rss'] / 2**20:.0f} | {v['temp_bytes'] / gb:.2f} | "
-                         f"{v['seconds'] / m['bound_seconds']:.2f} | |")
+                         f"{v['seconds'] / m['bound_seconds']:.2f} | | |")
     for key, title in (("by_size", "model size (T = 16)"), ("by_T", "T (small model)")):
         if key in res:
             lines += ["", f"Scaling with {title}:", "",
