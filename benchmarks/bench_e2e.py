@@ -9,7 +9,9 @@ Every figure is measured in one run, side by side, from a warm page cache:
              at the measured read bandwidth (touch every page through a memory map,
              as the engine does), and the Gram's FLOPs as the kernel does them
              (T(T+1)·d, the upper triangle) at the measured fp32 GEMM rate (torch.mm);
-* engine   — ``relex_kernels.engine.extrapolate`` with each available CPU backend;
+* engine   — ``relex_kernels.engine.extrapolate`` with each available CPU backend; before
+             each run the input is read once, untimed (a host may reclaim idle page cache),
+             and each run's bytes fetched from storage are recorded to show it was warm;
 * naive    — what a user would write: per tensor, stack the T fp32 deltas and call
              ``torch.linalg.svd``, fit the line, write the result;
 * authors  — the authors' two-stage scripts modelled from method §6: write an fp16
