@@ -246,8 +246,7 @@ def params_of(syn) -> int:
 
 def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: list[str], bw: float, gemm: float,
             budgets=(), gemm_avx2: float | None = None):
-    files = traj_files(syn)
-    warm(files)
+    files = traj_files(syn)  # (read into the page cache before every run below, engine and baselines)
     T = len(syn.checkpoints)
     nbytes = sum(os.path.getsize(f) for f in files)
     d = params_of(syn)
@@ -314,6 +313,7 @@ def measure(syn, runs: int, baselines: list[str], baseline_runs: int, backends: 
                 tmp = tempfile.mkdtemp(prefix="relex-bench-deltas-", dir=work)
                 code = NAIVE if name == "naive" else AUTHORS
                 shutil.rmtree(os.path.join(work, "b"), ignore_errors=True)
+                warm(files)
                 rs.append(child(code, dict(arg, out=os.path.join(work, "b"), tmp=tmp)))
                 shutil.rmtree(tmp)
             sec = statistics.median(r["seconds"] for r in rs)
@@ -348,8 +348,9 @@ def main() -> None:
     baselines = [] if a.baselines == "none" else a.baselines.split(",")
     os.makedirs(a.cache, exist_ok=True)
     syn, label = ensure_traj(a.cache, a.size, a.steps)
-    warm(traj_files(syn))  # a trajectory kept from an earlier run may have left the page cache
-    bw = read_bandwidth(traj_files(syn))
+    files = traj_files(syn)
+    warm(files)  # a trajectory kept from an earlier run may have left the page cache
+    bw = read_bandwidth(files)
     gemm = gemm_rate()
     gemm_avx2 = gemm_rate_avx2() if a.avx2 else None
     print(f"{machine()}: read bandwidth {bw / 1e9:.2f} GB/s (mmap, warm cache), fp32 GEMM {gemm / 1e9:.0f} GFLOP/s"
