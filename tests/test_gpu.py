@@ -508,10 +508,10 @@ def test_an_error_while_draining_on_interrupt_is_said_and_the_threads_stop(capsy
     assert "No space left on device" in capsys.readouterr().err
 
 
-def test_written_pages_are_released_only_where_written(tmp, monkeypatch):
-    """The writer threads release an output file's pages once per run of adjacent ranges they
-    wrote: a group's tensors in one release, and a tied embedding and head (written together,
-    another tensor between them in the file) in two, that tensor's pages untouched."""
+def test_writer_threads_write_exactly_where_the_tensors_are(tmp, monkeypatch):
+    """The writer threads hand each output's bytes to the file writer at that tensor's place and
+    nowhere else: a group's tensors side by side, and a tied embedding and head (written together,
+    another tensor between them in the file) at their two places, that tensor's bytes untouched."""
     devicedouble.install(monkeypatch.setattr)
     monkeypatch.setattr(plan, "GROUP_MAX", GROUPED_MAX)
     shapes = {"model.embed_tokens.weight": (300, 64), "middle.weight": (400, 64), "lm_head.weight": (300, 64),
@@ -519,18 +519,18 @@ def test_written_pages_are_released_only_where_written(tmp, monkeypatch):
     base, ck = make_trajectory(tmp, shapes, STEPS, dtype="BF16", config=TIED)
     from relex_kernels.io import writer as wmod
     calls, local = [], threading.local()
-    release, write = wmod._OutFile.release_bytes, gpu.DeviceStreamer._write
+    write_bytes, write = wmod.ShardedWriter.write_bytes, gpu.DeviceStreamer._write
 
-    def spy_release(self, lo, hi):
-        local.spans.append((lo, hi))
-        return release(self, lo, hi)
+    def spy_write_bytes(self, f, at, data):
+        local.spans.append((at, at + data.nbytes))
+        return write_bytes(self, f, at, data)
 
     def spy_write(self, pieces, buf, ev, writers, also):
         local.spans = []
         write(self, pieces, buf, ev, writers, also)
         names = [p[0].name for p in pieces] + ([also] if also else [])
         calls.append((names, local.spans))
-    monkeypatch.setattr(wmod._OutFile, "release_bytes", spy_release)
+    monkeypatch.setattr(wmod.ShardedWriter, "write_bytes", spy_write_bytes)
     monkeypatch.setattr(gpu.DeviceStreamer, "_write", spy_write)
     got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton")
     ck_out = Checkpoint(got.outputs[0])
@@ -538,12 +538,11 @@ def test_written_pages_are_released_only_where_written(tmp, monkeypatch):
         where = {n: (loc.info.begin, loc.info.begin + loc.info.nbytes) for n, loc in ck_out.tensors.items()}
     finally:
         ck_out.close()
-    for names, spans in calls:  # one release per run of adjacent tensors written, within them
-        runs = merged_spans([where[n] for n in names])
-        assert sorted(spans) == runs, (names, spans, runs)
-    tied = [spans for names, spans in calls if "lm_head.weight" in names]
+    for names, spans in calls:  # every byte written lies in a tensor written, and covers them all
+        assert merged_spans(spans) == merged_spans([where[n] for n in names]), (names, spans)
+    tied = [merged_spans(spans) for names, spans in calls if "lm_head.weight" in names]
     assert tied == [[where["model.embed_tokens.weight"], where["lm_head.weight"]]]  # "middle.weight" between
-    assert any(len(names) == GROUPED_MAX and len(spans) == 1 for names, spans in calls)  # a group: one release
+    assert any(len(names) == GROUPED_MAX for names, _ in calls)  # a group's tensors in one writer call
 
 
 def test_a_read_error_surfaces_once_no_reader_task_writes(tmp, monkeypatch):

@@ -96,7 +96,7 @@ class Executor:
                 getattr(self, "_" + item.kind)(item, items, i)
             if self.after_item is not None:
                 self.after_item(item)
-        self.st.drain()  # the last outputs in the maps, their journal records made
+        self.st.drain()  # the last outputs with the writers, their journal records made
 
     def _record_fit(self, job, comp: Components) -> None:
         self._record_fits([job], [comp])
@@ -186,7 +186,7 @@ class Executor:
         for _ in group:
             journal_mod.hook("combine")
 
-        def landed() -> None:  # (on a device, once the outputs are in the maps)
+        def landed() -> None:  # (on a device, once the outputs are with the writers)
             st.release_group(files, outs)
             for job in group:
                 check_f16_range(job, self.writers, self.targets)

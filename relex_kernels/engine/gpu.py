@@ -23,7 +23,8 @@ GRAM_BLOCK, so groups never straddle a Gram block):
 * the Gram kernels run on the compute stream as each group lands; the combine
   kernel writes the outputs of a group into a device slot, a D2H copy on a third
   stream brings them to a pinned buffer, and writer threads copy them into the
-  output maps while the next groups compute.
+  output writers' staging buffers (written around the page cache, :mod:`..io.direct`)
+  while the next groups compute.
 
 Small tensors (a MoE model's thousands of experts) run in groups (``group`` items of the
 plan): one read into a pinned buffer, one upload into a stage slot, each tensor's Gram
@@ -31,14 +32,14 @@ kernels into a stack of Grams brought back with one wait, one batched solve on t
 each tensor's combine into one output slot and one download — the device waits on the
 host once per group, not once per tensor, with the bits of the per-tensor path.
 
-``combine`` returns once a range's outputs are on their way to the output maps, not once
+``combine`` returns once a range's outputs are on their way to the output files, not once
 they are there: the journal's records of written ranges and finished tensors (``on_range``,
 :meth:`~.streaming.Streamer.after_writes`) run on the engine's thread when the writer threads
 have landed them, at the pipeline's next step or at :meth:`~.streaming.Streamer.drain`. The
 outputs of tensor k are thus written while tensor k+1 is read and computes; the pinned output
 buffers bound what is in flight (a run killed before the records resumes from the last ones:
 work redone, never bytes lost). Waiting for the writes at each tensor's end instead left the
-device idle while a tensor's outputs went into the maps, and the reader only a few pinned
+device idle while a tensor's outputs went to the files, and the reader only a few pinned
 buffers ahead.
 
 On a CPU (``--backend triton`` with ``TRITON_INTERPRET=1``, tests only) the same code
@@ -63,7 +64,6 @@ import numpy as np
 
 from ..errors import DeviceMemoryError, UsageError
 from ..io import dtypes
-from ..io.writer import merged_spans
 from ..ops import DEVICE_BACKENDS, Backend
 from ..ops.cuda import gram_precision
 from ..ops.reference import GRAM_CHUNK
@@ -728,15 +728,13 @@ class DeviceStreamer(Streamer):
         self.next_out = 0
 
     def _write(self, pieces, buf, ev, writers, also) -> None:
-        """Writer thread: pinned outputs into the output maps; ``pieces``: ``(job, a, b, offset)``,
-        the K outputs of elements [a, b) of ``job`` at byte ``offset`` of ``buf``. The pages are
-        released once per run of adjacent ranges of an output file (a group's tensors lie side by
-        side: one release and one write-back hint for all, not one per tensor)."""
+        """Writer thread: pinned outputs to the output files; ``pieces``: ``(job, a, b, offset)``,
+        the K outputs of elements [a, b) of ``job`` at byte ``offset`` of ``buf``, copied into the
+        writers' staging buffers (written around the page cache by their threads, io/direct.py)."""
         try:  # (the buffer goes back whatever fails: the engine may be waiting for it)
             if ev is not None:
                 ev.synchronize()
             with self._timed("write"):
-                files: dict = {}  # per output file: (file, its bytes, [(lo, hi) written])
                 for job, a, b, off in pieces:
                     isz = dtypes.itemsize(job.dtype)
                     n = (b - a) * isz
@@ -744,22 +742,14 @@ class DeviceStreamer(Streamer):
                         src = buf[1][off + k * n:off + (k + 1) * n]
                         for name in (job.name, also) if also is not None else (job.name,):
                             f, at = w.locate(name)
-                            at += a * isz
-                            e = files.get(id(f))
-                            if e is None:
-                                e = files[id(f)] = (f, f.buffer(), [])
-                            e[1][at:at + n] = src
-                            e[2].append((at, at + n))
-                for f, _, spans in files.values():
-                    for lo, hi in merged_spans(spans):  # (a tied head elsewhere in the file: apart)
-                        f.release_bytes(lo, hi)
+                            w.write_bytes(f, at + a * isz, src)
         finally:
             self.out_pool.put(buf)
 
     def combine(self, job: Job, ranges, resident: bool, alphas: np.ndarray, writers, also: str | None = None,
                 count_read: bool = True, on_range=None, then=None) -> None:
         """Write ``len(writers)`` outputs (see :meth:`Streamer.combine`); returns once they are on their
-        way, ``on_range`` runs once they are in the maps (module docstring)."""
+        way, ``on_range`` runs once they are with the writers (module docstring)."""
         self._landed()
         if job.on_host:
             return Streamer.combine(self, job, ranges, resident, alphas, writers, also, count_read, on_range, then)
@@ -797,7 +787,7 @@ class DeviceStreamer(Streamer):
     def _download(self, o: int, nbytes: int, s: int | None, pieces, writers, also) -> None:
         """After the combine kernels just launched: stage slot ``s`` (None: none) free, the first
         ``nbytes`` of output slot ``o`` to a pinned buffer, and a writer thread puts ``pieces``
-        (:meth:`_write`) into the output maps."""
+        (:meth:`_write`) to the output files."""
         done = self._event()
         done.record(self.compute)
         if s is not None:

@@ -305,15 +305,15 @@ class RankRun:
             for w in self.writers:
                 for f in w.files:
                     spans.setdefault(f.path, []).insert(0, (0, f.data_start))
-        for w in self.writers:  # every written range was msync'ed by combine/copy; make it durable
+        for w in self.writers:  # the staged writes done and the mapped ones flushed: the edge bytes are read back
+            w.drain()
             for f in w.files:
                 if f._mm is not None:
                     f._mm.flush()
         self.edges = _edge_bytes(spans)
         if rank > 0:
             for w in self.writers:
-                for f in w.files:  # not ShardedWriter.close: the index is rank 0's to write
-                    f.close(sync=True)
+                w.close(sync=True, index=False)  # the index is rank 0's to write
             self.writers = []
 
     def _report(self, entries: list[dict] | None = None) -> dict:

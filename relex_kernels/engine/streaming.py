@@ -1,8 +1,9 @@
 """The two passes over one tensor's trajectory, in bounded memory.
 
 For each ``fit`` job the Gram is built from the mapped inputs (pass 1), the T x T
-solve gives the weights, and the weighted sum is written straight into the mapped
-output files (pass 2). When the tensor's T+1 versions plus its outputs fit in the
+solve gives the weights, and the weighted sum is computed in staged chunks that the
+writers' threads write to the output files around the page cache (pass 2,
+:mod:`..io.direct`). When the tensor's T+1 versions plus its outputs fit in the
 memory budget, its pages stay mapped between the passes, so every input byte is
 read from storage once; otherwise the tensor is cut into element ranges (multiples
 of ``GRAM_CHUNK``, so the Gram is the same bit for bit) whose pages are released
@@ -54,6 +55,7 @@ class Streamer:
         self.progress = None  # a progress bar, set by the run
         self.bytes_read = 0
         self._ahead = None  # (jobs, places) of the group read ahead last (prefetch_group)
+        self._wide = None  # combine's scratch for outputs in another dtype (_combine_chunk)
         self._ahead_q: queue.SimpleQueue | None = None  # the read-ahead thread's requests
 
     def gram_precision(self) -> str:
@@ -157,9 +159,10 @@ class Streamer:
             self._ahead_end()
 
     def after_writes(self, fn) -> None:
-        """Run ``fn`` on this thread once every output asked for so far is in the output maps (the
-        journal's records of written ranges and tensors wait for that): here at once, since the
-        host passes write before they return; a device pipeline runs it later (:meth:`drain`)."""
+        """Run ``fn`` on this thread once every output asked for so far is handed to the writers (the
+        journal's records of written ranges and tensors wait for that, and sync the writers before
+        they are written): here at once, since the host passes stage and commit before they return;
+        a device pipeline runs it later (:meth:`drain`)."""
         fn()
 
     def drain(self) -> None:
@@ -257,26 +260,45 @@ class Streamer:
             self._read_ahead(job, ranges, i, resident or not count_read, then)
             for p0, p1 in self._subranges(job, a, b):
                 base, hist = self.views(job, p0, p1)
-                outs = [w.view(job.name, p0, p1) for w in writers]
-                if job.out_dtype == job.dtype:
-                    ops.combine(base, hist, alphas, job.dtype, outs, fp16_deltas=self.fp16_deltas)
-                else:  # computed in job.dtype, rounded to the output's dtype to nearest even
-                    wide = [np.empty(p1 - p0, dtype=dtypes.raw_numpy(job.dtype)) for _ in writers]
-                    ops.combine(base, hist, alphas, job.dtype, wide, fp16_deltas=self.fp16_deltas)
-                    for o, x in zip(outs, wide):
-                        dtypes.from_float32(x.astype(np.float32, copy=False), job.out_dtype, out=o)
-                if also is not None:
-                    for w, o in zip(writers, outs):
-                        w.view(also, p0, p1)[...] = o
-                        w.release(also, p0, p1)
-                del base, hist, outs
+                # in staged chunks of a few MiB (cut on the first writer's blocks), written around
+                # the page cache by the writers' threads while the next chunk computes (io/direct.py);
+                # an fp16 output through the page cache: its range check reads it back at once
+                for c0, c1 in writers[0].chunks(job.name, p0, p1) if writers else ():
+                    outs = [w.stage(job.name, c0, c1) for w in writers]
+                    done = 0  # (a committed buffer is the writer's; the others go back on failure)
+                    try:
+                        self._combine_chunk(job, ops, base[c0 - p0:c1 - p0], [h[c0 - p0:c1 - p0] for h in hist],
+                                            alphas, outs)
+                        for w, o in zip(writers, outs):
+                            if also is not None:
+                                w.write(also, c0, o)
+                            w.commit(job.name, c0, o, cached=job.out_dtype == "F16")
+                            done += 1
+                    except BaseException:
+                        for w, o in zip(writers[done:], outs[done:]):
+                            w.discard(o)
+                        raise
+                del base, hist
             self.release(job, a, b)
-            for w in writers:
-                w.release(job.name, a, b)
             if count_read:
                 self._tick((T + 1) * (b - a) * dtypes.itemsize(job.dtype))
             if on_range is not None:
                 on_range(b)
+
+    def _combine_chunk(self, job: Job, ops, base, hist, alphas: np.ndarray, outs: list[np.ndarray]) -> None:
+        if job.out_dtype == job.dtype:
+            ops.combine(base, hist, alphas, job.dtype, outs, fp16_deltas=self.fp16_deltas)
+            return
+        # computed in job.dtype, rounded to the output's dtype to nearest even (in a scratch
+        # buffer kept for the run: fresh pages per chunk would cost more than the chunk)
+        n, raw = len(base), np.dtype(dtypes.raw_numpy(job.dtype))
+        row = n * raw.itemsize
+        if self._wide is None or self._wide.nbytes < row * len(outs):
+            self._wide = np.empty(row * len(outs), dtype=np.uint8)
+        wide = [self._wide[k * row:(k + 1) * row].view(raw) for k in range(len(outs))]
+        ops.combine(base, hist, alphas, job.dtype, wide, fp16_deltas=self.fp16_deltas)
+        for o, x in zip(outs, wide):
+            dtypes.from_float32(x.astype(np.float32, copy=False), job.out_dtype, out=o)
 
     # -- groups of small tensors -------------------------------------------------------
     # A MoE model has thousands of small tensors; per tensor and per input file, a view, its
@@ -379,9 +401,35 @@ class Streamer:
         table[:, :2] = [(job.numel, dtypes.DTYPE_CODES[job.dtype]) for job in jobs]
         table[:, 2] = A.ctypes.data + np.arange(k, dtype=np.uint64) * (K * T * 4)
         table[:, 3:T + 4] = rows
-        table[:, T + 4:] = [[_address(outs, *w.locate(job.name), job.nbytes) for w in writers] if job.numel
-                            else [0] * K for job in jobs]  # an empty tensor has no place to write
-        native.combine_table(table, T, K, self.fp16_deltas)
+        if not writers:
+            return outs
+        # runs of tensors whose outputs lie back to back and fit a staging buffer: each run in one
+        # native call into staged buffers, written around the page cache (io/direct.py) while the
+        # next run computes; a tensor larger than a buffer is written through the output's map
+        for i0, i1, lo, hi in _staging_runs(jobs, writers[0]):
+            # (the targets' headers differ in length, so each writer has its own offsets: the
+            # same run starts at its own byte lo in each)
+            where = [w.locate(jobs[i0].name) for w in writers]
+            staged = [w.stage_bytes(f, at, hi - lo) for w, (f, at) in zip(writers, where)] if hi > lo else []
+            done = 0
+            try:
+                for j in range(i0, i1):
+                    job = jobs[j]
+                    if not job.numel:
+                        continue  # an empty tensor has no place to write (address 0)
+                    for o, w in enumerate(writers):
+                        f, at = w.locate(job.name)
+                        table[j, T + 4 + o] = (staged[o].ctypes.data + at - where[o][1] if staged
+                                               else _address(outs, f, at, job.nbytes))
+                native.combine_table(table[i0:i1], T, K, self.fp16_deltas)
+                f16 = any(job.out_dtype == "F16" for job in jobs[i0:i1])  # (read back: check_f16_range)
+                for w, (f, at), arr in zip(writers, where, staged):
+                    w.commit_bytes(f, at, arr, cached=f16)
+                    done += 1
+            except BaseException:
+                for w, arr in zip(writers[done:], staged[done:]):
+                    w.discard(arr)
+                raise
         return outs
 
     @staticmethod
@@ -399,8 +447,7 @@ class Streamer:
             b = min(n, a + step)
             src = loc.file.view(job.name, a, b)
             for w in writers:
-                w.view(job.name, a, b)[...] = src
-                w.release(job.name, a, b)
+                w.write(job.name, a, src)
             del src
             loc.file.release(job.name, a, b)
             self._tick((b - a) * dtypes.itemsize(job.dtype))
@@ -428,6 +475,27 @@ def _stop_read_ahead(q: queue.SimpleQueue) -> None:
     except queue.Empty:
         pass
     q.put(None)
+
+
+def _staging_runs(jobs: list[Job], writer: ShardedWriter) -> list[tuple[int, int, int, int]]:
+    """``jobs`` (a group, in order) as runs ``(i0, i1, lo, hi)``: jobs ``[i0, i1)`` whose outputs are
+    the bytes ``[lo, hi)`` of one file of ``writer``, back to back, at most a staging buffer; a
+    run with ``lo == hi`` is written through the maps (one tensor larger than a buffer, or only
+    empty ones). Another writer of the same specs has the same layout but for where its data
+    starts (its header's length): the same runs, each at that writer's offset of its first job."""
+    cap = writer.writes.chunk_bytes
+    runs: list[list] = []
+    for i, job in enumerate(jobs):
+        f, at = writer.locate(job.name)
+        last = runs[-1] if runs else None
+        if last and (not job.numel or (last[4] is f and at == last[3] and at + job.nbytes - last[2] <= cap)):
+            last[1] = i + 1
+            last[3] += job.nbytes if job.numel else 0
+        elif job.nbytes > cap:
+            runs.append([i, i + 1, at, at, None])  # through the map
+        else:
+            runs.append([i, i + 1, at, at + job.nbytes, f])
+    return [(i0, i1, lo, hi) for i0, i1, lo, hi, _ in runs]
 
 
 def _address(files: dict, f, b: int, nbytes: int) -> int:

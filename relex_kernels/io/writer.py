@@ -1,12 +1,15 @@
-"""Writing safetensors checkpoints in place, through writable memory maps.
+"""Writing safetensors checkpoints in place.
 
 The layout (shards, headers, offsets) is planned from names, dtypes and shapes
 before any value exists; every file is then created at its final size with its
 space reserved up front (``posix_fallocate``), so a full disk is a clean
 ``OSError`` at creation and never a SIGBUS halfway through a mapped write.
-Kernels write their results straight into :meth:`ShardedWriter.view` views; each
-finished range is released (its write-back started) so dirty pages never pile up in our RSS;
-:meth:`ShardedWriter.sync` makes what was written durable.
+Large outputs are written in chunks: a kernel writes into a staged buffer
+(:meth:`ShardedWriter.stage`) that a writer thread writes to the file around the
+page cache (:mod:`.direct`). Small tensors, written many at a time by addresses,
+go through writable memory maps (:meth:`ShardedWriter.view`, :meth:`_OutFile.buffer`);
+each finished range is released (its write-back started) so dirty pages never pile up
+in our RSS. :meth:`ShardedWriter.sync` makes what was written durable, both ways.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from math import prod
 import numpy as np
 
 from . import dtypes
+from .direct import Target, WriteQueue, chunk_cuts
 from .checkpoint import INDEX_NAME, SINGLE_NAME
 
 DEFAULT_SHARD_BYTES = 5 * 1000**3
@@ -88,8 +92,11 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, d
 
 
 class _OutFile:
-    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str], reuse: bool = False):
+    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str], reuse: bool = False,
+                 writes: WriteQueue | None = None):
         self.path = path
+        self._writes = writes  # (the queue of staged writes, shared by the files of one checkpoint)
+        self._target: Target | None = None
         raw, rel = _header(specs, metadata)
         self.data_start = 8 + len(raw)
         self.size = self.data_start + sum(s.nbytes for s in specs)
@@ -110,12 +117,21 @@ class _OutFile:
                 os.posix_fallocate(fd, 0, self.size)
                 os.pwrite(fd, head, 0)
             self._mm = mmap.mmap(fd, self.size, access=mmap.ACCESS_WRITE) if self.size else None
+            self._target = Target(path, fd)
         except BaseException:
+            if self._mm is not None:
+                self._mm.close()
             os.close(fd)
             raise
         self._fd = fd  # kept for write-back hints and syncs of pages no longer mapped
 
+    def at(self, name: str, start: int) -> int:
+        """The file offset of element ``start`` of tensor ``name``."""
+        return self.offsets[name] + start * dtypes.itemsize(self.specs[name].dtype)
+
     def view(self, name: str, start: int, stop: int) -> np.ndarray:
+        if self._writes is not None:
+            self._writes.drain()  # a view sees every staged write before it
         s = self.specs[name]
         isz = dtypes.itemsize(s.dtype)
         return np.frombuffer(self._mm, dtype=dtypes.raw_numpy(s.dtype), count=stop - start,
@@ -142,7 +158,9 @@ class _OutFile:
         return np.frombuffer(self._mm, dtype=np.uint8)
 
     def sync(self) -> None:
-        """Make everything written so far durable (mapped or already released)."""
+        """Make everything written so far durable (staged, mapped or already released)."""
+        if self._writes is not None:
+            self._writes.drain()
         if self._mm is not None:
             self._mm.flush()
         if self._fd is not None:
@@ -157,6 +175,9 @@ class _OutFile:
             except BufferError:
                 pass
             self._mm = None
+        if self._target is not None:
+            self._target.close()
+            self._target = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -165,10 +186,12 @@ class _OutFile:
 class ShardedWriter:
     """A checkpoint being written into ``directory`` (which must exist and be private to us).
 
-    ``specs`` gives the tensors in file order; views are writable raw-dtype numpy arrays.
-    Call :meth:`close` (``sync=True``) once every tensor is complete. ``reuse``: open the
-    files a previous writer with the same arguments created (a resumed run) instead of
-    creating them; any difference in size or header raises ``FileExistsError``.
+    ``specs`` gives the tensors in file order. Large ranges are written by :meth:`chunks`,
+    :meth:`stage` and :meth:`commit` (or :meth:`write` from any array); views are writable
+    raw-dtype numpy arrays over memory maps. Call :meth:`close` (``sync=True``) once every
+    tensor is complete. ``reuse``: open the files a previous writer with the same arguments
+    created (a resumed run) instead of creating them; any difference in size or header raises
+    ``FileExistsError``.
     """
 
     def __init__(self, directory: str, specs: list[TensorSpec], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -179,9 +202,10 @@ class ShardedWriter:
         names = shard_names(len(groups))
         self.files: list[_OutFile] = []
         self._where: dict[str, _OutFile] = {}
+        self.writes = WriteQueue()
         try:
             for fname, group in zip(names, groups):
-                f = _OutFile(os.path.join(directory, fname), group, meta, reuse)
+                f = _OutFile(os.path.join(directory, fname), group, meta, reuse, self.writes)
                 self.files.append(f)
                 for s in group:
                     self._where[s.name] = f
@@ -190,6 +214,61 @@ class ShardedWriter:
             raise
         self.weight_map = {s.name: os.path.basename(f.path) for f in self.files for s in f.specs.values()}
         self.total_size = sum(s.nbytes for s in specs)
+
+    def chunks(self, name: str, start: int, stop: int) -> list[tuple[int, int]]:
+        """Elements ``[start, stop)`` of ``name`` in the pieces :meth:`stage` takes: at most a staging
+        buffer each, cut where this writer's file offset is block-aligned. (Another writer's data
+        may start elsewhere, its header being longer: the same pieces are as right for it, each
+        with a partial block at its ends.)"""
+        f = self._where[name]
+        isz = dtypes.itemsize(f.specs[name].dtype)
+        at = f.at(name, start)
+        return [(start + s // isz, start + e // isz)
+                for s, e in chunk_cuts(at, (stop - start) * isz, self.writes.chunk_bytes, isz)]
+
+    def stage(self, name: str, start: int, stop: int) -> np.ndarray:
+        """A writable raw-dtype array for elements ``[start, stop)`` of ``name`` (a piece of
+        :meth:`chunks`), to fill and hand to :meth:`commit` (or :meth:`discard`)."""
+        f = self._where[name]
+        dt = f.specs[name].dtype
+        return self.writes.stage(f.at(name, start), (stop - start) * dtypes.itemsize(dt), dtypes.raw_numpy(dt))
+
+    def commit(self, name: str, start: int, arr: np.ndarray, cached: bool = False) -> None:
+        """Queue the staged ``arr`` as elements ``[start, start + len(arr))`` of ``name`` (``cached``:
+        through the page cache, for bytes read back soon: an fp16 output's range check)."""
+        f = self._where[name]
+        self.writes.commit(f._target, f.at(name, start), arr, cached)
+
+    def stage_bytes(self, f: _OutFile, at: int, nbytes: int) -> np.ndarray:
+        """:meth:`stage` of the bytes ``[at, at + nbytes)`` of ``f`` (several whole tensors that lie
+        back to back: a group's outputs), as uint8."""
+        return self.writes.stage(at, nbytes, np.uint8)
+
+    def commit_bytes(self, f: _OutFile, at: int, arr: np.ndarray, cached: bool = False) -> None:
+        self.writes.commit(f._target, at, arr, cached)
+
+    def write_bytes(self, f: _OutFile, at: int, data: np.ndarray) -> None:
+        """:meth:`write` of raw bytes at byte ``at`` of ``f`` (a device's pinned download)."""
+        if not 0 <= at <= at + data.nbytes <= f.size:
+            raise ValueError(f"{f.path}: bytes [{at}, {at + data.nbytes}) outside its {f.size}")
+        self.writes.write(f._target, at, data)
+
+    def discard(self, arr: np.ndarray) -> None:
+        self.writes.discard(arr)
+
+    def write(self, name: str, start: int, data: np.ndarray) -> None:
+        """Write the raw elements ``data`` at element ``start`` of ``name`` (copied through staging)."""
+        f = self._where[name]
+        n, isz = prod(f.specs[name].shape), dtypes.itemsize(f.specs[name].dtype)
+        if data.itemsize != isz:
+            raise ValueError(f"{name}: {data.dtype} elements are not {f.specs[name].dtype} ones")
+        if not 0 <= start <= start + data.size <= n:
+            raise ValueError(f"{name}: elements [{start}, {start + data.size}) outside its {n}")
+        self.writes.write(f._target, f.at(name, start), data)
+
+    def drain(self) -> None:
+        """Wait for every staged write (raises the first error one met)."""
+        self.writes.drain()
 
     def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         f = self._where[name]
@@ -211,13 +290,27 @@ class ShardedWriter:
         for f in self.files:
             f.sync()
 
-    def close(self, sync: bool = True) -> None:
+    def close(self, sync: bool = True, index: bool = True) -> None:
+        """Close every file (``sync``: durable first); ``index``: then write the shard index (an
+        SPMD rank other than 0 leaves it to rank 0). Every file is closed even when one fails."""
+        err = None
+        try:
+            if sync:
+                self.writes.drain()
+        except BaseException as e:
+            err = e
+        self.writes.close()  # the staged writes are done (or failed) before their files close
         for f in self.files:
-            f.close(sync)
-        if sync and len(self.files) > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+            try:
+                f.close(sync and err is None)
+            except BaseException as e:
+                err = err or e
+        if err is not None:
+            raise err
+        if sync and index and len(self.files) > 1:
+            doc = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             with open(os.path.join(self.directory, INDEX_NAME), "w") as fh:
-                json.dump(index, fh, indent=2)
+                json.dump(doc, fh, indent=2)
                 fh.write("\n")
                 fh.flush()
                 os.fsync(fh.fileno())
