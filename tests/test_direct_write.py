@@ -89,7 +89,10 @@ def test_writes_land_exactly_at_any_offset_and_length(tmp_path, monkeypatch, ena
                     q.commit(target, at + s, arr)
             expect[at:at + n] = data.tobytes()
         q.drain()
-        assert (target.dfd is not None) == (enabled == "1" and direct.open_direct(path) is not None)
+        probe = direct.open_direct(path)
+        if probe is not None:
+            os.close(probe)
+        assert (target.dfd is not None) == (enabled == "1" and probe is not None)
     finally:
         q.close()
         target.close()
@@ -101,8 +104,10 @@ def test_writes_land_exactly_at_any_offset_and_length(tmp_path, monkeypatch, ena
     assert not bad, f"{len(bad)} bytes differ, first at {bad[:5]}"
 
 
-def test_direct_writes_leave_the_page_cache_alone(tmp_path, monkeypatch):
-    """The point of the module: 8 MiB written directly are not in the page cache afterwards;
+@pytest.mark.parametrize("at", [0, 3])
+def test_direct_writes_leave_the_page_cache_alone(tmp_path, monkeypatch, at):
+    """The point of the module: 8 MiB written directly (from a block edge, or from 3 bytes past
+    one: staged so that memory and file offsets line up) are not in the page cache afterwards;
     the same through the page cache (RELEX_DIRECT_WRITE=0) are."""
     _direct_or_skip(str(tmp_path / "probe"))
     data = np.arange(8 << 20, dtype=np.uint8)
@@ -111,10 +116,10 @@ def test_direct_writes_leave_the_page_cache_alone(tmp_path, monkeypatch):
         monkeypatch.setenv("RELEX_DIRECT_WRITE", enabled)
         path = str(tmp_path / f"out{enabled}")
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        os.posix_fallocate(fd, 0, data.nbytes)
+        os.posix_fallocate(fd, 0, at + data.nbytes)
         target, q = direct.Target(path, fd), direct.WriteQueue()
         try:
-            q.write(target, 0, data)
+            q.write(target, at, data)
             q.drain()
         finally:
             q.close()
@@ -122,7 +127,7 @@ def test_direct_writes_leave_the_page_cache_alone(tmp_path, monkeypatch):
             os.fsync(fd)
             os.close(fd)
         resident[enabled] = _resident_pages(path)
-        assert np.array_equal(np.fromfile(path, dtype=np.uint8), data)
+        assert np.array_equal(np.fromfile(path, dtype=np.uint8)[at:], data)
     (on, n), (off, _) = resident["1"], resident["0"]
     assert on <= n // 10, f"direct writes left {on} of {n} pages in the page cache"
     assert off >= n // 2, f"the page-cache path left only {off} of {n} pages cached (the check itself is wrong)"
@@ -227,3 +232,150 @@ def test_group_staging_runs_are_back_to_back_and_fit_a_buffer(tmp_path):
                 assert w.locate(names[i0])[1] == lo
     finally:
         w.close(sync=False)
+
+
+def _slow_writes(monkeypatch, seconds=0.3):
+    real = direct.Target.write
+
+    def slow(self, data, at, cached=False):
+        time.sleep(seconds)
+        return real(self, data, at, cached)
+    monkeypatch.setattr(direct.Target, "write", slow)
+
+
+@pytest.mark.parametrize("how", ["sync", "view"])
+def test_sync_and_views_wait_for_the_staged_writes(tmp_path, monkeypatch, how):
+    """The journal records a tensor as written only after ``sync``, and the fp16 range check reads
+    outputs back through ``view``: both must see every write queued before them, however slow."""
+    _slow_writes(monkeypatch)
+    n = 3 * A + 7
+    w = ShardedWriter(str(tmp_path), [TensorSpec("pad", "U8", (5,)), TensorSpec("x", "U8", (n,))])
+    try:
+        data = (np.arange(n) % 251 + 1).astype(np.uint8)
+        w.write("x", 0, data)
+        if how == "sync":
+            w.sync()
+            f, at = w.locate("x")
+            got = np.frombuffer(os.pread(os.open(f.path, os.O_RDONLY), n, at), dtype=np.uint8)
+        else:
+            got = np.array(w.view("x"))
+        assert np.array_equal(got, data)
+    finally:
+        w.close(sync=False)
+
+
+def test_a_file_system_that_takes_no_direct_write_gets_the_page_cache(tmp_path, monkeypatch):
+    """O_DIRECT opened, then refused at the first write (EINVAL: some FUSE and network mounts): the
+    bytes go through the page cache, all of them, and the direct descriptor is given up."""
+    path = str(tmp_path / "f")
+    _direct_or_skip(path)
+    real = direct._pwrite_all
+    targets = []
+
+    def refuse(fd, view, at):
+        if targets and fd == targets[0]._dfd:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, view, at)
+    monkeypatch.setattr(direct, "_pwrite_all", refuse)
+    fd = os.open(path, os.O_RDWR)
+    os.posix_fallocate(fd, 0, 6 * A)
+    t, q = direct.Target(path, fd), direct.WriteQueue()
+    targets.append(t)
+    data = np.arange(5 * A, dtype=np.uint32).view(np.uint8)[:5 * A]
+    try:
+        q.write(t, 100, data)
+        q.drain()
+        assert t.dfd is None
+    finally:
+        q.close()
+        t.close()
+        os.close(fd)
+    assert np.array_equal(np.fromfile(path, dtype=np.uint8)[100:100 + data.nbytes], data)
+
+
+def test_pieces_side_by_side_share_staged_buffers(tmp_path):
+    """A device group's downloads: pieces in any order, back to back or apart, land exactly, and
+    neighbours go out in a few writes, not one per piece."""
+    rng = np.random.default_rng(1)
+    size = 30 * A
+    path = str(tmp_path / "f")
+    expect = bytearray(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    with open(path, "wb") as fh:
+        fh.write(expect)
+    fd = os.open(path, os.O_RDWR)
+    t, q = direct.Target(path, fd), direct.WriteQueue(chunk_bytes=8 * A, depth=3)
+    commits = []
+    real_commit = q.commit
+    q.commit = lambda *a, **k: (commits.append(a[1]), real_commit(*a, **k))
+    sizes = [100, 33, 4000, 7, 900, 12 * A, 50, 3 * A + 1]
+    pieces, at = [], 5
+    for i, n in enumerate(sizes):
+        pieces.append((at, rng.integers(0, 256, n, dtype=np.uint8)))
+        at += n + (64 if i == 4 else 0)  # a gap after the fifth: two runs
+    try:
+        q.write_pieces(t, [pieces[i] for i in rng.permutation(len(pieces))])
+        q.drain()
+    finally:
+        q.close()
+        t.close()
+        os.close(fd)
+    for at, d in pieces:
+        expect[at:at + d.nbytes] = d.tobytes()
+    assert open(path, "rb").read() == bytes(expect)
+    assert len(commits) < len(pieces), commits
+
+
+def test_a_committed_buffer_is_never_given_back_twice():
+    q = direct.WriteQueue(chunk_bytes=2 * A, depth=2)
+
+    class Sink:
+        path = "sink"
+
+        def write(self, data, at, cached=False):
+            pass
+    arr = q.stage(0, 16, np.uint8)
+    q.commit(Sink(), 0, arr)
+    q.discard(arr)  # (an interrupt between a commit and its caller's bookkeeping): ignored
+    with pytest.raises(ValueError, match="already"):
+        q.commit(Sink(), 0, arr)
+    q.drain()
+    held = [q.stage(0, 16, np.uint8), q.stage(0, 16, np.uint8)]
+    assert held[0].ctypes.data != held[1].ctypes.data, "one buffer handed out twice"
+    q.close()
+
+
+def test_grouped_outputs_land_at_each_targets_own_offsets(tmp_path, monkeypatch):
+    """Groups of small tensors staged in runs (and one larger than a staging buffer through the
+    map), four targets whose data start at different offsets: the same bytes as tensor by tensor."""
+    from native_required import native_or_skip_module
+    native_or_skip_module()
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    from relex_kernels.engine import plan, streaming
+    monkeypatch.setattr(direct, "CHUNK_BYTES", 3 * A)
+    shapes = {"model.embed_tokens.weight": (31, 37), "mid.weight": (150, 64), "norm.weight": (37,)}
+    for i in range(6):
+        shapes[f"layers.{i}.w"] = (33 + i, 29)
+    base, ck = make_trajectory(str(tmp_path / "traj"), shapes, steps=range(1, 6), dtype="BF16")
+    runs = []
+    real_runs = streaming._staging_runs
+    monkeypatch.setattr(streaming, "_staging_runs", lambda jobs, w: runs.append(real_runs(jobs, w)) or runs[-1])
+    targets, outs = [9, 40, 10_000_000], {}  # (1, 2 and 8 digits: three header lengths never pad alike)
+    for label, group_max in (("grouped", plan.GROUP_MAX), ("alone", 1)):
+        monkeypatch.setattr(plan, "GROUP_MAX", group_max)
+        out = str(tmp_path / label)
+        extrapolate(base, ck, targets, out, backend="cpu")
+        starts = set()
+        for s in targets:
+            p = os.path.join(out, f"step_{s}", "model.safetensors")
+            with open(p, "rb") as fh:
+                starts.add(int.from_bytes(fh.read(8), "little"))
+            for k, v in load_file(p).items():
+                outs[(label, s, k)] = v.contiguous().view(-1).view(torch.uint8).numpy()
+        assert len(starts) > 1, "the test wants targets whose data start at different offsets"
+    flat = [r for rs in runs for r in rs]
+    assert any(hi > lo for _, _, lo, hi in flat) and any(hi == lo for _, _, lo, hi in flat), flat
+    for (label, s, k), v in outs.items():
+        if label == "grouped":
+            assert np.array_equal(v, outs[("alone", s, k)]), (s, k)

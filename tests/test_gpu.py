@@ -519,18 +519,19 @@ def test_writer_threads_write_exactly_where_the_tensors_are(tmp, monkeypatch):
     base, ck = make_trajectory(tmp, shapes, STEPS, dtype="BF16", config=TIED)
     from relex_kernels.io import writer as wmod
     calls, local = [], threading.local()
-    write_bytes, write = wmod.ShardedWriter.write_bytes, gpu.DeviceStreamer._write
+    write_pieces, write = wmod.ShardedWriter.write_pieces, gpu.DeviceStreamer._write
 
-    def spy_write_bytes(self, f, at, data):
-        local.spans.append((at, at + data.nbytes))
-        return write_bytes(self, f, at, data)
+    def spy_write_pieces(self, f, pieces, cached=False):
+        pieces = list(pieces)
+        local.spans += [(at, at + data.nbytes) for at, data in pieces]
+        return write_pieces(self, f, pieces, cached)
 
     def spy_write(self, pieces, buf, ev, writers, also):
         local.spans = []
         write(self, pieces, buf, ev, writers, also)
         names = [p[0].name for p in pieces] + ([also] if also else [])
         calls.append((names, local.spans))
-    monkeypatch.setattr(wmod.ShardedWriter, "write_bytes", spy_write_bytes)
+    monkeypatch.setattr(wmod.ShardedWriter, "write_pieces", spy_write_pieces)
     monkeypatch.setattr(gpu.DeviceStreamer, "_write", spy_write)
     got = extrapolate(base, ck, [20], os.path.join(tmp, "got"), backend="triton")
     ck_out = Checkpoint(got.outputs[0])

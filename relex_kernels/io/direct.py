@@ -1,20 +1,21 @@
 """Output bytes written around the page cache: ``O_DIRECT`` writes from reused, aligned buffers,
-on a writer thread, so the kernels never wait for the disk.
+on a writer thread, so the kernels compute the next chunk while the disk writes the last.
 
 Why not write through the page cache (a shared map of the file, or plain ``pwrite``): every
 4 KiB of output then needs a fresh page-cache page, which the OS allocates, zeroes (the file's
 space is preallocated, so a first touch reads "zeros" from an unwritten extent) and later
 writes back. That costs CPU on every machine, and on a VM whose host takes back the guest's
-free memory (virtio-balloon free page reporting) each fresh page is also a fault on the host:
-there, writing 0.44 GB took ~0.9 CPU-seconds through the page cache and ~0.04 with direct
-writes, and the disk took the direct writes at ~1.5 GB/s (``benchmarks/bench_write.py``). An
-8B model's 16 GB output would also fill the page cache with dirty pages the run never reads.
+free memory (virtio-balloon free page reporting) each fresh page is also a fault on the host.
+Measured there, 0.44 GB (``benchmarks/bench_write.py``, the values' stores included): through
+a shared map 0.61 CPU-seconds, ``pwrite`` 1.29, direct 0.21; on the disk, with its sync, after
+0.65, 1.32 and 0.45 s. An 8B model's 16 GB of output would also fill the page cache with dirty
+pages the run never reads.
 
 A range of a file is written as its aligned middle, straight from the caller's buffer by
 ``O_DIRECT``, and the partial blocks at its two ends (a tensor starts anywhere in its file) by
 plain ``pwrite`` through the page cache: two ranges that meet inside a block (two tensors,
 two chunks, two SPMD ranks) meet in the page cache, never in a direct write. A file system
-that refuses ``O_DIRECT`` (tmpfs, some network and FUSE mounts) gets plain ``pwrite`` for
+that refuses ``O_DIRECT`` (older tmpfs, some network and FUSE mounts) gets plain ``pwrite`` for
 everything, the same bytes. Errors of the writer thread are raised, as
 :class:`~relex_kernels.errors.OutputError`, by the next call that hands it work or waits for it.
 """
@@ -41,8 +42,8 @@ ALIGN = max(4096, mmap.PAGESIZE)
 CHUNK_BYTES = 8 << 20
 #: chunks staged or in flight per queue: the kernels run this far ahead of the disk
 DEPTH = 4
-#: Linux writes at most this many bytes per write call
-_MAX_WRITE = 0x7FFFF000
+#: Linux writes at most 0x7FFFF000 bytes per write call: pieces of at most that, whole blocks
+_MAX_WRITE = 0x7FFFF000 // ALIGN * ALIGN
 
 
 #: the signals a writer thread never takes (all but those a fault raises in the thread itself)
@@ -54,10 +55,33 @@ def _env_enabled() -> bool:
     return os.environ.get("RELEX_DIRECT_WRITE", "1").strip().lower() not in ("0", "no", "off", "false")
 
 
+#: file systems where the page cache path is kept: on NFS (and SMB) each switch of a file between
+#: cached and direct I/O writes back and unmaps the whole file's cached pages (Linux fs/nfs/io.c),
+#: and a range's partial end blocks switch it twice per chunk (read from the source, not measured)
+_NO_DIRECT_FS = frozenset({"nfs", "nfs4", "cifs", "smb3"})
+
+
+def fs_type(path: str) -> str | None:
+    """The type of the file system ``path`` lies on (``/proc/self/mountinfo``), or None."""
+    try:
+        dev = os.stat(path).st_dev
+        want = f"{os.major(dev)}:{os.minor(dev)}"
+        with open("/proc/self/mountinfo") as fh:
+            for line in fh:
+                left, _, right = line.partition(" - ")
+                fields = left.split()
+                if len(fields) > 2 and fields[2] == want and right:
+                    return right.split()[0]
+    except (OSError, ValueError):
+        pass
+    return None
+
+
 def open_direct(path: str) -> int | None:
-    """An ``O_DIRECT`` write descriptor of ``path``; None where the file system refuses it (or
-    ``RELEX_DIRECT_WRITE=0`` turns direct writes off: every byte then goes through the page cache)."""
-    if not _env_enabled() or not hasattr(os, "O_DIRECT"):
+    """An ``O_DIRECT`` write descriptor of ``path``; None where the file system refuses it or is one
+    of :data:`_NO_DIRECT_FS` (or ``RELEX_DIRECT_WRITE=0`` turns direct writes off: every byte then
+    goes through the page cache)."""
+    if not _env_enabled() or not hasattr(os, "O_DIRECT") or fs_type(path) in _NO_DIRECT_FS:
         return None
     try:
         return os.open(path, os.O_WRONLY | os.O_DIRECT)
@@ -96,7 +120,15 @@ class Target:
 
     def __init__(self, path: str, fd: int):
         self.path, self.fd = path, fd
-        self.dfd = open_direct(path)
+        self._dfd: int | None = None
+        self._tried = False  # the direct descriptor is opened at the first direct write
+
+    @property
+    def dfd(self) -> int | None:
+        if not self._tried:
+            self._tried = True
+            self._dfd = open_direct(self.path)
+        return self._dfd
 
     def write(self, data: memoryview, at: int, cached: bool = False) -> None:
         """Write ``data`` at file offset ``at``: the aligned middle directly where ``data`` is
@@ -116,15 +148,16 @@ class Target:
                 raise
             # opened with O_DIRECT but not written so (a FUSE or network mount, a larger block):
             # this file's bytes go through the page cache from now on
-            os.close(self.dfd)
-            self.dfd = None
+            os.close(self._dfd)
+            self._dfd = None
             _pwrite_all(self.fd, data[mid_lo - lo:mid_hi - lo], mid_lo)
         _pwrite_all(self.fd, data[mid_hi - lo:], mid_hi)
 
     def close(self) -> None:
-        if self.dfd is not None:
-            os.close(self.dfd)
-            self.dfd = None
+        self._tried = True
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
 
 
 class WriteQueue:
@@ -144,6 +177,7 @@ class WriteQueue:
         self._addrs = [np.frombuffer(b, dtype=np.uint8).ctypes.data for b in self._bufs]
         for b in self._bufs:
             self._free.put(b)
+        self._held: set[int] = set()  # ids of the buffers staged and not yet committed or discarded
         self._todo: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread: threading.Thread | None = None
@@ -200,8 +234,17 @@ class WriteQueue:
                 if idle >= 3.0:
                     raise RuntimeError("every staging buffer is taken and none is queued: each "
                                        "stage() needs its commit() or discard()") from None
+        with self._lock:
+            self._held.add(id(buf))
         head = at % ALIGN
         return np.frombuffer(buf, dtype=np.uint8, count=nbytes, offset=head).view(dtype)
+
+    def _release_hold(self, buf: mmap.mmap) -> bool:
+        with self._lock:
+            if id(buf) not in self._held:
+                return False
+            self._held.remove(id(buf))
+            return True
 
     def _buffer_of(self, arr: np.ndarray) -> mmap.mmap:
         addr = arr.ctypes.data
@@ -211,29 +254,64 @@ class WriteQueue:
         raise ValueError("takes an array that stage() returned")
 
     def discard(self, arr: np.ndarray) -> None:
-        """Give back a staged buffer without writing it (a kernel failed before its commit)."""
-        self._free.put(self._buffer_of(arr))
+        """Give back a staged buffer without writing it (a kernel failed before its commit); one
+        already committed or given back is left alone (an interrupt may fall between the two)."""
+        buf = self._buffer_of(arr)
+        if self._release_hold(buf):
+            self._free.put(buf)
 
     def commit(self, target: Target, at: int, arr: np.ndarray, cached: bool = False) -> None:
         """Queue the staged ``arr`` (from :meth:`stage` with this ``at``) for writing at ``at``
         (``cached``: through the page cache, see :meth:`Target.write`)."""
         buf = self._buffer_of(arr)
         self._check()  # (raised before the buffer is taken: the caller still owns it)
+        if not self._release_hold(buf):
+            raise ValueError("this staged buffer was committed or discarded already")
         head = at % ALIGN
         self._start()
         self._todo.put((target, buf, head, head + arr.nbytes, at, cached))
 
-    def write(self, target: Target, at: int, data: np.ndarray) -> None:
+    def write(self, target: Target, at: int, data: np.ndarray, cached: bool = False) -> None:
         """Write the bytes of ``data`` (any array) at ``at``, copied through staged chunks."""
         raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         for s, e in chunk_cuts(at, raw.nbytes, self.chunk_bytes):
             arr = self.stage(at + s, e - s, np.uint8)
             try:
                 arr[...] = raw[s:e]
-                self.commit(target, at + s, arr)
+                self.commit(target, at + s, arr, cached)
             except BaseException:
                 self.discard(arr)
                 raise
+
+    def write_pieces(self, target: Target, pieces, cached: bool = False) -> None:
+        """Write ``pieces`` (``(at, data)``, any order) of one file: neighbours that lie back to back
+        share a staged buffer (a device group's thousand small tensors: a few writes, not a thousand)."""
+        run: list = []  # (at, raw) of the run being gathered, back to back
+
+        def flush() -> None:
+            if not run:
+                return
+            lo, hi = run[0][0], run[-1][0] + run[-1][1].nbytes
+            if len(run) == 1 or hi - lo > self.chunk_bytes:
+                for a, r in run:
+                    self.write(target, a, r, cached)
+            else:
+                arr = self.stage(lo, hi - lo, np.uint8)
+                try:
+                    for a, r in run:
+                        arr[a - lo:a - lo + r.nbytes] = r
+                    self.commit(target, lo, arr, cached)
+                except BaseException:
+                    self.discard(arr)
+                    raise
+            run.clear()
+
+        for at, data in sorted(pieces, key=lambda p: p[0]):
+            raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+            if run and (at != run[-1][0] + run[-1][1].nbytes or at + raw.nbytes - run[0][0] > self.chunk_bytes):
+                flush()
+            run.append((at, raw))
+        flush()
 
     def drain(self) -> None:
         """Wait until every queued write is done; raise the first error any of them met."""

@@ -247,11 +247,15 @@ class ShardedWriter:
     def commit_bytes(self, f: _OutFile, at: int, arr: np.ndarray, cached: bool = False) -> None:
         self.writes.commit(f._target, at, arr, cached)
 
-    def write_bytes(self, f: _OutFile, at: int, data: np.ndarray) -> None:
-        """:meth:`write` of raw bytes at byte ``at`` of ``f`` (a device's pinned download)."""
-        if not 0 <= at <= at + data.nbytes <= f.size:
-            raise ValueError(f"{f.path}: bytes [{at}, {at + data.nbytes}) outside its {f.size}")
-        self.writes.write(f._target, at, data)
+    def write_pieces(self, f: _OutFile, pieces, cached: bool = False) -> None:
+        """Write raw bytes ``pieces`` (``(at, data)``) of ``f``, neighbours in shared staged buffers (a
+        device's pinned downloads of a group); ``cached``: as for :meth:`commit`."""
+        pieces = list(pieces)
+        for at, data in pieces:
+            if not f.data_start <= at <= at + data.nbytes <= f.size:
+                raise ValueError(f"{f.path}: bytes [{at}, {at + data.nbytes}) outside its data "
+                                 f"[{f.data_start}, {f.size})")
+        self.writes.write_pieces(f._target, pieces, cached)
 
     def discard(self, arr: np.ndarray) -> None:
         self.writes.discard(arr)
