@@ -137,7 +137,7 @@ def test_a_failed_write_is_raised_and_nothing_hangs(tmp_path, monkeypatch):
     specs = [TensorSpec("a", "F32", (3 * A,)), TensorSpec("b", "BF16", (5,))]
     w = ShardedWriter(str(tmp_path), specs)
 
-    def fail(self, data, at, cached=False):
+    def fail(self, data, at):
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(direct.Target, "write", fail)
@@ -237,9 +237,9 @@ def test_group_staging_runs_are_back_to_back_and_fit_a_buffer(tmp_path):
 def _slow_writes(monkeypatch, seconds=0.3):
     real = direct.Target.write
 
-    def slow(self, data, at, cached=False):
+    def slow(self, data, at):
         time.sleep(seconds)
-        return real(self, data, at, cached)
+        return real(self, data, at)
     monkeypatch.setattr(direct.Target, "write", slow)
 
 
@@ -331,7 +331,7 @@ def test_a_committed_buffer_is_never_given_back_twice():
     class Sink:
         path = "sink"
 
-        def write(self, data, at, cached=False):
+        def write(self, data, at):
             pass
     arr = q.stage(0, 16, np.uint8)
     q.commit(Sink(), 0, arr)
@@ -379,3 +379,22 @@ def test_grouped_outputs_land_at_each_targets_own_offsets(tmp_path, monkeypatch)
     for (label, s, k), v in outs.items():
         if label == "grouped":
             assert np.array_equal(v, outs[("alone", s, k)]), (s, k)
+
+
+def test_a_file_of_fp16_outputs_stays_in_the_page_cache(tmp_path):
+    """fp16 outputs are read back at once by their range check: their file is written through the
+    page cache (and an fp32 file of the same size is not)."""
+    _direct_or_skip(str(tmp_path / "probe"))
+    resident = {}
+    for dt in ("F16", "F32"):
+        d = tmp_path / dt
+        d.mkdir()
+        n = (8 << 20) // (2 if dt == "F16" else 4)
+        w = ShardedWriter(str(d), [TensorSpec("x", dt, (n,))])
+        try:
+            w.write("x", 0, np.ones(n, dtype=np.uint16 if dt == "F16" else np.uint32))
+        finally:
+            w.close()
+        resident[dt] = _resident_pages(str(d / "model.safetensors"))
+    assert resident["F16"][0] >= resident["F16"][1] // 2, resident
+    assert resident["F32"][0] <= resident["F32"][1] // 10, resident

@@ -521,10 +521,10 @@ def test_writer_threads_write_exactly_where_the_tensors_are(tmp, monkeypatch):
     calls, local = [], threading.local()
     write_pieces, write = wmod.ShardedWriter.write_pieces, gpu.DeviceStreamer._write
 
-    def spy_write_pieces(self, f, pieces, cached=False):
+    def spy_write_pieces(self, f, pieces):
         pieces = list(pieces)
         local.spans += [(at, at + data.nbytes) for at, data in pieces]
-        return write_pieces(self, f, pieces, cached)
+        return write_pieces(self, f, pieces)
 
     def spy_write(self, pieces, buf, ev, writers, also):
         local.spans = []

@@ -736,20 +736,18 @@ class DeviceStreamer(Streamer):
                 ev.synchronize()
             with self._timed("write"):
                 # per writer and file, every piece at once: a group's tensors lie side by side and
-                # share staged buffers; fp16 through the page cache (check_f16_range reads it back)
+                # share staged buffers
                 for k, w in enumerate(writers):
                     per_file: dict = {}
-                    f16 = False
                     for job, a, b, off in pieces:
                         isz = dtypes.itemsize(job.dtype)
                         n = (b - a) * isz
-                        f16 = f16 or job.out_dtype == "F16"
                         src = buf[1][off + k * n:off + (k + 1) * n]
                         for name in (job.name, also) if also is not None else (job.name,):
                             f, at = w.locate(name)
                             per_file.setdefault(id(f), (f, []))[1].append((at + a * isz, src))
                     for f, segs in per_file.values():
-                        w.write_pieces(f, segs, cached=f16)
+                        w.write_pieces(f, segs)
         finally:
             self.out_pool.put(buf)
 

@@ -261,8 +261,7 @@ class Streamer:
             for p0, p1 in self._subranges(job, a, b):
                 base, hist = self.views(job, p0, p1)
                 # in staged chunks of a few MiB (cut on the first writer's blocks), written around
-                # the page cache by the writers' threads while the next chunk computes (io/direct.py);
-                # an fp16 output through the page cache: its range check reads it back at once
+                # the page cache by the writers' threads while the next chunk computes (io/direct.py)
                 for c0, c1 in writers[0].chunks(job.name, p0, p1) if writers else ():
                     outs = [w.stage(job.name, c0, c1) for w in writers]
                     done = 0  # (a committed buffer is the writer's; the others go back on failure)
@@ -272,7 +271,7 @@ class Streamer:
                         for w, o in zip(writers, outs):
                             if also is not None:
                                 w.write(also, c0, o)
-                            w.commit(job.name, c0, o, cached=job.out_dtype == "F16")
+                            w.commit(job.name, c0, o)
                             done += 1
                     except BaseException:
                         for w, o in zip(writers[done:], outs[done:]):
@@ -410,7 +409,7 @@ class Streamer:
             # (the targets' headers differ in length, so each writer has its own offsets: the
             # same run starts at its own byte lo in each)
             where = [w.locate(jobs[i0].name) for w in writers]
-            staged = [w.stage_bytes(f, at, hi - lo) for w, (f, at) in zip(writers, where)] if hi > lo else []
+            staged = [w.stage_bytes(at, hi - lo) for w, (_, at) in zip(writers, where)] if hi > lo else []
             done = 0
             try:
                 for j in range(i0, i1):
@@ -422,9 +421,8 @@ class Streamer:
                         table[j, T + 4 + o] = (staged[o].ctypes.data + at - where[o][1] if staged
                                                else _address(outs, f, at, job.nbytes))
                 native.combine_table(table[i0:i1], T, K, self.fp16_deltas)
-                f16 = any(job.out_dtype == "F16" for job in jobs[i0:i1])  # (read back: check_f16_range)
                 for w, (f, at), arr in zip(writers, where, staged):
-                    w.commit_bytes(f, at, arr, cached=f16)
+                    w.commit_bytes(f, at, arr)
                     done += 1
             except BaseException:
                 for w, arr in zip(writers[done:], staged[done:]):

@@ -116,10 +116,13 @@ def chunk_cuts(at: int, nbytes: int, chunk_bytes: int = CHUNK_BYTES, unit: int =
 
 
 class Target:
-    """Where one file's bytes go: its page-cache descriptor and, where allowed, its direct one."""
+    """Where one file's bytes go: its page-cache descriptor and, where allowed, its direct one.
 
-    def __init__(self, path: str, fd: int):
-        self.path, self.fd = path, fd
+    ``cached``: every byte through the page cache (a file holding fp16 outputs: their range check
+    reads them back at once)."""
+
+    def __init__(self, path: str, fd: int, cached: bool = False):
+        self.path, self.fd, self.cached = path, fd, cached
         self._dfd: int | None = None
         self._tried = False  # the direct descriptor is opened at the first direct write
 
@@ -130,14 +133,14 @@ class Target:
             self._dfd = open_direct(self.path)
         return self._dfd
 
-    def write(self, data: memoryview, at: int, cached: bool = False) -> None:
+    def write(self, data: memoryview, at: int) -> None:
         """Write ``data`` at file offset ``at``: the aligned middle directly where ``data`` is
         aligned with it in memory, the rest (and everything, without a direct descriptor, or
-        ``cached``: bytes to be read back soon) through the page cache. Runs on the writer thread."""
+        :attr:`cached`) through the page cache. Runs on the writer thread."""
         lo, hi = at, at + len(data)
         mid_lo, mid_hi = -(-lo // ALIGN) * ALIGN, hi // ALIGN * ALIGN
         addr = np.frombuffer(data, dtype=np.uint8).ctypes.data if len(data) else 0
-        if cached or self.dfd is None or mid_hi <= mid_lo or (addr + mid_lo - lo) % ALIGN:
+        if self.cached or self.dfd is None or mid_hi <= mid_lo or (addr + mid_lo - lo) % ALIGN:
             _pwrite_all(self.fd, data, lo)
             return
         _pwrite_all(self.fd, data[:mid_lo - lo], lo)
@@ -202,10 +205,10 @@ class WriteQueue:
             try:
                 if task is None:
                     return
-                target, buf, lo, hi, at, cached = task
+                target, buf, lo, hi, at = task
                 if self._error is None:
                     try:
-                        target.write(memoryview(buf)[lo:hi], at, cached)
+                        target.write(memoryview(buf)[lo:hi], at)
                     except BaseException as e:  # kept for the caller's thread (raised there)
                         self._error = OutputError(f"cannot write {target.path}: "
                                                   f"{getattr(e, 'strerror', None) or e}")
@@ -260,30 +263,29 @@ class WriteQueue:
         if self._release_hold(buf):
             self._free.put(buf)
 
-    def commit(self, target: Target, at: int, arr: np.ndarray, cached: bool = False) -> None:
-        """Queue the staged ``arr`` (from :meth:`stage` with this ``at``) for writing at ``at``
-        (``cached``: through the page cache, see :meth:`Target.write`)."""
+    def commit(self, target: Target, at: int, arr: np.ndarray) -> None:
+        """Queue the staged ``arr`` (from :meth:`stage` with this ``at``) for writing at ``at``."""
         buf = self._buffer_of(arr)
         self._check()  # (raised before the buffer is taken: the caller still owns it)
         if not self._release_hold(buf):
             raise ValueError("this staged buffer was committed or discarded already")
         head = at % ALIGN
         self._start()
-        self._todo.put((target, buf, head, head + arr.nbytes, at, cached))
+        self._todo.put((target, buf, head, head + arr.nbytes, at))
 
-    def write(self, target: Target, at: int, data: np.ndarray, cached: bool = False) -> None:
+    def write(self, target: Target, at: int, data: np.ndarray) -> None:
         """Write the bytes of ``data`` (any array) at ``at``, copied through staged chunks."""
         raw = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
         for s, e in chunk_cuts(at, raw.nbytes, self.chunk_bytes):
             arr = self.stage(at + s, e - s, np.uint8)
             try:
                 arr[...] = raw[s:e]
-                self.commit(target, at + s, arr, cached)
+                self.commit(target, at + s, arr)
             except BaseException:
                 self.discard(arr)
                 raise
 
-    def write_pieces(self, target: Target, pieces, cached: bool = False) -> None:
+    def write_pieces(self, target: Target, pieces) -> None:
         """Write ``pieces`` (``(at, data)``, any order) of one file: neighbours that lie back to back
         share a staged buffer (a device group's thousand small tensors: a few writes, not a thousand)."""
         run: list = []  # (at, raw) of the run being gathered, back to back
@@ -294,13 +296,13 @@ class WriteQueue:
             lo, hi = run[0][0], run[-1][0] + run[-1][1].nbytes
             if len(run) == 1 or hi - lo > self.chunk_bytes:
                 for a, r in run:
-                    self.write(target, a, r, cached)
+                    self.write(target, a, r)
             else:
                 arr = self.stage(lo, hi - lo, np.uint8)
                 try:
                     for a, r in run:
                         arr[a - lo:a - lo + r.nbytes] = r
-                    self.commit(target, lo, arr, cached)
+                    self.commit(target, lo, arr)
                 except BaseException:
                     self.discard(arr)
                     raise

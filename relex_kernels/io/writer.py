@@ -92,10 +92,8 @@ def _header(specs: list[TensorSpec], metadata: dict[str, str]) -> tuple[bytes, d
 
 
 class _OutFile:
-    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str], reuse: bool = False,
-                 writes: WriteQueue | None = None):
+    def __init__(self, path: str, specs: list[TensorSpec], metadata: dict[str, str], reuse: bool = False):
         self.path = path
-        self._writes = writes  # (the queue of staged writes, shared by the files of one checkpoint)
         self._target: Target | None = None
         raw, rel = _header(specs, metadata)
         self.data_start = 8 + len(raw)
@@ -117,7 +115,8 @@ class _OutFile:
                 os.posix_fallocate(fd, 0, self.size)
                 os.pwrite(fd, head, 0)
             self._mm = mmap.mmap(fd, self.size, access=mmap.ACCESS_WRITE) if self.size else None
-            self._target = Target(path, fd)
+            # (a file of fp16 outputs through the page cache: check_f16_range reads them back)
+            self._target = Target(path, fd, cached=any(s.dtype == "F16" for s in specs))
         except BaseException:
             if self._mm is not None:
                 self._mm.close()
@@ -130,17 +129,13 @@ class _OutFile:
         return self.offsets[name] + start * dtypes.itemsize(self.specs[name].dtype)
 
     def view(self, name: str, start: int, stop: int) -> np.ndarray:
-        if self._writes is not None:
-            self._writes.drain()  # a view sees every staged write before it
         s = self.specs[name]
         isz = dtypes.itemsize(s.dtype)
         return np.frombuffer(self._mm, dtype=dtypes.raw_numpy(s.dtype), count=stop - start,
                              offset=self.offsets[name] + start * isz)
 
     def release(self, name: str, start: int, stop: int) -> None:
-        isz = dtypes.itemsize(self.specs[name].dtype)
-        b = self.offsets[name] + start * isz
-        self.release_bytes(b, b + (stop - start) * isz)
+        self.release_bytes(self.at(name, start), self.at(name, stop))
 
     def release_bytes(self, b: int, end: int) -> None:
         """:meth:`release` of the file bytes ``[b, end)`` (several tensors at once)."""
@@ -158,9 +153,8 @@ class _OutFile:
         return np.frombuffer(self._mm, dtype=np.uint8)
 
     def sync(self) -> None:
-        """Make everything written so far durable (staged, mapped or already released)."""
-        if self._writes is not None:
-            self._writes.drain()
+        """Make everything written so far durable (mapped or already released; the staged writes
+        must be done: :meth:`ShardedWriter.sync` waits for them)."""
         if self._mm is not None:
             self._mm.flush()
         if self._fd is not None:
@@ -205,7 +199,7 @@ class ShardedWriter:
         self.writes = WriteQueue()
         try:
             for fname, group in zip(names, groups):
-                f = _OutFile(os.path.join(directory, fname), group, meta, reuse, self.writes)
+                f = _OutFile(os.path.join(directory, fname), group, meta, reuse)
                 self.files.append(f)
                 for s in group:
                     self._where[s.name] = f
@@ -233,29 +227,28 @@ class ShardedWriter:
         dt = f.specs[name].dtype
         return self.writes.stage(f.at(name, start), (stop - start) * dtypes.itemsize(dt), dtypes.raw_numpy(dt))
 
-    def commit(self, name: str, start: int, arr: np.ndarray, cached: bool = False) -> None:
-        """Queue the staged ``arr`` as elements ``[start, start + len(arr))`` of ``name`` (``cached``:
-        through the page cache, for bytes read back soon: an fp16 output's range check)."""
+    def commit(self, name: str, start: int, arr: np.ndarray) -> None:
+        """Queue the staged ``arr`` as elements ``[start, start + len(arr))`` of ``name``."""
         f = self._where[name]
-        self.writes.commit(f._target, f.at(name, start), arr, cached)
+        self.writes.commit(f._target, f.at(name, start), arr)
 
-    def stage_bytes(self, f: _OutFile, at: int, nbytes: int) -> np.ndarray:
-        """:meth:`stage` of the bytes ``[at, at + nbytes)`` of ``f`` (several whole tensors that lie
-        back to back: a group's outputs), as uint8."""
+    def stage_bytes(self, at: int, nbytes: int) -> np.ndarray:
+        """:meth:`stage` of the bytes ``[at, at + nbytes)`` of a file (several whole tensors that lie
+        back to back: a group's outputs), as uint8; :meth:`commit_bytes` names the file."""
         return self.writes.stage(at, nbytes, np.uint8)
 
-    def commit_bytes(self, f: _OutFile, at: int, arr: np.ndarray, cached: bool = False) -> None:
-        self.writes.commit(f._target, at, arr, cached)
+    def commit_bytes(self, f: _OutFile, at: int, arr: np.ndarray) -> None:
+        self.writes.commit(f._target, at, arr)
 
-    def write_pieces(self, f: _OutFile, pieces, cached: bool = False) -> None:
+    def write_pieces(self, f: _OutFile, pieces) -> None:
         """Write raw bytes ``pieces`` (``(at, data)``) of ``f``, neighbours in shared staged buffers (a
-        device's pinned downloads of a group); ``cached``: as for :meth:`commit`."""
+        device's pinned downloads of a group)."""
         pieces = list(pieces)
         for at, data in pieces:
             if not f.data_start <= at <= at + data.nbytes <= f.size:
                 raise ValueError(f"{f.path}: bytes [{at}, {at + data.nbytes}) outside its data "
                                  f"[{f.data_start}, {f.size})")
-        self.writes.write_pieces(f._target, pieces, cached)
+        self.writes.write_pieces(f._target, pieces)
 
     def discard(self, arr: np.ndarray) -> None:
         self.writes.discard(arr)
@@ -275,6 +268,7 @@ class ShardedWriter:
         self.writes.drain()
 
     def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        self.writes.drain()  # a view sees every staged write before it
         f = self._where[name]
         stop = prod(f.specs[name].shape) if stop is None else stop
         return f.view(name, start, stop)
@@ -291,6 +285,7 @@ class ShardedWriter:
 
     def sync(self) -> None:
         """Make every byte written so far durable (the run journal's records follow this)."""
+        self.writes.drain()
         for f in self.files:
             f.sync()
 
