@@ -98,9 +98,6 @@ class Executor:
                 self.after_item(item)
         self.st.drain()  # the last outputs with the writers, their journal records made
 
-    def _record_fit(self, job, comp: Components) -> None:
-        self._record_fits([job], [comp])
-
     def _record_fits(self, jobs, comps: list[Components]) -> None:
         self.fits.update((job.name, c) for job, c in zip(jobs, comps))
         self.entries += report.tensor_entries(jobs, comps)
@@ -110,7 +107,7 @@ class Executor:
         self.reused += 1
         job = item.job
         if item.kind == "fit":
-            self._record_fit(job, self.comps[job.name] if self.comps is not None else self.jr.fits[job.name])
+            self._record_fits([job], [self.comps[job.name] if self.comps is not None else self.jr.fits[job.name]])
         if self.st.progress is not None:
             self.st.progress.update(item.read_bytes(self.st.traj.T))
 
@@ -119,8 +116,7 @@ class Executor:
         self._done(item.job.name)
 
     def _done(self, *names: str) -> None:
-        if self.jr is not NO_JOURNAL:
-            self.jr.record_done(*names)
+        self.jr.record_done(*names)
         for _ in names:
             journal_mod.hook("done")
 
@@ -137,12 +133,11 @@ class Executor:
             if self.on_gram is not None:
                 self.on_gram(item, G)
             comp = fitmath.components(G, self.opts.rank, job.numel, job.dtype)
-            if jr is not NO_JOURNAL:
-                jr.record_fit(job.name, comp)
+            jr.record_fits([job.name], [comp])
             journal_mod.hook("fit")
         else:
             comp = self.comps[job.name] if self.comps is not None else jr.fits[job.name]
-        self._record_fit(job, comp)
+        self._record_fits([job], [comp])
         st.combine(job, item.combine_ranges, item.resident, fitmath.alphas(comp, self.W), self.writers,
                    also=item.also, count_read=item.reread,
                    on_range=self._written_recorder(job.name, item.ranges[-1][1]),
@@ -175,8 +170,7 @@ class Executor:
             if self.on_gram is not None:
                 self.on_gram(item, Gs)
             cs = fitmath.components_many(Gs, self.opts.rank, [j.numel for j in group], [j.dtype for j in group])
-            if self.jr is not NO_JOURNAL:
-                self.jr.record_fits(names, cs)
+            self.jr.record_fits(names, cs)
             for _ in group:
                 journal_mod.hook("fit")
         else:
@@ -212,7 +206,7 @@ class Executor:
         jr = self.jr
 
         def on_range(b: int, acc: np.ndarray) -> None:
-            if b < end and jr is not NO_JOURNAL:  # the finished Gram goes into the "fit" record instead
+            if b < end:  # the finished Gram goes into the "fit" record instead
                 jr.record_gram(name, b, acc)
             journal_mod.hook("gram")
         return on_range
@@ -221,7 +215,7 @@ class Executor:
         jr = self.jr
 
         def on_range(b: int) -> None:
-            if b < end and jr is not NO_JOURNAL:  # the whole tensor gets a "done" record instead
+            if b < end:  # the whole tensor gets a "done" record instead
                 jr.record_written(name, b)
             journal_mod.hook("combine")
         return on_range

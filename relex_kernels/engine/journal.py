@@ -252,9 +252,6 @@ class Journal:
     def record_gram(self, name: str, upto: int, acc: np.ndarray) -> None:
         self._append({"kind": "gram", "name": name, "upto": int(upto), "T": int(acc.shape[0]), "acc": _b64(acc)})
 
-    def record_fit(self, name: str, comp: Components) -> None:
-        self.record_fits([name], [comp])
-
     def record_fits(self, names: list[str], comps: list[Components]) -> None:
         """The fits of a group of tensors, in one write: one ``fits`` record with the arrays stacked
         when every tensor keeps as many components (the usual), else a ``fit`` record each."""

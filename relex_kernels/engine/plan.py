@@ -265,12 +265,24 @@ class Plan:
 
 
 class _NoJournal:
-    """The journal of a run that does not resume (SPMD, diagnostics): nothing recorded."""
+    """The journal of a run that does not resume (SPMD, diagnostics): empty, and it records nothing."""
 
     done: set = frozenset()
     fits: dict = {}
     grams: dict = {}
     written: dict = {}
+
+    def record_gram(self, name: str, upto: int, acc) -> None:
+        pass
+
+    def record_fits(self, names: list[str], comps: list) -> None:
+        pass
+
+    def record_written(self, name: str, upto: int) -> None:
+        pass
+
+    def record_done(self, *names: str) -> None:
+        pass
 
 
 NO_JOURNAL = _NoJournal()
