@@ -344,6 +344,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="220m")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep only this many decoder layers of --size (e.g. --size 220m --layers 3 --steps 64: "
+                         "the T of a real run on a trajectory that still fits the page cache)")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--baseline-runs", type=int, default=1)
     ap.add_argument("--baselines", default="naive,authors", help="comma list: naive, authors, or none")
@@ -361,7 +364,7 @@ def main() -> None:
         ["reference"] + (["cpu"] if availability()["cpu"][0] else []))
     baselines = [] if a.baselines == "none" else a.baselines.split(",")
     os.makedirs(a.cache, exist_ok=True)
-    syn, label = ensure_traj(a.cache, a.size, a.steps)
+    syn, label = ensure_traj(a.cache, a.size, a.steps, a.layers)
     files = traj_files(syn)
     warm(files)  # a trajectory kept from an earlier run may have left the page cache
     bw = read_bandwidth(files)

@@ -47,6 +47,7 @@ struct VAvx2 {
     static constexpr int kGramBlock = 3;
     static constexpr int kFusedMaxT = 4;
     static constexpr size_t kCombineU = 4;
+    static constexpr size_t kCombineU1 = 8;  // one output (combine_impl.h)
     static void load_bf16_pair(const void* p, F& even, F& odd) {
         const __m256i x = _mm256_loadu_si256(static_cast<const __m256i*>(p));
         even = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));

@@ -22,6 +22,7 @@ struct VScalar {
     static constexpr int kGramBlock = 2;
     static constexpr int kFusedMaxT = 4;
     static constexpr size_t kCombineU = 4;
+    static constexpr size_t kCombineU1 = 4;  // one output (combine_impl.h)
     template <class Op>
     static F map(Op op) {
         F r;
