@@ -8,12 +8,13 @@
 // (a prefetch past the end of a buffer is harmless: prefetches never fault).
 // Outputs are produced two at a time (more would not fit the registers); a
 // third or later output re-reads the step's rows, from L1. A single output (the usual
-// run: one target) takes steps of kCombineU1 vectors, as many as the registers hold: on
-// AVX2 twice as wide as two outputs' (64 bf16, 128 B of each row per visit, not 64 B).
-// Inputs are mapped files in 4 KB pages: at T = 64 a 64 B step meets a new page of some
-// row about every step, and the mapped rows were read at ~0.6x the rate of the same bytes
-// in anonymous memory; the wider step read them ~1.3x faster (AVX-512's 8 vectors of 16
-// lanes are already 256 B per row, and stay as they were).
+// run: one target) takes steps of kCombineU1 vectors, as many as the registers hold,
+// twice as wide as two outputs' (bf16: 128 B of each row per visit on AVX2, 512 B on
+// AVX-512); a whole step loads each group as it is used, so that only the sums hold
+// registers. The inputs are mapped files in 4 KB pages: at T = 64 a step of 64 B per row
+// meets a new page of some row about every step, and the mapped rows were read at ~0.6x
+// (AVX2) and ~0.8x (AVX-512) the rate of the same bytes in anonymous memory; the wider
+// steps read them ~1.5x and ~1.25x faster (benchmarks/results/e2e_cpu_epyc_T64.md).
 //
 // out_k = round(b + s_k), s_k = (((0 + a_k0*d_0) + a_k1*d_1) + ...): separate mul
 // and add (the extension is built with -ffp-contract=off), the reference's order.
@@ -51,13 +52,23 @@ inline void combine_pass(const Inputs& in, size_t pos, size_t count, const float
     for (int i = 0; i < in.T; ++i) {
         const void* row = at<DT>(in.hist[i], pos);
         prefetch_bytes<false>(static_cast<const char*>(row) + kPrefetchBytes, U * W * dtype_size(DT));
-        F x[U];
-        load_step<V, DT, U>(row, count, x);
         F a[KN];
         for (int k = 0; k < KN; ++k) a[k] = V::set1(alphas[k][i]);
-        for (size_t u = 0; u < U; ++u) {
-            const F d = delta<V, F16D>(x[u], V::load(bref + u * W));
+        auto add = [&](size_t u, F x) {
+            const F d = delta<V, F16D>(x, V::load(bref + u * W));
             for (int k = 0; k < KN; ++k) s[k][u] = V::add(s[k][u], V::mul(a[k], d));
+        };
+        if (count == U * W) {  // a whole step: a group loaded as it is used (the sums hold the registers)
+            for (size_t u = 0; u < U; u += 2) {
+                F x0, x1;
+                load_group<V, DT>(at<DT>(row, u * W), x0, x1);
+                add(u, x0);
+                add(u + 1, x1);
+            }
+        } else {
+            F x[U];
+            load_step<V, DT, U>(row, count, x);
+            for (size_t u = 0; u < U; ++u) add(u, x[u]);
         }
     }
     for (int k = 0; k < KN; ++k)

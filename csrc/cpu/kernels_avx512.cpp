@@ -55,7 +55,7 @@ struct VAvx512 {
     static constexpr int kGramBlock = 4;
     static constexpr int kFusedMaxT = 6;
     static constexpr size_t kCombineU = 8;
-    static constexpr size_t kCombineU1 = 8;  // one output (combine_impl.h)
+    static constexpr size_t kCombineU1 = 16;  // one output (combine_impl.h)
     static void load_bf16_pair(const void* p, F& even, F& odd) {
         const __m512i x = _mm512_loadu_si512(p);
         even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
