@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import UsageError
-from .ops import native
+from .ops import blas, native
 from .ops.reference import GRAM_CHUNK
 
 #: unit roundoff of a Gram's chunk partial sums: fp32 in every kernel, fp64 on the F64 path (ops.fp64)
@@ -222,14 +222,18 @@ def _eigh_stack(Gs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     kernels' threads (3072 Grams at T = 16: ~20 ms against numpy's 84 ms in a 2-core run); a matrix
     it does not solve (not finite, not converged) gets numpy's answer, or numpy's error, as before.
     Otherwise (or without the extension) numpy's ``eigh`` in one call: on a thread pool its
-    OpenBLAS threads oversubscribed the cores (a pool of 2 at T = 100 took 1.7-1.9x one thread's time)."""
+    OpenBLAS threads oversubscribed the cores (a pool of 2 at T = 100 took 1.7-1.9x one thread's time),
+    and with its BLAS on one thread (:func:`.ops.blas.one_thread`: woken BLAS threads spin beside the
+    kernels' own)."""
     if Gs.shape[0] and eigen_solver(Gs.shape[-1]) == "native":
         w, V, ok = native.eigh_small(Gs)
         if not ok.all():
             bad = np.flatnonzero(~ok)
-            w[bad], V[bad] = np.linalg.eigh(Gs[bad])
+            with blas.one_thread():
+                w[bad], V[bad] = np.linalg.eigh(Gs[bad])
         return w, V
-    return np.linalg.eigh(Gs)
+    with blas.one_thread():
+        return np.linalg.eigh(Gs)
 
 
 def _time_coords(opts: FitOptions, steps: list[int]) -> np.ndarray:
