@@ -2,33 +2,68 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
 from relex_kernels import fit
 from relex_kernels.ops import blas, native
 
-setter = blas.thread_local_setter()
-needs_openblas = pytest.mark.skipif(setter is None, reason="numpy's BLAS is not an OpenBLAS with a thread-local count")
+counts = blas.thread_counts()
+needs_openblas = pytest.mark.skipif(not counts, reason="numpy's BLAS is not OpenBLAS")
 
 
-def current() -> int:
-    """This thread's OpenBLAS thread count (set and put back)."""
-    n = setter(1)
-    setter(n)
-    return n
+def current() -> list[int]:
+    return [get() for _, get in counts]
+
+
+@pytest.fixture
+def three_threads():
+    """Every OpenBLAS at 3 threads for the test (a count the one-thread limit must not leave)."""
+    before = current()
+    for setter, _ in counts:
+        setter(3)
+    yield
+    for (setter, _), n in zip(counts, before):
+        setter(n)
 
 
 @needs_openblas
-def test_one_thread_holds_the_calling_thread_and_puts_its_count_back():
-    before = setter(3)
-    try:
-        with blas.one_thread():
-            inside = current()
-        after = current()
-    finally:
-        setter(before)
-    assert (inside, after) == (1, 3)
+def test_one_thread_holds_the_count_and_puts_it_back(three_threads):
+    with blas.one_thread():
+        inside = current()
+        with blas.one_thread():  # nested: the outer block still restores
+            pass
+        still = current()
+    assert inside == still == [1] * len(counts)
+    assert current() == [3] * len(counts)
+
+
+@needs_openblas
+def test_solves_on_several_threads_never_leave_the_count_at_one(three_threads):
+    """The first solve to start saves the count and the last to end puts it back: without the depth,
+    a thread that saved another's 1 restored 1 for good."""
+    start = threading.Barrier(4)
+    seen, errors = [], []
+
+    def solve():
+        try:
+            start.wait()
+            for _ in range(20):
+                with blas.one_thread():
+                    seen.append(current())
+                    np.linalg.eigh(np.eye(64))
+        except Exception as e:  # (reported below)
+            errors.append(e)
+    threads = [threading.Thread(target=solve) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(c == [1] * len(counts) for c in seen)
+    assert current() == [3] * len(counts)
 
 
 def _grams(T: int, k: int = 3) -> np.ndarray:
@@ -38,14 +73,14 @@ def _grams(T: int, k: int = 3) -> np.ndarray:
 
 @needs_openblas
 @pytest.mark.parametrize("case", ["lapack", "handed back"])
-def test_the_lapack_solves_run_on_one_blas_thread(monkeypatch, case):
-    """Grams above the extension's solver, and any it hands back, go to numpy's eigh with this
-    thread's BLAS count at 1 (the count of 3 set before would otherwise be seen); same eigenpairs."""
-    counts = []
+def test_the_lapack_solves_run_on_one_blas_thread(monkeypatch, three_threads, case):
+    """Grams above the extension's solver, and any it hands back, go to numpy's eigh with OpenBLAS
+    at one thread (the 3 set before would otherwise be seen); the same eigenpairs."""
+    seen = []
     real = np.linalg.eigh
 
     def spy(a):
-        counts.append(current())
+        seen.append(current())
         return real(a)
 
     if case == "lapack":
@@ -62,18 +97,28 @@ def test_the_lapack_solves_run_on_one_blas_thread(monkeypatch, case):
             return w, V, ok
         monkeypatch.setattr(native, "eigh_small", refuse_one)
     monkeypatch.setattr(np.linalg, "eigh", spy)
-    before = setter(3)
-    try:
-        w, V = fit._eigh_stack(Gs)
-    finally:
-        setter(before)
-    assert counts == [1]
+    w, V = fit._eigh_stack(Gs)
+    assert seen == [[1] * len(counts)]
+    assert current() == [3] * len(counts)
     ref_w, _ = real(Gs)
     np.testing.assert_allclose(w, ref_w, rtol=1e-9, atol=1e-9 * float(np.abs(ref_w).max()))
 
 
+def test_the_libraries_are_found_in_the_maps_whatever_their_paths():
+    maps = "\n".join([
+        "7f00-7f01 r-xp 00000000 fd:01 11 /usr/lib/x86_64-linux-gnu/libc.so.6",
+        "7f02-7f03 r-xp 00000000 fd:01 12 /home/u/My Envs/site-packages/numpy.libs/libscipy_openblas64_-ab.so",
+        "7f04-7f05 r-xp 00000000 fd:01 13 /opt/old/libopenblas.so.0 (deleted)",
+        "7f06-7f07 rw-p 00000000 00:00 0 ",
+        "7f08-7f09 r--p 00000000 fd:01 14 /usr/lib/libopenblasp-r0.3.so",
+        "7f0a-7f0b r-xp 00000000 00:00 0 [vdso]",
+    ])
+    assert blas.mapped_libraries(maps) == ["/home/u/My Envs/site-packages/numpy.libs/libscipy_openblas64_-ab.so",
+                                           "/usr/lib/libopenblasp-r0.3.so"]
+
+
 def test_without_openblas_the_solve_is_left_alone(monkeypatch):
-    monkeypatch.setattr(blas, "thread_local_setter", lambda: None)
+    monkeypatch.setattr(blas, "thread_counts", lambda: ())
     with blas.one_thread():
         w, _ = np.linalg.eigh(np.eye(70) * 2.0)
     assert np.allclose(w, 2.0)
