@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine_info import cpu_model, ram_bytes, write_results_md  # noqa: E402
+from machine_info import cpu_model, out_stem, ram_bytes, write_results_md  # noqa: E402
 
 
 def drop_caches() -> None:
@@ -70,7 +70,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "relex-bench"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cold_cpu"))
+    ap.add_argument("--out", type=out_stem, default=os.path.join(ROOT, "benchmarks", "results", "cold_cpu"))
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench_cold.py drops the page cache: run it as root (no figure is measured otherwise)")

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from bench_many_tensors import trajectories  # noqa: E402
-from machine_info import cpu_model, write_results_md  # noqa: E402
+from machine_info import cpu_model, out_stem, write_results_md  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -58,7 +58,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="timed runs of each (median reported)")
     ap.add_argument("--workdir", default=None, help="where the trajectories are or go (bench_many_tensors' --workdir)")
-    ap.add_argument("--out", default=str(RESULTS / "device_host_cpu"), help="output path without extension")
+    ap.add_argument("--out", type=out_stem, default=str(RESULTS / "device_host_cpu"),
+                    help="output path without extension")
     args = ap.parse_args()
     T, n_many, n_dense = 16, 3072, 24
     work = Path(args.workdir or tempfile.mkdtemp(prefix="relex_devhost_"))

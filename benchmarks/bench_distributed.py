@@ -37,6 +37,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_e2e import ensure_traj, machine, read_bandwidth, traj_files, warm  # noqa: E402
+from machine_info import out_stem  # noqa: E402
 
 
 def free_port() -> int:
@@ -84,7 +85,7 @@ def main() -> None:
     ap.add_argument("--procs", type=int, nargs="+", default=[2])
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--cache", default=os.path.join("/tmp", "relex-bench"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "distributed_cpu"))
+    ap.add_argument("--out", type=out_stem, default=os.path.join(ROOT, "benchmarks", "results", "distributed_cpu"))
     a = ap.parse_args()
     os.makedirs(a.cache, exist_ok=True)
     syn, label = ensure_traj(a.cache, a.size, a.T)

@@ -42,7 +42,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from machine_info import cpu_model, user_env, write_results_md  # noqa: E402
+from machine_info import cpu_model, out_stem, user_env, write_results_md  # noqa: E402
 
 CHILD_PRELUDE = r"""
 import json, os, sys, time
@@ -356,7 +356,7 @@ def main() -> None:
                     help="also run the AVX2 path (RELEX_SIMD=avx2) against an AVX2 GEMM bound")
     ap.add_argument("--scaling", action="store_true", help="also time vs model size and vs T (engine only)")
     ap.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "relex-bench"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "e2e_cpu"))
+    ap.add_argument("--out", type=out_stem, default=os.path.join(ROOT, "benchmarks", "results", "e2e_cpu"))
     ap.add_argument("--keep", action="store_true", help="keep the synthetic trajectories in --cache")
     a = ap.parse_args()
     from relex_kernels.ops import availability

@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from machine_info import cpu_model, write_results_md  # noqa: E402
+from machine_info import cpu_model, out_stem, write_results_md  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--T", default="4,8,16,32,48", help="Gram sizes (comma-separated, each <= the solver's max)")
     ap.add_argument("--matrices", type=int, default=3072, help="Grams per stack at T = 16 (scaled by (16/T)^2)")
     ap.add_argument("--repeats", type=int, default=7, help="timed calls of each (median reported)")
-    ap.add_argument("--out", default=str(RESULTS / "eigh_cpu"), help="output path without extension")
+    ap.add_argument("--out", type=out_stem, default=str(RESULTS / "eigh_cpu"), help="output path without extension")
     args = ap.parse_args()
     from relex_kernels.ops import native
     if not native.available()[0]:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from relex_kernels.io import dtypes  # noqa: E402
 from relex_kernels.ops import native, reference  # noqa: E402
-from machine_info import cpu_model  # noqa: E402
+from machine_info import cpu_model, out_stem  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per kernel (median reported; >= 5)")
     ap.add_argument("--threads", type=int, default=None, help="threads (default: the backend's default)")
     ap.add_argument("--slice", type=float, default=0.25, help="fraction of the data the slow baselines run on")
-    ap.add_argument("--out", default=str(RESULTS / "kernels_cpu"), help="output path without extension")
+    ap.add_argument("--out", type=out_stem, default=str(RESULTS / "kernels_cpu"), help="output path without extension")
     args = ap.parse_args(argv)
 
     ok, why = native.available()

@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from machine_info import cpu_model, user_env, write_results_md  # noqa: E402
+from machine_info import cpu_model, out_stem, user_env, write_results_md  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -90,7 +90,8 @@ def main() -> None:
     ap.add_argument("--T", type=int, default=16, help="history checkpoints")
     ap.add_argument("--runs", type=int, default=5, help="timed runs of each (median reported)")
     ap.add_argument("--workdir", default=None, help="where the trajectories go (default: a temp dir)")
-    ap.add_argument("--out", default=str(RESULTS / "many_tensors_cpu"), help="output path without extension")
+    ap.add_argument("--out", type=out_stem, default=str(RESULTS / "many_tensors_cpu"),
+                    help="output path without extension")
     args = ap.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
     n_many = args.tensors

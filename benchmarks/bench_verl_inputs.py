@@ -36,7 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from machine_info import cpu_model  # noqa: E402
+from machine_info import cpu_model, out_stem  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time
@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--rows", choices=("divisible", "odd"), default="divisible",
                     help="dimension 0 of the tensors divisible by W (Shard(0) row blocks, default) or not "
                          "(verl then shards dimension 1)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "verl_inputs_cpu"))
+    ap.add_argument("--out", type=out_stem, default=os.path.join(ROOT, "benchmarks", "results", "verl_inputs_cpu"))
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="relex-verl-bench-")
     try:

@@ -37,7 +37,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from machine_info import cpu_model, write_results_md  # noqa: E402
+from machine_info import cpu_model, out_stem, write_results_md  # noqa: E402
 from relex_kernels.io import direct  # noqa: E402
 
 PIECE = 8 << 20
@@ -114,7 +114,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--pause", type=float, default=3.0, help="seconds idle before each write")
     ap.add_argument("--dir", default=tempfile.gettempdir(), help="where the files go (the output's disk)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "write_cpu"))
+    ap.add_argument("--out", type=out_stem, default=os.path.join(ROOT, "benchmarks", "results", "write_cpu"))
     a = ap.parse_args()
     n = int(a.gb * 1e9)
     work = tempfile.mkdtemp(prefix="relex-bench-write-", dir=a.dir)

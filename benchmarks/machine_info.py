@@ -32,6 +32,18 @@ def user_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def out_stem(path: str) -> str:
+    """``--out``'s argparse type: a results path without extension whose folder is created now, so a
+    benchmark that runs for minutes cannot fail at its last line on a missing folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        import argparse
+        raise argparse.ArgumentTypeError(f"cannot create the results folder {folder}: {exc}") from exc
+    return path
+
+
 #: the line after which a results file's hand-written notes (history, analyses) begin
 NOTES_MARK = "<!-- notes: kept when the script rewrites what is above -->"
 
