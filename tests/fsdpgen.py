@@ -4,7 +4,7 @@ saves; ``torch.distributed.checkpoint.save``), under the names the tests use."""
 
 from __future__ import annotations
 
-from relex_kernels.synth.torch_writers import build_module, save_dcp, save_verl_fsdp  # noqa: F401
+from relex_kernels.synth.torch_writers import build_module, save_dcp, save_many, save_verl_fsdp  # noqa: F401
 
 
 def save_fsdp(out_dir: str, values, world: int, fmt: str = "verl") -> str:

@@ -366,7 +366,12 @@ def test_rank_boundaries_inside_chunks_keep_the_bits(tmp_path, monkeypatch):
     steps = [1, 2, 3]
     vals = [{"w": th0 + 1e-2 * s * v + 1e-4 * torch.randn(shape, generator=g)} for s in steps]
     hf = {s: _hf_dir(str(tmp_path / f"hf{s}"), vals[i]) for i, s in enumerate(steps)}
-    fs = {s: fsdpgen.save_fsdp(str(tmp_path / f"fs{s}"), vals[i], 3) for i, s in enumerate(steps[:2])}
+    # both in one process group (one start of the ranks): step 1 from its values, step 2 from a
+    # safetensors directory each rank reads, removed once written
+    src = shutil.copytree(hf[2], str(tmp_path / "src2"))
+    fs = dict(zip(steps[:2], fsdpgen.save_many([(str(tmp_path / "fs1"), vals[0]), (str(tmp_path / "fs2"), src)], 3,
+                                               remove_sources=True)))
+    assert not os.path.exists(src) and not [f for f in os.listdir(tmp_path) if f.startswith(".relex-values-")]
     fs[3] = hf[3]
     base32 = _hf_dir(str(tmp_path / "b32"), {"w": th0})
     base16 = _hf_dir(str(tmp_path / "b16"), {"w": th0.to(torch.bfloat16)})

@@ -233,7 +233,7 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
         writers = []
         if torch_layout:
             _to_torch_layout(tmp, outputs, finals, steps, truth_steps, layout, world_size, dtype, gen_dtype, arch,
-                             shape)
+                             shape, quiet)
             outputs.update(finals)
         info = {
             "format": "relex-synth", "version": 1, "arch": arch, "size": size, "shape": asdict(shape),
@@ -262,37 +262,25 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
 
 
 def _to_torch_layout(tmp: str, outputs: dict, finals: dict, steps, truth_steps, layout: str, world: int,
-                     dtype: str, gen_dtype: str, arch: str, shape) -> None:
+                     dtype: str, gen_dtype: str, arch: str, shape, quiet: bool = True) -> None:
     """Rewrite the staged run checkpoints with torch's writers (:mod:`.torch_writers`), and the base
     and truth checkpoints in ``dtype`` when the masters were generated in another one."""
     from ..io import Checkpoint
     from ..io.dtypes import from_float32, to_float32
     from ..io.writer import write_checkpoint
-    from .torch_writers import _torch, save_dcp, save_verl_fsdp
-    torch = _torch()
-    bits = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
+    from .torch_writers import save_dcp, save_many
 
-    def load(d: str) -> dict:
-        ck = Checkpoint(d)
-        try:
-            out = {}
-            for n, loc in ck.tensors.items():
-                raw = np.array(loc.file.view(n)).reshape(loc.info.shape)
-                t = torch.from_numpy(raw.view(np.int16) if raw.dtype.itemsize == 2 else raw)
-                out[n] = t.view(bits[loc.info.dtype])
-            return out
-        finally:
-            ck.close()
-
-    for s in steps:
-        src, dst = os.path.join(tmp, outputs[s]), os.path.join(tmp, finals[s])
-        values = load(src)
-        if layout == "verl-fsdp":
-            save_verl_fsdp(dst, values, world)
+    jobs = [(os.path.join(tmp, finals[s]), os.path.join(tmp, outputs[s])) for s in steps]
+    if layout == "dcp" and world == 1:  # one process saving the plain state dict: no process group
+        from .torch_writers import load_checkpoint_dir
+        for dst, src in jobs:
+            save_dcp(dst, load_checkpoint_dir(src), 1)
+            shutil.rmtree(src)
+    else:  # every checkpoint in one process group of ``world`` ranks, each staged copy removed once written
+        save_many(jobs, world, "verl" if layout == "verl-fsdp" else "dcp", remove_sources=True, progress=not quiet)
+    if layout == "verl-fsdp":
+        for dst, _ in jobs:
             _write_side_files(os.path.join(dst, "huggingface"), arch, shape, dtype)  # config, tokenizer
-        else:
-            save_dcp(dst, values, world)
-        shutil.rmtree(src)
     shutil.rmtree(os.path.join(tmp, ".stage"), ignore_errors=True)
     if gen_dtype != dtype:  # the base (and the truth) as the run started from it: rounded from the masters
         for s in [0] + list(truth_steps):
