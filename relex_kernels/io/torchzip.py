@@ -21,6 +21,7 @@ import os
 import pickle
 import struct
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from math import prod
 
@@ -241,6 +242,24 @@ def load_pickle(raw: bytes, path: str):
         raise FormatError(f"{path}: damaged pickle in the torch.save archive ({type(e).__name__}: {e})") from None
 
 
+#: rank-file pickles parsed, by the sha256 of their bytes: the checkpoints of a run repeat each
+#: rank's pickle byte for byte (same tensors, storage keys and placements), and one of a few hundred
+#: DTensors takes milliseconds to parse — seconds for a hundred checkpoints of a few ranks. The
+#: parsed objects are shared and never modified.
+_PICKLES: OrderedDict[str, object] = OrderedDict()
+_PICKLES_KEPT = 64
+
+
+def _parsed_pickle(raw: bytes, sha256: str, path: str):
+    """:func:`load_pickle` of ``raw``, or its result for the same bytes parsed before."""
+    hit = _PICKLES.get(sha256)
+    if hit is None:
+        hit = _PICKLES[sha256] = load_pickle(raw, path)
+        while len(_PICKLES) > _PICKLES_KEPT:
+            _PICKLES.popitem(last=False)
+    return hit
+
+
 def flat_tensors(obj, path: str, prefix: str = "") -> dict:
     """``{name: TensorRef | ShardRef}`` of a (possibly nested) state dict; other values are skipped."""
     out = {}
@@ -280,7 +299,7 @@ class TorchZipFile(MappedFile):
                     raise FormatError(f"{self.path}: {order}-endian storages are not supported")
                 raw = z.read(pkl[0])
                 self.header_sha256 = hashlib.sha256(raw).hexdigest()
-                self.obj = load_pickle(raw, self.path)
+                self.obj = _parsed_pickle(raw, self.header_sha256, self.path)
                 entries = {i.filename[len(root) + 5:]: i for i in infos if i.filename.startswith(root + "data/")}
                 self._locate(entries)
         except zipfile.BadZipFile as e:
@@ -291,7 +310,8 @@ class TorchZipFile(MappedFile):
     def _locate(self, entries: dict) -> None:
         """File offsets of the storages the tensors use; TensorInfo per plain tensor and local shard."""
         starts: dict[str, tuple[int, int]] = {}
-        with open(self.path, "rb") as fh:
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
             def start_of(key: str) -> tuple[int, int]:
                 if key not in starts:
                     info = entries.get(key)
@@ -300,8 +320,7 @@ class TorchZipFile(MappedFile):
                     if info.compress_type != zipfile.ZIP_STORED:
                         raise FormatError(f"{self.path}: storage {key} is compressed; only torch.save's stored "
                                           "archives can be mapped")
-                    fh.seek(info.header_offset)
-                    head = fh.read(30)
+                    head = os.pread(fd, 30, info.header_offset)  # (unbuffered: a buffered read fills 8 KB)
                     if len(head) != 30 or head[:4] != b"PK\x03\x04":
                         raise FormatError(f"{self.path}: damaged zip entry for storage {key}")
                     n, m = struct.unpack("<HH", head[26:30])
@@ -320,6 +339,8 @@ class TorchZipFile(MappedFile):
                 self.tensors[name] = self._info(name, local, start_of)
                 if isinstance(ref, ShardRef):
                     self.shards[name] = ref
+        finally:
+            os.close(fd)
 
     def _info(self, name: str, t: TensorRef, start_of) -> TensorInfo:
         if t.dtype not in dtypes._TABLE:
