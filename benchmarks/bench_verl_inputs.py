@@ -105,7 +105,9 @@ def make(work: str, params: float, steps: int, world: int, rows_divisible: bool 
         with open(os.path.join(d, "config.json"), "w") as fh:
             fh.write('{"model_type": "test"}')
         st[s] = d
-        rk[s] = fsdpgen.save_fsdp(os.path.join(work, "run", f"global_step_{s}", "actor"), vals, world)
+        rk[s] = os.path.join(work, "run", f"global_step_{s}", "actor")
+    # the rank files of every step from the safetensors copies, in one process group of W ranks
+    fsdpgen.save_many([(rk[s], st[s]) for s in st], world)
     return base, st, rk, sum(int(torch.tensor(s).prod()) for s in shapes.values())
 
 

@@ -51,6 +51,28 @@ void combine(uintptr_t base, const std::vector<uintptr_t>& hist, size_t n, int d
     relex::combine(in, ptr<const float>(alphas), int(o.size()), o.data(), num_threads);
 }
 
+// A range held in pieces (relex_kernels/ops/native.py gram_pieces / combine_pieces): `count` + 1
+// uint64 piece starts at `starts`, count x (T + 1) uint64 row addresses at `rows`.
+relex::Pieces pieces_at(uintptr_t starts, uintptr_t rows, size_t count) {
+    static_assert(sizeof(size_t) == sizeof(uint64_t) && sizeof(void*) == sizeof(uint64_t), "64-bit tables");
+    return relex::Pieces{ptr<const size_t>(starts), ptr<const void* const>(rows), count};
+}
+
+void gram_pieces(uintptr_t starts, uintptr_t rows, size_t count, int T, size_t n, int dtype, uintptr_t acc,
+                 bool fp16_deltas, int num_threads) {
+    const Inputs in{nullptr, nullptr, T, dtype, fp16_deltas, n};
+    relex::gram_pieces(in, pieces_at(starts, rows, count), ptr<double>(acc), num_threads);
+}
+
+void combine_pieces(uintptr_t starts, uintptr_t rows, size_t count, int T, size_t n, int dtype, uintptr_t alphas,
+                    const std::vector<uintptr_t>& outs, bool fp16_deltas, int num_threads) {
+    std::vector<void*> o(outs.size());
+    for (size_t k = 0; k < outs.size(); ++k) o[k] = ptr<void>(outs[k]);
+    const Inputs in{nullptr, nullptr, T, dtype, fp16_deltas, n};
+    relex::combine_pieces(in, pieces_at(starts, rows, count), ptr<const float>(alphas), int(o.size()), o.data(),
+                          num_threads);
+}
+
 // Tables of many tensors (relex_kernels/ops/native.py gram_table / combine_table): `count`
 // rows of uint64 at address `table`: n, dtype code, acc (gram) or alphas (combine: K x T
 // float32), base, T history addresses, then (combine) K output addresses.
@@ -165,6 +187,15 @@ PYBIND11_MODULE(_C, m) {
           py::call_guard<py::gil_scoped_release>(),
           "outs[k] (n raw elements each) = round(b + sum_i alphas[k, i] * d_i); alphas is the\n"
           "address of len(outs) x len(hist) float32, C order.");
+    m.def("gram_pieces", &gram_pieces, py::arg("starts"), py::arg("rows"), py::arg("count"), py::arg("T"), py::arg("n"),
+          py::arg("dtype"), py::arg("acc"), py::arg("fp16_deltas"), py::arg("num_threads"),
+          py::call_guard<py::gil_scoped_release>(),
+          "gram of a range of n elements held in `count` pieces: starts (count + 1 uint64, each on a\n"
+          "chunk edge) and rows (count x (T + 1) addresses: base, then history) at those addresses.");
+    m.def("combine_pieces", &combine_pieces, py::arg("starts"), py::arg("rows"), py::arg("count"), py::arg("T"),
+          py::arg("n"), py::arg("dtype"), py::arg("alphas"), py::arg("outs"), py::arg("fp16_deltas"),
+          py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
+          "combine of a range held in pieces (as gram_pieces, pieces anywhere) into contiguous outs.");
     m.def("gram_table", &gram_table, py::arg("table"), py::arg("count"), py::arg("T"), py::arg("fp16_deltas"),
           py::arg("num_threads"), py::call_guard<py::gil_scoped_release>(),
           "gram of `count` tensors: rows of uint64 (n, dtype, acc, base, hist[T]) at address `table`;\n"

@@ -355,9 +355,11 @@ def test_bad_dcp_inputs_are_refused_with_one_line(run, tmp_path, kind):
 
 
 def test_rank_boundaries_inside_chunks_keep_the_bits(tmp_path, monkeypatch):
-    """A tensor of several Gram chunks whose rank blocks end mid-chunk, read in small copy pieces
-    (COPY_BYTES shrunk) and under a budget that cuts it into ranges: the bytes of the same
-    trajectory as safetensors, fp32 and with a bf16 base."""
+    """A tensor of several Gram chunks whose rank blocks end mid-chunk (the native kernels take a
+    range in pieces, each chunk across two rank files gathered), its bf16 base widened in small
+    copy pieces (COPY_BYTES shrunk), its outputs staged in pieces that start inside rank blocks,
+    and under a budget that cuts it into ranges: the bytes of the same trajectory as
+    safetensors, fp32 and with a bf16 base."""
     from relex_kernels.engine import plan, streaming
     g = torch.Generator().manual_seed(9)
     shape = (700, 512)  # 358400 elements: 5.5 chunks; W=3 -> blocks of 234 rows end inside chunks 1 and 3
@@ -372,11 +374,27 @@ def test_rank_boundaries_inside_chunks_keep_the_bits(tmp_path, monkeypatch):
     fs = dict(zip(steps[:2], fsdpgen.save_many([(str(tmp_path / "fs1"), vals[0]), (str(tmp_path / "fs2"), src)], 3,
                                                remove_sources=True)))
     assert not os.path.exists(src) and not [f for f in os.listdir(tmp_path) if f.startswith(".relex-values-")]
+    # written by one process group, each rank's pickle is the same bytes in both steps: parsed once
+    # (the runs below read them through these cached parses: their bytes are checked)
+    from relex_kernels.io import torchzip
+    parsed, load = [], torchzip.load_pickle
+    monkeypatch.setattr(torchzip, "_PICKLES", torchzip.OrderedDict())
+
+    def counted(raw, path):
+        parsed.append(path)
+        return load(raw, path)
+    monkeypatch.setattr(torchzip, "load_pickle", counted)
+    for s in steps[:2]:
+        Checkpoint(fs[s], step=s).close()
+    assert len(parsed) == 3
     fs[3] = hf[3]
     base32 = _hf_dir(str(tmp_path / "b32"), {"w": th0})
     base16 = _hf_dir(str(tmp_path / "b16"), {"w": th0.to(torch.bfloat16)})
     wide = _hf_dir(str(tmp_path / "bw"), {"w": th0.to(torch.bfloat16).float()})
     monkeypatch.setattr(streaming, "COPY_BYTES", 1)  # one chunk per kernel call where copies are needed
+    # outputs staged in 64 KB pieces: the weighted sums' writes start inside the rank files' pieces
+    from relex_kernels.io import direct
+    monkeypatch.setattr(direct, "CHUNK_BYTES", 64 << 10)
     ref = extrapolate(base32, hf, [9], str(tmp_path / "ref"))
     got = extrapolate(base32, fs, [9], str(tmp_path / "got"))
     assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])

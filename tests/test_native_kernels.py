@@ -150,6 +150,66 @@ def test_gram_split_at_chunk_multiple_is_identical(T):
     assert same_bits(whole, parts)
 
 
+def _in_pieces(base, hist, cuts):
+    """The versions of a range as pieces ``[cuts[p], cuts[p + 1])``, each version's piece a copy
+    of its own (as in files apart): (starts, rows, keep)."""
+    keep, rows = [], np.zeros((len(cuts) - 1, len(hist) + 1), dtype=np.uint64)
+    for p in range(len(cuts) - 1):
+        for v, x in enumerate([base, *hist]):
+            keep.append(np.array(x[cuts[p]:cuts[p + 1]]))
+            rows[p, v] = keep[-1].ctypes.data
+    return np.array(cuts, dtype=np.uint64), rows, keep
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("T,n,cuts", [(3, 3 * CHUNK + 17, [CHUNK]), (16, 5 * CHUNK, [CHUNK, 3 * CHUNK, 4 * CHUNK]),
+                                      (33, 2 * CHUNK + 5, [2 * CHUNK]), (100, 2 * CHUNK + 9, [CHUNK, 2 * CHUNK])])
+@pytest.mark.parametrize("fp16_deltas", [False, True])
+def test_gram_pieces_equal_one_contiguous_call(simd, threads, dt, T, n, cuts, fp16_deltas):
+    """A range held in pieces (a tensor over rank files) sums to the bits of the same range in one
+    buffer: every SIMD path, the fused (small T) and panel kernels, with a last partial chunk."""
+    base, hist = make(dt, T, n, seed=T)
+    want = np.zeros((T, T))
+    native.gram(base, hist, dt, want, fp16_deltas=fp16_deltas)
+    starts, rows, keep = _in_pieces(base, hist, [0, *cuts, n])
+    got = np.zeros((T, T))
+    native.gram_pieces(starts, rows, n, dt, got, fp16_deltas=fp16_deltas)
+    assert same_bits(got, want)
+
+
+@pytest.mark.parametrize("dt", FLOATS)
+@pytest.mark.parametrize("T,K", [(3, 1), (16, 2), (100, 1)])
+@pytest.mark.parametrize("fp16_deltas", [False, True])
+def test_combine_pieces_equal_one_contiguous_call(simd, threads, dt, T, K, fp16_deltas):
+    """Pieces anywhere (inside combine blocks and SIMD steps, one element long) write the bits of
+    one contiguous call."""
+    n = 2 * CHUNK + 333
+    base, hist = make(dt, T, n, seed=K)
+    alphas = np.random.default_rng(T).standard_normal((K, T)).astype(np.float32)
+    want = [np.zeros(n, dtype=base.dtype) for _ in range(K)]
+    native.combine(base, hist, alphas, dt, want, fp16_deltas=fp16_deltas)
+    starts, rows, keep = _in_pieces(base, hist, [0, 5, 6, 1000, CHUNK + 3, 2 * CHUNK - 1, n])
+    got = [np.zeros(n, dtype=base.dtype) for _ in range(K)]
+    native.combine_pieces(starts, rows, n, alphas, dt, got, fp16_deltas=fp16_deltas)
+    assert all(same_bits(g, w) for g, w in zip(got, want))
+
+
+def test_pieces_tables_are_checked():
+    base, hist = make("BF16", 2, 2 * CHUNK)
+    acc = np.zeros((2, 2))
+    starts, rows, keep = _in_pieces(base, hist, [0, CHUNK + 1, 2 * CHUNK])
+    with pytest.raises(ValueError, match="inside a chunk"):  # the Gram's chunks need whole pieces
+        native.gram_pieces(starts, rows, 2 * CHUNK, "BF16", acc)
+    starts, rows, keep = _in_pieces(base, hist, [0, CHUNK, 2 * CHUNK])
+    with pytest.raises(ValueError, match="rise from 0 to n"):
+        native.gram_pieces(starts, rows, 2 * CHUNK + 1, "BF16", acc)
+    rows[1, 2] = 0
+    with pytest.raises(ValueError, match="null pointer"):
+        native.gram_pieces(starts, rows, 2 * CHUNK, "BF16", acc)
+    with pytest.raises(ValueError, match="pieces: starts"):
+        native.gram_pieces(starts, rows[:1], 2 * CHUNK, "BF16", acc)
+
+
 def test_gram_matches_reference_chunk_order_on_exact_data():
     """Dyadic data: every chunk partial is exact, so native and reference agree to the bit."""
     T, n = 4, 3 * CHUNK + 5

@@ -6,6 +6,7 @@
 #include <new>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -69,4 +70,46 @@ inline void check_inputs(const Inputs& in) {
         if (!in.hist[i]) throw std::invalid_argument("null pointer for history " + std::to_string(i));
 }
 
+// Checks of a Pieces description of a range of `in.n` elements (`chunk`: every start on an edge of
+// it, 1 for none). Throws std::invalid_argument.
+inline void check_pieces(const Inputs& in, const Pieces& pc, size_t chunk) {
+    if (!valid_dtype(in.dtype)) throw std::invalid_argument("unknown dtype code " + std::to_string(in.dtype));
+    if (in.T < 0) throw std::invalid_argument("negative history length");
+    if (!pc.starts || (pc.count && !pc.rows)) throw std::invalid_argument("null pieces table");
+    if (pc.starts[0] != 0 || pc.starts[pc.count] != in.n)
+        throw std::invalid_argument("pieces must cover [0, n) of the range");
+    const size_t rows = size_t(in.T) + 1;
+    for (size_t p = 0; p < pc.count; ++p) {
+        if (pc.starts[p + 1] <= pc.starts[p]) throw std::invalid_argument("pieces must be non-empty and in order");
+        if (pc.starts[p] % chunk) throw std::invalid_argument("a piece starts inside a chunk");
+        for (size_t v = 0; v < rows; ++v)
+            if (!pc.rows[p * rows + v]) throw std::invalid_argument("null pointer in the pieces table");
+    }
+}
+
+// A contiguous range (in.base, in.hist) as one piece: gram() and combine() are the piece calls of it.
+class OnePiece {
+public:
+    explicit OnePiece(const Inputs& in) : starts_{0, in.n}, rows_(size_t(in.T) + 1), count_(in.n ? 1 : 0) {
+        rows_[0] = in.base;
+        for (int i = 0; i < in.T; ++i) rows_[size_t(i) + 1] = in.hist[i];
+    }
+    Pieces pieces() const { return Pieces{starts_, rows_.data(), count_}; }
+
+private:
+    size_t starts_[2];
+    std::vector<const void*> rows_;
+    size_t count_;
+};
+
+// Inputs of piece p (its own row pointers; n stays the range's: the kernels' layouts depend on it)
+inline Inputs piece_inputs(const Inputs& in, const Pieces& pc, size_t p) {
+    Inputs local = in;
+    const size_t rows = size_t(in.T) + 1;
+    local.base = pc.rows[p * rows];
+    local.hist = pc.rows + p * rows + 1;
+    return local;
+}
+
 }  // namespace relex
+

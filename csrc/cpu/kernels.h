@@ -67,6 +67,22 @@ std::string cpu_feature_list();      // the flags that were looked at, "avx2 fma
 // gram.cpp / combine.cpp: validated entry points (throw std::invalid_argument)
 void gram(const Inputs& in, double* acc, int nthreads);
 void combine(const Inputs& in, const float* alphas, int K, void* const* outs, int nthreads);
+
+// A range whose versions are held in pieces (a tensor assembled from several files: FSDP rank
+// files, DCP chunks): piece p is elements [starts[p], starts[p + 1]) of the range (starts[0] = 0,
+// starts[count] = n), version v of it (0 the base, 1..T the history) at rows[p * (T + 1) + v].
+struct Pieces {
+    const size_t* starts;  // count + 1 entries
+    const void* const* rows;  // count * (T + 1) entries
+    size_t count;
+};
+
+// gram() / combine() of such a range (in.base and in.hist unused), with the same bits as one call
+// over the range stored contiguously, on every thread: a tensor's range is one call however many
+// files hold it. gram_pieces needs every piece to start on a kGramChunk edge (a chunk across two
+// files is gathered by the caller); combine_pieces takes any pieces and contiguous outs.
+void gram_pieces(const Inputs& in, const Pieces& pc, double* acc, int nthreads);
+void combine_pieces(const Inputs& in, const Pieces& pc, const float* alphas, int K, void* const* outs, int nthreads);
 uint64_t read_probe(const void* const* bufs, int nbuf, size_t nbytes, int nthreads);
 // many.cpp: gram()/combine() of `count` tensors in one call (tensor i: ins[i], accs[i] or
 // alphas[i] and outs[i*K .. i*K+K)), each with the bits of its own call

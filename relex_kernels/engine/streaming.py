@@ -20,6 +20,7 @@ from __future__ import annotations
 import queue
 import threading
 import weakref
+from functools import partial
 from itertools import chain
 from operator import attrgetter, itemgetter
 
@@ -56,6 +57,7 @@ class Streamer:
         self.bytes_read = 0
         self._ahead = None  # (jobs, places) of the group read ahead last (prefetch_group)
         self._wide = None  # combine's scratch for outputs in another dtype (_combine_chunk)
+        self._gathers: list = []  # per version, its buffer for ranges gathered across files (views)
         self._ahead_q: queue.SimpleQueue | None = None  # the read-ahead thread's requests
 
     def gram_precision(self) -> str:
@@ -84,14 +86,20 @@ class Streamer:
             return [(a, b)]
         C = GRAM_CHUNK
         points = {a, b}
-        # every element copied (another dtype, or columns gathered across files): bounded pieces,
-        # each still wide enough to keep the kernels' threads busy (a thread per chunk at most)
-        if job.mixed or any(f is None for _, segs in assembled for _, _, f, _ in segs):
-            per_chunk = (self.traj.T + 1) * 8 * C
+        # the versions whose every element is copied (stored in another dtype, or columns gathered
+        # across files): bounded pieces, each still wide enough to keep the kernels' threads busy (a
+        # thread per chunk at most). Counted per copied version: verl's fp32 masters beside a bf16
+        # base copy the base alone, and pieces sized as if all T+1 were copied were 2 chunks wide
+        columns = {id(loc) for loc, segs in assembled if any(f is None for _, _, f, _ in segs)}
+        copied = sum(loc.info.dtype != job.dtype or id(loc) in columns for loc in locs)
+        if copied:
+            per_chunk = copied * 8 * C
             threads = native.get_num_threads() if native.available()[0] else 1
             step = max(1, COPY_BYTES // per_chunk, min(threads, self.budget // 8 // per_chunk)) * C
             points |= set(range(a, b, step))
-        for _, segs in assembled:  # row blocks are read in place; only the chunk across a boundary is copied
+        # row blocks are read in place; the native kernels take a range held in pieces in one call
+        # (:meth:`pieces`), the others a piece at a time: then only the chunk across a boundary is copied
+        for _, segs in ([] if self.in_pieces(job) else assembled):
             for s0, s1, _, _ in segs:
                 for x in (s0, s1):
                     if a < x < b:
@@ -101,11 +109,75 @@ class Streamer:
         return list(zip(pts, pts[1:])) or [(a, b)]
 
     def views(self, job: Job, a: int, b: int):
-        locs = list(self._locs(job))
-        rows = [loc.file.view(job.name, a, b) for loc in locs]
-        if job.mixed:  # versions stored in other dtypes: read exactly into the computed one
-            rows = [_widen(r, loc.info.dtype, job.dtype) for r, loc in zip(rows, locs)]
+        """Elements ``[a, b)`` of the base and of each checkpoint, in ``job.dtype``. A version
+        assembled from several files (rank files, DCP chunks) is gathered where the range crosses
+        from one file to the next, into a buffer of this streamer kept for that version: the
+        rows are valid until the next call."""
+        rows = [self._row(i, loc, job, a, b) for i, loc in enumerate(self._locs(job))]
         return rows[0], rows[1:]
+
+    def _row(self, i: int, loc, job: Job, a: int, b: int) -> np.ndarray:
+        """Version ``i``'s elements ``[a, b)`` in ``job.dtype`` (:meth:`views`)."""
+        f = loc.file
+        r = f.view(job.name, a, b) if f.groupable else f.view(job.name, a, b, scratch=partial(self._gather_buffer, i))
+        # a version stored in another dtype: read exactly into the computed one
+        return _widen(r, loc.info.dtype, job.dtype) if job.mixed else r
+
+    def in_pieces(self, job: Job) -> bool:
+        """Whether ``job``'s ranges go to the native kernels in pieces (:meth:`pieces`): a version is
+        assembled from several files. One call per range then spreads every chunk over the
+        threads; a call per file's piece ran each piece on at most its chunks' count of threads
+        (one for the chunk across two files), and its views cost Python per version and piece."""
+        return (self.backend.name == "cpu" and self._ops(job) is self.backend
+                and not all(loc.file.groupable for loc in self._locs(job)))
+
+    def pieces(self, job: Job, a: int, b: int, gather: bool):
+        """Elements ``[a, b)`` of every version as pieces for :func:`~..ops.native.gram_pieces` /
+        ``combine_pieces``: ``(starts, rows, keep)``, starts relative to ``a``, rows the addresses
+        of each piece's versions, ``keep`` the arrays behind them (valid until the next call, like
+        :meth:`views`). A version assembled from files in ``job.dtype`` is read in place, piece by
+        file; the others as :meth:`views` reads them. ``gather`` (the Gram: ``a`` on a chunk edge):
+        a chunk across two files of a version is gathered into its buffer, so pieces start on chunk
+        edges, as the Gram's bits need; the weighted sum takes pieces anywhere."""
+        C, isz, n = GRAM_CHUNK, dtypes.itemsize(job.dtype), b - a
+        versions = []  # per version: sorted [(start, end, array)] covering [0, n)
+        for i, loc in enumerate(self._locs(job)):
+            f = loc.file
+            if f.groupable or loc.info.dtype != job.dtype or f.segments[f.alias.get(job.name, job.name)][0][2] is None:
+                segs = [(0, n, self._row(i, loc, job, a, b))]
+            else:
+                segs = [(lo - a, hi - a, pf.view(local, lo - s0, hi - s0)) for lo, hi, s0, pf, local in
+                        f._pieces(job.name, a, b)]
+                cut = sorted({s0 // C for s0, _, _ in segs[1:] if s0 % C}) if gather else []
+                if cut:  # each chunk across two files, gathered: its pieces copied into the version's buffer
+                    buf = self._gather_buffer(i, len(cut) * C * isz).view(segs[0][2].dtype)
+                    holes = [(k * C, min(n, k * C + C)) for k in cut]
+                    parts = [(h0, h1, buf[j * C:j * C + h1 - h0]) for j, (h0, h1) in enumerate(holes)]
+                    for h0, h1, dst in parts:
+                        for s0, s1, arr in segs:
+                            x0, x1 = max(h0, s0), min(h1, s1)
+                            if x0 < x1:
+                                dst[x0 - h0:x1 - h0] = arr[x0 - s0:x1 - s0]
+                    segs = sorted(parts + [(x0, x1, arr[x0 - s0:]) for s0, s1, arr in segs
+                                           for x0, x1 in _minus(s0, s1, holes)], key=itemgetter(0))
+            versions.append(segs)
+        starts = np.array(sorted({s0 for segs in versions for s0, _, _ in segs} | {n}), dtype=np.int64)
+        rows = np.empty((len(starts) - 1, len(versions)), dtype=np.uint64)
+        for v, segs in enumerate(versions):
+            s0 = np.array([s for s, _, _ in segs], dtype=np.int64)
+            addr = np.array([arr.ctypes.data for _, _, arr in segs], dtype=np.int64)
+            j = np.searchsorted(s0, starts[:-1], side="right") - 1
+            rows[:, v] = (addr[j] + (starts[:-1] - s0[j]) * isz).astype(np.uint64)
+        return starts.astype(np.uint64), rows, versions
+
+    def _gather_buffer(self, i: int, nbytes: int) -> np.ndarray:
+        """Version ``i``'s reusable gather buffer, of at least ``nbytes`` (:meth:`views`; at most a
+        chunk per version: :meth:`_subranges` gives a range across files a chunk of its own)."""
+        bufs = self._gathers
+        bufs.extend([None] * (i + 1 - len(bufs)))
+        if bufs[i] is None or bufs[i].nbytes < nbytes:
+            bufs[i] = np.empty(nbytes, dtype=np.uint8)
+        return bufs[i]
 
     def release(self, job: Job, a: int, b: int) -> None:
         for loc in self._locs(job):
@@ -192,10 +264,17 @@ class Streamer:
         T = self.traj.T
         gs = GramSum(job.numel, lambda: np.zeros((T, T), dtype=np.float64), ranges[0][0] if ranges else 0,
                      None if acc is None else acc.copy(), job.name)
-        ops = self._ops(job)
+        ops, isz, in_pieces = self._ops(job), dtypes.itemsize(job.dtype), self.in_pieces(job)
         for i, (a, b) in enumerate(ranges):
             self._read_ahead(job, ranges, i, resident, then)
             for p0, p1 in self._subranges(job, a, b):
+                if in_pieces:
+                    starts, rows, keep = self.pieces(job, p0, p1, gather=True)
+                    for c0, c1, blk in gs.pieces(p0, p1):
+                        native.gram_pieces(*_clip(starts, rows, isz, c0 - p0, c1 - p0), c1 - c0, job.dtype, blk,
+                                           fp16_deltas=self.fp16_deltas)
+                    del keep
+                    continue
                 base, hist = self.views(job, p0, p1)
                 for c0, c1, blk in gs.pieces(p0, p1):
                     ops.gram(base[c0 - p0:c1 - p0], [h[c0 - p0:c1 - p0] for h in hist], job.dtype, blk,
@@ -255,19 +334,30 @@ class Streamer:
         for :meth:`gram` (:meth:`_read_ahead`).
         """
         T = self.traj.T
-        ops = self._ops(job)  # each converts the fp64 alphas (fp32 but for the fp64 path)
+        # (each op converts the fp64 alphas: to fp32, but on the fp64 path)
+        ops, isz, in_pieces = self._ops(job), dtypes.itemsize(job.dtype), self.in_pieces(job)
         for i, (a, b) in enumerate(ranges):
             self._read_ahead(job, ranges, i, resident or not count_read, then)
             for p0, p1 in self._subranges(job, a, b):
-                base, hist = self.views(job, p0, p1)
+                if in_pieces:
+                    starts, rows, keep = self.pieces(job, p0, p1, gather=False)
+
+                    def compute(c0, c1, o):
+                        native.combine_pieces(*_clip(starts, rows, isz, c0 - p0, c1 - p0), c1 - c0, alphas, job.dtype,
+                                              o, fp16_deltas=self.fp16_deltas)
+                else:
+                    keep = self.views(job, p0, p1)
+
+                    def compute(c0, c1, o, base=keep[0], hist=keep[1]):
+                        ops.combine(base[c0 - p0:c1 - p0], [h[c0 - p0:c1 - p0] for h in hist], alphas, job.dtype, o,
+                                    fp16_deltas=self.fp16_deltas)
                 # in staged chunks of a few MiB (cut on the first writer's blocks), written around
                 # the page cache by the writers' threads while the next chunk computes (io/direct.py)
                 for c0, c1 in writers[0].chunks(job.name, p0, p1) if writers else ():
                     outs = [w.stage(job.name, c0, c1) for w in writers]
                     done = 0  # (a committed buffer is the writer's; the others go back on failure)
                     try:
-                        self._combine_chunk(job, ops, base[c0 - p0:c1 - p0], [h[c0 - p0:c1 - p0] for h in hist],
-                                            alphas, outs)
+                        self._combine_chunk(job, partial(compute, c0, c1), c1 - c0, outs)
                         for w, o in zip(writers, outs):
                             if also is not None:
                                 w.write(also, c0, o)
@@ -277,25 +367,26 @@ class Streamer:
                         for w, o in zip(writers[done:], outs[done:]):
                             w.discard(o)
                         raise
-                del base, hist
+                del keep, compute
             self.release(job, a, b)
             if count_read:
                 self._tick((T + 1) * (b - a) * dtypes.itemsize(job.dtype))
             if on_range is not None:
                 on_range(b)
 
-    def _combine_chunk(self, job: Job, ops, base, hist, alphas: np.ndarray, outs: list[np.ndarray]) -> None:
+    def _combine_chunk(self, job: Job, compute, n: int, outs: list[np.ndarray]) -> None:
+        """``compute(targets)`` (the weighted sums of ``n`` elements into ``targets``) into ``outs``."""
         if job.out_dtype == job.dtype:
-            ops.combine(base, hist, alphas, job.dtype, outs, fp16_deltas=self.fp16_deltas)
+            compute(outs)
             return
         # computed in job.dtype, rounded to the output's dtype to nearest even (in a scratch
         # buffer kept for the run: fresh pages per chunk would cost more than the chunk)
-        n, raw = len(base), np.dtype(dtypes.raw_numpy(job.dtype))
+        raw = np.dtype(dtypes.raw_numpy(job.dtype))
         row = n * raw.itemsize
         if self._wide is None or self._wide.nbytes < row * len(outs):
             self._wide = np.empty(row * len(outs), dtype=np.uint8)
         wide = [self._wide[k * row:(k + 1) * row].view(raw) for k in range(len(outs))]
-        ops.combine(base, hist, alphas, job.dtype, wide, fp16_deltas=self.fp16_deltas)
+        compute(wide)
         for o, x in zip(outs, wide):
             dtypes.from_float32(x.astype(np.float32, copy=False), job.out_dtype, out=o)
 
@@ -506,6 +597,32 @@ def _address(files: dict, f, b: int, nbytes: int) -> int:
     else:
         e[3], e[4] = min(e[3], b), max(e[4], b + nbytes)
     return e[2] + b
+
+
+def _minus(s0: int, s1: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``[s0, s1)`` less the sorted, disjoint ``holes``, as intervals."""
+    out, x = [], s0
+    for h0, h1 in holes:
+        if h1 <= x or h0 >= s1:
+            continue
+        if h0 > x:
+            out.append((x, h0))
+        x = max(x, h1)
+    if x < s1:
+        out.append((x, s1))
+    return out
+
+
+def _clip(starts: np.ndarray, rows: np.ndarray, isz: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pieces (:meth:`Streamer.pieces`) of ``[lo, hi)`` of their range, with starts relative to ``lo``."""
+    st = starts.astype(np.int64)
+    i0 = int(np.searchsorted(st, lo, side="right")) - 1
+    i1 = int(np.searchsorted(st, hi, side="left"))
+    out = np.concatenate([st[i0:i1], [hi]]) - lo
+    out[0] = 0
+    r = rows[i0:i1].copy()
+    r[0] += np.uint64((lo - int(st[i0])) * isz)
+    return out.astype(np.uint64), r
 
 
 def _widen(raw: np.ndarray, stored: str, dtype: str) -> np.ndarray:

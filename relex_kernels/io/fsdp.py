@@ -134,9 +134,9 @@ class ShardedTensors(AssembledTensors):
         o0, o1 = a // (D * inner), -(-b // (D * inner))
         return o0, o1, outer, D, inner, parts
 
-    def view(self, name: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+    def view(self, name: str, start: int = 0, stop: int | None = None, scratch=None) -> np.ndarray:
         if name not in self.columns:
-            return super().view(name, start, stop)
+            return super().view(name, start, stop, scratch)
         t = self.tensors[name]
         stop = t.numel if stop is None else stop
         if not 0 <= start <= stop <= t.numel:

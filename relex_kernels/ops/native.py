@@ -252,6 +252,49 @@ def combine(base: np.ndarray, hist: Sequence[np.ndarray], alphas: np.ndarray, dt
             o[...] = d
 
 
+def _pieces_table(starts: np.ndarray, rows: np.ndarray, n: int, T: int) -> tuple[np.ndarray, np.ndarray]:
+    starts = np.ascontiguousarray(starts, dtype=np.uint64)
+    rows = np.ascontiguousarray(rows, dtype=np.uint64)
+    if starts.ndim != 1 or rows.shape != (starts.shape[0] - 1, T + 1):
+        raise ValueError(f"pieces: starts (count + 1,) and rows (count, {T + 1}), got {starts.shape} and {rows.shape}")
+    if starts[0] != 0 or starts[-1] != n or (starts.shape[0] > 1 and not (np.diff(starts.astype(np.int64)) > 0).all()):
+        raise ValueError(f"piece starts must rise from 0 to n = {n}")
+    return starts, rows
+
+
+def gram_pieces(starts: np.ndarray, rows: np.ndarray, n: int, dtype: str, acc: np.ndarray,
+                fp16_deltas: bool = False) -> None:
+    """:func:`gram` of a range of ``n`` elements held in pieces, with the bits of one contiguous
+    call: piece ``p`` is elements ``[starts[p], starts[p + 1])`` (every start a multiple of
+    ``GRAM_CHUNK``: a chunk across two files is gathered by the caller), its base at
+    ``rows[p, 0]`` and history ``i`` at ``rows[p, 1 + i]`` (addresses of raw elements, kept alive
+    by the caller). acc: (T, T) float64, C-contiguous, writable."""
+    T = int(np.shape(rows)[1]) - 1 if np.ndim(rows) == 2 else -1
+    if not isinstance(acc, np.ndarray) or acc.dtype != np.float64 or acc.shape != (T, T) or \
+            not (acc.flags.c_contiguous and acc.flags.writeable):
+        raise ValueError(f"acc must be a writable C-contiguous float64 array of shape ({T}, {T})")
+    starts, rows = _pieces_table(starts, rows, n, T)
+    _lib().gram_pieces(starts.ctypes.data, rows.ctypes.data, rows.shape[0], T, n, _code(dtype), _addr(acc),
+                       bool(fp16_deltas), get_num_threads())
+
+
+def combine_pieces(starts: np.ndarray, rows: np.ndarray, n: int, alphas: np.ndarray, dtype: str,
+                   outs: Sequence[np.ndarray], fp16_deltas: bool = False) -> None:
+    """:func:`combine` of a range held in pieces (as :func:`gram_pieces`; pieces may start
+    anywhere: each element is computed alone) into ``outs``: 1-D unit-stride writable raw arrays of ``n``."""
+    T = int(np.shape(rows)[1]) - 1 if np.ndim(rows) == 2 else -1
+    starts, rows = _pieces_table(starts, rows, n, T)
+    alphas = np.ascontiguousarray(alphas, dtype=np.float32)
+    if alphas.shape != (len(outs), T):
+        raise ValueError(f"alphas must have shape ({len(outs)}, {T}) (outputs x history), got {alphas.shape}")
+    for k, o in enumerate(outs):
+        if not (isinstance(o, np.ndarray) and o.dtype == dtypes.raw_numpy(dtype) and o.shape == (n,)
+                and o.flags.writeable and (n <= 1 or o.strides[0] == o.itemsize)):
+            raise ValueError(f"outs[{k}] must be a writable unit-stride {dtypes.raw_numpy(dtype)} array of ({n},)")
+    _lib().combine_pieces(starts.ctypes.data, rows.ctypes.data, rows.shape[0], T, n, _code(dtype), _addr(alphas),
+                          [_addr(o) for o in outs], bool(fp16_deltas), get_num_threads())
+
+
 # Unchecked entry points for the engine's grouped passes (engine/streaming.py): a run over
 # thousands of small tensors would spend more time validating numpy views, taking their
 # addresses and entering the kernels' thread team than in the kernels. The engine takes the
