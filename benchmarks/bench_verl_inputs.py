@@ -36,7 +36,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from machine_info import cpu_model, out_stem  # noqa: E402
+from machine_info import cpu_model, out_stem, write_results_md  # noqa: E402
 
 CHILD = r"""
 import json, os, sys, time
@@ -164,8 +164,7 @@ def main() -> None:
         md += ["", f"Reading rank files runs at **{ratio:.2f}x** the speed of reading the same bytes as safetensors.",
                "", f"Command: `python benchmarks/bench_verl_inputs.py --params {a.params:g} --steps {a.steps} "
                f"--world {a.world} --runs {a.runs} --rows {a.rows}`"]
-        with open(a.out + ".md", "w") as fh:
-            fh.write("\n".join(md) + "\n")
+        write_results_md(a.out + ".md", md)
         print("\n".join(md))
     finally:
         shutil.rmtree(work, ignore_errors=True)
