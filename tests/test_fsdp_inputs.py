@@ -368,14 +368,17 @@ def test_rank_boundaries_inside_chunks_keep_the_bits(tmp_path, monkeypatch):
     steps = [1, 2, 3]
     vals = [{"w": th0 + 1e-2 * s * v + 1e-4 * torch.randn(shape, generator=g)} for s in steps]
     hf = {s: _hf_dir(str(tmp_path / f"hf{s}"), vals[i]) for i, s in enumerate(steps)}
-    # both in one process group (one start of the ranks): step 1 from its values, step 2 from a
-    # safetensors directory each rank reads, removed once written
+    # steps 1 and 2 in one process group of 3 ranks (one start of the ranks): step 1 from its
+    # values, step 2 from a safetensors directory each rank reads, removed once written
     src = shutil.copytree(hf[2], str(tmp_path / "src2"))
     fs = dict(zip(steps[:2], fsdpgen.save_many([(str(tmp_path / "fs1"), vals[0]), (str(tmp_path / "fs2"), src)], 3,
                                                remove_sources=True)))
     assert not os.path.exists(src) and not [f for f in os.listdir(tmp_path) if f.startswith(".relex-values-")]
-    # written by one process group, each rank's pickle is the same bytes in both steps: parsed once
-    # (the runs below read them through these cached parses: their bytes are checked)
+    # step 3 over 7 ranks: row blocks of 100 rows (51200 elements), smaller than a chunk, two
+    # boundaries in chunk 3, every chunk but the last shared by two rank files
+    fs[3] = fsdpgen.save_many([(str(tmp_path / "fs3"), vals[2])], 7)[0]
+    # written by one process group, each rank's pickle is the same bytes in steps 1 and 2: parsed
+    # once (the runs below read them through these cached parses: their bytes are checked)
     from relex_kernels.io import torchzip
     parsed, load = [], torchzip.load_pickle
     monkeypatch.setattr(torchzip, "_PICKLES", torchzip.OrderedDict())
@@ -387,7 +390,6 @@ def test_rank_boundaries_inside_chunks_keep_the_bits(tmp_path, monkeypatch):
     for s in steps[:2]:
         Checkpoint(fs[s], step=s).close()
     assert len(parsed) == 3
-    fs[3] = hf[3]
     base32 = _hf_dir(str(tmp_path / "b32"), {"w": th0})
     base16 = _hf_dir(str(tmp_path / "b16"), {"w": th0.to(torch.bfloat16)})
     wide = _hf_dir(str(tmp_path / "bw"), {"w": th0.to(torch.bfloat16).float()})
@@ -403,6 +405,14 @@ def test_rank_boundaries_inside_chunks_keep_the_bits(tmp_path, monkeypatch):
     monkeypatch.setattr(plan, "MIN_BUDGET", 0)
     got16 = extrapolate(base16, fs, [9], str(tmp_path / "got16"), out_dtype="fp32", memory_budget=3 << 20)
     assert _bytes(got16.outputs[0]) == _bytes(ref16.outputs[0])
+    # 8 MiB, fp32 base: the tensor is read whole (one range, 5 chunks shared by two rank files of
+    # step 3), but an eighth of the budget holds one gathered chunk of the 3 assembled versions
+    gathered, grow = [], streaming.Streamer._gather_buffer
+    monkeypatch.setattr(streaming.Streamer, "_gather_buffer", lambda st, i, nbytes: gathered.append(nbytes) or
+                        grow(st, i, nbytes))
+    got8 = extrapolate(base32, fs, [9], str(tmp_path / "got8"), memory_budget=8 << 20)
+    assert _bytes(got8.outputs[0]) == _bytes(ref.outputs[0])
+    assert gathered and max(gathered) == streaming.GRAM_CHUNK * 4
 
 
 def test_a_killed_run_over_rank_files_resumes_to_the_same_bytes(run, tmp_path):

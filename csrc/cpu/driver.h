@@ -91,6 +91,7 @@ inline void check_pieces(const Inputs& in, const Pieces& pc, size_t chunk) {
 class OnePiece {
 public:
     explicit OnePiece(const Inputs& in) : starts_{0, in.n}, rows_(size_t(in.T) + 1), count_(in.n ? 1 : 0) {
+        if (!count_) return;  // (an empty range may come without pointers)
         rows_[0] = in.base;
         for (int i = 0; i < in.T; ++i) rows_[size_t(i) + 1] = in.hist[i];
     }
@@ -102,7 +103,9 @@ private:
     size_t count_;
 };
 
-// Inputs of piece p (its own row pointers; n stays the range's: the kernels' layouts depend on it)
+// Inputs of piece p: its own row pointers, the offsets the caller passes relative to the piece.
+// n stays the range's: the kernels' layouts depend on it (and their prefetch hints, bounded by
+// n, may then reach past the piece: a prefetch never faults)
 inline Inputs piece_inputs(const Inputs& in, const Pieces& pc, size_t p) {
     Inputs local = in;
     const size_t rows = size_t(in.T) + 1;

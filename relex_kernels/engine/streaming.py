@@ -73,12 +73,14 @@ class Streamer:
             yield ck.tensors[job.name]
 
     def _subranges(self, job: Job, a: int, b: int) -> list[tuple[int, int]]:
-        """``[a, b)`` in the pieces the kernels take one at a time. Whole, apart from the one chunk
-        around each place where a version assembled from several files passes from one file to
-        the next (the only range gathered from two files); and where every element is copied (a
-        version in another dtype, columns of a ``Shard(d > 0)`` tensor) in pieces of ``COPY_BYTES``
-        of copies, widened to a chunk per kernel thread within an eighth of the memory budget.
-        Every piece starts on a ``GRAM_CHUNK`` edge, so the Gram's chunks, and bits, are unchanged."""
+        """``[a, b)`` in the pieces the kernels take one at a time. Where a version assembled from
+        several files passes from one file to the next inside a chunk (the only ranges gathered
+        from two files): on the native kernels, pieces gathering at most ``COPY_BYTES`` (or an
+        eighth of the memory budget) of such chunks; elsewhere the chunk alone. Where every element
+        is copied (a version in another dtype, columns of a ``Shard(d > 0)`` tensor): pieces of
+        ``COPY_BYTES`` of copies, widened to a chunk per kernel thread within an eighth of the
+        memory budget. Every piece starts on a ``GRAM_CHUNK`` edge, so the Gram's chunks, and bits,
+        are unchanged."""
         locs = list(self._locs(job))
         assembled = [(loc, loc.file.segments[loc.file.alias.get(job.name, job.name)])
                      for loc in locs if not loc.file.groupable]
@@ -97,14 +99,17 @@ class Streamer:
             threads = native.get_num_threads() if native.available()[0] else 1
             step = max(1, COPY_BYTES // per_chunk, min(threads, self.budget // 8 // per_chunk)) * C
             points |= set(range(a, b, step))
-        # row blocks are read in place; the native kernels take a range held in pieces in one call
-        # (:meth:`pieces`), the others a piece at a time: then only the chunk across a boundary is copied
-        for _, segs in ([] if self.in_pieces(job) else assembled):
-            for s0, s1, _, _ in segs:
-                for x in (s0, s1):
-                    if a < x < b:
-                        k = x // C * C
-                        points |= {max(a, k), min(b, k + C)}
+        # row blocks are read in place; only the chunks across a boundary are copied. The native
+        # kernels take a range held in pieces in one call (:meth:`pieces`), as long as the chunks it
+        # gathers (every assembled version's) stay within the copy allowance above; the other
+        # backends take a piece at a time
+        edges = {x for _, segs in assembled for s0, s1, _, _ in segs for x in (s0, s1) if a < x < b}
+        if self.in_pieces(job):
+            shared = sorted({x // C for x in edges if x % C})
+            most = max(1, max(COPY_BYTES, self.budget // 8) // (len(assembled) * dtypes.itemsize(job.dtype) * C))
+            points |= {k * C for k in shared[most::most]}
+        else:
+            points |= {p for x in edges for p in (max(a, x // C * C), min(b, x // C * C + C))}
         pts = sorted(points)
         return list(zip(pts, pts[1:])) or [(a, b)]
 
@@ -143,14 +148,16 @@ class Streamer:
         versions = []  # per version: sorted [(start, end, array)] covering [0, n)
         for i, loc in enumerate(self._locs(job)):
             f = loc.file
-            if f.groupable or loc.info.dtype != job.dtype or f.segments[f.alias.get(job.name, job.name)][0][2] is None:
+            if f.groupable or loc.info.dtype != job.dtype or any(
+                    seg[2] is None for seg in f.segments[f.alias.get(job.name, job.name)]):  # (columns: gathered)
                 segs = [(0, n, self._row(i, loc, job, a, b))]
             else:
                 segs = [(lo - a, hi - a, pf.view(local, lo - s0, hi - s0)) for lo, hi, s0, pf, local in
                         f._pieces(job.name, a, b)]
                 cut = sorted({s0 // C for s0, _, _ in segs[1:] if s0 % C}) if gather else []
                 if cut:  # each chunk across two files, gathered: its pieces copied into the version's buffer
-                    buf = self._gather_buffer(i, len(cut) * C * isz).view(segs[0][2].dtype)
+                    nb = len(cut) * C * isz
+                    buf = self._gather_buffer(i, nb)[:nb].view(segs[0][2].dtype)
                     holes = [(k * C, min(n, k * C + C)) for k in cut]
                     parts = [(h0, h1, buf[j * C:j * C + h1 - h0]) for j, (h0, h1) in enumerate(holes)]
                     for h0, h1, dst in parts:
@@ -171,8 +178,8 @@ class Streamer:
         return starts.astype(np.uint64), rows, versions
 
     def _gather_buffer(self, i: int, nbytes: int) -> np.ndarray:
-        """Version ``i``'s reusable gather buffer, of at least ``nbytes`` (:meth:`views`; at most a
-        chunk per version: :meth:`_subranges` gives a range across files a chunk of its own)."""
+        """Version ``i``'s reusable gather buffer, of at least ``nbytes`` (:meth:`views`,
+        :meth:`pieces`; :meth:`_subranges` bounds what one call gathers)."""
         bufs = self._gathers
         bufs.extend([None] * (i + 1 - len(bufs)))
         if bufs[i] is None or bufs[i].nbytes < nbytes:

@@ -245,9 +245,10 @@ def load_pickle(raw: bytes, path: str):
 #: rank-file pickles parsed, by the sha256 of their bytes: the checkpoints of a run repeat each
 #: rank's pickle byte for byte (same tensors, storage keys and placements), and one of a few hundred
 #: DTensors takes milliseconds to parse — seconds for a hundred checkpoints of a few ranks. The
-#: parsed objects are shared and never modified.
+#: parsed objects are shared: nothing modifies them after parsing. The last used are kept, enough
+#: for a checkpoint of 256 ranks (more ranks than that parse every file, as before).
 _PICKLES: OrderedDict[str, object] = OrderedDict()
-_PICKLES_KEPT = 64
+_PICKLES_KEPT = 256
 
 
 def _parsed_pickle(raw: bytes, sha256: str, path: str):
@@ -257,6 +258,8 @@ def _parsed_pickle(raw: bytes, sha256: str, path: str):
         hit = _PICKLES[sha256] = load_pickle(raw, path)
         while len(_PICKLES) > _PICKLES_KEPT:
             _PICKLES.popitem(last=False)
+    else:
+        _PICKLES.move_to_end(sha256)
     return hit
 
 

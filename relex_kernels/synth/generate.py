@@ -268,16 +268,11 @@ def _to_torch_layout(tmp: str, outputs: dict, finals: dict, steps, truth_steps, 
     from ..io import Checkpoint
     from ..io.dtypes import from_float32, to_float32
     from ..io.writer import write_checkpoint
-    from .torch_writers import save_dcp, save_many
+    from .torch_writers import save_many
 
+    # every checkpoint in one process group of ``world`` ranks, each staged copy removed once written
     jobs = [(os.path.join(tmp, finals[s]), os.path.join(tmp, outputs[s])) for s in steps]
-    if layout == "dcp" and world == 1:  # one process saving the plain state dict: no process group
-        from .torch_writers import load_checkpoint_dir
-        for dst, src in jobs:
-            save_dcp(dst, load_checkpoint_dir(src), 1)
-            shutil.rmtree(src)
-    else:  # every checkpoint in one process group of ``world`` ranks, each staged copy removed once written
-        save_many(jobs, world, "verl" if layout == "verl-fsdp" else "dcp", remove_sources=True, progress=not quiet)
+    save_many(jobs, world, "verl" if layout == "verl-fsdp" else "dcp", remove_sources=True, progress=not quiet)
     if layout == "verl-fsdp":
         for dst, _ in jobs:
             _write_side_files(os.path.join(dst, "huggingface"), arch, shape, dtype)  # config, tokenizer

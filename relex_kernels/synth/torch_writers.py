@@ -152,11 +152,21 @@ def save_many(jobs: list, world: int, fmt: str = "verl", replicas: int = 1, remo
     files or ``"dcp"``) over ``world`` gloo ranks, all in one process group: starting the ranks
     (a process each, importing torch and joining the group) takes seconds, more than writing a
     small checkpoint, so a run of a hundred checkpoints pays it once. ``remove_sources``: delete
-    each source directory once its checkpoint is written (the disk holds one copy of the run)."""
+    each source directory once its checkpoint is written (the disk holds one copy of the run).
+    ``"dcp"`` over one rank is saved from this process, without a group (:func:`save_dcp`)."""
     torch = _torch()
     import torch.multiprocessing as mp
     if world < 1:
         raise UsageError(f"world size must be >= 1, got {world}")
+    if replicas < 1 or world % replicas:
+        raise UsageError(f"replicas must divide the world size {world}, got {replicas}")
+    if fmt == "dcp" and world == 1:  # one process saving the plain state dict: no process group
+        for out_dir, values in jobs:
+            save_dcp(out_dir, load_checkpoint_dir(values) if isinstance(values, (str, os.PathLike)) else values, 1)
+            if remove_sources and isinstance(values, (str, os.PathLike)):
+                import shutil
+                shutil.rmtree(values)
+        return [out_dir for out_dir, _ in jobs]
     if not jobs:
         return []
     temps, args = [], []
@@ -183,8 +193,6 @@ def save_many(jobs: list, world: int, fmt: str = "verl", replicas: int = 1, remo
 def save_verl_fsdp(out_dir: str, values: dict, world: int, replicas: int = 1) -> str:
     """Write ``values`` ({name: tensor}) as a verl FSDP actor directory of ``world`` rank files;
     ``replicas`` > 1: HSDP, a (replicas, world / replicas) mesh as verl builds with ``fsdp_size``."""
-    if replicas < 1 or world % replicas:
-        raise UsageError(f"replicas must divide the world size {world}, got {replicas}")
     return save_many([(out_dir, values)], world, "verl", replicas)[0]
 
 
