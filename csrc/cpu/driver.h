@@ -61,9 +61,13 @@ inline int threads_for(int requested, size_t work) {
 #endif
 }
 
-inline void check_inputs(const Inputs& in) {
+inline void check_kind(const Inputs& in) {
     if (!valid_dtype(in.dtype)) throw std::invalid_argument("unknown dtype code " + std::to_string(in.dtype));
     if (in.T < 0) throw std::invalid_argument("negative history length");
+}
+
+inline void check_inputs(const Inputs& in) {
+    check_kind(in);
     if (in.n == 0) return;
     if (!in.base) throw std::invalid_argument("null base pointer");
     for (int i = 0; i < in.T; ++i)
@@ -73,8 +77,7 @@ inline void check_inputs(const Inputs& in) {
 // Checks of a Pieces description of a range of `in.n` elements (`chunk`: every start on an edge of
 // it, 1 for none). Throws std::invalid_argument.
 inline void check_pieces(const Inputs& in, const Pieces& pc, size_t chunk) {
-    if (!valid_dtype(in.dtype)) throw std::invalid_argument("unknown dtype code " + std::to_string(in.dtype));
-    if (in.T < 0) throw std::invalid_argument("negative history length");
+    check_kind(in);
     if (!pc.starts || (pc.count && !pc.rows)) throw std::invalid_argument("null pieces table");
     if (pc.starts[0] != 0 || pc.starts[pc.count] != in.n)
         throw std::invalid_argument("pieces must cover [0, n) of the range");

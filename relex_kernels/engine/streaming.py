@@ -92,8 +92,7 @@ class Streamer:
         # across files): bounded pieces, each still wide enough to keep the kernels' threads busy (a
         # thread per chunk at most). Counted per copied version: verl's fp32 masters beside a bf16
         # base copy the base alone, and pieces sized as if all T+1 were copied were 2 chunks wide
-        columns = {id(loc) for loc, segs in assembled if any(f is None for _, _, f, _ in segs)}
-        copied = sum(loc.info.dtype != job.dtype or id(loc) in columns for loc in locs)
+        copied = sum(map(partial(_copied, job), locs))
         if copied:
             per_chunk = copied * 8 * C
             threads = native.get_num_threads() if native.available()[0] else 1
@@ -148,23 +147,17 @@ class Streamer:
         versions = []  # per version: sorted [(start, end, array)] covering [0, n)
         for i, loc in enumerate(self._locs(job)):
             f = loc.file
-            if f.groupable or loc.info.dtype != job.dtype or any(
-                    seg[2] is None for seg in f.segments[f.alias.get(job.name, job.name)]):  # (columns: gathered)
+            if f.groupable or _copied(job, loc):
                 segs = [(0, n, self._row(i, loc, job, a, b))]
             else:
                 segs = [(lo - a, hi - a, pf.view(local, lo - s0, hi - s0)) for lo, hi, s0, pf, local in
                         f._pieces(job.name, a, b)]
                 cut = sorted({s0 // C for s0, _, _ in segs[1:] if s0 % C}) if gather else []
-                if cut:  # each chunk across two files, gathered: its pieces copied into the version's buffer
-                    nb = len(cut) * C * isz
-                    buf = self._gather_buffer(i, nb)[:nb].view(segs[0][2].dtype)
+                if cut:  # each chunk across two files gathered (AssembledTensors.view) into the version's buffer
+                    buf = self._gather_buffer(i, len(cut) * C * isz)
                     holes = [(k * C, min(n, k * C + C)) for k in cut]
-                    parts = [(h0, h1, buf[j * C:j * C + h1 - h0]) for j, (h0, h1) in enumerate(holes)]
-                    for h0, h1, dst in parts:
-                        for s0, s1, arr in segs:
-                            x0, x1 = max(h0, s0), min(h1, s1)
-                            if x0 < x1:
-                                dst[x0 - h0:x1 - h0] = arr[x0 - s0:x1 - s0]
+                    parts = [(h0, h1, f.view(job.name, a + h0, a + h1, scratch=lambda m, o=j * C * isz: buf[o:o + m]))
+                             for j, (h0, h1) in enumerate(holes)]
                     segs = sorted(parts + [(x0, x1, arr[x0 - s0:]) for s0, s1, arr in segs
                                            for x0, x1 in _minus(s0, s1, holes)], key=itemgetter(0))
             versions.append(segs)
@@ -604,6 +597,14 @@ def _address(files: dict, f, b: int, nbytes: int) -> int:
     else:
         e[3], e[4] = min(e[3], b), max(e[4], b + nbytes)
     return e[2] + b
+
+
+def _copied(job: Job, loc) -> bool:
+    """Whether every element of this version of ``job`` is copied before the kernels read it: stored
+    in another dtype (widened), or the columns of a ``Shard(d > 0)`` tensor (gathered across files)."""
+    f = loc.file
+    return loc.info.dtype != job.dtype or (not f.groupable and any(
+        seg[2] is None for seg in f.segments[f.alias.get(job.name, job.name)]))
 
 
 def _minus(s0: int, s1: int, holes: list[tuple[int, int]]) -> list[tuple[int, int]]:

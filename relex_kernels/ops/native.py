@@ -197,6 +197,21 @@ def _addr(a: np.ndarray) -> int:
 # ---------------------------------------------------------------- kernels
 
 
+def _check_acc(acc, T: int) -> None:
+    if not isinstance(acc, np.ndarray) or acc.dtype != np.float64 or acc.shape != (T, T):
+        got = f"{acc.dtype} {acc.shape}" if isinstance(acc, np.ndarray) else type(acc).__name__
+        raise ValueError(f"acc must be a float64 array of shape ({T}, {T}), got {got}")
+    if not (acc.flags.c_contiguous and acc.flags.writeable):
+        raise ValueError("acc must be C-contiguous and writable")
+
+
+def _alphas(alphas, K: int, T: int) -> np.ndarray:
+    alphas = np.ascontiguousarray(alphas, dtype=np.float32)
+    if alphas.shape != (K, T):
+        raise ValueError(f"alphas must have shape ({K}, {T}) (outputs x history), got {alphas.shape}")
+    return alphas
+
+
 def gram(base: np.ndarray, hist: Sequence[np.ndarray], dtype: str, acc: np.ndarray,
          fp16_deltas: bool = False) -> None:
     """``acc += Gram`` of the deltas of one range (contract: :func:`.reference.gram`).
@@ -207,11 +222,7 @@ def gram(base: np.ndarray, hist: Sequence[np.ndarray], dtype: str, acc: np.ndarr
     lib = _lib()
     code, base, hist = _inputs(base, hist, dtype)
     T = len(hist)
-    if not isinstance(acc, np.ndarray) or acc.dtype != np.float64 or acc.shape != (T, T):
-        got = f"{acc.dtype} {acc.shape}" if isinstance(acc, np.ndarray) else type(acc).__name__
-        raise ValueError(f"acc must be a float64 array of shape ({T}, {T}), got {got}")
-    if not (acc.flags.c_contiguous and acc.flags.writeable):
-        raise ValueError("acc must be C-contiguous and writable")
+    _check_acc(acc, T)
     n = base.shape[0]
     if n == 0 or T == 0:
         return
@@ -230,9 +241,7 @@ def combine(base: np.ndarray, hist: Sequence[np.ndarray], alphas: np.ndarray, dt
     code, base, hist = _inputs(base, hist, dtype)
     T, n = len(hist), base.shape[0]
     outs = list(outs)
-    alphas = np.ascontiguousarray(alphas, dtype=np.float32)
-    if alphas.shape != (len(outs), T):
-        raise ValueError(f"alphas must have shape ({len(outs)}, {T}) (outputs x history), got {alphas.shape}")
+    alphas = _alphas(alphas, len(outs), T)
     targets, direct = [], []
     for k, o in enumerate(outs):
         if not isinstance(o, np.ndarray) or o.dtype != dtypes.raw_numpy(dtype) or o.shape != (n,):
@@ -270,9 +279,7 @@ def gram_pieces(starts: np.ndarray, rows: np.ndarray, n: int, dtype: str, acc: n
     ``rows[p, 0]`` and history ``i`` at ``rows[p, 1 + i]`` (addresses of raw elements, kept alive
     by the caller). acc: (T, T) float64, C-contiguous, writable."""
     T = int(np.shape(rows)[1]) - 1 if np.ndim(rows) == 2 else -1
-    if not isinstance(acc, np.ndarray) or acc.dtype != np.float64 or acc.shape != (T, T) or \
-            not (acc.flags.c_contiguous and acc.flags.writeable):
-        raise ValueError(f"acc must be a writable C-contiguous float64 array of shape ({T}, {T})")
+    _check_acc(acc, T)
     starts, rows = _pieces_table(starts, rows, n, T)
     _lib().gram_pieces(starts.ctypes.data, rows.ctypes.data, rows.shape[0], T, n, _code(dtype), _addr(acc),
                        bool(fp16_deltas), get_num_threads())
@@ -284,9 +291,7 @@ def combine_pieces(starts: np.ndarray, rows: np.ndarray, n: int, alphas: np.ndar
     anywhere: each element is computed alone) into ``outs``: 1-D unit-stride writable raw arrays of ``n``."""
     T = int(np.shape(rows)[1]) - 1 if np.ndim(rows) == 2 else -1
     starts, rows = _pieces_table(starts, rows, n, T)
-    alphas = np.ascontiguousarray(alphas, dtype=np.float32)
-    if alphas.shape != (len(outs), T):
-        raise ValueError(f"alphas must have shape ({len(outs)}, {T}) (outputs x history), got {alphas.shape}")
+    alphas = _alphas(alphas, len(outs), T)
     for k, o in enumerate(outs):
         if not (isinstance(o, np.ndarray) and o.dtype == dtypes.raw_numpy(dtype) and o.shape == (n,)
                 and o.flags.writeable and (n <= 1 or o.strides[0] == o.itemsize)):
