@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import tempfile
 
@@ -87,28 +88,26 @@ def _save_one(model_values: dict, world: int, out_dir: str, fmt: str, replicas: 
         for n, p in model.named_parameters():
             p.copy_(model_values[n])
     if fmt == "dcp":
-        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    else:  # verl's FSDP2 actor: the first dimension that divides by the shard count, else rows
-        from torch.distributed.tensor import Shard
-        shards = world // replicas
-
-        def verl_placement(param):
-            return next((Shard(i) for i, d in enumerate(param.shape) if d % shards == 0), Shard(0))
-        # HSDP (replicas > 1): verl's ("ddp", "fsdp") mesh, each replica holding every shard
-        mesh = init_device_mesh("cpu", (world,)) if replicas == 1 else \
-            init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("ddp", "fsdp"))
-        fully_shard(model, mesh=mesh, shard_placement_fn=verl_placement)
-    if fmt == "dcp":
         import torch.distributed.checkpoint as dcp
+        fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
         dcp.save({"model": model.state_dict(), "step": 0}, checkpoint_id=out_dir)
-    else:
-        torch.save(model.state_dict(), os.path.join(out_dir, f"model_world_size_{world}_rank_{rank}.pt"))
-        torch.save({"state": {}, "param_groups": []},
-                   os.path.join(out_dir, f"optim_world_size_{world}_rank_{rank}.pt"))
-        torch.save({"lr_scheduler": None}, os.path.join(out_dir, f"extra_state_world_size_{world}_rank_{rank}.pt"))
-        if rank == 0:
-            with open(os.path.join(out_dir, "fsdp_config.json"), "w") as fh:
-                json.dump({"FSDP_version": 2, "world_size": world}, fh, indent=4)
+        return
+    # verl's FSDP2 actor: the first dimension that divides by the shard count, else rows
+    from torch.distributed.tensor import Shard
+    shards = world // replicas
+
+    def verl_placement(param):
+        return next((Shard(i) for i, d in enumerate(param.shape) if d % shards == 0), Shard(0))
+    # HSDP (replicas > 1): verl's ("ddp", "fsdp") mesh, each replica holding every shard
+    mesh = init_device_mesh("cpu", (world,)) if replicas == 1 else \
+        init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("ddp", "fsdp"))
+    fully_shard(model, mesh=mesh, shard_placement_fn=verl_placement)
+    torch.save(model.state_dict(), os.path.join(out_dir, f"model_world_size_{world}_rank_{rank}.pt"))
+    torch.save({"state": {}, "param_groups": []}, os.path.join(out_dir, f"optim_world_size_{world}_rank_{rank}.pt"))
+    torch.save({"lr_scheduler": None}, os.path.join(out_dir, f"extra_state_world_size_{world}_rank_{rank}.pt"))
+    if rank == 0:
+        with open(os.path.join(out_dir, "fsdp_config.json"), "w") as fh:
+            json.dump({"FSDP_version": 2, "world_size": world}, fh, indent=4)
 
 
 def _rank(rank: int, world: int, port: int, jobs: list, fmt: str, replicas: int, remove_sources: bool,
@@ -134,7 +133,6 @@ def _rank(rank: int, world: int, port: int, jobs: list, fmt: str, replicas: int,
             dist.barrier()  # every rank done with the source before it goes
             if rank == 0:
                 if remove_sources and os.path.isdir(source):
-                    import shutil
                     shutil.rmtree(source)
                 if bar is not None:
                     bar.update(1)
@@ -164,7 +162,6 @@ def save_many(jobs: list, world: int, fmt: str = "verl", replicas: int = 1, remo
         for out_dir, values in jobs:
             save_dcp(out_dir, load_checkpoint_dir(values) if isinstance(values, (str, os.PathLike)) else values, 1)
             if remove_sources and isinstance(values, (str, os.PathLike)):
-                import shutil
                 shutil.rmtree(values)
         return [out_dir for out_dir, _ in jobs]
     if not jobs:
