@@ -4,6 +4,8 @@ saves; ``torch.distributed.checkpoint.save``), under the names the tests use."""
 
 from __future__ import annotations
 
+import os
+
 from relex_kernels.synth.torch_writers import build_module, save_dcp, save_many, save_verl_fsdp  # noqa: F401
 
 
@@ -15,3 +17,49 @@ def save_fsdp(out_dir: str, values, world: int, fmt: str = "verl") -> str:
 
 def save_dcp_single(out_dir: str, values) -> str:
     return save_dcp(out_dir, values, 1)
+
+
+def _reference_rank(rank: int, world: int, port: int, out_dir: str, values_path: str, replicas: int) -> None:
+    """The textbook way (and this product's before it sharded on the meta device): every rank builds
+    the whole module from full tensors and ``fully_shard`` cuts it, with verl's placement rule."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        values = torch.load(values_path)
+        model = build_module(values)  # (the same names and shapes; allocated here, whole, on the CPU)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(values[n])
+        shards = world // replicas
+        mesh = init_device_mesh("cpu", (world,)) if replicas == 1 else \
+            init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("ddp", "fsdp"))
+        fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: next(
+            (Shard(i) for i, d in enumerate(p.shape) if d % shards == 0), Shard(0)))
+        torch.save(model.state_dict(), os.path.join(out_dir, f"model_world_size_{world}_rank_{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def save_reference_fsdp(out_dir: str, values: dict, world: int, replicas: int = 1) -> str:
+    """Model rank files written by :func:`_reference_rank` (no optimizer or extra-state files)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, ".values.pt")
+    torch.save(values, path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.spawn(_reference_rank, args=(world, port, out_dir, path, replicas), nprocs=world, join=True)
+    finally:
+        os.unlink(path)
+    return out_dir

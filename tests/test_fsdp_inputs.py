@@ -450,11 +450,17 @@ def test_relex_synth_writes_trainer_layouts_with_torch(tmp_path, layout, world):
         finally:
             a.close()
             b.close()
-    base = Checkpoint(got.base_dir)
+    # the base as the run started from it: the fp32 masters rounded to bf16 (torch's rounding the reference)
+    base, ref_base = Checkpoint(got.base_dir), Checkpoint(ref.base_dir)
     try:
-        assert {loc.info.dtype for loc in base.tensors.values()} == {"BF16"}
+        assert base.tensors.keys() == ref_base.tensors.keys()
+        for n, loc in base.tensors.items():
+            assert loc.info.dtype == "BF16" and loc.info.shape == ref_base.tensors[n].info.shape, n
+            want = torch.from_numpy(np.array(ref_base.tensors[n].file.view(n))).to(torch.bfloat16).view(torch.int16)
+            assert np.array_equal(np.asarray(loc.file.view(n)).view(np.int16), want.numpy()), n
     finally:
         base.close()
+        ref_base.close()
     r = subprocess.run([sys.executable, "-m", "relex_kernels", "extrapolate", "--base", got.base_dir, "--checkpoints",
                         got.run_dir, "--target-step", "12", "--out", str(tmp_path / "o"), "-q"],
                        capture_output=True, text=True)
@@ -522,3 +528,67 @@ def test_many_rank_files_under_a_low_descriptor_limit(run, tmp_path, monkeypatch
     monkeypatch.setattr(reader, "max_maps", lambda: 4)
     small = extrapolate(base, ck, [60], str(tmp_path / "small"))
     assert _bytes(small.outputs[0]) == _bytes(ref.outputs[0])
+
+
+@pytest.mark.parametrize("world,replicas", [(3, 1), (4, 2)])
+def test_meta_sharded_rank_files_equal_sharding_full_tensors(tmp_path, world, replicas):
+    """The product's writer builds the module on the meta device and copies each rank's part in
+    (a rank holds its shard only), then refills it for the next checkpoint; its rank files hold the same storages, byte for byte (FSDP2's
+    zero padding included), as ranks that build the whole module and let `fully_shard` cut it.
+    Shapes: uneven row blocks, a Shard(1) placement, one row over more ranks than rows, bf16."""
+    g = torch.Generator().manual_seed(5)
+    vals = {"a.w": torch.randn(37, 16, generator=g), "a.cols": torch.randn(7, 6, generator=g),
+            "b.row": torch.randn(1, 9, generator=g), "b.norm": torch.randn(5, generator=g),
+            "c.h": torch.randn(11, 4, generator=g).to(torch.bfloat16)}
+    first = {n: v * 2 for n, v in vals.items()}
+    # two checkpoints in one group: the second refills the module the first built
+    _, got = fsdpgen.save_many([(str(tmp_path / "first"), first), (str(tmp_path / "got"), vals)], world,
+                               replicas=replicas)
+    ref = fsdpgen.save_reference_fsdp(str(tmp_path / "ref"), vals, world, replicas=replicas)
+    c = Checkpoint(str(tmp_path / "first"))
+    try:
+        assert all(torch.equal(torch.from_numpy(np.array(c.tensors[n].file.view(n))).view(v.dtype).reshape(v.shape),
+                               v) for n, v in first.items())
+    finally:
+        c.close()
+    n_storages = 0
+    for r in range(world):
+        name = f"model_world_size_{world}_rank_{r}"
+        with zipfile.ZipFile(os.path.join(got, name + ".pt")) as a, \
+                zipfile.ZipFile(os.path.join(ref, name + ".pt")) as b:
+            assert a.namelist() == b.namelist()
+            for entry in a.namelist():
+                # the pickle names a per-process DeviceMesh hash, and torch.save a per-call id: not content
+                if not entry.endswith(("data.pkl", "serialization_id")):
+                    assert a.read(entry) == b.read(entry), (r, entry)
+                    n_storages += entry.startswith(f"{name}/data/")
+    assert n_storages >= world * len(vals)
+    shutil.copy(os.path.join(got, "fsdp_config.json"), ref)
+    ca, cb = Checkpoint(got), Checkpoint(ref)
+    try:
+        assert list(ca.tensors) == list(cb.tensors) == list(vals)
+        for n, v in vals.items():
+            want = v.reshape(-1).view(torch.int16 if v.dtype == torch.bfloat16 else torch.int32).numpy()
+            assert ca.tensors[n].info.shape == cb.tensors[n].info.shape == tuple(v.shape)
+            assert np.array_equal(np.asarray(ca.tensors[n].file.view(n)).view(want.dtype), want), n
+            assert np.array_equal(np.asarray(cb.tensors[n].file.view(n)).view(want.dtype), want), n
+    finally:
+        ca.close()
+        cb.close()
+
+
+def test_mapped_values_view_the_files_in_place(tmp_path):
+    """The ranks read a staged checkpoint through views of its maps, not copies: each tensor's data
+    lies in a mapping of the checkpoint's file (/proc/self/maps), which keeps a rank's memory to its shard."""
+    from relex_kernels.synth.torch_writers import mapped_values
+    vals = _values(1)[0]
+    d = _hf_dir(str(tmp_path / "ck"), vals)
+    with mapped_values(d) as got:
+        assert got.keys() == vals.keys()
+        with open("/proc/self/maps") as fh:
+            maps = [(int(lo, 16), int(hi, 16), line.split()[-1]) for line in fh
+                    for lo, hi in [line.split()[0].split("-")]]
+        for n, t in got.items():
+            assert torch.equal(t, vals[n]), n
+            where = [path for lo, hi, path in maps if lo <= t.data_ptr() < hi]
+            assert where == [os.path.join(d, "model.safetensors")], (n, where)
