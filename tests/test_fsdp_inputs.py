@@ -430,7 +430,7 @@ def test_a_killed_run_over_rank_files_resumes_to_the_same_bytes(run, tmp_path):
     assert _bytes(str(tmp_path / "o" / "step_60")) == _bytes(ref.outputs[0])
 
 
-@pytest.mark.parametrize("layout,world", [("verl-fsdp", 2), ("dcp", 1)])
+@pytest.mark.parametrize("layout,world", [("verl-fsdp", 2), ("verl-fsdp1", 3), ("dcp", 1)])
 def test_relex_synth_writes_trainer_layouts_with_torch(tmp_path, layout, world):
     """`relex synth --layout verl-fsdp|dcp` (torch's own writers; fp32 masters beside a bf16 base):
     the checkpoints hold the values of the same synthetic run written as fp32 safetensors, and
@@ -488,6 +488,35 @@ def test_analyze_compare_export_shows_both_explained_variances(run, tmp_path):
     assert s["mean"] > e["mean"], (s, e)
     assert os.path.isfile(os.path.join(out, "shards", "report.json")) and os.path.isfile(os.path.join(out, "compare.md"))
     assert "rank files" in r.stdout and "export" in r.stdout
+
+
+@pytest.mark.parametrize("world,replicas", [(3, 1), (4, 2)])
+def test_fsdp1_rank_files_equal_safetensors_inputs(run, tmp_path, world, replicas):
+    """verl's default strategy, FSDP1 (`FullyShardedDataParallel` over the device mesh, decoder layers
+    as units, `SHARDED_STATE_DICT`; HSDP: `HYBRID_SHARD`): its rank files are DTensor row blocks,
+    cut as `torch.chunk` cuts (uneven: 50 and 37 rows over 3 or 2 shards), and the run equals its
+    safetensors copy byte for byte."""
+    _, base, hf, vals = run
+    dirs = fsdpgen.save_many([(str(tmp_path / f"s{s}"), vals[i + 1]) for i, s in enumerate(STEPS)], world, "verl1",
+                             replicas=replicas)
+    ck = dict(zip(STEPS, dirs))
+    with open(os.path.join(ck[10], "fsdp_config.json")) as fh:
+        assert json.load(fh) == {"FSDP_version": 1, "world_size": world}
+    with zipfile.ZipFile(os.path.join(ck[10], f"model_world_size_{world}_rank_0.pt")) as z:
+        pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+    assert b"DTensor" in pkl and b"Shard" in pkl
+    c = Checkpoint(ck[10], step=10)
+    try:
+        assert c.format == f"verl-fsdp (world size {world})"
+        # row blocks everywhere: FSDP1 has no Shard(1) (FSDP2's verl rule cuts 37 x 16 over 2 by columns)
+        assert not set(c.tensors["model.norm.weight"].file.columns)
+        for n in SHAPES:
+            assert np.array_equal(c.tensors[n].file.view(n), vals[1][n].reshape(-1).numpy()), n
+    finally:
+        c.close()
+    ref = extrapolate(base, hf, [60], str(tmp_path / "ref"))
+    got = extrapolate(base, ck, [60], str(tmp_path / "got"))
+    assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])
 
 
 def test_hsdp_rank_files_read_from_the_first_replica(run, tmp_path):

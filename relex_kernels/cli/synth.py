@@ -31,9 +31,9 @@ sizes: tiny (0.36M params), small (16M), 220m (Qwen3 hidden 1024 x 12 layers, vo
 
 layouts: verl = global_step_N/actor/huggingface, verl-hf = global_step_N/huggingface,
 verl-flat = global_step_N, hf = checkpoint-N, step = step_N; verl-fsdp = global_step_N/actor
-holding verl's FSDP rank files and dcp = step_N as torch.distributed.checkpoint directories,
-both written by torch's own writers (needs torch; --world-size W ranks, --master-dtype F32
-for fp32 master weights beside a bf16 base).
+holding verl's FSDP2 rank files (verl-fsdp1: FSDP1's, verl's default strategy) and dcp = step_N
+as torch.distributed.checkpoint directories, all written by torch's own writers (needs torch;
+--world-size W ranks, --master-dtype F32 for fp32 master weights beside a bf16 base).
 
 examples:
   relex synth runs/tiny
@@ -80,9 +80,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--layout", choices=list(LAYOUTS), default="verl", help="run directory layout (default verl)")
     g.add_argument("--dtype", choices=STORAGE_DTYPES, default="BF16", help="storage dtype (default BF16)")
     g.add_argument("--world-size", type=int, default=2, metavar="W",
-                   help="ranks of the verl-fsdp / dcp layouts (FSDP2 over a CPU gloo group; default 2)")
+                   help="ranks of the verl-fsdp / verl-fsdp1 / dcp layouts (FSDP over a CPU gloo group; "
+                        "default 2)")
     g.add_argument("--master-dtype", choices=STORAGE_DTYPES, default=None,
-                   help="verl-fsdp / dcp: dtype of the run's checkpoints (e.g. F32: fp32 master weights "
+                   help="verl-fsdp / verl-fsdp1 / dcp: dtype of the run's checkpoints (e.g. F32: fp32 master weights "
                         "beside a --dtype BF16 base, as verl saves them; default --dtype)")
     g.add_argument("--shard-size", type=parse_positive_size, default=None, metavar="SIZE",
                    help="shard the safetensors files at SIZE (e.g. 200M, 2GB; default one file up to 5GB)")

@@ -170,10 +170,10 @@ def synthesize(out_dir, arch: str = "qwen3", size: str = "tiny", steps=range(1, 
                threads: int | None = None, world_size: int = 2, master_dtype: str | None = None) -> SynthRun:
     """Generate a synthetic RLVR run; see :mod:`relex_kernels.synth` for every parameter.
 
-    ``layout`` ``verl-fsdp`` / ``dcp``: the run's checkpoints are written by torch's own writers
-    (FSDP2 over ``world_size`` gloo ranks; needs torch) in ``master_dtype`` (default ``dtype``),
-    the base and the truth checkpoints in ``dtype`` as safetensors — fp32 masters beside a bf16
-    base, as verl leaves them, with ``master_dtype="F32"``.
+    ``layout`` ``verl-fsdp`` / ``verl-fsdp1`` / ``dcp``: the run's checkpoints are written by torch's
+    own writers (FSDP2, or FSDP1 for ``verl-fsdp1``, over ``world_size`` gloo ranks; needs torch)
+    in ``master_dtype`` (default ``dtype``), the base and the truth checkpoints in ``dtype`` as
+    safetensors — fp32 masters beside a bf16 base, as verl leaves them, with ``master_dtype="F32"``.
     """
     shape = configs.resolve_shape(arch, size, tie)
     steps = layouts.check_steps(steps)
@@ -269,8 +269,8 @@ def _to_torch_layout(tmp: str, outputs: dict, finals: dict, steps, truth_steps, 
 
     # every checkpoint in one process group of ``world`` ranks, each staged copy removed once written
     jobs = [(os.path.join(tmp, finals[s]), os.path.join(tmp, outputs[s])) for s in steps]
-    save_many(jobs, world, "verl" if layout == "verl-fsdp" else "dcp", remove_sources=True, progress=not quiet)
-    if layout == "verl-fsdp":
+    save_many(jobs, world, layouts.TORCH_FORMATS[layout], remove_sources=True, progress=not quiet)
+    if layout.startswith("verl"):
         for dst, _ in jobs:
             _write_side_files(os.path.join(dst, "huggingface"), arch, shape, dtype)  # config, tokenizer
     shutil.rmtree(os.path.join(tmp, ".stage"), ignore_errors=True)

@@ -8,7 +8,8 @@ Layouts (method §5), relative to the run directory:
 ``verl-flat``  ``global_step_N/``
 ``hf``         ``checkpoint-N/`` (HF Trainer)
 ``step``       ``step_N/`` (hub-branch downloads)
-``verl-fsdp``  ``global_step_N/actor/``: verl's FSDP rank files (:mod:`.torch_writers`)
+``verl-fsdp``  ``global_step_N/actor/``: verl's FSDP2 rank files (:mod:`.torch_writers`)
+``verl-fsdp1`` ``global_step_N/actor/``: verl's FSDP1 rank files (``strategy: fsdp``, its default)
 ``dcp``        ``step_N/``: ``torch.distributed.checkpoint`` directories (:mod:`.torch_writers`)
 =============  ===========================================
 
@@ -29,10 +30,13 @@ LAYOUTS = {
     "hf": "checkpoint-{step}",
     "step": "step_{step}",
     "verl-fsdp": "global_step_{step}/actor",
+    "verl-fsdp1": "global_step_{step}/actor",
     "dcp": "step_{step}",
 }
 #: layouts written by torch's own writers from a staged safetensors copy (need torch)
-TORCH_LAYOUTS = ("verl-fsdp", "dcp")
+TORCH_LAYOUTS = ("verl-fsdp", "verl-fsdp1", "dcp")
+#: the format :func:`.torch_writers.save_many` writes for each of them
+TORCH_FORMATS = {"verl-fsdp": "verl", "verl-fsdp1": "verl1", "dcp": "dcp"}
 
 #: Far-later "ground truth" checkpoints (``truth_steps``) go to OUT/truth/<this>.
 TRUTH_LAYOUT = "step_{step}"

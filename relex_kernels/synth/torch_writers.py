@@ -7,6 +7,11 @@
   ``torch.save(model.state_dict())`` to ``model_world_size_{W}_rank_{R}.pt`` (DTensors, row
   blocks uneven where dimension 0 does not divide by W), an optimizer and an extra-state file
   beside it, and ``fsdp_config.json`` from rank 0;
+* ``fmt="verl1"`` of :func:`save_many` — the same directory as verl's FSDP1 actor (``strategy: fsdp``,
+  verl's default) saves it: ``FullyShardedDataParallel`` over the device mesh, one unit per
+  ``layers.N`` block (verl wraps each decoder layer) and the root, ``HYBRID_SHARD`` on the HSDP
+  mesh, and ``model.state_dict()`` under ``SHARDED_STATE_DICT``: DTensor row blocks
+  (``Shard(0)``, as ``torch.chunk`` cuts), ``fsdp_config.json`` saying FSDP_version 1;
 * :func:`save_dcp` — ``torch.distributed.checkpoint.save`` of the FSDP2-sharded model under a
   ``"model"`` key (accelerate's sharded FSDP layout), over ``world`` gloo ranks, or from one
   process without a process group when ``world`` is 1.
@@ -18,6 +23,7 @@ files torch wrote.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -119,11 +125,20 @@ class _ShardedModule:
             self.key = self.model = None
             gc.collect()  # the previous module's shards go before the next one's are allocated
             self.model, self.key = self._build(values), key
+        if self.fmt == "verl1":
+            return self._load_fsdp1(values)
         with torch.no_grad():  # distribute_tensor without a source rank: cut locally, no communication
             for n, p in self.model.named_parameters():
                 p.to_local().copy_(distribute_tensor(values[n], p.device_mesh, p.placements,
                                                      src_data_rank=None).to_local())
         return self.model
+
+    def _mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+        if self.replicas == 1:
+            return init_device_mesh("cpu", (self.world,))
+        # HSDP: verl's ("ddp", "fsdp") mesh, each replica holding every shard
+        return init_device_mesh("cpu", (self.replicas, self.world // self.replicas), mesh_dim_names=("ddp", "fsdp"))
 
     def _build(self, values: dict):
         import torch
@@ -132,6 +147,8 @@ class _ShardedModule:
         from torch.distributed.tensor import Shard
         with torch.device("meta"):
             model = build_module(values)
+        if self.fmt == "verl1":
+            return self._wrap_fsdp1(model)
         if self.fmt == "dcp":
             fully_shard(model, mesh=init_device_mesh("cpu", (self.world,)))
         else:
@@ -140,30 +157,72 @@ class _ShardedModule:
 
             def verl_placement(param):
                 return next((Shard(i) for i, d in enumerate(param.shape) if d % shards == 0), Shard(0))
-            # HSDP (replicas > 1): verl's ("ddp", "fsdp") mesh, each replica holding every shard
-            mesh = init_device_mesh("cpu", (self.world,)) if self.replicas == 1 else \
-                init_device_mesh("cpu", (self.replicas, shards), mesh_dim_names=("ddp", "fsdp"))
-            fully_shard(model, mesh=mesh, shard_placement_fn=verl_placement)
+            fully_shard(model, mesh=self._mesh(), shard_placement_fn=verl_placement)
         model.to_empty(device="cpu")
         return model
+
+    def _wrap_fsdp1(self, model):
+        """``model`` (on the meta device) wrapped as verl wraps its FSDP1 actor. Each unit is
+        allocated and sharded in turn (``param_init_fn``), so a rank holds its shards and at most
+        one unit whole. (FSDP1 runs on the CPU when ``device_id`` says so.)"""
+        import re
+
+        import torch
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardingStrategy
+        from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
+        layers = {m for name, m in model.named_modules() if re.search(r"(^|\.)layers\.\d+$", name)}
+        cpu = torch.device("cpu")
+        return FSDP(model, device_mesh=self._mesh(), device_id=cpu, use_orig_params=False,
+                    sharding_strategy=ShardingStrategy.FULL_SHARD if self.replicas == 1 else
+                    ShardingStrategy.HYBRID_SHARD,
+                    auto_wrap_policy=functools.partial(lambda_auto_wrap_policy, lambda_fn=layers.__contains__),
+                    param_init_fn=lambda m: m.to_empty(device=cpu, recurse=False))
+
+    def _load_fsdp1(self, values: dict):
+        """Load ``values`` into the FSDP1 module through its sharded state dict: this rank's row block
+        of each tensor as a DTensor (cut locally), which FSDP1 puts into its flat shards."""
+        from torch.distributed.tensor import distribute_tensor
+        with self._sharded_state_dict():
+            self.model.load_state_dict({n: distribute_tensor(values[n], t.device_mesh, t.placements, src_data_rank=None)
+                                        for n, t in self.model.state_dict().items()})
+        return self.model
+
+    @contextlib.contextmanager
+    def _sharded_state_dict(self):
+        """FSDP1's ``SHARDED_STATE_DICT`` mode, as verl's checkpoint manager sets it."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # FSDP1's state-dict API is deprecated, not gone
+            with FSDP.state_dict_type(self.model, StateDictType.SHARDED_STATE_DICT,
+                                      ShardedStateDictConfig(offload_to_cpu=False)):
+                yield
+
+    def state_dict(self) -> dict:
+        """What verl saves: the module's state dict (FSDP1: under ``SHARDED_STATE_DICT``)."""
+        if self.fmt != "verl1":
+            return self.model.state_dict()
+        with self._sharded_state_dict():
+            return self.model.state_dict()
 
 
 def _save_one(module: _ShardedModule, values: dict, out_dir: str) -> None:
     """One checkpoint from this rank: ``values`` in this rank's sharded module, saved as its format."""
     import torch
     import torch.distributed as dist
-    model = module.filled(values)
+    module.filled(values)
     if module.fmt == "dcp":
         import torch.distributed.checkpoint as dcp
-        dcp.save({"model": model.state_dict(), "step": 0}, checkpoint_id=out_dir)
+        dcp.save({"model": module.state_dict(), "step": 0}, checkpoint_id=out_dir)
         return
     rank, world = dist.get_rank(), module.world
-    torch.save(model.state_dict(), os.path.join(out_dir, f"model_world_size_{world}_rank_{rank}.pt"))
+    torch.save(module.state_dict(), os.path.join(out_dir, f"model_world_size_{world}_rank_{rank}.pt"))
     torch.save({"state": {}, "param_groups": []}, os.path.join(out_dir, f"optim_world_size_{world}_rank_{rank}.pt"))
     torch.save({"lr_scheduler": None}, os.path.join(out_dir, f"extra_state_world_size_{world}_rank_{rank}.pt"))
     if rank == 0:
         with open(os.path.join(out_dir, "fsdp_config.json"), "w") as fh:
-            json.dump({"FSDP_version": 2, "world_size": world}, fh, indent=4)
+            json.dump({"FSDP_version": 1 if module.fmt == "verl1" else 2, "world_size": world}, fh, indent=4)
 
 
 def _rank(rank: int, world: int, port: int, jobs: list, fmt: str, replicas: int, remove_sources: bool,
@@ -201,14 +260,17 @@ def _rank(rank: int, world: int, port: int, jobs: list, fmt: str, replicas: int,
 def save_many(jobs: list, world: int, fmt: str = "verl", replicas: int = 1, remove_sources: bool = False,
               progress: bool = False) -> list[str]:
     """Write each checkpoint of ``jobs`` ([(out_dir, values)]; ``values`` a {name: tensor} dict, or
-    the path of a safetensors checkpoint directory each rank reads) as ``fmt`` (``"verl"`` rank
-    files or ``"dcp"``) over ``world`` gloo ranks, all in one process group: starting the ranks
-    (a process each, importing torch and joining the group) takes seconds, more than writing a
-    small checkpoint, so a run of a hundred checkpoints pays it once. ``remove_sources``: delete
-    each source directory once its checkpoint is written (the disk holds one copy of the run).
+    the path of a safetensors checkpoint directory each rank reads) as ``fmt`` (``"verl"``: verl's
+    FSDP2 rank files, ``"verl1"``: its FSDP1 ones, or ``"dcp"``) over ``world`` gloo ranks, all in
+    one process group: starting the ranks (a process each, importing torch and joining the group)
+    takes seconds, more than writing a small checkpoint, so a run of a hundred checkpoints pays it
+    once. ``remove_sources``: delete each source directory once its checkpoint is written (the disk
+    holds one copy of the run).
     ``"dcp"`` over one rank is saved from this process, without a group (:func:`save_dcp`)."""
     torch = _torch()
     import torch.multiprocessing as mp
+    if fmt not in ("verl", "verl1", "dcp"):
+        raise UsageError(f"unknown trainer format {fmt!r}: verl, verl1 or dcp")
     if world < 1:
         raise UsageError(f"world size must be >= 1, got {world}")
     if replicas < 1 or world % replicas:
