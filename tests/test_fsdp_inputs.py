@@ -432,7 +432,7 @@ def test_a_killed_run_over_rank_files_resumes_to_the_same_bytes(run, tmp_path):
 
 @pytest.mark.parametrize("layout,world", [("verl-fsdp", 2), ("verl-fsdp1", 3), ("dcp", 1)])
 def test_relex_synth_writes_trainer_layouts_with_torch(tmp_path, layout, world):
-    """`relex synth --layout verl-fsdp|dcp` (torch's own writers; fp32 masters beside a bf16 base):
+    """`relex synth --layout verl-fsdp|verl-fsdp1|dcp` (torch's own writers; fp32 masters beside a bf16 base):
     the checkpoints hold the values of the same synthetic run written as fp32 safetensors, and
     `relex extrapolate --checkpoints` reads the run."""
     from relex_kernels.synth import synthesize
@@ -562,24 +562,29 @@ def test_many_rank_files_under_a_low_descriptor_limit(run, tmp_path, monkeypatch
 @pytest.mark.parametrize("world,replicas", [(3, 1), (4, 2)])
 def test_meta_sharded_rank_files_equal_sharding_full_tensors(tmp_path, world, replicas):
     """The product's writer builds the module on the meta device and copies each rank's part in
-    (a rank holds its shard only), then refills it for the next checkpoint; its rank files hold the same storages, byte for byte (FSDP2's
+    (a rank holds its shard only), builds anew when the tensors change and refills it otherwise;
+    its rank files hold the same storages, byte for byte (FSDP2's
     zero padding included), as ranks that build the whole module and let `fully_shard` cut it.
     Shapes: uneven row blocks, a Shard(1) placement, one row over more ranks than rows, bf16."""
     g = torch.Generator().manual_seed(5)
     vals = {"a.w": torch.randn(37, 16, generator=g), "a.cols": torch.randn(7, 6, generator=g),
             "b.row": torch.randn(1, 9, generator=g), "b.norm": torch.randn(5, generator=g),
             "c.h": torch.randn(11, 4, generator=g).to(torch.bfloat16)}
-    first = {n: v * 2 for n, v in vals.items()}
-    # two checkpoints in one group: the second refills the module the first built
-    _, got = fsdpgen.save_many([(str(tmp_path / "first"), first), (str(tmp_path / "got"), vals)], world,
-                               replicas=replicas)
+    # three checkpoints in one group: the second has other tensors (a new module), the third
+    # refills the module the second built
+    first = {**{n: v * 2 for n, v in vals.items()}, "z.extra": torch.randn(6, 3, generator=g)}
+    second = {n: v * 3 for n, v in vals.items()}
+    *_, got = fsdpgen.save_many([(str(tmp_path / "first"), first), (str(tmp_path / "second"), second),
+                                 (str(tmp_path / "got"), vals)], world, replicas=replicas)
     ref = fsdpgen.save_reference_fsdp(str(tmp_path / "ref"), vals, world, replicas=replicas)
-    c = Checkpoint(str(tmp_path / "first"))
-    try:
-        assert all(torch.equal(torch.from_numpy(np.array(c.tensors[n].file.view(n))).view(v.dtype).reshape(v.shape),
-                               v) for n, v in first.items())
-    finally:
-        c.close()
+    for d, want in (("first", first), ("second", second)):
+        c = Checkpoint(str(tmp_path / d))
+        try:
+            assert list(c.tensors) == list(want)
+            assert all(torch.equal(torch.from_numpy(np.array(c.tensors[n].file.view(n))).view(v.dtype).reshape(v.shape),
+                                   v) for n, v in want.items()), d
+        finally:
+            c.close()
     n_storages = 0
     for r in range(world):
         name = f"model_world_size_{world}_rank_{r}"

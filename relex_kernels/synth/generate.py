@@ -296,6 +296,7 @@ def _round_checkpoint(d: str, dtype: str) -> None:
                 if loc.info.numel:
                     w.view(n)[...] = from_float32(to_float32(loc.file.view(n), loc.info.dtype), dtype).reshape(-1)
                     w.release(n)
+                    loc.file.release(n)
         except BaseException:
             w.close(sync=False)
             raise

@@ -1,11 +1,12 @@
 """Checkpoints in trainers' own formats, written by torch's own writers (needs torch).
 
 * :func:`save_verl_fsdp` — a verl FSDP actor directory: each rank of a CPU ``gloo`` process
-  group builds a module with the given parameters, shards it with FSDP2 (``fully_shard`` over a
+  group builds the module on the meta device, shards it with FSDP2 (``fully_shard`` over a
   1-D device mesh, with verl's placement rule: ``Shard(i)`` on the first dimension that divides
-  by W, else ``Shard(0)``) and does what verl's ``FSDPCheckpointManager.save_checkpoint`` does:
-  ``torch.save(model.state_dict())`` to ``model_world_size_{W}_rank_{R}.pt`` (DTensors, row
-  blocks uneven where dimension 0 does not divide by W), an optimizer and an extra-state file
+  by W, else ``Shard(0)``), fills its own shards (:class:`_ShardedModule`) and does what verl's
+  ``FSDPCheckpointManager.save_checkpoint`` does: ``torch.save(model.state_dict())`` to
+  ``model_world_size_{W}_rank_{R}.pt`` (DTensors, row blocks uneven where dimension 0 does not
+  divide by W), an optimizer and an extra-state file
   beside it, and ``fsdp_config.json`` from rank 0;
 * ``fmt="verl1"`` of :func:`save_many` — the same directory as verl's FSDP1 actor (``strategy: fsdp``,
   verl's default) saves it: ``FullyShardedDataParallel`` over the device mesh, one unit per
@@ -16,7 +17,7 @@
   ``"model"`` key (accelerate's sharded FSDP layout), over ``world`` gloo ranks, or from one
   process without a process group when ``world`` is 1.
 
-``relex synth --layout verl-fsdp|dcp`` and the tests use them, so the readers are tested on
+``relex synth --layout verl-fsdp|verl-fsdp1|dcp`` and the tests use them, so the readers are tested on
 files torch wrote.
 """
 
@@ -76,8 +77,8 @@ def mapped_values(path: str):
     torch = _torch()
     bits = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64}
     ck = Checkpoint(path)
+    out = {}
     try:
-        out = {}
         with warnings.catch_warnings():  # torch warns that the maps are read-only: nothing here writes to them
             warnings.simplefilter("ignore", UserWarning)
             for n, loc in ck.tensors.items():
@@ -86,6 +87,7 @@ def mapped_values(path: str):
                     bits[loc.info.dtype])
         yield out
     finally:
+        out.clear()  # no view left: closing unmaps now, and a source removed next frees its disk space
         ck.close()
 
 
@@ -100,7 +102,8 @@ def _values(source):
 
 
 class _ShardedModule:
-    """This rank's FSDP2-sharded module, built once for the checkpoints of a run and refilled for each.
+    """This rank's sharded module: FSDP2's built once for the checkpoints of a run and refilled for
+    each; FSDP1's (``verl1``) built per checkpoint, taking its values as it is built.
 
     The module is built on the meta device and sharded before any memory is allocated; each rank
     then allocates its own shards (``to_empty``), so the ranks together hold one copy of the model,
@@ -115,6 +118,7 @@ class _ShardedModule:
     def __init__(self, world: int, fmt: str, replicas: int):
         self.world, self.fmt, self.replicas = world, fmt, replicas
         self.key = self.model = None
+        self._meshes: dict = {}  # one per shape for the run: each init_device_mesh may make new groups
 
     def filled(self, values: dict):
         """The module holding this rank's part of each tensor of ``values``."""
@@ -133,16 +137,18 @@ class _ShardedModule:
                                                      src_data_rank=None).to_local())
         return self.model
 
-    def _mesh(self):
+    def _mesh(self, hsdp: bool = True):
+        """The 1-D mesh, or (``hsdp`` and replicas > 1) verl's ("ddp", "fsdp") HSDP mesh, each replica
+        holding every shard; made once per process (gloo groups are never given back)."""
         from torch.distributed.device_mesh import init_device_mesh
-        if self.replicas == 1:
-            return init_device_mesh("cpu", (self.world,))
-        # HSDP: verl's ("ddp", "fsdp") mesh, each replica holding every shard
-        return init_device_mesh("cpu", (self.replicas, self.world // self.replicas), mesh_dim_names=("ddp", "fsdp"))
+        shape = (self.replicas, self.world // self.replicas) if hsdp and self.replicas > 1 else (self.world,)
+        if shape not in self._meshes:
+            self._meshes[shape] = init_device_mesh("cpu", shape) if len(shape) == 1 else \
+                init_device_mesh("cpu", shape, mesh_dim_names=("ddp", "fsdp"))
+        return self._meshes[shape]
 
     def _build(self, values: dict):
         import torch
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import Shard
         with torch.device("meta"):
@@ -150,7 +156,7 @@ class _ShardedModule:
         if self.fmt == "verl1":
             return self._wrap_fsdp1(model, values)
         if self.fmt == "dcp":
-            fully_shard(model, mesh=init_device_mesh("cpu", (self.world,)))
+            fully_shard(model, mesh=self._mesh(hsdp=False))
         else:
             # verl's FSDP2 actor: the first dimension that divides by the shard count, else rows
             shards = self.world // self.replicas
@@ -164,7 +170,8 @@ class _ShardedModule:
     def _wrap_fsdp1(self, model, values: dict):
         """``model`` (on the meta device) wrapped as verl wraps its FSDP1 actor, holding ``values``.
         FSDP1 allocates and shards one unit at a time (``param_init_fn``, which also copies the
-        unit's values in), so a rank holds its shards and at most one unit whole. Loading through
+        unit's values in), so a rank holds its shards and one unit whole (twice while FSDP1
+        flattens it). Loading through
         its sharded state dict instead would gather every tensor whole on every rank. Saving still
         goes through FSDP1's sharded state dict, which unshards unit by unit and clones each
         rank's blocks: ~5 GB per rank at peak for the 0.6b size in fp32 over 2 ranks, against
