@@ -187,7 +187,8 @@ class _Evil:
 
 
 @pytest.mark.parametrize("kind", ["missing rank", "config world size", "truncated", "hostile pickle",
-                                  "dtype differs", "shapes do not tile", "not a state dict", "deepspeed"])
+                                  "tensor state not plain", "dtype differs", "shapes do not tile",
+                                  "not a state dict", "deepspeed"])
 def test_bad_fsdp_inputs_are_refused_with_one_line(run, tmp_path, kind):
     root, base, hf, _ = run
     d = _actor(run, tmp_path)
@@ -209,6 +210,11 @@ def test_bad_fsdp_inputs_are_refused_with_one_line(run, tmp_path, kind):
         _Evil.marker = marker
         _zip_with_pickle(os.path.join(d, "model_world_size_3_rank_0.pt"), pickle.dumps({"w": _Evil()}, protocol=2))
         expect, words = FormatError, "is not allowed"
+    elif kind == "tensor state not plain":  # plain attributes (FSDP1's `_has_been_cloned`) are read; not more
+        t = torch.zeros(3)
+        t.extra = [1, 2]
+        torch.save({"w": t}, os.path.join(d, "model_world_size_3_rank_0.pt"))
+        expect, words = FormatError, "state on a plain tensor is not allowed"
     elif kind == "dtype differs":
         vals = _values(0)[1]
         fsdpgen.save_fsdp(str(tmp_path / "half"), {n: t.half() for n, t in vals.items()}, 3)
@@ -490,12 +496,13 @@ def test_analyze_compare_export_shows_both_explained_variances(run, tmp_path):
     assert "rank files" in r.stdout and "export" in r.stdout
 
 
-@pytest.mark.parametrize("world,replicas", [(3, 1), (4, 2)])
+@pytest.mark.parametrize("world,replicas", [(3, 1), (4, 2), (1, 1)])
 def test_fsdp1_rank_files_equal_safetensors_inputs(run, tmp_path, world, replicas):
     """verl's default strategy, FSDP1 (`FullyShardedDataParallel` over the device mesh, decoder layers
     as units, `SHARDED_STATE_DICT`; HSDP: `HYBRID_SHARD`): its rank files are DTensor row blocks,
     cut as `torch.chunk` cuts (uneven: 50 and 37 rows over 3 or 2 shards), and the run equals its
-    safetensors copy byte for byte."""
+    safetensors copy byte for byte. On one rank (a one-GPU verl run) FSDP1 runs NO_SHARD and saves
+    whole tensors, each pickled with FSDP1's `_has_been_cloned` attribute."""
     _, base, hf, vals = run
     dirs = fsdpgen.save_many([(str(tmp_path / f"s{s}"), vals[i + 1]) for i, s in enumerate(STEPS)], world, "verl1",
                              replicas=replicas)
@@ -504,7 +511,7 @@ def test_fsdp1_rank_files_equal_safetensors_inputs(run, tmp_path, world, replica
         assert json.load(fh) == {"FSDP_version": 1, "world_size": world}
     with zipfile.ZipFile(os.path.join(ck[10], f"model_world_size_{world}_rank_0.pt")) as z:
         pkl = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
-    assert b"DTensor" in pkl and b"Shard" in pkl
+    assert (b"DTensor" in pkl and b"Shard" in pkl) if world > 1 else (b"_has_been_cloned" in pkl)
     c = Checkpoint(ck[10], step=10)
     try:
         assert c.format == f"verl-fsdp (world size {world})"

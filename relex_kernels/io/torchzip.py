@@ -142,13 +142,26 @@ def _rebuild_wrapper_subclass(cls, dtype, size, *rest):
     return ShardRef(tuple(int(x) for x in size), dtype)
 
 
+#: what ``torch.Tensor`` (the class) is in a pickle: the type a plain tensor is rebuilt as
+PLAIN_TENSOR = "torch.Tensor"
+
+
 def _rebuild_from_type_v2(func, new_type, args, state):
     obj = func(*args)
-    if state is not None and hasattr(obj, "__setstate__") and isinstance(obj, ShardRef):
-        obj.__setstate__(state)
-    elif state:
+    if isinstance(obj, ShardRef):
+        if state is not None:
+            obj.__setstate__(state)
+    elif state and not (new_type == PLAIN_TENSOR and _plain_attributes(state)):
         raise pickle.UnpicklingError("state on a plain tensor is not allowed")
     return obj
+
+
+def _plain_attributes(state) -> bool:
+    """Whether ``state`` only sets plain Python attributes on a tensor, which leave its data as it is:
+    FSDP1 marks the tensors of a full or NO_SHARD state dict (a one-rank verl run's rank file) with
+    ``_has_been_cloned = True``, so torch pickles them with that state."""
+    return isinstance(state, dict) and all(isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str)))
+                                           for k, v in state.items())
 
 
 #: the allow-list: (module, name) -> what the pickle gets instead
@@ -159,6 +172,7 @@ _ALLOWED = {
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch._utils", "_rebuild_wrapper_subclass"): _rebuild_wrapper_subclass,
     ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
+    ("torch", "Tensor"): PLAIN_TENSOR,
     ("torch.distributed.tensor", "DTensor"): "torch.distributed.tensor.DTensor",
     ("torch.distributed._tensor.api", "DTensor"): "torch.distributed.tensor.DTensor",
     ("collections", "OrderedDict"): type("OrderedDict", (dict,), {}),  # a dict that takes BUILD state
