@@ -63,3 +63,56 @@ def save_reference_fsdp(out_dir: str, values: dict, world: int, replicas: int = 
     finally:
         os.unlink(path)
     return out_dir
+
+
+def _accelerate_fsdp1_rank(rank: int, world: int, port: int, jobs: list, mesh: bool) -> None:
+    """accelerate's FSDP1 sharded save: ``FullyShardedDataParallel`` (ShardedTensors; DTensors with
+    a device mesh), its ``SHARDED_STATE_DICT`` saved by ``torch.distributed.checkpoint`` under a
+    ``"model"`` key — every job ([(out_dir, values .pt)]) in one group."""
+    import warnings
+
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        kw = {}
+        if mesh:
+            from torch.distributed.device_mesh import init_device_mesh
+            kw["device_mesh"] = init_device_mesh("cpu", (world,))
+        for out_dir, path in jobs:
+            values = torch.load(path)
+            model = build_module(values)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.copy_(values[n])
+            model = FSDP(model, device_id=torch.device("cpu"), **kw)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig()):
+                    dcp.save({"model": model.state_dict()}, checkpoint_id=out_dir)
+    finally:
+        dist.destroy_process_group()
+
+
+def save_accelerate_fsdp1(jobs: list, world: int, mesh: bool = False) -> list[str]:
+    """DCP directories as accelerate's FSDP1 ``SHARDED_STATE_DICT`` writes them, one per
+    (out_dir, values) job, over ``world`` gloo ranks."""
+    import socket
+    import tempfile
+
+    import torch
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as tmp:
+        args = []
+        for i, (out_dir, values) in enumerate(jobs):
+            torch.save(values, os.path.join(tmp, f"{i}.pt"))
+            args.append((out_dir, os.path.join(tmp, f"{i}.pt")))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_accelerate_fsdp1_rank, args=(world, port, args, mesh), nprocs=world, join=True)
+    return [out_dir for out_dir, _ in jobs]

@@ -323,6 +323,26 @@ def test_dcp_checkpoints_equal_safetensors_inputs(run, tmp_path):
     assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])
 
 
+@pytest.mark.parametrize("mesh", [False, True])
+def test_accelerate_fsdp1_dcp_checkpoints_equal_safetensors_inputs(run, tmp_path, mesh):
+    """accelerate's default FSDP (FSDP1) with `SHARDED_STATE_DICT`: `torch.distributed.checkpoint`
+    of ShardedTensors (DTensors when FSDP1 has a device mesh), row blocks over 3 ranks, uneven —
+    written by FSDP1 itself: read in place, the bytes of the same run as safetensors."""
+    _, base, hf, vals = run
+    dirs = fsdpgen.save_accelerate_fsdp1([(str(tmp_path / f"a{s}"), vals[i + 1]) for i, s in enumerate(STEPS)], 3,
+                                         mesh=mesh)
+    ck = dict(zip(STEPS, dirs))
+    c = Checkpoint(ck[10], step=10)
+    try:
+        assert c.format == "torch.distributed.checkpoint"
+        assert len([f for f in os.listdir(ck[10]) if f.endswith(".distcp")]) == 3
+    finally:
+        c.close()
+    ref = extrapolate(base, hf, [60], str(tmp_path / "ref"))
+    got = extrapolate(base, ck, [60], str(tmp_path / "got"))
+    assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])
+
+
 @pytest.mark.parametrize("kind", ["damaged metadata", "chunk past its file", "missing chunk file", "hostile metadata"])
 def test_bad_dcp_inputs_are_refused_with_one_line(run, tmp_path, kind):
     import warnings
