@@ -4,9 +4,11 @@ saves; ``torch.distributed.checkpoint.save``), under the names the tests use."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
-from relex_kernels.synth.torch_writers import build_module, save_dcp, save_many, save_verl_fsdp  # noqa: F401
+from relex_kernels.synth.torch_writers import (  # noqa: F401
+    _free_port, build_module, save_dcp, save_many, save_verl_fsdp)
 
 
 def save_fsdp(out_dir: str, values, world: int, fmt: str = "verl") -> str:
@@ -19,49 +21,65 @@ def save_dcp_single(out_dir: str, values) -> str:
     return save_dcp(out_dir, values, 1)
 
 
-def _reference_rank(rank: int, world: int, port: int, out_dir: str, values_path: str, replicas: int) -> None:
-    """The textbook way (and this product's before it sharded on the meta device): every rank builds
-    the whole module from full tensors and ``fully_shard`` cuts it, with verl's placement rule."""
-    import torch
+@contextlib.contextmanager
+def _group(rank: int, world: int, port: int):
+    """This rank in a CPU gloo group of ``world``, for the length of the ``with``."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import Shard
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        values = torch.load(values_path)
-        model = build_module(values)  # (the same names and shapes; allocated here, whole, on the CPU)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                p.copy_(values[n])
-        shards = world // replicas
-        mesh = init_device_mesh("cpu", (world,)) if replicas == 1 else \
-            init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("ddp", "fsdp"))
-        fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: next(
-            (Shard(i) for i, d in enumerate(p.shape) if d % shards == 0), Shard(0)))
-        torch.save(model.state_dict(), os.path.join(out_dir, f"model_world_size_{world}_rank_{rank}.pt"))
-        dist.barrier()
+        yield
     finally:
         dist.destroy_process_group()
 
 
-def save_reference_fsdp(out_dir: str, values: dict, world: int, replicas: int = 1) -> str:
-    """Model rank files written by :func:`_reference_rank` (no optimizer or extra-state files)."""
-    import socket
+def _whole_module(values: dict):
+    """The module of ``values`` built whole on the CPU, holding them (names and shapes as the product's)."""
+    import torch
+    model = build_module(values)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(values[n])
+    return model
+
+
+def _spawn(fn, world: int, jobs: list, *args) -> None:
+    """Run ``fn(rank, world, port, [(out_dir, values .pt)], *args)`` on ``world`` ranks, each job's
+    values saved to a temporary ``.pt`` for them."""
+    import tempfile
 
     import torch
     import torch.multiprocessing as mp
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, ".values.pt")
-    torch.save(values, path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    try:
-        mp.spawn(_reference_rank, args=(world, port, out_dir, path, replicas), nprocs=world, join=True)
-    finally:
-        os.unlink(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i, (out_dir, values) in enumerate(jobs):
+            os.makedirs(out_dir, exist_ok=True)
+            paths.append((out_dir, os.path.join(tmp, f"{i}.pt")))
+            torch.save(values, paths[-1][1])
+        mp.spawn(fn, args=(world, _free_port(), paths, *args), nprocs=world, join=True)
+
+
+def _reference_rank(rank: int, world: int, port: int, jobs: list, replicas: int) -> None:
+    """The textbook way (and this product's before it sharded on the meta device): every rank builds
+    the whole module from full tensors and ``fully_shard`` cuts it, with verl's placement rule."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    with _group(rank, world, port):
+        shards = world // replicas
+        mesh = init_device_mesh("cpu", (world,)) if replicas == 1 else \
+            init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("ddp", "fsdp"))
+        for out_dir, path in jobs:
+            model = _whole_module(torch.load(path))
+            fully_shard(model, mesh=mesh, shard_placement_fn=lambda p: next(
+                (Shard(i) for i, d in enumerate(p.shape) if d % shards == 0), Shard(0)))
+            torch.save(model.state_dict(), os.path.join(out_dir, f"model_world_size_{world}_rank_{rank}.pt"))
+
+
+def save_reference_fsdp(out_dir: str, values: dict, world: int, replicas: int = 1) -> str:
+    """Model rank files written by :func:`_reference_rank` (no optimizer or extra-state files)."""
+    _spawn(_reference_rank, world, [(out_dir, values)], replicas)
     return out_dir
 
 
@@ -72,47 +90,24 @@ def _accelerate_fsdp1_rank(rank: int, world: int, port: int, jobs: list, mesh: b
     import warnings
 
     import torch
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
+    with _group(rank, world, port):
         kw = {}
         if mesh:
             from torch.distributed.device_mesh import init_device_mesh
             kw["device_mesh"] = init_device_mesh("cpu", (world,))
         for out_dir, path in jobs:
-            values = torch.load(path)
-            model = build_module(values)
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.copy_(values[n])
-            model = FSDP(model, device_id=torch.device("cpu"), **kw)
+            model = FSDP(_whole_module(torch.load(path)), device_id=torch.device("cpu"), **kw)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig()):
                     dcp.save({"model": model.state_dict()}, checkpoint_id=out_dir)
-    finally:
-        dist.destroy_process_group()
 
 
 def save_accelerate_fsdp1(jobs: list, world: int, mesh: bool = False) -> list[str]:
     """DCP directories as accelerate's FSDP1 ``SHARDED_STATE_DICT`` writes them, one per
     (out_dir, values) job, over ``world`` gloo ranks."""
-    import socket
-    import tempfile
-
-    import torch
-    import torch.multiprocessing as mp
-    with tempfile.TemporaryDirectory() as tmp:
-        args = []
-        for i, (out_dir, values) in enumerate(jobs):
-            torch.save(values, os.path.join(tmp, f"{i}.pt"))
-            args.append((out_dir, os.path.join(tmp, f"{i}.pt")))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        mp.spawn(_accelerate_fsdp1_rank, args=(world, port, args, mesh), nprocs=world, join=True)
+    _spawn(_accelerate_fsdp1_rank, world, jobs, mesh)
     return [out_dir for out_dir, _ in jobs]

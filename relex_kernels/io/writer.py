@@ -318,12 +318,19 @@ class ShardedWriter:
 def write_checkpoint(directory: str, tensors: dict[str, tuple[str, np.ndarray]],
                      max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
     """Write ``{name: (dtype, raw array)}`` as a checkpoint (small inputs: tests, the generator)."""
-    specs = [TensorSpec(n, dt, tuple(a.shape)) for n, (dt, a) in tensors.items()]
+    write_tensors(directory, [TensorSpec(n, dt, tuple(a.shape)) for n, (dt, a) in tensors.items()],
+                  ((n, a) for n, (_, a) in tensors.items()), max_shard_bytes)
+
+
+def write_tensors(directory: str, specs: list[TensorSpec], arrays, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> None:
+    """Write a checkpoint of ``specs``, each tensor's values taken from ``arrays`` ((name, array) in
+    the specs' order, e.g. a generator making one at a time) as it is written."""
+    dts = {s.name: s.dtype for s in specs}
     w = ShardedWriter(directory, specs, max_shard_bytes)
     try:
-        for n, (dt, a) in tensors.items():
+        for n, a in arrays:
             if a.size:
-                w.view(n)[...] = np.ascontiguousarray(a, dtype=dtypes.raw_numpy(dt)).reshape(-1)
+                w.view(n)[...] = np.ascontiguousarray(a, dtype=dtypes.raw_numpy(dts[n])).reshape(-1)
                 w.release(n)
     except BaseException:
         w.close(sync=False)

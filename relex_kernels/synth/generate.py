@@ -286,21 +286,17 @@ def _round_checkpoint(d: str, dtype: str) -> None:
     time (memory: the largest tensor, not the checkpoint: 6 GB for the 1.5b size's fp32 masters)."""
     from ..io import Checkpoint
     from ..io.dtypes import from_float32, to_float32
+    from ..io.writer import write_tensors
+
+    def rounded(ck):
+        for n, loc in ck.tensors.items():
+            yield n, from_float32(to_float32(loc.file.view(n), loc.info.dtype), dtype)
+            loc.file.release(n)
     new = d + ".rounded"
     os.makedirs(new)
     ck = Checkpoint(d)
     try:
-        w = ShardedWriter(new, [TensorSpec(n, dtype, loc.info.shape) for n, loc in ck.tensors.items()])
-        try:
-            for n, loc in ck.tensors.items():
-                if loc.info.numel:
-                    w.view(n)[...] = from_float32(to_float32(loc.file.view(n), loc.info.dtype), dtype).reshape(-1)
-                    w.release(n)
-                    loc.file.release(n)
-        except BaseException:
-            w.close(sync=False)
-            raise
-        w.close()
+        write_tensors(new, [TensorSpec(n, dtype, loc.info.shape) for n, loc in ck.tensors.items()], rounded(ck))
     finally:
         ck.close()
     for f in os.listdir(d):

@@ -34,9 +34,9 @@ LAYOUTS = {
     "dcp": "step_{step}",
 }
 #: layouts written by torch's own writers from a staged safetensors copy (need torch)
-TORCH_LAYOUTS = ("verl-fsdp", "verl-fsdp1", "dcp")
-#: the format :func:`.torch_writers.save_many` writes for each of them
+#: and the format :func:`.torch_writers.save_many` writes for each
 TORCH_FORMATS = {"verl-fsdp": "verl", "verl-fsdp1": "verl1", "dcp": "dcp"}
+TORCH_LAYOUTS = tuple(TORCH_FORMATS)
 
 #: Far-later "ground truth" checkpoints (``truth_steps``) go to OUT/truth/<this>.
 TRUTH_LAYOUT = "step_{step}"

@@ -6,8 +6,8 @@
   by W, else ``Shard(0)``), fills its own shards (:class:`_ShardedModule`) and does what verl's
   ``FSDPCheckpointManager.save_checkpoint`` does: ``torch.save(model.state_dict())`` to
   ``model_world_size_{W}_rank_{R}.pt`` (DTensors, row blocks uneven where dimension 0 does not
-  divide by W), an optimizer and an extra-state file
-  beside it, and ``fsdp_config.json`` from rank 0;
+  divide by W), an optimizer and an extra-state file beside it, and ``fsdp_config.json`` from
+  rank 0;
 * ``fmt="verl1"`` of :func:`save_many` — the same directory as verl's FSDP1 actor (``strategy: fsdp``,
   verl's default) saves it: ``FullyShardedDataParallel`` over the device mesh, one unit per
   ``layers.N`` block (verl wraps each decoder layer) and the root, ``HYBRID_SHARD`` on the HSDP
@@ -17,8 +17,8 @@
   ``"model"`` key (accelerate's sharded FSDP layout), over ``world`` gloo ranks, or from one
   process without a process group when ``world`` is 1.
 
-``relex synth --layout verl-fsdp|verl-fsdp1|dcp`` and the tests use them, so the readers are tested on
-files torch wrote.
+``relex synth --layout verl-fsdp|verl-fsdp1|dcp`` and the tests use them, so the readers are
+tested on files torch wrote.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import tempfile
 import warnings
 
 from ..errors import UsageError
+from .layouts import TORCH_FORMATS
 
 
 def _torch():
@@ -171,8 +172,8 @@ class _ShardedModule:
         """``model`` (on the meta device) wrapped as verl wraps its FSDP1 actor, holding ``values``.
         FSDP1 allocates and shards one unit at a time (``param_init_fn``, which also copies the
         unit's values in), so a rank holds its shards and one unit whole (twice while FSDP1
-        flattens it). Loading through
-        its sharded state dict instead would gather every tensor whole on every rank. Saving still
+        flattens it); loading through its sharded state dict instead would gather every tensor
+        whole on every rank. Saving still
         goes through FSDP1's sharded state dict, which unshards unit by unit and clones each
         rank's blocks: ~5 GB per rank at peak for the 0.6b size in fp32 over 2 ranks, against
         ~1.4 GB for the FSDP2 layout. (FSDP1 runs on the CPU when ``device_id`` says so.)"""
@@ -278,8 +279,8 @@ def save_many(jobs: list, world: int, fmt: str = "verl", replicas: int = 1, remo
     ``"dcp"`` over one rank is saved from this process, without a group (:func:`save_dcp`)."""
     torch = _torch()
     import torch.multiprocessing as mp
-    if fmt not in ("verl", "verl1", "dcp"):
-        raise UsageError(f"unknown trainer format {fmt!r}: verl, verl1 or dcp")
+    if fmt not in TORCH_FORMATS.values():
+        raise UsageError(f"unknown trainer format {fmt!r}: one of {', '.join(TORCH_FORMATS.values())}")
     if world < 1:
         raise UsageError(f"world size must be >= 1, got {world}")
     if replicas < 1 or world % replicas:
