@@ -29,6 +29,9 @@ def _group(rank: int, world: int, port: int):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         yield
+        # every rank done before any tears the group down: a rank leaving while another still talks
+        # to it aborts that one in gloo ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -83,10 +86,9 @@ def save_reference_fsdp(out_dir: str, values: dict, world: int, replicas: int = 
     return out_dir
 
 
-def _accelerate_fsdp1_rank(rank: int, world: int, port: int, jobs: list, mesh: bool) -> None:
-    """accelerate's FSDP1 sharded save: ``FullyShardedDataParallel`` (ShardedTensors; DTensors with
-    a device mesh), its ``SHARDED_STATE_DICT`` saved by ``torch.distributed.checkpoint`` under a
-    ``"model"`` key — every job ([(out_dir, values .pt)]) in one group."""
+def _accelerate_fsdp1_rank(rank: int, world: int, port: int, jobs: list) -> None:
+    """accelerate's FSDP1 sharded save: ``FullyShardedDataParallel`` (ShardedTensors), its
+    ``SHARDED_STATE_DICT`` saved by ``torch.distributed.checkpoint`` under a ``"model"`` key — every job ([(out_dir, values .pt)]) in one group."""
     import warnings
 
     import torch
@@ -94,20 +96,16 @@ def _accelerate_fsdp1_rank(rank: int, world: int, port: int, jobs: list, mesh: b
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
     with _group(rank, world, port):
-        kw = {}
-        if mesh:
-            from torch.distributed.device_mesh import init_device_mesh
-            kw["device_mesh"] = init_device_mesh("cpu", (world,))
         for out_dir, path in jobs:
-            model = FSDP(_whole_module(torch.load(path)), device_id=torch.device("cpu"), **kw)
+            model = FSDP(_whole_module(torch.load(path)), device_id=torch.device("cpu"))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
                 with FSDP.state_dict_type(model, StateDictType.SHARDED_STATE_DICT, ShardedStateDictConfig()):
                     dcp.save({"model": model.state_dict()}, checkpoint_id=out_dir)
 
 
-def save_accelerate_fsdp1(jobs: list, world: int, mesh: bool = False) -> list[str]:
+def save_accelerate_fsdp1(jobs: list, world: int) -> list[str]:
     """DCP directories as accelerate's FSDP1 ``SHARDED_STATE_DICT`` writes them, one per
     (out_dir, values) job, over ``world`` gloo ranks."""
-    _spawn(_accelerate_fsdp1_rank, world, jobs, mesh)
+    _spawn(_accelerate_fsdp1_rank, world, jobs)
     return [out_dir for out_dir, _ in jobs]
