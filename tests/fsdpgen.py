@@ -88,7 +88,8 @@ def save_reference_fsdp(out_dir: str, values: dict, world: int, replicas: int = 
 
 def _accelerate_fsdp1_rank(rank: int, world: int, port: int, jobs: list) -> None:
     """accelerate's FSDP1 sharded save: ``FullyShardedDataParallel`` (ShardedTensors), its
-    ``SHARDED_STATE_DICT`` saved by ``torch.distributed.checkpoint`` under a ``"model"`` key — every job ([(out_dir, values .pt)]) in one group."""
+    ``SHARDED_STATE_DICT`` saved by ``torch.distributed.checkpoint`` under a ``"model"`` key —
+    every job ([(out_dir, values .pt)]) in one group."""
     import warnings
 
     import torch
