@@ -62,6 +62,7 @@ from functools import partial
 
 import numpy as np
 
+from .. import threads
 from ..errors import DeviceMemoryError, UsageError
 from ..io import dtypes
 from ..ops import DEVICE_BACKENDS, Backend
@@ -228,9 +229,7 @@ class _Reader:
 
     def _start(self, key) -> None:
         self.q, self.stop = queue.Queue(), threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(self.owner._plan_from(key), self.q, self.stop),
-                                       name="relex-reader", daemon=True)
-        self.thread.start()
+        self.thread = threads.start(self._run, (self.owner._plan_from(key), self.q, self.stop), name="relex-reader")
 
     def cancel(self) -> None:
         if self.peeked is not None:
@@ -333,8 +332,9 @@ class DeviceStreamer(Streamer):
         self.slot_free = [None] * N_STAGE
         self.next_slot = 0
         self.read_threads = min(8, os.cpu_count() or 1)
-        self.rows = ThreadPoolExecutor(self.read_threads, thread_name_prefix="relex-read")
-        self.writes = ThreadPoolExecutor(2, thread_name_prefix="relex-write")
+        self.rows = ThreadPoolExecutor(self.read_threads, thread_name_prefix="relex-read",
+                                       initializer=threads.block_async_signals)
+        self.writes = ThreadPoolExecutor(2, thread_name_prefix="relex-write", initializer=threads.block_async_signals)
         self.pool = _Pool(torch, N_PINNED, self.stage, self.cuda)  # pinned when there is a device
         self.reader = _Reader(self, self.pool, self.rows)
         self.res = None  # (job name, device buffer, end of the covered prefix) of the resident tensor

@@ -18,7 +18,6 @@ to the same bits.
 from __future__ import annotations
 
 import queue
-import threading
 import weakref
 from functools import partial
 from itertools import chain
@@ -26,6 +25,7 @@ from operator import attrgetter, itemgetter
 
 import numpy as np
 
+from .. import threads
 from ..errors import InputError
 from ..io import dtypes
 from ..io.writer import ShardedWriter
@@ -212,7 +212,7 @@ class Streamer:
         """Run ``fn(*args)`` (a prefetch: advice, never an error) on the read-ahead thread."""
         if self._ahead_q is None:
             q = self._ahead_q = queue.SimpleQueue()
-            threading.Thread(target=_read_ahead_loop, args=(q,), name="relex-read-ahead", daemon=True).start()
+            threads.start(_read_ahead_loop, (q,), name="relex-read-ahead")
             self._ahead_end = weakref.finalize(self, _stop_read_ahead, q)  # (also a streamer never closed)
         self._ahead_q.put((fn, args))
 

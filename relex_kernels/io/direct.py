@@ -26,11 +26,11 @@ import errno
 import mmap
 import os
 import queue
-import signal
 import threading
 
 import numpy as np
 
+from .. import threads
 from ..errors import OutputError
 
 #: the alignment of a direct write's file offset, length and memory: a page, at least 4 KiB
@@ -44,11 +44,6 @@ CHUNK_BYTES = 8 << 20
 DEPTH = 4
 #: Linux writes at most 0x7FFFF000 bytes per write call: pieces of at most that, whole blocks
 _MAX_WRITE = 0x7FFFF000 // ALIGN * ALIGN
-
-
-#: the signals a writer thread never takes (all but those a fault raises in the thread itself)
-_ASYNC_SIGNALS = signal.valid_signals() - {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
-                                           signal.SIGKILL, signal.SIGSTOP}
 
 
 def _env_enabled() -> bool:
@@ -189,15 +184,8 @@ class WriteQueue:
     def _start(self) -> None:
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="relex-writer", daemon=True)
-                # born with Ctrl-C, SIGTERM … blocked, so that the kernel hands them to the main
-                # thread: one taken here would be seen there only after the writes it waits for
-                # (an interrupted run must stop at once, its journal records exactly what is done)
-                old = signal.pthread_sigmask(signal.SIG_BLOCK, _ASYNC_SIGNALS)
-                try:
-                    self._thread.start()
-                finally:
-                    signal.pthread_sigmask(signal.SIG_SETMASK, old)
+                # (born with Ctrl-C, SIGTERM … blocked: the main thread must see them at once)
+                self._thread = threads.start(self._run, name="relex-writer")
 
     def _run(self) -> None:
         while True:

@@ -30,9 +30,12 @@ def test_interrupt_records_the_batched_finished_work(traj, tmp_path, sig, rc, wo
     assert len(err.strip().splitlines()) == 1 and word in err and "Traceback" not in err, err
     assert step_dirs(out) == [] and os.path.isdir(os.path.join(out, ".relex.partial"))
     records = [json.loads(x) for x in open(os.path.join(out, ".relex.partial", "journal.jsonl"))]
-    assert sum(r["kind"] == "done" for r in records) == 3, records
+    done = [r["name"] for r in records if r["kind"] == "done"]
+    # (three, or one more where a BLAS or OpenMP thread took the signal and the main thread, which
+    # alone runs Python's handler, finished the small tensor at hand before it saw it)
+    assert done[:3] == ["model.embed_tokens.weight", "big", "layer.weight"] and len(done) <= 4, records
     rep = assert_finished(traj, out, relex(*command(traj, out), env=cli_env(**batched)))
-    assert rep["resumed_tensors"] == 3
+    assert rep["resumed_tensors"] == len(done), "a tensor recorded as done was computed again"
     assert rep["bytes_read"] < traj["ref_report"]["bytes_read"], "finished work was read again"
 
 
