@@ -323,6 +323,34 @@ def test_dcp_checkpoints_equal_safetensors_inputs(run, tmp_path):
     assert _bytes(got.outputs[0]) == _bytes(ref.outputs[0])
 
 
+def test_an_earlier_checkpoint_in_rank_files_or_dcp_as_the_base(run, tmp_path):
+    """--base an earlier checkpoint of the run, as verl's rank files or as DCP (accelerate's "model."
+    prefix): the bytes of the same base as safetensors, under the model's own names, and an output
+    transformers loads (verl's huggingface/ config copied; no fsdp_config.json, no .distcp chunk)."""
+    import warnings
+    root, _, hf, vals = run
+    actor = {s: os.path.join(root, "run", f"global_step_{s}", "actor") for s in STEPS}
+    ref = extrapolate(hf[10], {20: hf[20], 30: hf[30]}, [60], str(tmp_path / "ref")).outputs[0]
+    dcp10 = fsdpgen.save_fsdp(str(tmp_path / "dcp10"), vals[1], 2, fmt="dcp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # DCP warns that it saves in a single process
+        dcp = {s: fsdpgen.save_dcp_single(str(tmp_path / f"dcp{s}"), vals[i]) for i, s in enumerate(STEPS[1:], 2)}
+    bare = shutil.copytree(actor[10], str(tmp_path / "bare_actor"), ignore=shutil.ignore_patterns("huggingface"))
+    for name, base, hist in [("rank files", actor[10], {20: actor[20], 30: actor[30]}),
+                             ("rank files, no huggingface/", bare, {20: actor[20], 30: actor[30]}),
+                             ("dcp beside safetensors", dcp10, {20: hf[20], 30: hf[30]}),
+                             ("dcp beside dcp", dcp10, dcp)]:
+        got = extrapolate(base, hist, [60], str(tmp_path / "".join(c for c in name if c.isalnum()))).outputs[0]
+        assert _bytes(got) == _bytes(ref), name
+        files = sorted(os.listdir(got))
+        if name == "rank files":
+            assert files == ["config.json", "model.safetensors"], files
+            with open(os.path.join(got, "config.json")) as fh:
+                assert json.load(fh) == CONFIG
+        else:  # (no config to copy there)
+            assert files == ["model.safetensors"], files
+
+
 def test_accelerate_fsdp1_dcp_checkpoints_equal_safetensors_inputs(run, tmp_path):
     """accelerate's default FSDP (FSDP1, no device mesh) with `SHARDED_STATE_DICT`:
     `torch.distributed.checkpoint` of ShardedTensors, row blocks over 3 ranks, uneven — written by

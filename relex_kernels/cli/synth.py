@@ -22,8 +22,10 @@ bf16 (round-to-nearest-even) the way training saves it. Per-step changes are 1e-
 of the weights (log-normal across tensors), so most bf16 values change only every few
 steps. --noise 0 --dtype F32 gives an exactly rank-1, exactly linear trajectory.
 
-Output: OUT_DIR/base/, OUT_DIR/run/<layout>/, OUT_DIR/truth/step_N/ (--truth) and
-OUT_DIR/synth.json (every parameter). Deterministic given --seed.
+Output: OUT_DIR/base/, OUT_DIR/run/ (a directory per checkpoint, named as --layout says:
+run/global_step_N/actor/huggingface by default; pass OUT_DIR/run to relex --checkpoints),
+OUT_DIR/truth/step_N/ (--truth) and OUT_DIR/synth.json (every parameter). Deterministic
+given --seed.
 
 sizes: tiny (0.36M params), small (16M), 220m (Qwen3 hidden 1024 x 12 layers, vocab
 32000; the benchmark shape, 443 MB per bf16 checkpoint), 0.6b (Qwen3-0.6B), 1.5b

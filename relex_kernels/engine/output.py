@@ -33,8 +33,9 @@ LOCK_NAME = ".relex.lock"
 STATE_NAME = ".relex.partial"
 REPORT_NAME = "relex_report.json"
 #: weight files of other formats are never copied next to predicted safetensors
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".npz")
-_SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json"}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf", ".npz", ".distcp")
+#: nor the index of the base's weights, nor verl's record of its FSDP settings (rank files' bookkeeping)
+_SKIP_NAMES = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "fsdp_config.json"}
 
 
 def _inside(path: str, parent: str) -> bool:
@@ -236,8 +237,9 @@ class OutputSet:
         self.journal.sync_outputs = lambda: [w.sync() for w in writers]
         return self.writers
 
-    def commit(self, base_dir: str, report: dict | None = None, before_commit=None) -> list[str]:
-        """Close the writers, copy the base's side files, and rename every target into place.
+    def commit(self, config_dir: str, report: dict | None = None, before_commit=None) -> list[str]:
+        """Close the writers, copy the side files of ``config_dir`` (the base's config, tokenizer …), and
+        rename every target into place.
 
         ``before_commit()`` runs once everything else is written, just before the point of
         no return (the ``commit`` journal record): a companion file such as a saved fit.
@@ -246,7 +248,7 @@ class OutputSet:
             for w in self.writers:
                 w.close(sync=True)
             for t in self.targets:
-                for src in side_files(base_dir):
+                for src in side_files(config_dir):
                     shutil.copy2(src, os.path.join(self.partials[t], os.path.basename(src)))
             if report is not None:  # moved beside the outputs with them, by finish_commit
                 write_text_atomic(os.path.join(self.state_dir, REPORT_NAME), _json_text(report) + "\n", sync=True)

@@ -71,7 +71,7 @@ def _execute(traj: Trajectory, opts: FitOptions, targets: list[int], out_dir: st
                                 targets=targets, outputs={str(t): outs.final(t) for t in targets}, seconds=seconds,
                                 bytes_read=streamer.bytes_read, memory_budget=budget, entries=ex.entries,
                                 resumed=ex.reused, run_key=key, **stage_fields(streamer), **(extra_report or {}))
-        done = outs.commit(traj.base_dir, rep,
+        done = outs.commit(traj.config_dir, rep,
                            before_commit=(lambda: before_commit(ex.fits)) if before_commit is not None else None)
     except BaseException as e:
         try:

@@ -341,4 +341,4 @@ class RankRun:
         self.rep = self._report(report.tensor_entries(fitted, [self.fits[j.name] for j in fitted]))
         if self.before_commit is not None:
             self.before_commit(self.fits)
-        return self.outs.commit(self.traj.base_dir, self.rep)
+        return self.outs.commit(self.traj.config_dir, self.rep)

@@ -16,6 +16,7 @@ from math import prod
 
 from ..errors import InputError, RelexWarning
 from ..io import Checkpoint, dtypes
+from ..io.checkpoint import config_dir
 from ..io.writer import TensorSpec
 from . import heads
 
@@ -151,11 +152,16 @@ class Trajectory:
             self.base = Checkpoint(base_dir)
             for s in self.steps:
                 self.ckpts.append(Checkpoint(checkpoints[s], step=s))
-                self.ckpts[-1].align(self.base.tensors)  # DCP: the base's names, without the state dict's prefix
+            if self.base.is_dcp:  # a DCP base (an earlier checkpoint): the names of one stored otherwise
+                ref = next((ck for ck in self.ckpts if not ck.is_dcp), None)
+                self.base.align(ref.tensors) if ref is not None else self.base.unwrap()
+            for ck in self.ckpts:
+                ck.align(self.base.tensors)  # DCP: the base's names, without the state dict's prefix
             warn_base_in_history(self.base, self.ckpts)
-            self.config = read_config(self.base_dir)
+            self.config_dir = config_dir(self.base_dir)  # (verl's actor/: its huggingface/)
+            self.config = read_config(self.config_dir)
             from .output import side_files
-            side_files(self.base_dir, check=True)  # unreadable config/tokenizer files: fail before any work
+            side_files(self.config_dir, check=True)  # unreadable config/tokenizer files: fail before any work
             tie = ties_head(self.base, self.config)
             self.tied = tied_head(self.base, tie)
             # a tied model's checkpoints may store the head or not (exports differ): either is accepted
@@ -172,9 +178,11 @@ class Trajectory:
     def _plan(self) -> list[Job]:
         base = self.base
         head = self.tied[0] if self.tied else None
-        # output order = the base's storage order (file, then offset): sequential reads
+        # output order = the base's storage order (file, then offset): sequential reads. (A base of
+        # rank files or DCP is one source, not among its files: its tensors in their own order.)
         order = {f.path: i for i, f in enumerate(base.files)}
-        names = sorted(base.tensors, key=lambda n: (order[base.tensors[n].file.path], base.tensors[n].info.begin))
+        names = sorted(base.tensors, key=lambda n: (order.get(base.tensors[n].file.path, -1),
+                                                    base.tensors[n].info.begin))
         fp8 = [f"{n} ({base.tensors[n].info.dtype})" for n in names if base.tensors[n].info.dtype in dtypes.FP8]
         if fp8:  # copying the values while extrapolating their scales would write an inconsistent model
             more = f" and {len(fp8) - 5} more" if len(fp8) > 5 else ""

@@ -89,6 +89,17 @@ def _hub_hint(path: str) -> str:
     return ""
 
 
+def config_dir(path: str) -> str:
+    """Where the model's config.json and tokenizer files are for the checkpoint at ``path``: the
+    directory itself, or for verl's ``actor/`` (rank files, no config) its ``huggingface/``
+    subdirectory, where verl saves them beside the rank files."""
+    hf = os.path.join(path, "huggingface")
+    if (not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(hf, "config.json"))
+            and holds_rank_files(path)):
+        return hf
+    return path
+
+
 def holds_weights(path: str) -> bool:
     """Whether directory ``path`` holds a checkpoint of a format :class:`Checkpoint` reads."""
     try:
@@ -162,6 +173,20 @@ class Checkpoint:
             return
         st.alias = st.aligned(names)
         self.tensors = {b: Located(st, st.tensors[s]) for b, s in st.alias.items()}
+
+    @property
+    def is_dcp(self) -> bool:
+        return getattr(self, "_dcp", None) is not None
+
+    def unwrap(self) -> None:
+        """A DCP base beside no checkpoint of another format to take names from: its tensors under
+        the model's own names, without the ``model.`` accelerate nests a state dict under. The
+        wrapper is recognised by every name under it being a causal LM's (``model.*``, ``lm_head.*``);
+        a DCP of a bare state dict (``model.layers.*`` …) keeps its names."""
+        names = list(self._dcp.tensors)
+        inner = [n[len("model."):] for n in names if n.startswith("model.")]
+        if names and len(inner) == len(names) and all(n.startswith(("model.", "lm_head.")) for n in inner):
+            self.align(inner)
 
     def _open_single(self) -> None:
         single = os.path.join(self.path, SINGLE_NAME)
