@@ -8,7 +8,7 @@ import contextlib
 import os
 
 from relex_kernels.synth.torch_writers import (  # noqa: F401
-    _free_port, build_module, save_dcp, save_many, save_verl_fsdp)
+    _free_port, build_module, leave_group, save_dcp, save_many, save_verl_fsdp)
 
 
 def save_fsdp(out_dir: str, values, world: int, fmt: str = "verl") -> str:
@@ -23,17 +23,17 @@ def save_dcp_single(out_dir: str, values) -> str:
 
 @contextlib.contextmanager
 def _group(rank: int, world: int, port: int):
-    """This rank in a CPU gloo group of ``world``, for the length of the ``with``."""
+    """This rank in a CPU gloo group of ``world`` for the ``with``, at the end of which the rank's
+    process ends (:func:`leave_group`): nothing may follow the ``with`` in a rank function."""
     import torch.distributed as dist
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         yield
-        # every rank done before any tears the group down: a rank leaving while another still talks
-        # to it aborts that one in gloo ("terminate called without an active exception")
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    leave_group()  # (the rank process ends here: gloo's teardown aborted a rank now and then)
 
 
 def _whole_module(values: dict):
