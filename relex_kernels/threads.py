@@ -3,7 +3,7 @@
 The kernel hands a signal sent to the process (Ctrl-C's SIGINT, a scheduler's SIGTERM) to any
 of its threads that does not block it, and Python runs the handler on the main thread only: a
 signal a worker thread happens to take is seen there late, after the main thread has finished
-what it was doing (in one try in ten, the next tensor, recorded as done by the journal of a run
+what it was doing (in 6 of 98 tries, the next tensor, recorded as done by the journal of a run
 interrupted before it). Every thread the engine starts is therefore born with these signals
 blocked, so that the kernel delivers them to the main thread, which stops at once.
 """
