@@ -22,8 +22,11 @@ def start(target, args=(), name: str | None = None) -> threading.Thread:
     """Start a daemon thread running ``target(*args)`` with :data:`ASYNC_SIGNALS` blocked from its
     first instruction (the mask a thread is born with is its creator's)."""
     thread = threading.Thread(target=target, args=args, name=name, daemon=True)
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, ASYNC_SIGNALS)
+    # Python runs a pending signal's handler as pthread_sigmask returns, after the mask changed:
+    # the mask to restore is read first (a no-op), so that a Ctrl-C raised there leaves it restored
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, ASYNC_SIGNALS)
         thread.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)

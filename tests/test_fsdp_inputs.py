@@ -349,6 +349,12 @@ def test_an_earlier_checkpoint_in_rank_files_or_dcp_as_the_base(run, tmp_path):
                 assert json.load(fh) == CONFIG
         else:  # (no config to copy there)
             assert files == ["model.safetensors"], files
+    # backtest's --materialize measures a prediction against a DCP truth over a DCP base by name
+    from relex_kernels.analysis.materialize import compare
+    names = list(SHAPES)
+    want = compare(ref, hf[30], hf[10], names)
+    assert {n: v.tolist() for n, v in compare(got, dcp[30], dcp10, names).items()} == \
+        {n: v.tolist() for n, v in want.items()}
 
 
 def test_accelerate_fsdp1_dcp_checkpoints_equal_safetensors_inputs(run, tmp_path):

@@ -12,6 +12,7 @@ import numpy as np
 from ..engine import extrapolate
 from ..fit import FitOptions
 from ..io import Checkpoint, dtypes
+from ..io.checkpoint import align_names
 
 #: elements compared per slice (a few tens of MB of fp64 temporaries)
 _SLICE = 1 << 22
@@ -21,6 +22,7 @@ def compare(pred_dir: str, truth_dir: str, base_dir: str, names: list[str]) -> d
     """Per tensor: ``(‖Δ̂‖², ⟨Δ̂, Δ⟩, ‖Δ‖², ‖Δ̂ − Δ‖²)`` in fp64, Δ̂ = pred − base, Δ = truth − base."""
     cks = [Checkpoint(d) for d in (pred_dir, truth_dir, base_dir)]
     try:
+        align_names(cks[2], cks[:2])  # a DCP truth or base: under the prediction's names
         out = {}
         for name in names:
             locs = [ck.tensors[name] for ck in cks]

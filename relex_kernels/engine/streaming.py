@@ -212,8 +212,9 @@ class Streamer:
         """Run ``fn(*args)`` (a prefetch: advice, never an error) on the read-ahead thread."""
         if self._ahead_q is None:
             q = self._ahead_q = queue.SimpleQueue()
-            threads.start(_read_ahead_loop, (q,), name="relex-read-ahead")
+            # its end registered first: an interrupt raised as the thread starts still finds it
             self._ahead_end = weakref.finalize(self, _stop_read_ahead, q)  # (also a streamer never closed)
+            threads.start(_read_ahead_loop, (q,), name="relex-read-ahead")
         self._ahead_q.put((fn, args))
 
     def prefetch_ahead(self, job: Job) -> None:

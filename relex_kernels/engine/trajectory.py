@@ -16,7 +16,7 @@ from math import prod
 
 from ..errors import InputError, RelexWarning
 from ..io import Checkpoint, dtypes
-from ..io.checkpoint import config_dir
+from ..io.checkpoint import align_names, config_dir
 from ..io.writer import TensorSpec
 from . import heads
 
@@ -152,11 +152,7 @@ class Trajectory:
             self.base = Checkpoint(base_dir)
             for s in self.steps:
                 self.ckpts.append(Checkpoint(checkpoints[s], step=s))
-            if self.base.is_dcp:  # a DCP base (an earlier checkpoint): the names of one stored otherwise
-                ref = next((ck for ck in self.ckpts if not ck.is_dcp), None)
-                self.base.align(ref.tensors) if ref is not None else self.base.unwrap()
-            for ck in self.ckpts:
-                ck.align(self.base.tensors)  # DCP: the base's names, without the state dict's prefix
+            align_names(self.base, self.ckpts)  # DCP: the model's names, without the state dict's prefix
             warn_base_in_history(self.base, self.ckpts)
             self.config_dir = config_dir(self.base_dir)  # (verl's actor/: its huggingface/)
             self.config = read_config(self.config_dir)

@@ -100,6 +100,20 @@ def config_dir(path: str) -> str:
     return path
 
 
+def align_names(base: "Checkpoint", others: list["Checkpoint"]) -> None:
+    """Read every checkpoint under the base's tensor names, the base's being the model's own: a DCP
+    base takes those of the first of ``others`` stored otherwise, else its state dict's wrapper is
+    dropped (:meth:`Checkpoint.unwrap`); then each DCP checkpoint of ``others`` takes the base's."""
+    if base.is_dcp:  # (an earlier checkpoint of the run as the base)
+        ref = next((ck for ck in others if not ck.is_dcp), None)
+        if ref is not None:
+            base.align(ref.tensors)
+        else:
+            base.unwrap()
+    for ck in others:
+        ck.align(base.tensors)
+
+
 def holds_weights(path: str) -> bool:
     """Whether directory ``path`` holds a checkpoint of a format :class:`Checkpoint` reads."""
     try:
