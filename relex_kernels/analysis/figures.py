@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 
+from .. import threads
 from ..errors import UsageError
 from .aggregate import MODULE_TYPES, layer_index, layer_module_grid, module_type
 
@@ -49,9 +50,7 @@ def preload() -> threading.Thread:
             _plt()
         except Exception:  # reported when a figure is drawn
             pass
-    th = threading.Thread(target=work, name="relex-matplotlib-import", daemon=True)
-    th.start()
-    return th
+    return threads.start(work, name="relex-matplotlib-import")  # (Ctrl-C stays the main thread's)
 
 
 def _short(name: str) -> str:

@@ -28,6 +28,7 @@ from ..io import dtypes
 from ..io.dirs import make_dirs, remove_empty
 from ..io.reader import SafetensorsFile
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
+from ..threads import block_async_signals
 from . import configs, layouts
 from .tokenizer import write_tokenizer
 from .trajectory import (CHUNK, Scratch, TensorPlan, TrajectoryParams, chunk_trajectory, exact_horizon, plan_tensors,
@@ -406,7 +407,7 @@ def _fill(writers: list[ShardedWriter], plans: list[TensorPlan], params: Traject
     pending: deque = deque()
     written: deque = deque()
     behind = _WriteBehind(writers)
-    with ThreadPoolExecutor(threads) as pool:
+    with ThreadPoolExecutor(threads, initializer=block_async_signals) as pool:
         try:
             for plan in plans:
                 for wlo in range(0, plan.numel, window):
