@@ -4,11 +4,10 @@ saves; ``torch.distributed.checkpoint.save``), under the names the tests use."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from relex_kernels.synth.torch_writers import (  # noqa: F401
-    _free_port, build_module, leave_group, save_dcp, save_many, save_verl_fsdp)
+    _free_port, build_module, rank_group, save_dcp, save_many, save_verl_fsdp)
 
 
 def save_fsdp(out_dir: str, values, world: int, fmt: str = "verl") -> str:
@@ -19,21 +18,6 @@ def save_fsdp(out_dir: str, values, world: int, fmt: str = "verl") -> str:
 
 def save_dcp_single(out_dir: str, values) -> str:
     return save_dcp(out_dir, values, 1)
-
-
-@contextlib.contextmanager
-def _group(rank: int, world: int, port: int):
-    """This rank in a CPU gloo group of ``world`` for the ``with``, at the end of which the rank's
-    process ends (:func:`leave_group`): nothing may follow the ``with`` in a rank function."""
-    import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        yield
-    except BaseException:
-        dist.destroy_process_group()
-        raise
-    leave_group()  # (the rank process ends here: gloo's teardown aborted a rank now and then)
 
 
 def _whole_module(values: dict):
@@ -69,7 +53,7 @@ def _reference_rank(rank: int, world: int, port: int, jobs: list, replicas: int)
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
-    with _group(rank, world, port):
+    with rank_group(rank, world, port):
         shards = world // replicas
         mesh = init_device_mesh("cpu", (world,)) if replicas == 1 else \
             init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("ddp", "fsdp"))
@@ -96,7 +80,7 @@ def _accelerate_fsdp1_rank(rank: int, world: int, port: int, jobs: list) -> None
     import torch.distributed.checkpoint as dcp
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp import ShardedStateDictConfig, StateDictType
-    with _group(rank, world, port):
+    with rank_group(rank, world, port):
         for out_dir, path in jobs:
             model = FSDP(_whole_module(torch.load(path)), device_id=torch.device("cpu"))
             with warnings.catch_warnings():

@@ -240,45 +240,49 @@ def _rank(rank: int, world: int, port: int, jobs: list, fmt: str, replicas: int,
     """One rank process: every checkpoint of ``jobs`` ([(out_dir, source)]; a source is a ``.pt``
     file of values or a safetensors checkpoint directory) in turn, in one process group."""
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    bar = None
-    if progress and rank == 0:
-        import sys
+    with rank_group(rank, world, port):
+        bar = None
+        if progress and rank == 0:
+            import sys
 
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), unit="ckpt", desc=f"relex synth: {fmt} writer, {world} ranks", file=sys.stderr,
-                   dynamic_ncols=True)
-    module = _ShardedModule(world, fmt, replicas)
-    try:
-        for out_dir, source in jobs:
-            with _values(source) as values:
-                _save_one(module, values, out_dir)
-            dist.barrier()  # every rank done with the source before it goes
-            if rank == 0:
-                if remove_sources and os.path.isdir(source):
-                    shutil.rmtree(source)
-                if bar is not None:
-                    bar.update(1)
-    except BaseException:
-        if bar is not None:
-            bar.close()
-        dist.destroy_process_group()
-        raise
-    if bar is not None:
-        bar.close()
-    leave_group()
+            from tqdm import tqdm
+            bar = tqdm(total=len(jobs), unit="ckpt", desc=f"relex synth: {fmt} writer, {world} ranks",
+                       file=sys.stderr, dynamic_ncols=True)
+        module = _ShardedModule(world, fmt, replicas)
+        try:
+            for out_dir, source in jobs:
+                with _values(source) as values:
+                    _save_one(module, values, out_dir)
+                dist.barrier()  # every rank done with the source before it goes
+                if rank == 0:
+                    if remove_sources and os.path.isdir(source):
+                        shutil.rmtree(source)
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
 
 
-def leave_group() -> None:
-    """End a rank process whose work is done: the ranks meet at a barrier, then each process exits
-    at once (``os._exit``), without tearing its gloo group down. That teardown now and then aborted
-    a rank after every file was written (gloo: "terminate called without an active exception", a
-    C++ thread destroyed unjoined; 3 full test-suite runs in two days, in two tests), which failed
-    the whole command; the exit leaves nothing behind that the teardown would have cleaned."""
+@contextlib.contextmanager
+def rank_group(rank: int, world: int, port: int):
+    """This rank process in a CPU gloo group of ``world`` for the ``with``. An error tears the group
+    down and is raised (``mp.spawn`` reports it); otherwise the ranks meet at a barrier and each
+    process ends there, at once (``os._exit``): nothing may follow the ``with`` in a rank function.
+    Tearing the group down instead now and then aborted a rank after every file was written (gloo:
+    "terminate called without an active exception", a C++ thread destroyed unjoined; 3 full
+    test-suite runs in two days, in two tests), which failed the whole command; the exit leaves
+    nothing behind that the teardown would have cleaned."""
     import sys
 
     import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        yield
+    except BaseException:
+        dist.destroy_process_group()
+        raise
     dist.barrier()
     sys.stdout.flush()
     sys.stderr.flush()
