@@ -264,3 +264,20 @@ def test_failure_midway_leaves_nothing(tmp, monkeypatch):
     monkeypatch.undo()
     syn = synthesize(os.path.join(tmp, "no", "parent", "r"), size="tiny", steps=[1])
     assert os.path.isdir(syn.base_dir)
+
+
+def test_relex_synth_rank_writers_end_without_noise(tmp_path):
+    """`relex synth --layout verl-fsdp1` with its progress bars: exit 0, every rank file there, and
+    stderr free of warnings (the rank processes end with os._exit; tqdm's default multiprocessing lock
+    would leave a semaphore for the resource tracker to warn about)."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+    out = str(tmp_path / "r")
+    r = subprocess.run([sys.executable, "-m", "relex_kernels", "synth", out, "--size", "tiny", "--layout",
+                        "verl-fsdp1", "--world-size", "2", "--steps", "1-2"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "Warning" not in r.stderr and "leaked" not in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for s in (1, 2):
+        actor = os.path.join(out, "run", f"global_step_{s}", "actor")
+        assert {f"model_world_size_2_rank_{k}.pt" for k in (0, 1)} <= set(os.listdir(actor))

@@ -244,8 +244,12 @@ def _rank(rank: int, world: int, port: int, jobs: list, fmt: str, replicas: int,
         bar = None
         if progress and rank == 0:
             import sys
+            import threading
 
             from tqdm import tqdm
+            # a thread lock, not tqdm's default multiprocessing one: a semaphore the process's
+            # os._exit would leave for the resource tracker to warn about
+            tqdm.set_lock(threading.RLock())
             bar = tqdm(total=len(jobs), unit="ckpt", desc=f"relex synth: {fmt} writer, {world} ranks",
                        file=sys.stderr, dynamic_ncols=True)
         module = _ShardedModule(world, fmt, replicas)
