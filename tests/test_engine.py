@@ -493,6 +493,17 @@ def test_checkpoint_lists_tensors_in_the_index_order(tmp):
         ck.close()
 
 
+def test_the_index_text_is_json_dumps_indented():
+    """The output's index is written without json's (slow) indenting encoder: the same bytes."""
+    from relex_kernels.io.writer import index_text
+    names = ["model.layers.0.mlp.experts.7.up_proj.weight", "quote\"back\\slash", "tab\tnl\nctl\x01",
+             "unicode é \u2028 \U0001d11e", ""]
+    for wm in ({}, {"a": "m.safetensors"}, {n: f"model-{i:05d}-of-00005.safetensors" for i, n in enumerate(names)}):
+        for total in (0, 7, 16 << 40):
+            doc = {"metadata": {"total_size": total}, "weight_map": wm}
+            assert index_text(total, wm) == json.dumps(doc, indent=2) + "\n"
+
+
 def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):
     """The checkpoints of a run repeat their index byte for byte: it is parsed once per run, each
     checkpoint still gets its own shards' entries, and an index with other bytes is parsed anew

@@ -307,12 +307,20 @@ class ShardedWriter:
         if err is not None:
             raise err
         if sync and index and len(self.files) > 1:
-            doc = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
             with open(os.path.join(self.directory, INDEX_NAME), "w") as fh:
-                json.dump(doc, fh, indent=2)
-                fh.write("\n")
+                fh.write(index_text(self.total_size, self.weight_map))
                 fh.flush()
                 os.fsync(fh.fileno())
+
+
+def index_text(total_size: int, weight_map: dict[str, str]) -> str:
+    """``model.safetensors.index.json``'s text: ``json.dumps(doc, indent=2)`` and a newline, byte for
+    byte, with the names written by json's C string encoder (Python's indenting encoder took ~20 ms
+    for a MoE model's thousands of names)."""
+    enc = json.encoder.encode_basestring_ascii  # json.dumps's (ensure_ascii)
+    entries = ",\n".join(map("    {}: {}".format, map(enc, weight_map), map(enc, weight_map.values())))
+    return ('{\n  "metadata": {\n    "total_size": %d\n  },\n  "weight_map": %s\n}\n'
+            % (total_size, "{\n" + entries + "\n  }" if weight_map else "{}"))
 
 
 def write_checkpoint(directory: str, tensors: dict[str, tuple[str, np.ndarray]],
