@@ -226,6 +226,104 @@ def test_many_small_tensors_grouped_equal_per_tensor_and_reference(tmp, monkeypa
             assert np.all(np.abs(got - want) <= tol), name
 
 
+def _reshard(src: str, dst: str, per_shard: int, reverse: bool) -> str:
+    """Checkpoint ``src`` written again into ``dst`` by safetensors' own writer, ``per_shard``
+    tensors to a shard (in reverse order with ``reverse``), with an index as transformers writes it."""
+    from safetensors.torch import load_file, save_file
+    with open(os.path.join(src, "model.safetensors.index.json")) as fh:
+        wm = json.load(fh)["weight_map"]
+    tensors = {}
+    for shard in sorted(set(wm.values())):
+        tensors.update(load_file(os.path.join(src, shard)))
+    names = list(reversed(wm)) if reverse else list(wm)
+    parts = [names[i:i + per_shard] for i in range(0, len(names), per_shard)]
+    os.makedirs(dst)
+    new_wm = {}
+    for i, part in enumerate(parts):
+        fn = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        save_file({n: tensors[n] for n in part}, os.path.join(dst, fn), metadata={"format": "pt"})
+        new_wm.update(dict.fromkeys(part, fn))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with open(os.path.join(dst, "model.safetensors.index.json"), "w") as fh:
+        fh.write(json.dumps({"metadata": {"total_size": total}, "weight_map": new_wm}, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+def test_checkpoints_share_a_layout_and_others_read_the_same_values(tmp):
+    """Checkpoints repeating the base's index and headers byte for byte share one layout (built and
+    checked once per run); checkpoints stored in other shards and orders each have their own.
+    A run reads the same values either way: the outputs are the same bytes, grouped or not, and
+    each checkpoint's places through its layout are those found tensor by tensor."""
+    from relex_kernels.engine import plan
+    names = list(MANY)[:200]
+    base, ck = make_trajectory(tmp, {n: MANY[n] for n in names}, range(1, 6), dtype="BF16", shard_bytes=4000)
+    moved = dict(ck)
+    moved[2] = _reshard(ck[2], os.path.join(tmp, "r2"), 7, reverse=False)
+    moved[4] = _reshard(ck[4], os.path.join(tmp, "r4"), 13, reverse=True)
+    cks = {s: Checkpoint(d) for s, d in moved.items()}
+    b = Checkpoint(base)
+    try:
+        assert all(cks[s].layout is b.layout for s in (1, 3, 5))
+        assert len({id(b.layout), id(cks[2].layout), id(cks[4].layout)}) == 3
+        for c in (b, cks[2], cks[4]):  # by file, then offset, as each shard's own header places them
+            with open(os.path.join(c.path, "model.safetensors.index.json")) as fh:
+                wm = json.load(fh)["weight_map"]
+            at = {}
+            for shard in set(wm.values()):
+                with open(os.path.join(c.path, shard), "rb") as fh:
+                    head = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+                at.update({n: e["data_offsets"][0] for n, e in head.items() if n != "__metadata__"})
+            assert c.storage_order() == sorted(names, key=lambda n: (wm[n], at[n]))
+        want = sorted(names[::3], reverse=True)
+        memo = {}
+        for c in (b, *cks.values()):
+            files, fi, begin = c.places(want, memo)
+            by_name = dict(c.tensors.items())  # the same entries, tensor by tensor
+            assert [files[i] for i in fi] == [by_name[n].file for n in want] == c.files_of(want, memo)
+            assert begin.tolist() == [by_name[n].info.begin for n in want]
+            assert len(files) == len(set(map(id, files))) == len({id(by_name[n].file) for n in want})
+            for n in want[:5]:  # and the bytes there are the tensor's
+                assert np.array_equal(by_name[n].file.view(n), c.tensors[n].file.view(n))
+    finally:
+        b.close()
+        for c in cks.values():
+            c.close()
+    a = extrapolate(base, ck, [12], os.path.join(tmp, "a"), backend="cpu")
+    m = extrapolate(base, moved, [12], os.path.join(tmp, "m"), backend="cpu")
+    plan_max = plan.GROUP_MAX
+    try:
+        plan.GROUP_MAX = 1
+        one = extrapolate(base, moved, [12], os.path.join(tmp, "one"), backend="cpu")
+    finally:
+        plan.GROUP_MAX = plan_max
+    assert raw_bytes(a.outputs[0]) == raw_bytes(m.outputs[0]) == raw_bytes(one.outputs[0])
+    assert a.report["tensors"] == m.report["tensors"] == one.report["tensors"]
+
+
+def test_a_checkpoint_differing_from_the_base_is_checked_whatever_layouts_it_shares(tmp):
+    """A checkpoint whose tensor has another shape than the base's is refused, also when a
+    checkpoint with the base's layout came before it and one with its own layout after it."""
+    from safetensors.numpy import save_file
+
+    from relex_kernels.errors import InputError
+    shapes = {"a.weight": (4, 3), "b.weight": (5,)}
+    dirs = {}
+    for s in range(5):
+        d = dirs[s] = os.path.join(tmp, f"s{s}")
+        os.makedirs(d)
+        bad = s in (2, 3)
+        save_file({"a.weight": np.full((3, 4) if bad else shapes["a.weight"], s, np.float32),
+                   "b.weight": np.full(shapes["b.weight"], s, np.float32)}, os.path.join(d, "model.safetensors"))
+    cks = [Checkpoint(dirs[s]) for s in (2, 3)]
+    try:
+        assert cks[0].layout is cks[1].layout
+    finally:
+        for c in cks:
+            c.close()
+    with pytest.raises(InputError, match=r"checkpoint step 2 tensor a\.weight is F32 \[3, 4\] but the base has F32 \[4, 3\]"):
+        extrapolate(dirs[0], {s: dirs[s] for s in range(1, 5)}, [10], os.path.join(tmp, "out"), backend="cpu")
+
+
 def test_groups_stay_within_their_byte_and_file_caps(tmp, monkeypatch):
     """A group's mapped bytes stay under plan.GROUP_BYTES whatever the memory budget (a dense
     model's groups must not hold the whole default budget in RSS), and its input files under

@@ -27,7 +27,6 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
-from operator import itemgetter
 
 from ..errors import RelexWarning, UsageError
 from ..io import dtypes
@@ -366,7 +365,8 @@ class _Grouping:
         if groupable is None:  # grouping off: take() finds nothing, nothing to look up
             return
         names = [j.name for j in traj.jobs if j.kind == "fit"]
-        columns = [list(map(itemgetter(0), map(v.tensors.__getitem__, names))) for v in (traj.base, *traj.ckpts)]
+        memo: dict = {}
+        columns = [v.files_of(names, memo) for v in (traj.base, *traj.ckpts)]
         self.files = dict(zip(names, zip(*columns)))  # name -> the file of each version
         # a tensor assembled from rank files has no one address: never in a host group (the
         # device's groups read each tensor into a buffer of their own, and take any source)

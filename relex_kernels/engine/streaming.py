@@ -20,8 +20,7 @@ from __future__ import annotations
 import queue
 import weakref
 from functools import partial
-from itertools import chain
-from operator import attrgetter, itemgetter
+from operator import itemgetter
 
 import numpy as np
 
@@ -407,17 +406,22 @@ class Streamer:
         """The input files of a group's versions (distinct, in order met) and, job-major ((k, T+1)
         flattened, like the tables of the native calls), each version's file index and bytes
         [begin, end); with the per-file span [lo, hi) it uses and its bytes in use."""
-        # with C-level maps and numpy over all (T+1) x k places at once: a MoE group has tens of thousands
-        versions = [self.traj.base.tensors, *(ck.tensors for ck in self.traj.ckpts)]
-        names = [job.name for job in jobs]
-        locs = [list(map(v.__getitem__, names)) for v in versions]  # (T+1, k)
-        owners = list(map(itemgetter(0), chain.from_iterable(locs)))
-        fobjs = list(dict.fromkeys(owners))
-        n = len(owners)
-        fi = np.fromiter(map({f: i for i, f in enumerate(fobjs)}.__getitem__, owners), np.int64, n)
-        begin = np.fromiter(map(attrgetter("begin"), map(itemgetter(1), chain.from_iterable(locs))), np.int64, n)
-        fi = fi.reshape(len(versions), -1).T.ravel()
-        begin = begin.reshape(len(versions), -1).T.ravel()
+        # per checkpoint, over numpy arrays; checkpoints sharing a layout (the usual run: the same
+        # index and headers in each) are looked into once (a MoE group has thousands of tensors)
+        names, memo = [job.name for job in jobs], {}
+        versions = [v.places(names, memo) for v in (self.traj.base, *self.traj.ckpts)]
+        fobjs = [f for files, _, _ in versions for f in files]
+        offsets = np.cumsum([0] + [len(files) for files, _, _ in versions[:-1]])
+        fi = np.stack([f + o for (_, f, _), o in zip(versions, offsets.tolist())])  # (T+1, k)
+        begin = np.stack([b for _, _, b in versions])
+        if len(set(map(id, fobjs))) != len(fobjs):  # one file in two versions: one entry
+            first = {}
+            for i, f in enumerate(fobjs):
+                first.setdefault(id(f), len(first))
+            fi = np.array([first[id(f)] for f in fobjs], dtype=np.int64)[fi]
+            fobjs = list({id(f): f for f in fobjs}.values())
+        fi = fi.T.ravel()  # job-major: (k, T+1)
+        begin = begin.T.ravel()
         end = begin + np.repeat([job.nbytes for job in jobs], len(versions))
         lo = np.full(len(fobjs), np.iinfo(np.int64).max)
         hi = np.zeros(len(fobjs), dtype=np.int64)

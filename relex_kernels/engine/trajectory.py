@@ -174,12 +174,10 @@ class Trajectory:
     def _plan(self) -> list[Job]:
         base = self.base
         head = self.tied[0] if self.tied else None
-        # output order = the base's storage order (file, then offset): sequential reads. (A base of
-        # rank files or DCP is one source, not among its files: its tensors in their own order.)
-        order = {f.path: i for i, f in enumerate(base.files)}
-        names = sorted(base.tensors, key=lambda n: (order.get(base.tensors[n].file.path, -1),
-                                                    base.tensors[n].info.begin))
-        fp8 = [f"{n} ({base.tensors[n].info.dtype})" for n in names if base.tensors[n].info.dtype in dtypes.FP8]
+        # output order = the base's storage order (file, then offset): sequential reads
+        names = base.storage_order()
+        infos = base.infos()
+        fp8 = [f"{n} ({infos[n].dtype})" for n in names if infos[n].dtype in dtypes.FP8]
         if fp8:  # copying the values while extrapolating their scales would write an inconsistent model
             more = f" and {len(fp8) - 5} more" if len(fp8) > 5 else ""
             raise InputError(f"FP8 checkpoints are not supported: the base {base.path} holds "
@@ -188,21 +186,26 @@ class Trajectory:
                              "the checkpoints (to bf16) first")
         jobs = []
         for n in names:
-            info = base.tensors[n].info
+            info = infos[n]
             if n == head:
                 jobs.append(Job(n, info.dtype, info.shape, "tied", source=self.tied[1]))
             elif dtypes.is_fitted(info.dtype):
                 jobs.append(Job(n, info.dtype, info.shape, "fit"))
             else:
                 jobs.append(Job(n, info.dtype, info.shape, "copy"))
-        fitted = [(job, base.tensors[job.name].info) for job in jobs if job.kind == "fit"]
+        fitted = [(job, infos[job.name]) for job in jobs if job.kind == "fit"]
         stored = {job.name: {job.dtype} for job, _ in fitted}
         fitted_names = [job.name for job, _ in fitted]
         fitted_infos = [info for _, info in fitted]
         known = base.tensors.keys() | self.ignored
+        # layouts whose checkpoints passed the checks below (the same layout, the same entries):
+        # the usual run repeats the base's index and headers byte for byte in every checkpoint
+        checked = {base.layout} - {None}
         for ck in self.ckpts:
-            # the usual case at C speed: every tensor there, with the base's header entries (a
-            # header repeated across checkpoints shares them); else tensor by tensor, below
+            if ck.layout in checked:
+                continue
+            # at C speed: every tensor there, with the base's header entries (a header repeated
+            # across checkpoints shares them); else tensor by tensor, below
             locs = list(map(ck.tensors.get, fitted_names))
             same = None not in locs and all(map(operator.is_, map(operator.itemgetter(1), locs), fitted_infos))
             for job, want in ([] if same else fitted):
@@ -221,6 +224,8 @@ class Trajectory:
             if extra:
                 raise InputError(f"checkpoint step {ck.step} has tensor {extra[0]} that the base does not "
                                  f"({ck.tensors[extra[0]].file.path})")
+            if ck.layout is not None:
+                checked.add(ck.layout)
         # versions in several float dtypes (fp32 masters beside a bf16 base): computed in the widest,
         # each read exactly from its own values; written in the base's dtype or --out-dtype
         out = []

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
+from collections.abc import Mapping
 from functools import lru_cache
 from itertools import repeat
+from operator import attrgetter, itemgetter
 from typing import NamedTuple
+
+import numpy as np
 
 from ..errors import FormatError, InputError
 from .dcp import DcpTensors, is_dcp
@@ -41,23 +46,111 @@ def is_deepspeed(path: str, names: list[str] | None = None) -> bool:
                for n in names)
 
 
-class Located(NamedTuple):  # a tuple: a MoE checkpoint holds tens of thousands, made at every open
+class Located(NamedTuple):
     file: SafetensorsFile  # or ShardedTensors: anything with view / release / prefetch by element range
     info: TensorInfo
+
+
+class Layout:
+    """Where each tensor of a safetensors checkpoint lies, whatever directory holds its files:
+    ``entries`` maps each name to (the number of its file in the checkpoint's ``files``, its
+    :class:`TensorInfo`), in the order the index (or the single file's header) lists them.
+
+    The checkpoints of a run repeat their index and their files' headers byte for byte, and
+    then share one layout (:func:`_layout`): the tables of a MoE model (thousands of tensors in
+    every checkpoint) are built and checked once per run, and the engine compares checkpoints
+    and finds a group's bytes in each by layout, not tensor by tensor. Never modified."""
+
+    def __init__(self, entries: dict[str, tuple[int, TensorInfo]]):
+        self.entries = entries
+        self.infos = dict(zip(entries, map(itemgetter(1), entries.values())))
+        self._order: list[str] | None = None
+
+    def storage_order(self) -> list[str]:
+        """The names by file number, then offset: the order the bytes lie in."""
+        if self._order is None:
+            e = self.entries
+            self._order = sorted(e, key=lambda n: (e[n][0], e[n][1].begin))
+        return self._order
+
+    def places(self, names: list[str]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """For ``names``: the numbers of the files they use (distinct, in the order met), each
+        name's index into that list, and each name's first byte."""
+        ents = list(map(self.entries.__getitem__, names))
+        k = len(ents)
+        num = np.fromiter(map(itemgetter(0), ents), np.int64, k)
+        begin = np.fromiter(map(attrgetter("begin"), map(itemgetter(1), ents)), np.int64, k)
+        used, first = np.unique(num, return_index=True)
+        used = used[np.argsort(first, kind="stable")]
+        lut = np.zeros(int(used.max()) + 1 if k else 0, dtype=np.int64)
+        lut[used] = np.arange(len(used))
+        return used.tolist(), lut[num], begin
+
+
+class LaidOut(Mapping):
+    """``Checkpoint.tensors`` of a checkpoint with a :class:`Layout` (shared) and its own ``files``:
+    each :class:`Located` is made when asked for."""
+
+    __slots__ = ("layout", "files", "_entries")
+
+    def __init__(self, layout: Layout, files: list):
+        self.layout, self.files, self._entries = layout, files, layout.entries
+
+    def __getitem__(self, name: str) -> Located:
+        num, info = self._entries[name]
+        return Located(self.files[num], info)
+
+    def get(self, name, default=None):
+        e = self._entries.get(name)
+        return default if e is None else Located(self.files[e[0]], e[1])
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self):
+        return self._entries.keys()  # (a dict's keys view: set operations at C speed)
+
+
+#: layouts by the bytes that determine them (the index, each file's header key): a run's checkpoints share one
+_LAYOUTS: OrderedDict[tuple, Layout] = OrderedDict()
+_LAYOUTS_KEPT = 8
+
+
+def _layout(key: tuple, build) -> Layout:
+    """The layout for ``key``, built (and checked) by ``build()`` the first time it is met."""
+    got = _LAYOUTS.get(key)
+    if got is None:
+        got = _LAYOUTS[key] = build()
+        while len(_LAYOUTS) > _LAYOUTS_KEPT:
+            _LAYOUTS.popitem(last=False)
+    return got
+
+
+def _read_index(index: str) -> bytes:
+    try:
+        with open(index, "rb") as fh:
+            return fh.read()
+    except OSError as e:
+        raise FormatError(f"{index}: cannot read the index ({e})") from None
+
+
+def _index_of(index: str, raw: bytes) -> tuple[dict[str, str], list[str]]:
+    try:
+        return _parsed_index(raw)
+    except ValueError as e:
+        raise FormatError(f"{index}: {e}") from None
 
 
 def read_weight_map(index: str) -> tuple[dict[str, str], list[str]]:
     """The index's ``weight_map`` (tensor name -> shard file name; shared, never modified) and its
     shard names, sorted; FormatError for an index that does not parse or names no plain files."""
-    try:
-        with open(index, "rb") as fh:
-            raw = fh.read()
-    except OSError as e:
-        raise FormatError(f"{index}: cannot read the index ({e})") from None
-    try:
-        return _parsed_index(raw)
-    except ValueError as e:
-        raise FormatError(f"{index}: {e}") from None
+    return _index_of(index, _read_index(index))
 
 
 #: by the index's bytes: the checkpoints of a run repeat their index byte for byte, and a MoE
@@ -219,11 +312,12 @@ class Checkpoint:
             single = os.path.join(self.path, cands[0])
         f = SafetensorsFile(single)
         self.files.append(f)
-        for name, info in f.tensors.items():
-            self.tensors[name] = Located(f, info)
+        self.tensors = LaidOut(_layout(("single", f.header_key), lambda: Layout(
+            dict(zip(f.tensors, zip(repeat(0), f.tensors.values()))))), self.files)
 
     def _open_index(self, index: str) -> None:
-        wm, names = read_weight_map(index)
+        raw = _read_index(index)
+        wm, names = _index_of(index, raw)
         shards: dict[str, SafetensorsFile] = {}
         for shard in names:
             p = os.path.join(self.path, shard)
@@ -231,18 +325,22 @@ class Checkpoint:
                 raise InputError(f"{index}: names shard {shard} which does not exist")
             shards[shard] = SafetensorsFile(p)
             self.files.append(shards[shard])
-        # Every tensor of each shard mapped to that shard, and as many tensors held as mapped: the
-        # index and the shards agree. Checked with C-level set and map operations, and the
-        # entries made the same way (``tuple.__new__`` makes a Located without a Python call):
-        # a MoE index maps tens of thousands of tensors, in every checkpoint of the run.
-        if (any(set(map(wm.get, f.tensors)) - {s} for s, f in shards.items())
-                or sum(len(f.tensors) for f in shards.values()) != len(wm)):
-            self._index_mismatch(index, wm, shards)
-        # in the index's order, as the index lists them: each entry's info from its shard's own
-        # header dict (no merged dict of every tensor: tens of thousands of inserts per checkpoint)
-        infos = map(dict.__getitem__, map({s: f.tensors for s, f in shards.items()}.__getitem__, wm.values()), wm)
-        self.tensors.update(zip(wm, map(tuple.__new__, repeat(Located),
-                                        zip(map(shards.__getitem__, wm.values()), infos))))
+
+        def build() -> Layout:
+            # Every tensor of each shard mapped to that shard, and as many tensors held as mapped:
+            # the index and the shards agree. Checked with C-level set and map operations: a MoE
+            # index maps tens of thousands of tensors.
+            if (any(set(map(wm.get, f.tensors)) - {s} for s, f in shards.items())
+                    or sum(len(f.tensors) for f in shards.values()) != len(wm)):
+                self._index_mismatch(index, wm, shards)
+            # in the index's order: each entry's file number (``files`` is in ``names`` order) and
+            # its info from its shard's own header dict
+            number = {s: i for i, s in enumerate(names)}
+            infos = map(dict.__getitem__, map({s: f.tensors for s, f in shards.items()}.__getitem__, wm.values()), wm)
+            return Layout(dict(zip(wm, zip(map(number.__getitem__, wm.values()), infos))))
+
+        # (the same index bytes and headers: the same tensors in the same places, checked when first met)
+        self.tensors = LaidOut(_layout((raw, tuple(f.header_key for f in self.files)), build), self.files)
 
     @staticmethod
     def _index_mismatch(index: str, wm: dict, shards: dict) -> None:
@@ -261,8 +359,64 @@ class Checkpoint:
                 for f in self.files]
 
     @property
+    def layout(self) -> Layout | None:
+        """The :class:`Layout` of a safetensors checkpoint (shared with every checkpoint of the same
+        index and headers); None for rank files and DCP."""
+        return getattr(self.tensors, "layout", None)
+
+    def infos(self) -> Mapping[str, TensorInfo]:
+        """Each tensor's :class:`TensorInfo`, by name."""
+        lay = self.layout
+        return lay.infos if lay is not None else {n: loc.info for n, loc in self.tensors.items()}
+
+    def storage_order(self) -> list[str]:
+        """The tensor names in the order their bytes lie: by file (as ``files`` lists them), then
+        offset; a source that is not one of the files (rank files, DCP) first, in its own order."""
+        lay = self.layout
+        if lay is not None:
+            return list(lay.storage_order())
+        order = {f.path: i for i, f in enumerate(self.files)}
+        t = self.tensors
+        return sorted(t, key=lambda n: (order.get(t[n].file.path, -1), t[n].info.begin))
+
+    def files_of(self, names: list[str], memo: dict | None = None) -> list:
+        """The file (or source) holding each of ``names``. ``memo``: shared by the calls for one list of
+        names over the checkpoints of a run, whose shared layouts are then looked into once."""
+        lay = self.layout
+        if lay is None:
+            return list(map(itemgetter(0), map(self.tensors.__getitem__, names)))
+        key = ("files", id(lay))
+        if memo is None or key not in memo:
+            nums = list(map(itemgetter(0), map(lay.entries.__getitem__, names)))
+            if memo is None:
+                return list(map(self.files.__getitem__, nums))
+            memo[key] = nums
+        return list(map(self.files.__getitem__, memo[key]))
+
+    def places(self, names: list[str], memo: dict | None = None) -> tuple[list, np.ndarray, np.ndarray]:
+        """For ``names``: the files (or sources) they use, distinct, in the order met; each name's
+        index into that list (int64); each name's first byte in its file (int64). ``memo``: as for
+        :meth:`files_of`."""
+        lay = self.layout
+        if lay is None:
+            locs = list(map(self.tensors.__getitem__, names))
+            owners = list(map(itemgetter(0), locs))
+            files = list(dict.fromkeys(owners))
+            k = len(owners)
+            fi = np.fromiter(map({f: i for i, f in enumerate(files)}.__getitem__, owners), np.int64, k)
+            return files, fi, np.fromiter(map(attrgetter("begin"), map(itemgetter(1), locs)), np.int64, k)
+        key = ("places", id(lay))
+        got = memo.get(key) if memo is not None else None
+        if got is None:
+            got = lay.places(names)
+            if memo is not None:
+                memo[key] = got
+        used, fi, begin = got
+        return list(map(self.files.__getitem__, used)), fi, begin
+
+    @property
     def nbytes(self) -> int:
-        return sum(loc.info.nbytes for loc in self.tensors.values())
+        return sum(info.nbytes for info in self.infos().values())
 
     def close(self) -> None:
         for f in self.files:

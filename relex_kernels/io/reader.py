@@ -490,8 +490,9 @@ class SafetensorsFile(MappedFile):
                 raise FormatError(f"{self.path}: short read of the header")
             self.header_sha256 = hashlib.sha256(raw).hexdigest()
             self.data_start = 8 + n
-            self.tensors, self.metadata = _parsed_header(raw, self.header_sha256, self.size - self.data_start,
-                                                         self.path, self.data_start)
+            #: what the tensors' entries depend on: equal keys, equal entries (:class:`.checkpoint.Layout`)
+            self.header_key = (self.header_sha256, self.size - self.data_start, self.data_start)
+            self.tensors, self.metadata = _parsed_header(raw, *self.header_key[:2], self.path, self.data_start)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
         finally:
