@@ -8,4 +8,4 @@ import sys
 from .cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:] or ["backends"]))
+    sys.exit(main(None if sys.argv[1:] else ["backends"]))  # (None: the process's own command line)

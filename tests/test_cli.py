@@ -343,3 +343,19 @@ def test_a_failed_run_removes_the_parents_it_made_for_its_output(run):
               "--target-step", 9, "--out", out)
     assert_clean_failure(r, out, "NaN/Inf")
     assert not os.path.exists(os.path.join(tmp, "new"))
+
+
+def test_the_relex_process_freezes_its_module_objects_and_an_in_process_caller_keeps_its_collector():
+    """The ``relex`` process (its own command line) moves the objects of its imported modules out of
+    the cyclic collector's reach (gc.freeze: a run over thousands of tensors set off full collections
+    that walked them all); ``main([...])`` called in another program leaves that program's collector
+    as it is."""
+    code = ("import gc, sys\n"
+            "from relex_kernels.cli import main\n"
+            "sys.argv = ['relex'] + sys.argv[1:]\n"
+            "rc = main(None if sys.argv[1:] != ['in-process'] else ['backends'])\n"
+            "print(rc, gc.get_freeze_count() > 0, gc.isenabled())\n")
+    own = subprocess.run([sys.executable, "-c", code, "backends"], capture_output=True, text=True)
+    caller = subprocess.run([sys.executable, "-c", code, "in-process"], capture_output=True, text=True)
+    assert own.stdout.splitlines()[-1] == "0 True True", own.stderr
+    assert caller.stdout.splitlines()[-1] == "0 False True", caller.stderr
