@@ -386,10 +386,13 @@ class _Grouping:
             if (job.kind != "fit" or name == self.tied_source or name in jr.done or name in jr.written
                     or (not self.fitted and (name in jr.fits or name in jr.grams))
                     or job.numel > GRAM_BLOCK or not self.policy.ranges(job, self.n_out(job))[0]
-                    or not self.groupable(job) or not self.ungroupable.isdisjoint(self.files[name])):
+                    or not self.groupable(job)
+                    or (self.ungroupable and not self.ungroupable.isdisjoint(self.files[name]))):
                 break
             size += self.policy.group_cost(job, self.n_out(job))
-            more = files.union(self.files[name])
+            mine = self.files[name]
+            # (a new set only when the job brings a file: the usual job's files are its group's)
+            more = files if files.issuperset(mine) else files.union(mine)
             if group and (size > self.policy.group_bytes or len(more) > self.max_files):
                 break
             files = more
