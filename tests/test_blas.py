@@ -122,3 +122,38 @@ def test_without_openblas_the_solve_is_left_alone(monkeypatch):
     with blas.one_thread():
         w, _ = np.linalg.eigh(np.eye(70) * 2.0)
     assert np.allclose(w, 2.0)
+
+
+@needs_openblas
+def test_a_large_lapack_stack_is_split_over_the_kernel_threads_with_the_bits_of_one_call(monkeypatch, three_threads):
+    """Past the extension's solver, a stack of many Grams is solved in parts on the kernels'
+    threads (each part one numpy call, its BLAS on one thread): the eigenpairs of one call,
+    bit for bit; with one kernel thread, one call."""
+    T = native.eigh_max_t() + 2 if native.available()[0] else 50
+    Gs = _grams(T, k=4 * fit.LAPACK_GRAMS_PER_THREAD + 3)
+    real = np.linalg.eigh
+    with blas.one_thread():
+        want_w, want_V = real(Gs)
+    seen = []
+
+    def spy(a):
+        seen.append((threading.current_thread().name, len(a), current()))
+        return real(a)
+
+    monkeypatch.setattr(np.linalg, "eigh", spy)
+    native.set_num_threads(2)
+    try:
+        w, V = fit._eigh_stack(Gs)
+    finally:
+        native.set_num_threads(None)
+    assert w.tobytes() == want_w.tobytes() and V.tobytes() == want_V.tobytes()
+    assert len(seen) == 2 and sum(n for _, n, _ in seen) == len(Gs)
+    assert all(name.startswith("relex-eigh") for name, _, _ in seen)
+    assert all(c == [1] * len(counts) for _, _, c in seen) and current() == [3] * len(counts)
+    seen.clear()
+    native.set_num_threads(1)
+    try:
+        w1, _ = fit._eigh_stack(Gs)
+    finally:
+        native.set_num_threads(None)
+    assert [n for _, n, _ in seen] == [len(Gs)] and w1.tobytes() == want_w.tobytes()

@@ -361,6 +361,36 @@ def test_stack_solve_is_each_tensor_alone_bit_for_bit():
         assert c.explained_variance == one.explained_variance
 
 
+def test_a_stack_with_and_without_repeated_eigenvalues_is_ordered_like_an_explicit_sort():
+    """components_many reverses the solver's ascending order (views) when no eigenvalue repeats and
+    sorts otherwise: either way each tensor gets the bits it gets alone, its singular values in
+    descending order and its first direction the top eigenvector (checked against numpy's eigh)."""
+    from relex_kernels import fit
+    rng = np.random.default_rng(5)
+    T = 5
+    free = []
+    for _ in range(6):
+        X = rng.normal(size=(T, 3 * T))
+        free.append(X @ X.T)
+    tied = [np.diag([2.0, 2.0, 1.0, 0.5, 0.0]), np.diag([1.0, 0.0, 3.0, 0.0, 3.0])]
+    Gs = np.stack(free[:3] + tied + free[3:])
+    n = len(Gs)
+    many = fit.components_many(Gs, 3, [1000] * n, ["F32"] * n)
+    without = fit.components_many(np.stack(free), 3, [1000] * 6, ["F32"] * 6)
+    for i, c in enumerate(many):
+        one = fit.components(Gs[i], 3, 1000, "F32")
+        for a, b in [(c.u, one.u), (c.s, one.s), (c.singular_values, one.singular_values)]:
+            assert a.shape == b.shape and a.tobytes() == b.tobytes(), i
+        w, V = np.linalg.eigh(Gs[i])
+        want = np.sqrt(np.clip(np.sort(w)[::-1], 0.0, None))
+        np.testing.assert_allclose(c.singular_values, want, rtol=1e-12, atol=1e-12 * want[0])
+        assert list(c.singular_values) == sorted(c.singular_values, reverse=True)
+        if i not in (3, 4):  # (a repeated top eigenvalue has no one direction)
+            assert abs(abs(float(c.u[:, 0] @ V[:, -1])) - 1.0) < 1e-9, i
+    for c, d in zip(many[:3] + many[5:], without):  # the tie-free Grams, stacked without the tied ones
+        assert c.u.tobytes() == d.u.tobytes() and c.singular_values.tobytes() == d.singular_values.tobytes()
+
+
 def test_bulk_json_records_equal_one_call_per_record():
     """The journal's records and the report's tensor lines come from one encoder call cut at the
     object boundaries (journal.encode_each): the same text as one call per object, also for names

@@ -54,11 +54,12 @@ def test_no_engine_module_starts_a_bare_thread():
     initializer): a bare ``threading.Thread`` would be born taking Ctrl-C."""
     import inspect
 
+    from relex_kernels import fit
     from relex_kernels.analysis import figures
     from relex_kernels.engine import gpu, streaming
     from relex_kernels.io import direct
     from relex_kernels.synth import generate
-    for mod in (streaming, direct, gpu, figures, generate):
+    for mod in (streaming, direct, gpu, figures, generate, fit):
         src = inspect.getsource(mod)
         assert "threading.Thread(" not in src, mod.__name__
         assert src.count("ThreadPoolExecutor(") == src.count("initializer="), mod.__name__
