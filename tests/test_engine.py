@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import threading
@@ -600,6 +601,53 @@ def test_the_index_text_is_json_dumps_indented():
         for total in (0, 7, 16 << 40):
             doc = {"metadata": {"total_size": total}, "weight_map": wm}
             assert index_text(total, wm) == json.dumps(doc, indent=2) + "\n"
+
+
+def test_each_shard_header_is_parsed_once_per_run_however_many_shards(tmp, monkeypatch):
+    """The checkpoints of a run repeat their shards' headers: each distinct header is parsed once,
+    also with more shards than the 64 headers the cache once held by count (a checkpoint of 80
+    shards evicted each header before the next checkpoint asked for it). The cache is bounded by
+    its tensor entries, the least recently used going first."""
+    from safetensors.numpy import save_file
+
+    from relex_kernels.io import reader
+    monkeypatch.setattr(reader, "_HEADERS", type(reader._HEADERS)())
+    monkeypatch.setattr(reader, "_header_entries", 0)
+    parsed, real = [], reader.parse_header
+    monkeypatch.setattr(reader, "parse_header", lambda raw, *a, **k: (parsed.append(raw), real(raw, *a, **k))[1])
+    n = 80
+    dirs = []
+    for k in range(3):
+        d = os.path.join(tmp, f"ck{k}")
+        os.makedirs(d)
+        wm = {}
+        for i in range(n):
+            fn = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file({f"layers.{i}.w": np.full((2, 2), k, np.float32)}, os.path.join(d, fn))
+            wm[f"layers.{i}.w"] = fn
+        with open(os.path.join(d, "model.safetensors.index.json"), "w") as fh:
+            json.dump({"metadata": {}, "weight_map": wm}, fh)
+        dirs.append(d)
+    cks = [Checkpoint(d) for d in dirs]
+    try:
+        assert len(parsed) == n  # the first checkpoint's; the others found them
+        assert all(float(cks[k].tensors["layers.7.w"].file.view("layers.7.w")[0]) == k for k in range(3))
+    finally:
+        for c in cks:
+            c.close()
+    # bounded by entries (two here, one per header), the least recently used leaving first
+    monkeypatch.setattr(reader, "HEADER_ENTRIES_KEPT", 2)
+    reader._HEADERS.clear()
+    monkeypatch.setattr(reader, "_header_entries", 0)
+    keys = []
+    for i in (0, 1, 0, 2):  # shard 0 used again before shard 2 comes: shard 1 leaves
+        path = os.path.join(dirs[0], f"model-{i + 1:05d}-of-{n:05d}.safetensors")
+        with open(path, "rb") as fh:
+            raw = fh.read(int.from_bytes(fh.read(8), "little"))
+        sha = hashlib.sha256(raw).hexdigest()
+        reader._parsed_header(raw, sha, os.path.getsize(path) - 8 - len(raw), path, 8 + len(raw))
+        keys.append(sha)
+    assert [k[0] for k in reader._HEADERS] == [keys[0], keys[3]] and reader._header_entries == 2
 
 
 def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):
