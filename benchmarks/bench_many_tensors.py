@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -56,7 +57,8 @@ def write_run(root: Path, shapes: dict[str, tuple[int, int]], T: int, shard_tens
         (d / "config.json").write_text(json.dumps({"model_type": "qwen3_moe", "tie_word_embeddings": False}))
 
 
-def run_once(root: Path, T: int, out: Path) -> float:
+def run_once(root: Path, T: int, out: Path, tree: Path = ROOT) -> float:
+    """One timed ``relex extrapolate`` of the code in ``tree`` (a checkout with its extension built)."""
     cmd = [sys.executable, "-m", "relex_kernels", "extrapolate", "--base", str(root / "base"),
            "--checkpoints", str(root), "--history-steps", str(T), "--target-step", str(10 * T),
            "--out", str(out), "-q"]
@@ -65,7 +67,9 @@ def run_once(root: Path, T: int, out: Path) -> float:
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     t = time.perf_counter()
-    subprocess.run(cmd, check=True, env=user_env())
+    # (run from the trajectory's folder: ``-m`` puts the working directory first on the path,
+    # where a checkout would shadow ``tree``)
+    subprocess.run(cmd, check=True, env=user_env(PYTHONPATH=str(tree)), cwd=root)
     return time.perf_counter() - t
 
 
@@ -92,20 +96,30 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="where the trajectories go (default: a temp dir)")
     ap.add_argument("--out", type=out_stem, default=str(RESULTS / "many_tensors_cpu"),
                     help="output path without extension")
+    ap.add_argument("--before", type=Path, default=None,
+                    help="another checkout (its extension built: a git worktree of an earlier commit) timed "
+                         "in the same rounds as this one, each round's runs in a shuffled order: before/after")
     args = ap.parse_args()
     shape = tuple(int(x) for x in args.shape.split(","))
     n_many = args.tensors
     n_dense = 24  # a dense model of the same bytes: few large tensors (trajectories)
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="relex_many_"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="relex_many_")).resolve()
     try:
         trajectories(work, n_many, shape, args.T)
         nbytes = sum(f.stat().st_size for f in (work / "many").rglob("*.safetensors"))
-        times = {"many": [], "dense": []}
-        for name in times:  # warm the page cache once
-            run_once(work / name, args.T, work / f"out_{name}")
+        trees = {"this": ROOT, **({"before": args.before.resolve()} if args.before else {})}
+        by_tree = {t: {"many": [], "dense": []} for t in trees}
+        for tree in trees.values():
+            for name in ("many", "dense"):  # warm the page cache once (and write each tree's byte code)
+                run_once(work / name, args.T, work / f"out_{name}", tree)
+        rng = random.Random(0)
         for _ in range(args.runs):
-            for name in times:
-                times[name].append(run_once(work / name, args.T, work / f"out_{name}"))
+            order = [(t, name) for t in trees for name in ("many", "dense")]
+            if len(trees) > 1:  # (alone, many and dense alternate as before)
+                rng.shuffle(order)
+            for t, name in order:
+                by_tree[t][name].append(run_once(work / name, args.T, work / f"out_{name}", trees[t]))
+        times = by_tree["this"]
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -129,7 +143,19 @@ def main() -> None:
           f"| many (MoE-like) | {n_many} | {med['many']:.2f} | {', '.join(f'{x:.2f}' for x in times['many'])} |",
           f"| dense | {n_dense} | {med['dense']:.2f} | {', '.join(f'{x:.2f}' for x in times['dense'])} |", "",
           f"Ratio many/dense: **{res['ratio']:.2f}x**; overhead per extra tensor: **{per_tensor_ms:.3f} ms**.",
-          "", f"Command: `{res['command']}`", ""]
+          ""]
+    if args.before:
+        bmed = {k: statistics.median(v) for k, v in by_tree["before"].items()}
+        b_per = (bmed["many"] - bmed["dense"]) / (n_many - n_dense) * 1e3
+        res["before"] = {"tree": str(args.before), "runs": by_tree["before"], "median_s": bmed,
+                         "ratio": bmed["many"] / bmed["dense"], "per_tensor_overhead_ms": b_per}
+        Path(args.out).with_suffix(".json").write_text(json.dumps(res, indent=1))
+        md += [f"In the same rounds, shuffled, the checkout `{args.before}`:", "",
+               "| code | many s | dense s | ratio | per extra tensor |", "|---|---|---|---|---|",
+               f"| before | {bmed['many']:.3f} | {bmed['dense']:.3f} | {bmed['many'] / bmed['dense']:.2f}x | "
+               f"{b_per:.3f} ms |",
+               f"| this | {med['many']:.3f} | {med['dense']:.3f} | {res['ratio']:.2f}x | {per_tensor_ms:.3f} ms |", ""]
+    md += [f"Command: `{res['command']}`", ""]
     write_results_md(Path(args.out).with_suffix(".md"), md)
     print("\n".join(md))
 
