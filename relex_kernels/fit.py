@@ -251,7 +251,9 @@ def _lapack_eigh(Gs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     k = Gs.shape[0]
     n = min(native.get_num_threads(), k // LAPACK_GRAMS_PER_THREAD)
     with blas.one_thread():
-        if n <= 1:
+        # (another BLAS than OpenBLAS is not held at one thread: solvers side by side would
+        # oversubscribe the cores with its threads, as OpenBLAS's did)
+        if n <= 1 or not blas.thread_counts():
             return np.linalg.eigh(Gs)
         w, V = np.empty(Gs.shape[:2]), np.empty(Gs.shape)
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
 from itertools import repeat
 from operator import attrgetter, itemgetter
+from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
@@ -63,7 +65,8 @@ class Layout:
 
     def __init__(self, entries: dict[str, tuple[int, TensorInfo]]):
         self.entries = entries
-        self.infos = dict(zip(entries, map(itemgetter(1), entries.values())))
+        #: name -> TensorInfo, read-only (shared by every checkpoint of the layout, kept across runs)
+        self.infos = MappingProxyType(dict(zip(entries, map(itemgetter(1), entries.values()))))
         self._order: list[str] | None = None
 
     def storage_order(self) -> list[str]:
@@ -122,11 +125,20 @@ _LAYOUTS: OrderedDict[tuple, Layout] = OrderedDict()
 _LAYOUTS_KEPT = 8
 
 
+_layouts_lock = threading.Lock()
+
+
 def _layout(key: tuple, build) -> Layout:
-    """The layout for ``key``, built (and checked) by ``build()`` the first time it is met."""
-    got = _LAYOUTS.get(key)
-    if got is None:
-        got = _LAYOUTS[key] = build()
+    """The layout for ``key``, built (and checked) by ``build()`` the first time it is met; the
+    least recently used leave first."""
+    with _layouts_lock:
+        got = _LAYOUTS.get(key)
+        if got is not None:
+            _LAYOUTS.move_to_end(key)
+            return got
+    got = build()
+    with _layouts_lock:
+        got = _LAYOUTS.setdefault(key, got)  # (another thread's, if it got there first: one layout per key)
         while len(_LAYOUTS) > _LAYOUTS_KEPT:
             _LAYOUTS.popitem(last=False)
     return got
@@ -238,7 +250,8 @@ class Checkpoint:
         if not os.path.isdir(self.path):
             raise InputError(f"{self._label()}: {self.path} is not a directory" + _hub_hint(os.fspath(path)))
         self.files: list[SafetensorsFile] = []
-        self.tensors: dict[str, Located] = {}
+        #: name -> Located: a read-only :class:`LaidOut` for safetensors checkpoints, a dict for rank files and DCP
+        self.tensors: Mapping[str, Located] = {}
         index = os.path.join(self.path, INDEX_NAME)
         self.format = "safetensors"
         try:
@@ -385,7 +398,7 @@ class Checkpoint:
         lay = self.layout
         if lay is None:
             return list(map(itemgetter(0), map(self.tensors.__getitem__, names)))
-        key = ("files", id(lay))
+        key = ("files", lay)
         if memo is None or key not in memo:
             nums = list(map(itemgetter(0), map(lay.entries.__getitem__, names)))
             if memo is None:
@@ -405,7 +418,7 @@ class Checkpoint:
             k = len(owners)
             fi = np.fromiter(map({f: i for i, f in enumerate(files)}.__getitem__, owners), np.int64, k)
             return files, fi, np.fromiter(map(attrgetter("begin"), map(itemgetter(1), locs)), np.int64, k)
-        key = ("places", id(lay))
+        key = ("places", lay)
         got = memo.get(key) if memo is not None else None
         if got is None:
             got = lay.places(names)

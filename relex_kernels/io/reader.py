@@ -230,9 +230,9 @@ def _parsed_header(raw: bytes, sha256: str, data_size: int, path: str, offset: i
         with _headers_lock:
             if key not in _HEADERS:
                 _HEADERS[key] = hit
-                _header_entries += len(hit[0])
+                _header_entries += max(1, len(hit[0]))  # (a header without tensors counts: it is kept too)
                 while _header_entries > HEADER_ENTRIES_KEPT and len(_HEADERS) > 1:
-                    _header_entries -= len(_HEADERS.popitem(last=False)[1][0])
+                    _header_entries -= max(1, len(_HEADERS.popitem(last=False)[1][0]))
     return dict(hit[0]), dict(hit[1])  # TensorInfo is frozen: shared; the dicts are each file's own
 
 
