@@ -353,6 +353,40 @@ def test_groups_stay_within_their_byte_and_file_caps(tmp, monkeypatch):
     assert raw_bytes(a.outputs[0]) == raw_bytes(b.outputs[0])
 
 
+def test_groups_count_their_files_exactly_across_layouts(tmp, monkeypatch):
+    """With checkpoints in two layouts (one re-sharded by safetensors' own writer), each group maps
+    at most half the map cache of files, and is cut only where its next tensor would bring it past
+    that: the files are counted exactly, neither too few (a group too large) nor too many (cut early)."""
+    from relex_kernels.engine import executor, plan
+    names = list(MANY)[:120]
+    base, ck = make_trajectory(tmp, {n: MANY[n] for n in names}, range(1, 5), dtype="F32", shard_bytes=1500)
+    ck = dict(ck)
+    ck[2] = _reshard(ck[2], os.path.join(tmp, "r2"), 5, reverse=True)
+    groups = []
+    real = executor.Executor._group
+
+    def spy(self, item, *a, **k):
+        groups.append([job.name for job in item.jobs])
+        return real(self, item, *a, **k)
+
+    monkeypatch.setattr(executor.Executor, "_group", spy)
+    monkeypatch.setattr(plan, "GROUP_BYTES", 1 << 40)
+    monkeypatch.setattr(plan, "max_maps", lambda: 24)
+    extrapolate(base, ck, [9], os.path.join(tmp, "a"), backend="cpu")
+    cks = [Checkpoint(d) for d in [base, *ck.values()]]
+    try:
+        def files(group):  # the distinct files of every version of the group's tensors
+            return len({id(c.tensors[n].file) for c in cks for n in group})
+        assert len(groups) > 2
+        for g, nxt in zip(groups, groups[1:] + [None]):
+            assert files(g) <= 12
+            if nxt is not None and names.index(nxt[0]) == names.index(g[-1]) + 1 and len(g) < plan.GROUP_MAX:
+                assert files(g + nxt[:1]) > 12, (g, nxt[0])
+    finally:
+        for c in cks:
+            c.close()
+
+
 def _read_ahead_threads() -> set:
     return {t for t in threading.enumerate() if t.name == "relex-read-ahead"}
 

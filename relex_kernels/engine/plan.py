@@ -27,6 +27,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass, field
+from operator import itemgetter
 
 from ..errors import RelexWarning, UsageError
 from ..io import dtypes
@@ -355,9 +356,12 @@ class _Grouping:
     group, without journal state (a resumed tensor keeps the per-tensor path, which knows
     where to restart), mapped together within the memory budget and half the map cache.
 
-    The files of every fitted tensor's T+1 versions are found once, with C-level maps (a MoE
-    model has thousands of tensors: one Python lookup per tensor and version was a tenth of
-    a second per run)."""
+    The files a group maps are counted by class of versions: the checkpoints sharing a layout
+    (the usual run: every one) hold a tensor in the file of the same number, so a group maps
+    (checkpoints of the class) x (distinct file numbers of its tensors) of them; a checkpoint
+    without a layout (rank files, DCP) is a class of its own, counted by file. A MoE model has
+    thousands of tensors: a set of every version's files per tensor, made and merged, was a
+    tenth of the planning time."""
 
     def __init__(self, traj: Trajectory, policy: Policy, n_out, fitted: bool, journal, groupable, tied_source):
         self.policy, self.n_out, self.fitted, self.journal = policy, n_out, fitted, journal
@@ -365,13 +369,24 @@ class _Grouping:
         if groupable is None:  # grouping off: take() finds nothing, nothing to look up
             return
         names = [j.name for j in traj.jobs if j.kind == "fit"]
-        memo: dict = {}
-        columns = [v.files_of(names, memo) for v in (traj.base, *traj.ckpts)]
-        self.files = dict(zip(names, zip(*columns)))  # name -> the file of each version
-        # a tensor assembled from rank files has no one address: never in a host group (the
-        # device's groups read each tensor into a buffer of their own, and take any source)
-        self.ungroupable = set() if policy.device_cap is not None else {
-            f for col in columns for f in set(col) if not f.groupable}
+        classes: dict = {}
+        for i, v in enumerate((traj.base, *traj.ckpts)):
+            classes.setdefault(v.layout if v.layout is not None else i, []).append(v)
+        #: per class: (name -> the key of its file in the class: a file number or a file, files per key)
+        self.classes = []
+        self.ungroupable: set[str] = set()  # tensors a host group cannot take
+        for key, members in classes.items():
+            if isinstance(key, int):
+                files = members[0].files_of(names)
+                self.classes.append((dict(zip(names, files)), 1))
+                # a tensor assembled from rank files has no one address: never in a host group
+                # (the device's groups read each tensor into a buffer of their own, and take any source)
+                if policy.device_cap is None:
+                    self.ungroupable.update(n for n, f in zip(names, files) if not f.groupable)
+            else:
+                entries = key.entries
+                self.classes.append((dict(zip(names, map(itemgetter(0), map(entries.__getitem__, names)))),
+                                     len(members)))
         # a group keeps every input file it touches mapped (a descriptor each) until it ends:
         # at most half the map cache, so that thousands of shards stay under the fd limit
         self.max_files = max(1, max_maps() // 2)
@@ -380,22 +395,28 @@ class _Grouping:
         """The jobs from ``jobs[0]`` on that run as one group (none when grouping is off)."""
         if self.groupable is None:
             return []
-        jr, group, size, files = self.journal, [], 0, set()
+        jr, group, size = self.journal, [], 0
+        used = [set() for _ in self.classes]  # per class, the keys of the files the group maps
+        n_files = 0
         for job in jobs[:self.policy.group_max]:
             name = job.name
             if (job.kind != "fit" or name == self.tied_source or name in jr.done or name in jr.written
                     or (not self.fitted and (name in jr.fits or name in jr.grams))
                     or job.numel > GRAM_BLOCK or not self.policy.ranges(job, self.n_out(job))[0]
-                    or not self.groupable(job)
-                    or (self.ungroupable and not self.ungroupable.isdisjoint(self.files[name]))):
+                    or not self.groupable(job) or name in self.ungroupable):
                 break
             size += self.policy.group_cost(job, self.n_out(job))
-            mine = self.files[name]
-            # (a new set only when the job brings a file: the usual job's files are its group's)
-            more = files if files.issuperset(mine) else files.union(mine)
-            if group and (size > self.policy.group_bytes or len(more) > self.max_files):
+            new, more = [], n_files
+            for u, (keys, per_key) in zip(used, self.classes):
+                k = keys[name]
+                if k not in u:
+                    new.append((u, k))
+                    more += per_key
+            if group and (size > self.policy.group_bytes or more > self.max_files):
                 break
-            files = more
+            for u, k in new:
+                u.add(k)
+            n_files = more
             group.append(job)
         return group
 
