@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -261,8 +260,8 @@ def _lapack_eigh(Gs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             w[a:b], V[a:b] = np.linalg.eigh(Gs[a:b])
 
         cuts = np.linspace(0, k, n + 1).astype(int).tolist()
-        with ThreadPoolExecutor(n, thread_name_prefix="relex-eigh", initializer=threads.block_async_signals) as pool:
-            for done in [pool.submit(solve, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
+        with threads.pool(n, "relex-eigh") as workers:
+            for done in [workers.submit(solve, a, b) for a, b in zip(cuts[:-1], cuts[1:])]:
                 done.result()
         return w, V
 

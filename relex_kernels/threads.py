@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 #: the signals a worker thread never takes (all but those a fault raises in the thread itself)
 ASYNC_SIGNALS = signal.valid_signals() - {signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL,
@@ -36,3 +37,8 @@ def start(target, args=(), name: str | None = None) -> threading.Thread:
 def block_async_signals() -> None:
     """Block :data:`ASYNC_SIGNALS` in the calling thread (a thread pool's ``initializer``)."""
     signal.pthread_sigmask(signal.SIG_BLOCK, ASYNC_SIGNALS)
+
+
+def pool(workers: int, name: str) -> ThreadPoolExecutor:
+    """A thread pool of ``workers`` threads named ``name-N``, each born blocking :data:`ASYNC_SIGNALS`."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=block_async_signals)

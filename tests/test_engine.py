@@ -645,8 +645,7 @@ def test_each_shard_header_is_parsed_once_per_run_however_many_shards(tmp, monke
     from safetensors.numpy import save_file
 
     from relex_kernels.io import reader
-    monkeypatch.setattr(reader, "_HEADERS", type(reader._HEADERS)())
-    monkeypatch.setattr(reader, "_header_entries", 0)
+    monkeypatch.setattr(reader, "_HEADERS", type(reader._HEADERS)(reader.HEADER_ENTRIES_KEPT, reader._HEADERS.weight))
     parsed, real = [], reader.parse_header
     monkeypatch.setattr(reader, "parse_header", lambda raw, *a, **k: (parsed.append(raw), real(raw, *a, **k))[1])
     n = 80
@@ -670,18 +669,16 @@ def test_each_shard_header_is_parsed_once_per_run_however_many_shards(tmp, monke
         for c in cks:
             c.close()
     # bounded by entries (two here, one per header), the least recently used leaving first
-    monkeypatch.setattr(reader, "HEADER_ENTRIES_KEPT", 2)
-    reader._HEADERS.clear()
-    monkeypatch.setattr(reader, "_header_entries", 0)
+    monkeypatch.setattr(reader, "_HEADERS", type(reader._HEADERS)(2, reader._HEADERS.weight))
     keys = []
     for i in (0, 1, 0, 2):  # shard 0 used again before shard 2 comes: shard 1 leaves
         path = os.path.join(dirs[0], f"model-{i + 1:05d}-of-{n:05d}.safetensors")
         with open(path, "rb") as fh:
             raw = fh.read(int.from_bytes(fh.read(8), "little"))
         sha = hashlib.sha256(raw).hexdigest()
-        reader._parsed_header(raw, sha, os.path.getsize(path) - 8 - len(raw), path, 8 + len(raw))
+        reader._parsed_header(raw, (sha, os.path.getsize(path) - 8 - len(raw), 8 + len(raw)), path)
         keys.append(sha)
-    assert [k[0] for k in reader._HEADERS] == [keys[0], keys[3]] and reader._header_entries == 2
+    assert [k[0] for k in reader._HEADERS.keys()] == [keys[0], keys[3]] and reader._HEADERS.total == 2
 
 
 def test_an_index_repeated_across_checkpoints_is_parsed_once(tmp, monkeypatch):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import queue
 import signal
-from concurrent.futures import ThreadPoolExecutor
 
 from relex_kernels import threads
 
@@ -29,7 +28,7 @@ def test_started_threads_block_the_async_signals_and_the_caller_keeps_its_mask()
 
 
 def test_pool_threads_block_the_async_signals():
-    with ThreadPoolExecutor(2, initializer=threads.block_async_signals) as pool:
+    with threads.pool(2, "relex-test") as pool:
         masks = list(pool.map(lambda _: _mask(), range(4)))
     assert all(WANTED <= m for m in masks), masks
 

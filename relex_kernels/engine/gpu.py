@@ -332,9 +332,8 @@ class DeviceStreamer(Streamer):
         self.slot_free = [None] * N_STAGE
         self.next_slot = 0
         self.read_threads = min(8, os.cpu_count() or 1)
-        self.rows = ThreadPoolExecutor(self.read_threads, thread_name_prefix="relex-read",
-                                       initializer=threads.block_async_signals)
-        self.writes = ThreadPoolExecutor(2, thread_name_prefix="relex-write", initializer=threads.block_async_signals)
+        self.rows = threads.pool(self.read_threads, "relex-read")
+        self.writes = threads.pool(2, "relex-write")
         self.pool = _Pool(torch, N_PINNED, self.stage, self.cuda)  # pinned when there is a device
         self.reader = _Reader(self, self.pool, self.rows)
         self.res = None  # (job name, device buffer, end of the covered prefix) of the resident tensor

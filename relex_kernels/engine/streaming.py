@@ -410,18 +410,11 @@ class Streamer:
         # index and headers in each) are looked into once (a MoE group has thousands of tensors)
         names, memo = [job.name for job in jobs], {}
         versions = [v.places(names, memo) for v in (self.traj.base, *self.traj.ckpts)]
-        fobjs = [f for files, _, _ in versions for f in files]
-        offsets = np.cumsum([0] + [len(files) for files, _, _ in versions[:-1]])
-        fi = np.stack([f + o for (_, f, _), o in zip(versions, offsets.tolist())])  # (T+1, k)
-        begin = np.stack([b for _, _, b in versions])
-        if len(set(map(id, fobjs))) != len(fobjs):  # one file in two versions: one entry
-            first = {}
-            for i, f in enumerate(fobjs):
-                first.setdefault(id(f), len(first))
-            fi = np.array([first[id(f)] for f in fobjs], dtype=np.int64)[fi]
-            fobjs = list({id(f): f for f in fobjs}.values())
+        fobjs = list(dict.fromkeys(f for files, _, _ in versions for f in files))  # distinct, in the order met
+        number = {f: i for i, f in enumerate(fobjs)}
+        fi = np.stack([np.array([number[f] for f in files], dtype=np.int64)[local] for files, local, _ in versions])
         fi = fi.T.ravel()  # job-major: (k, T+1)
-        begin = begin.T.ravel()
+        begin = np.stack([b for _, _, b in versions]).T.ravel()
         end = begin + np.repeat([job.nbytes for job in jobs], len(versions))
         lo = np.full(len(fobjs), np.iinfo(np.int64).max)
         hi = np.zeros(len(fobjs), dtype=np.int64)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping
 from functools import lru_cache
 from itertools import repeat
@@ -25,6 +23,7 @@ import numpy as np
 from ..errors import FormatError, InputError
 from .dcp import DcpTensors, is_dcp
 from .fsdp import ShardedTensors, holds_rank_files
+from .memo import BoundedCache
 from .reader import SafetensorsFile, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -59,7 +58,7 @@ class Layout:
     :class:`TensorInfo`), in the order the index (or the single file's header) lists them.
 
     The checkpoints of a run repeat their index and their files' headers byte for byte, and
-    then share one layout (:func:`_layout`): the tables of a MoE model (thousands of tensors in
+    then share one layout (``_LAYOUTS``): the tables of a MoE model (thousands of tensors in
     every checkpoint) are built and checked once per run, and the engine compares checkpoints
     and finds a group's bytes in each by layout, not tensor by tensor. Never modified."""
 
@@ -121,27 +120,7 @@ class LaidOut(Mapping):
 
 
 #: layouts by the bytes that determine them (the index, each file's header key): a run's checkpoints share one
-_LAYOUTS: OrderedDict[tuple, Layout] = OrderedDict()
-_LAYOUTS_KEPT = 8
-
-
-_layouts_lock = threading.Lock()
-
-
-def _layout(key: tuple, build) -> Layout:
-    """The layout for ``key``, built (and checked) by ``build()`` the first time it is met; the
-    least recently used leave first."""
-    with _layouts_lock:
-        got = _LAYOUTS.get(key)
-        if got is not None:
-            _LAYOUTS.move_to_end(key)
-            return got
-    got = build()
-    with _layouts_lock:
-        got = _LAYOUTS.setdefault(key, got)  # (another thread's, if it got there first: one layout per key)
-        while len(_LAYOUTS) > _LAYOUTS_KEPT:
-            _LAYOUTS.popitem(last=False)
-    return got
+_LAYOUTS = BoundedCache(8)
 
 
 def _read_index(index: str) -> bytes:
@@ -325,7 +304,7 @@ class Checkpoint:
             single = os.path.join(self.path, cands[0])
         f = SafetensorsFile(single)
         self.files.append(f)
-        self.tensors = LaidOut(_layout(("single", f.header_key), lambda: Layout(
+        self.tensors = LaidOut(_LAYOUTS.get(("single", f.header_key), lambda: Layout(
             dict(zip(f.tensors, zip(repeat(0), f.tensors.values()))))), self.files)
 
     def _open_index(self, index: str) -> None:
@@ -353,7 +332,7 @@ class Checkpoint:
             return Layout(dict(zip(wm, zip(map(number.__getitem__, wm.values()), infos))))
 
         # (the same index bytes and headers: the same tensors in the same places, checked when first met)
-        self.tensors = LaidOut(_layout((raw, tuple(f.header_key for f in self.files)), build), self.files)
+        self.tensors = LaidOut(_LAYOUTS.get((raw, tuple(f.header_key for f in self.files)), build), self.files)
 
     @staticmethod
     def _index_mismatch(index: str, wm: dict, shards: dict) -> None:
@@ -393,23 +372,15 @@ class Checkpoint:
         return sorted(t, key=lambda n: (order.get(t[n].file.path, -1), t[n].info.begin))
 
     def files_of(self, names: list[str], memo: dict | None = None) -> list:
-        """The file (or source) holding each of ``names``. ``memo``: shared by the calls for one list of
-        names over the checkpoints of a run, whose shared layouts are then looked into once."""
-        lay = self.layout
-        if lay is None:
-            return list(map(itemgetter(0), map(self.tensors.__getitem__, names)))
-        key = ("files", lay)
-        if memo is None or key not in memo:
-            nums = list(map(itemgetter(0), map(lay.entries.__getitem__, names)))
-            if memo is None:
-                return list(map(self.files.__getitem__, nums))
-            memo[key] = nums
-        return list(map(self.files.__getitem__, memo[key]))
+        """The file (or source) holding each of ``names`` (``memo``: as for :meth:`places`)."""
+        files, fi, _ = self.places(names, memo)
+        return list(map(files.__getitem__, fi.tolist()))
 
     def places(self, names: list[str], memo: dict | None = None) -> tuple[list, np.ndarray, np.ndarray]:
         """For ``names``: the files (or sources) they use, distinct, in the order met; each name's
-        index into that list (int64); each name's first byte in its file (int64). ``memo``: as for
-        :meth:`files_of`."""
+        index into that list (int64); each name's first byte in its file (int64). ``memo``: shared by
+        the calls for one list of names over the checkpoints of a run, whose shared layouts are then
+        looked into once."""
         lay = self.layout
         if lay is None:
             locs = list(map(self.tensors.__getitem__, names))

@@ -35,6 +35,7 @@ import numpy as np
 
 from ..errors import FormatError
 from . import dtypes
+from .memo import BoundedCache
 
 MAX_HEADER = 100 * 1024 * 1024
 _PAGE = mmap.PAGESIZE
@@ -205,35 +206,21 @@ def _check_kind(dt, shape, where: str) -> tuple[tuple[int, ...], int]:
 
 #: headers parsed and found valid, by (sha256, data size, data start): the checkpoints of a run
 #: repeat each shard's header byte for byte, and a MoE header of thousands of entries takes a
-#: millisecond to parse. The same bytes over the same buffer size validate the same way. The least
-#: recently used go past :data:`HEADER_ENTRIES_KEPT` tensor entries in all, not past a number of
-#: headers: a run's distinct headers hold each of the model's tensors once, in as many shards as
-#: its export has (a DeepSeek-V3 export has 163). Kept by count (64), a checkpoint of 72 shards
-#: evicted each header before the next checkpoint asked for it: every header of the run parsed
-#: (18,432 tensors at T = 50: 8.9 of 15 s).
-_HEADERS: OrderedDict[tuple[str, int, int], tuple[dict[str, TensorInfo], dict[str, str]]] = OrderedDict()
+#: millisecond to parse. The same bytes over the same buffer size validate the same way. Bounded
+#: by tensor entries (a header without tensors counts one), not by a number of headers: a run's
+#: distinct headers hold each of the model's tensors once, in as many shards as its export has
+#: (a DeepSeek-V3 export has 163). Kept by count (64), a checkpoint of 72 shards evicted each
+#: header before the next checkpoint asked for it: every header of the run parsed (18,432 tensors
+#: at T = 50: 8.9 of 15 s).
 HEADER_ENTRIES_KEPT = 1 << 18
-_headers_lock = threading.Lock()
-_header_entries = 0
+_HEADERS = BoundedCache(HEADER_ENTRIES_KEPT, weight=lambda parsed: max(1, len(parsed[0])))
 
 
-def _parsed_header(raw: bytes, sha256: str, data_size: int, path: str, offset: int):
-    """:func:`parse_header`, or a copy of its result for the same header bytes parsed before."""
-    global _header_entries
-    key = (sha256, data_size, offset)
-    with _headers_lock:
-        hit = _HEADERS.get(key)
-        if hit is not None:
-            _HEADERS.move_to_end(key)
-    if hit is None:
-        hit = parse_header(raw, data_size, path, offset)
-        with _headers_lock:
-            if key not in _HEADERS:
-                _HEADERS[key] = hit
-                _header_entries += max(1, len(hit[0]))  # (a header without tensors counts: it is kept too)
-                while _header_entries > HEADER_ENTRIES_KEPT and len(_HEADERS) > 1:
-                    _header_entries -= max(1, len(_HEADERS.popitem(last=False)[1][0]))
-    return dict(hit[0]), dict(hit[1])  # TensorInfo is frozen: shared; the dicts are each file's own
+def _parsed_header(raw: bytes, key: tuple[str, int, int], path: str):
+    """:func:`parse_header` of ``raw`` (``key``: its sha256, data size and data start), or a copy of
+    its result for the same header bytes parsed before."""
+    tensors, metadata = _HEADERS.get(key, lambda: parse_header(raw, key[1], path, key[2]))
+    return dict(tensors), dict(metadata)  # TensorInfo is frozen: shared; the dicts are each file's own
 
 
 class MappedFile:
@@ -507,7 +494,7 @@ class SafetensorsFile(MappedFile):
             self.data_start = 8 + n
             #: what the tensors' entries depend on: equal keys, equal entries (:class:`.checkpoint.Layout`)
             self.header_key = (self.header_sha256, self.size - self.data_start, self.data_start)
-            self.tensors, self.metadata = _parsed_header(raw, *self.header_key[:2], self.path, self.data_start)
+            self.tensors, self.metadata = _parsed_header(raw, self.header_key, self.path)
         except OSError as e:
             raise FormatError(f"{self.path}: cannot read ({e.strerror or e})") from None
         finally:

@@ -18,7 +18,6 @@ import sys
 import tempfile
 import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -28,7 +27,7 @@ from ..io import dtypes
 from ..io.dirs import make_dirs, remove_empty
 from ..io.reader import SafetensorsFile
 from ..io.writer import DEFAULT_SHARD_BYTES, ShardedWriter, TensorSpec
-from ..threads import block_async_signals
+from ..threads import pool as worker_pool
 from . import configs, layouts
 from .tokenizer import write_tokenizer
 from .trajectory import (CHUNK, Scratch, TensorPlan, TrajectoryParams, chunk_trajectory, exact_horizon, plan_tensors,
@@ -407,7 +406,7 @@ def _fill(writers: list[ShardedWriter], plans: list[TensorPlan], params: Traject
     pending: deque = deque()
     written: deque = deque()
     behind = _WriteBehind(writers)
-    with ThreadPoolExecutor(threads, initializer=block_async_signals) as pool:
+    with worker_pool(threads, "relex-synth") as pool:
         try:
             for plan in plans:
                 for wlo in range(0, plan.numel, window):
